@@ -1,0 +1,109 @@
+"""nemoq command line: parses arguments, calls the library, shows progress and tables."""
+
+from __future__ import annotations
+
+import re
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from nemoq.errors import NemoqError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Faithful, fast GGUF files from NVIDIA Nemotron-H hybrid Mamba2/MoE checkpoints.")
+console = Console(stderr=True)
+state = {"verbose": False}
+
+
+class OutType(str, Enum):
+    auto = "auto"
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
+SIZE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """'5G' -> 5e9 bytes (decimal units, as llama.cpp's --split-max-size)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)B?\s*", text.upper())
+    if not m:
+        raise typer.BadParameter(f"{text!r} is not a size like 5G, 500M or 1000000")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors.")) -> None:
+    state["verbose"] = verbose
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="Checkpoint folder or hub repo id (owner/name)."),
+    outfile: Path = typer.Option(..., "--outfile", "-o", help="Output .gguf path."),
+    outtype: OutType = typer.Option(OutType.auto, help="Type of the weight matrices "
+                                    "(norms, SSM parameters and the router always stay F32)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    split_max_size: Optional[str] = typer.Option(None, help="Split the output into files of at most "
+                                                 "this size (e.g. 5G), named as llama.cpp's gguf-split does."),
+    strict: bool = typer.Option(False, "--strict", help="Treat NaN/Inf weights as an error."),
+    pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name, when nemoq does not "
+                                      "recognise the tokenizer's regex."),
+) -> None:
+    """Convert a Nemotron-H MoE checkpoint (hub or transformers-5 layout) to GGUF."""
+    _run(_convert, src, outfile, outtype.value, force=force,
+         split_max_size=parse_size(split_max_size) if split_max_size else 0, strict=strict, pre=pre)
+
+
+def _convert(src: str, outfile: Path, outtype: str, **options) -> None:
+    from nemoq import report
+    from nemoq.convert.pipeline import dominant_dtype, float_chooser, open_source, plan_bytes, write_gguf
+
+    source = open_source(src)
+    if outtype in ("auto", "f32", "f16", "bf16"):
+        choose, file_type = float_chooser(outtype, dominant_dtype(source.plan))
+        fallbacks = []
+    else:
+        from nemoq.quant.recipes import RECIPES, RecipeChooser
+        choose = RecipeChooser(RECIPES[outtype.upper()])
+        file_type, fallbacks = choose.recipe.file_type, choose.fallbacks
+    console.print(f"[bold]{source.path}[/]: {source.config.n_layers} layers "
+                  f"({source.config.raw.get('hybrid_override_pattern') or 'layers_block_type'}), "
+                  f"{len(source.plan.tensors)} tensors, layout {source.plan.layout}")
+    with report.byte_progress(console, "converting", plan_bytes(source.plan)) as advance:
+        result = write_gguf(source, outfile, choose, file_type, on_progress=advance, **options)
+    report.conversion_summary(console, result, fallbacks)
+
+
+@app.command()
+def info(
+    file: Path = typer.Argument(..., help="A .gguf file (the first of a split set reads them all)."),
+    max_tensors: int = typer.Option(0, help="Show at most this many tensors (0: all)."),
+) -> None:
+    """Show a GGUF file's metadata and tensor table."""
+    from nemoq import report
+    from nemoq.gguf_file import read_gguf
+    _run(lambda: report.gguf_info(Console(), read_gguf(file), max_tensors))
+
+
+def _run(fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except NemoqError as e:
+        if state["verbose"]:
+            console.print_exception()
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]: no output was written")
+        raise typer.Exit(130)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

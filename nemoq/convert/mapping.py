@@ -1,0 +1,117 @@
+"""Source tensor names -> llama.cpp `nemotron_h_moe` tensors, as tables.
+
+One table per block kind. Each row names the source tensor (relative to its layer), the
+GGUF tensor (gguf-py's own constant), the shape the config says it must have, a named
+transform and whether it stays F32. Adding an architecture variant is adding rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from gguf import MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES
+
+MT = MODEL_TENSOR
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How a source tensor becomes the GGUF tensor: a new shape and, rarely, new values."""
+    reshape: Callable[[tuple[int, ...], dict], tuple[int, ...]]
+    values: Callable[[np.ndarray], np.ndarray] | None = None  # applied to float32 data
+
+
+TRANSFORMS: dict[str, Transform] = {
+    "identity": Transform(lambda s, d: s),
+    # Conv1d weight (C, 1, K) -> (C, K): llama.cpp's ssm_conv works on 2-D kernels
+    "squeeze_conv": Transform(lambda s, d: (s[0], s[-1])),
+    # llama.cpp's ssm_scan takes A itself, not its log; one value per head as a (H, 1) column
+    "neg_exp_column": Transform(lambda s, d: (s[0], 1), lambda x: -np.exp(x)),
+    "column": Transform(lambda s, d: (s[0], 1)),
+    # The gated RMSNorm normalises per group: llama.cpp wants one row per group
+    "group_rows": Transform(lambda s, d: (d["ssm_groups"], s[0] // d["ssm_groups"])),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    source: str                     # name under `<prefix>.layers.N.` (or the full name for globals)
+    tensor: MODEL_TENSOR
+    suffix: str | None              # ".weight" / ".bias" after the GGUF base name; None for ssm_a/ssm_d
+    shape: tuple[str | int, ...]    # expected source shape, in ModelConfig.dims names
+    transform: str = "identity"
+    keep_f32: bool = False          # small or precision-critical: never stored below F32
+    stacked: bool = False           # one source tensor per expert ({xid}), stacked on a new axis 0
+    if_config: str | None = None    # row applies only when this config key is true
+
+    def gguf_name(self, layer: int | None) -> str:
+        base = TENSOR_NAMES[self.tensor].format(bid=layer)
+        return f"{base}.{self.suffix}" if self.suffix else base
+
+
+LAYER_ROWS = (
+    Row("norm.weight", MT.ATTN_NORM, "weight", ("hidden",), keep_f32=True),
+)
+
+MAMBA_ROWS = (
+    Row("mixer.in_proj.weight", MT.SSM_IN, "weight", ("in_proj", "hidden")),
+    Row("mixer.conv1d.weight", MT.SSM_CONV1D, "weight", ("conv_dim", 1, "conv_kernel"), "squeeze_conv", keep_f32=True),
+    Row("mixer.conv1d.bias", MT.SSM_CONV1D, "bias", ("conv_dim",), keep_f32=True, if_config="use_conv_bias"),
+    Row("mixer.A_log", MT.SSM_A, None, ("mamba_heads",), "neg_exp_column", keep_f32=True),
+    Row("mixer.D", MT.SSM_D, None, ("mamba_heads",), "column", keep_f32=True),
+    Row("mixer.dt_bias", MT.SSM_DT, "bias", ("mamba_heads",), keep_f32=True),
+    Row("mixer.norm.weight", MT.SSM_NORM, "weight", ("d_inner",), "group_rows", keep_f32=True),
+    Row("mixer.out_proj.weight", MT.SSM_OUT, "weight", ("hidden", "d_inner")),
+)
+
+ATTENTION_ROWS = (
+    Row("mixer.q_proj.weight", MT.ATTN_Q, "weight", ("q_dim", "hidden")),
+    Row("mixer.k_proj.weight", MT.ATTN_K, "weight", ("kv_dim", "hidden")),
+    Row("mixer.v_proj.weight", MT.ATTN_V, "weight", ("kv_dim", "hidden")),
+    Row("mixer.o_proj.weight", MT.ATTN_OUT, "weight", ("hidden", "q_dim")),
+)
+
+MOE_ROWS = (
+    Row("mixer.gate.weight", MT.FFN_GATE_INP, "weight", ("experts", "hidden"), keep_f32=True),
+    Row("mixer.gate.e_score_correction_bias", MT.FFN_EXP_PROBS_B, "bias", ("experts",), keep_f32=True),
+    Row("mixer.shared_experts.up_proj.weight", MT.FFN_UP_SHEXP, "weight", ("shared_ff", "hidden")),
+    Row("mixer.shared_experts.down_proj.weight", MT.FFN_DOWN_SHEXP, "weight", ("hidden", "shared_ff")),
+)
+
+# The hub checkpoint stores one tensor per expert; llama.cpp wants one (E, out, in) stack.
+PER_EXPERT_ROWS = (
+    Row("mixer.experts.{xid}.up_proj.weight", MT.FFN_UP_EXP, "weight", ("expert_ff", "hidden"), stacked=True),
+    Row("mixer.experts.{xid}.down_proj.weight", MT.FFN_DOWN_EXP, "weight", ("hidden", "expert_ff"), stacked=True),
+)
+
+# transformers-5 save_pretrained already fuses them in llama.cpp's order.
+FUSED_EXPERT_ROWS = (
+    Row("mixer.experts.up_proj", MT.FFN_UP_EXP, "weight", ("experts", "expert_ff", "hidden")),
+    Row("mixer.experts.down_proj", MT.FFN_DOWN_EXP, "weight", ("experts", "hidden", "expert_ff")),
+)
+
+ROWS_BY_LAYER_KIND = {
+    "mamba": LAYER_ROWS + MAMBA_ROWS,
+    "attention": LAYER_ROWS + ATTENTION_ROWS,
+    "moe": LAYER_ROWS + MOE_ROWS,
+}
+
+# Whole-model tensors; "{prefix}" is the checkpoint's model prefix (backbone / model).
+HEAD_ROWS = (
+    Row("{prefix}.embeddings.weight", MT.TOKEN_EMBD, "weight", ("vocab", "hidden")),
+)
+TAIL_ROWS = (
+    Row("{prefix}.norm_f.weight", MT.OUTPUT_NORM, "weight", ("hidden",), keep_f32=True),
+    Row("lm_head.weight", MT.OUTPUT, "weight", ("vocab", "hidden")),
+)
+
+# The two checkpoint layouts: how the model prefix and the expert storage are recognised.
+MODEL_PREFIXES = ("backbone", "model")
+EXPERT_LAYOUTS = {"per-expert": PER_EXPERT_ROWS, "fused": FUSED_EXPERT_ROWS}
+
+# Tensors of the multi-token-prediction head: skipped on purpose and reported.
+SKIPPED_PREFIXES = ("mtp.",)
+
+GGUF_ARCH = MODEL_ARCH.NEMOTRON_H_MOE

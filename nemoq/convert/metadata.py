@@ -1,0 +1,57 @@
+"""GGUF key/values for `nemotron_h_moe`, as a table of (gguf-py writer method, value).
+
+llama.cpp tells the layer kinds apart from two per-layer arrays: feed_forward_length > 0
+marks an MoE layer, attention.head_count_kv > 0 an attention layer, the rest are Mamba.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import gguf
+
+from nemoq.convert.config import ModelConfig
+
+
+def _per_layer(config: ModelConfig, kind: str, value: int) -> list[int]:
+    return [value if k == kind else 0 for k in config.layer_kinds]
+
+
+HPARAMS: tuple[tuple[str, Callable[[ModelConfig], Any]], ...] = (
+    ("add_context_length", lambda c: c.context_length),
+    ("add_embedding_length", lambda c: c.hidden),
+    ("add_block_count", lambda c: c.n_layers),
+    ("add_vocab_size", lambda c: c.vocab),
+    ("add_feed_forward_length", lambda c: _per_layer(c, "moe", c.expert_ff)),
+    ("add_head_count", lambda c: c.n_heads),
+    ("add_head_count_kv", lambda c: _per_layer(c, "attention", c.n_kv_heads)),
+    ("add_key_length", lambda c: c.head_dim),
+    ("add_value_length", lambda c: c.head_dim),
+    ("add_layer_norm_eps", lambda c: c.norm_eps),
+    ("add_layer_norm_rms_eps", lambda c: c.norm_eps),
+    # No RoPE is applied; public GGUFs of the model carry hidden / heads here all the same.
+    ("add_rope_dimension_count", lambda c: c.hidden // c.n_heads),
+    ("add_rope_scaling_finetuned", lambda c: False),
+    ("add_ssm_conv_kernel", lambda c: c.conv_kernel),
+    ("add_ssm_state_size", lambda c: c.ssm_state),
+    ("add_ssm_group_count", lambda c: c.ssm_groups),
+    ("add_ssm_inner_size", lambda c: c.d_inner),
+    # llama.cpp reads the Mamba-2 head count from time_step_rank
+    ("add_ssm_time_step_rank", lambda c: c.mamba_heads),
+    ("add_expert_count", lambda c: c.n_experts),
+    ("add_expert_used_count", lambda c: c.n_experts_used),
+    ("add_expert_group_count", lambda c: c.n_expert_groups),
+    ("add_expert_group_used_count", lambda c: c.n_expert_groups_used),
+    ("add_expert_feed_forward_length", lambda c: c.expert_ff),
+    ("add_expert_shared_feed_forward_length", lambda c: c.shared_ff),
+    ("add_expert_shared_count", lambda c: c.n_shared_experts),
+    ("add_expert_weights_norm", lambda c: c.norm_topk),
+    ("add_expert_weights_scale", lambda c: c.routed_scaling),
+)
+
+
+def add_hparams(writer: gguf.GGUFWriter, config: ModelConfig, name: str) -> None:
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    for method, value in HPARAMS:
+        getattr(writer, method)(value(config))

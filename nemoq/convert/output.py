@@ -1,0 +1,98 @@
+"""Writing GGUF files safely and in a stream.
+
+Files are written into a hidden temporary folder beside the output, fsynced and renamed
+into place only when complete: an error or Ctrl-C leaves no partial file, and an existing
+output is never replaced without `force`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import gguf
+import numpy as np
+
+from nemoq.errors import NemoqError
+
+
+class StreamingGGUFWriter(gguf.GGUFWriter):
+    """gguf-py's writer, plus writing one tensor from a stream of row chunks."""
+
+    def write_tensor_chunks(self, chunks: Iterable[np.ndarray]) -> int:
+        # Mirrors GGUFWriter.write_tensor_data, which needs the whole tensor in memory.
+        assert self.fout is not None
+        file_id = next(i for i, tensors in enumerate(self.tensors) if tensors)
+        fout = self.fout[file_id]
+        name = next(iter(self.tensors[file_id]))
+        info = self.tensors[file_id].pop(name)
+        self.write_padding(fout, fout.tell())
+        written = 0
+        for chunk in chunks:
+            fout.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+            written += chunk.nbytes
+        if written != info.nbytes:
+            raise RuntimeError(f"{name}: wrote {written} bytes, planned {info.nbytes}")
+        self.write_padding(fout, written)
+        self.state = gguf.gguf_writer.WriterState.WEIGHTS
+        return written
+
+    def output_paths(self) -> list[Path]:
+        assert self.path is not None
+        return self.format_shard_names(self.path)
+
+
+def split_names(out: Path, n_splits: int) -> list[Path]:
+    if n_splits <= 1:
+        return [out]
+    return [out.with_name(gguf.SHARD_NAME_FORMAT.format(out.stem, i + 1, n_splits)) for i in range(n_splits)]
+
+
+def refuse_to_clobber(paths: Iterable[Path], force: bool) -> None:
+    if force:
+        return
+    for p in paths:
+        if p.exists():
+            raise NemoqError("output already exists; pass --force to overwrite it", p)
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    margin = 64 * 1024 * 1024
+    if needed + margin > free:
+        raise NemoqError(f"not enough free disk space: need {needed / 1e9:.2f} GB, "
+                         f"{free / 1e9:.2f} GB free", directory)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_outputs(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary path standing for `out`; every file written beside it is renamed
+    next to `out` once the block completes, and deleted if it does not."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        raise NemoqError("output folder does not exist", out.parent)
+    refuse_to_clobber([out], force)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp_dir / out.name
+        produced = sorted(tmp_dir.iterdir())
+        refuse_to_clobber([out.parent / p.name for p in produced], force)
+        for p in produced:
+            _fsync(p)
+        for p in produced:
+            os.replace(p, out.parent / p.name)
+        _fsync(out.parent)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -1,0 +1,155 @@
+"""Checkpoint -> GGUF: plan from headers, then stream every tensor straight to disk.
+
+Memory stays flat: each tensor is read in fixed-size row chunks into one reusable buffer,
+encoded, and written before the next chunk is read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from nemoq.convert.config import ModelConfig, load_config
+from nemoq.convert.dtypes import FLOAT_ENCODINGS, Encoding, count_non_finite
+from nemoq.convert.metadata import add_hparams
+from nemoq.convert.output import StreamingGGUFWriter, atomic_outputs, check_free_space, refuse_to_clobber, split_names
+from nemoq.convert.plan import Plan, PlannedTensor, build_plan
+from nemoq.convert.safetensors_reader import open_checkpoint
+from nemoq.convert.source import resolve_source
+from nemoq.convert.tokenizer import load_vocab
+from nemoq.errors import NemoqError
+
+CHUNK_BYTES = 64 * 1024 * 1024
+FileType = gguf.LlamaFileType
+
+# --outtype for the float types: per-tensor encoding and general.file_type
+FLOAT_FILE_TYPES = {"f32": FileType.ALL_F32, "f16": FileType.MOSTLY_F16, "bf16": FileType.MOSTLY_BF16}
+
+Chooser = Callable[[PlannedTensor], Encoding]
+
+
+@dataclass
+class TensorReport:
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: str
+    nbytes: int
+    non_finite: int = 0
+
+
+@dataclass
+class ConvertResult:
+    outputs: list[Path]
+    tensors: list[TensorReport]
+    layout: str
+    skipped: list[str]
+    seconds: float = 0.0
+    bytes_read: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class Source:
+    """A checkpoint opened and checked: config, tokenizer and the conversion plan."""
+    path: Path
+    config: ModelConfig
+    plan: Plan
+
+
+def open_source(src: str | Path) -> Source:
+    path = resolve_source(src)
+    config = load_config(path)
+    plan = build_plan(config, open_checkpoint(path), path)
+    return Source(path, config, plan)
+
+
+def float_chooser(outtype: str, source_dtype: str) -> tuple[Chooser, FileType]:
+    """Matrices in `outtype`, small and precision-critical tensors in F32."""
+    if outtype == "auto":  # as llama.cpp: keep bf16 sources bf16, everything else f16
+        outtype = "bf16" if source_dtype == "BF16" else "f16"
+    matrix = FLOAT_ENCODINGS[outtype]
+    f32 = FLOAT_ENCODINGS["f32"]
+
+    def choose(t: PlannedTensor) -> Encoding:
+        return f32 if t.keep_f32 or len(t.shape) < 2 else matrix
+    return choose, FLOAT_FILE_TYPES[outtype]
+
+
+def dominant_dtype(plan: Plan) -> str:
+    sizes: dict[str, int] = {}
+    for t in plan.tensors:
+        sizes[t.source_dtype] = sizes.get(t.source_dtype, 0) + t.n_elements
+    return max(sizes, key=sizes.get)
+
+
+def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, force: bool = False,
+               split_max_size: int = 0, strict: bool = False, pre: str | None = None,
+               name: str | None = None, extra_kv: Callable[[gguf.GGUFWriter], None] | None = None,
+               on_progress: Callable[[int], None] | None = None) -> ConvertResult:
+    """Stream `source` into `out` (or its splits), each tensor encoded as `choose` says."""
+    config, plan = source.config, source.plan
+    vocab = load_vocab(source.path, config.vocab, pre)
+    encodings = [choose(t) for t in plan.tensors]
+    for t, enc in zip(plan.tensors, encodings):
+        if t.row_width % gguf.GGML_QUANT_SIZES[enc.ggml_type][0]:
+            raise NemoqError(f"{t.name}: row width {t.row_width} does not fit {enc.ggml_type.name} blocks")
+    total = sum(enc.nbytes(t.shape) for t, enc in zip(plan.tensors, encodings))
+    out = Path(out).absolute()
+    check_free_space(out.parent, total)
+
+    result = ConvertResult([], [], plan.layout, plan.skipped)
+    start = time.perf_counter()
+    buffer = np.empty(CHUNK_BYTES, dtype=np.uint8)
+    with atomic_outputs(out, force) as tmp:
+        writer = StreamingGGUFWriter(tmp, config.architecture, split_max_size=split_max_size)
+        add_hparams(writer, config, name or source.path.name)
+        writer.add_file_type(int(file_type))
+        if any(enc.ggml_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                                     gguf.GGMLQuantizationType.BF16) for enc in encodings):
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab.add_to(writer)
+        if extra_kv is not None:
+            extra_kv(writer)
+        for t, enc in zip(plan.tensors, encodings):
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), enc.nbytes(t.shape), raw_dtype=enc.ggml_type)
+        final_paths = split_names(out, len(writer.tensors))
+        refuse_to_clobber(final_paths, force)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t, enc in zip(plan.tensors, encodings):
+            report = TensorReport(t.name, t.shape, enc.ggml_type.name, enc.nbytes(t.shape))
+
+            def encoded_chunks():
+                for rows in t.iter_chunks(buffer):
+                    report.non_finite += count_non_finite(rows, t.source_dtype if rows.dtype != np.float32
+                                                          else "F32")
+                    result.bytes_read += rows.nbytes
+                    yield enc.encode(rows, t.source_dtype)
+                    if on_progress is not None:
+                        on_progress(rows.nbytes)
+            writer.write_tensor_chunks(encoded_chunks())
+            if report.non_finite:
+                message = f"{t.name}: {report.non_finite} NaN/Inf value(s) in {t.sources[0].name}"
+                if strict:
+                    raise NemoqError(f"{message} (--strict)", t.sources[0].shard)
+                result.warnings.append(message)
+            result.tensors.append(report)
+        writer.close()
+    result.outputs = final_paths
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def plan_bytes(plan: Plan) -> int:
+    """Source bytes the conversion will read (for progress bars)."""
+    return sum(s.nbytes for t in plan.tensors for s in t.sources)

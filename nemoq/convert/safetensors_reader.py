@@ -1,0 +1,159 @@
+"""Lazy, chunked access to the tensors of a (sharded) safetensors checkpoint.
+
+Shards are validated with the `safetensors` library, but data is read with plain
+`readinto` at the offsets the header declares: numpy has no bfloat16 (safetensors'
+numpy API refuses BF16), and reading fixed-size chunks into one reusable buffer keeps
+peak memory flat whatever the tensor size (an mmap would count every touched page).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from nemoq.errors import NemoqError
+
+# safetensors dtype tag -> numpy storage dtype (bf16 and fp8 are carried as raw bits)
+STORAGE_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U8": np.uint8, "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes live; nothing is read until asked."""
+    name: str
+    shard: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        return np.dtype(STORAGE_DTYPES[self.dtype])
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+    def read(self) -> np.ndarray:
+        """The whole tensor in its storage dtype (bf16 as uint16 bits)."""
+        out = np.empty(self.shape, dtype=self.storage_dtype)
+        _read_exact(self.shard, self.offset, memoryview(out.reshape(-1).view(np.uint8)))
+        return out
+
+    def iter_rows(self, buffer: np.ndarray) -> Iterator[np.ndarray]:
+        """Yield consecutive whole-row slices of the tensor, read into `buffer` (bytes).
+
+        Each yielded array is a view of `buffer`, valid until the next one is produced.
+        """
+        row_elems = math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
+        row_bytes = row_elems * self.storage_dtype.itemsize
+        n_rows = self.shape[0] if self.shape else 1
+        rows_per_chunk = max(1, buffer.nbytes // max(row_bytes, 1))
+        if rows_per_chunk * row_bytes > buffer.nbytes:
+            buffer = np.empty(row_bytes, dtype=np.uint8)  # one row larger than the buffer
+        with open(self.shard, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            for start in range(0, n_rows, rows_per_chunk):
+                rows = min(rows_per_chunk, n_rows - start)
+                view = memoryview(buffer)[: rows * row_bytes]
+                if f.readinto(view) != len(view):
+                    raise NemoqError(f"truncated while reading tensor {self.name}", self.shard)
+                yield buffer[: rows * row_bytes].view(self.storage_dtype).reshape(rows, *self.shape[1:])
+
+
+def _read_exact(path: Path, offset: int, view: memoryview) -> None:
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        if f.readinto(view) != len(view):
+            raise NemoqError("file is truncated", path)
+
+
+def read_shard_header(path: Path) -> dict[str, TensorRef]:
+    """Parse and check one shard's header; every inconsistency names the shard."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise NemoqError("truncated safetensors file (no header)", path)
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise NemoqError("corrupt or truncated safetensors header", path)
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise NemoqError("corrupt safetensors header (not JSON)", path) from None
+    data_start = 8 + header_len
+    refs: dict[str, TensorRef] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        if dtype not in STORAGE_DTYPES:
+            raise NemoqError(f"tensor {name} has unsupported dtype {dtype}", path)
+        expected = math.prod(shape) * np.dtype(STORAGE_DTYPES[dtype]).itemsize
+        if end - begin != expected:
+            raise NemoqError(f"corrupt header: tensor {name} spans {end - begin} bytes, "
+                             f"its shape needs {expected}", path)
+        if data_start + end > size:
+            raise NemoqError(f"truncated: tensor {name} ends at byte {data_start + end}, "
+                             f"the file has {size} bytes (incomplete download?)", path)
+        refs[name] = TensorRef(name, path, dtype, shape, data_start + begin, end - begin)
+    try:  # the library's own validation catches what the checks above do not (overlaps, gaps)
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except SafetensorError as e:
+        raise NemoqError(f"invalid safetensors file ({e})", path) from None
+    return refs
+
+
+def open_checkpoint(model_dir: Path) -> dict[str, TensorRef]:
+    """All tensors of a checkpoint folder, by source name."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
+            raise NemoqError("not a valid safetensors index (no weight_map)", index) from None
+        shard_names = sorted(set(weight_map.values()))
+    elif (model_dir / SINGLE_NAME).is_file():
+        weight_map, shard_names = None, [SINGLE_NAME]
+    else:
+        shard_names = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        weight_map = None
+        if not shard_names:
+            raise NemoqError("no safetensors weights found (expected model.safetensors or "
+                             f"{INDEX_NAME})", model_dir)
+    tensors: dict[str, TensorRef] = {}
+    for shard_name in shard_names:
+        shard = model_dir / shard_name
+        if not shard.is_file():
+            raise NemoqError(f"shard listed in {INDEX_NAME} is missing", shard)
+        tensors.update(read_shard_header(shard))
+    if weight_map is not None:
+        for name, shard_name in weight_map.items():
+            ref = tensors.get(name)
+            if ref is None or ref.shard.name != shard_name:
+                raise NemoqError(f"{INDEX_NAME} places tensor {name} here, but the shard does not hold it",
+                                 model_dir / shard_name)
+    return tensors
+
+
+def file_bytes(paths: list[Path]) -> int:
+    return sum(os.path.getsize(p) for p in paths)

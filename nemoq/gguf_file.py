@@ -1,0 +1,93 @@
+"""Reading GGUF files (one file or a llama.cpp split set) with gguf-py's reader."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from nemoq.errors import NemoqError
+
+SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]      # ggml order (ne0 first), as llama.cpp prints it
+    type_name: str
+    n_elements: int
+    nbytes: int
+    file: Path
+
+
+@dataclass
+class GGUFContents:
+    files: list[Path]
+    metadata: dict[str, Any]
+    tensors: list[TensorEntry]
+    readers: list[gguf.GGUFReader]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def n_elements(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.total_bytes / max(self.n_elements, 1)
+
+    def tensor_data(self, name: str):
+        """The raw data of one tensor (a read-only memory map)."""
+        for reader in self.readers:
+            for t in reader.tensors:
+                if t.name == name:
+                    return t
+        raise KeyError(name)
+
+
+def split_set(path: Path) -> list[Path]:
+    """All files of the split set `path` belongs to (just `path` when it is not split)."""
+    m = SPLIT_NAME.match(path.name)
+    if not m:
+        return [path]
+    count = int(m.group("count"))
+    files = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    for f in files:
+        if not f.is_file():
+            raise NemoqError(f"split file {f.name} of this set is missing", path)
+    return files
+
+
+def field_value(f: gguf.ReaderField) -> Any:
+    return f.contents()
+
+
+def read_gguf(path: Path) -> GGUFContents:
+    path = Path(path)
+    if not path.is_file():
+        raise NemoqError("no such file", path)
+    files = split_set(path)
+    metadata: dict[str, Any] = {}
+    tensors: list[TensorEntry] = []
+    readers = []
+    for f in files:
+        try:
+            reader = gguf.GGUFReader(f)
+        except (ValueError, OSError) as e:
+            raise NemoqError(f"not a readable GGUF file ({e})", f) from None
+        readers.append(reader)
+        for name, fld in reader.fields.items():
+            if name.startswith("GGUF."):
+                continue
+            metadata.setdefault(name, field_value(fld))
+        for t in reader.tensors:
+            tensors.append(TensorEntry(t.name, tuple(int(x) for x in t.shape), t.tensor_type.name,
+                                       int(t.n_elements), int(t.n_bytes), f))
+    return GGUFContents(files, metadata, tensors, readers)

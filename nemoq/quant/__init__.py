@@ -1,0 +1,1 @@
+"""Block formats (numpy references), recipes and the quantize driver."""

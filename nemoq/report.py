@@ -1,0 +1,99 @@
+"""rich rendering for the CLI: progress bars and summary tables. Library code never prints."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+from rich.table import Table
+
+STRING_PREVIEW = 60
+ARRAY_PREVIEW = 8
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+@contextmanager
+def byte_progress(console: Console, label: str, total: int) -> Iterator[Callable[[int], None]]:
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def conversion_summary(console: Console, result, fallbacks: list[tuple[str, str]]) -> None:
+    by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for t in result.tensors:
+        n = 1
+        for d in t.shape:
+            n *= d
+        row = by_type[t.ggml_type]
+        row[0] += 1
+        row[1] += n
+        row[2] += t.nbytes
+    table = Table(title="written", show_footer=True)
+    total_n = sum(r[1] for r in by_type.values())
+    total_b = sum(r[2] for r in by_type.values())
+    table.add_column("type", footer="total")
+    table.add_column("tensors", justify="right", footer=str(len(result.tensors)))
+    table.add_column("weights", justify="right", footer=f"{total_n:,}")
+    table.add_column("size", justify="right", footer=human_bytes(total_b))
+    table.add_column("bits/weight", justify="right", footer=f"{8 * total_b / max(total_n, 1):.2f}")
+    for name, (count, n, b) in sorted(by_type.items()):
+        table.add_row(name, str(count), f"{n:,}", human_bytes(b), f"{8 * b / max(n, 1):.2f}")
+    console.print(table)
+    rate = result.bytes_read / max(result.seconds, 1e-9)
+    console.print(f"read {human_bytes(result.bytes_read)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
+    for f in fallbacks:
+        console.print(f"[yellow]fallback[/]: {f[0]}: {f[1]}")
+    if result.skipped:
+        console.print(f"[yellow]skipped[/] {len(result.skipped)} multi-token-prediction tensor(s) "
+                      f"(e.g. {result.skipped[0]}): llama.cpp's main model does not use them")
+    for w in result.warnings:
+        console.print(f"[yellow]warning[/]: {w}")
+    for p in result.outputs:
+        console.print(f"[green]wrote[/] {p}")
+
+
+def _preview(value) -> str:
+    if isinstance(value, str):
+        one_line = value.replace("\n", "\\n")
+        return one_line if len(one_line) <= STRING_PREVIEW else one_line[:STRING_PREVIEW] + f"... ({len(value)} chars)"
+    if isinstance(value, list):
+        head = ", ".join(_preview(v) for v in value[:ARRAY_PREVIEW])
+        return f"[{head}{', ...' if len(value) > ARRAY_PREVIEW else ''}] ({len(value)})"
+    return str(value)
+
+
+def gguf_info(console: Console, contents, max_tensors: int = 0) -> None:
+    files = ", ".join(str(f) for f in contents.files)
+    console.print(f"[bold]{files}[/]: {len(contents.tensors)} tensors, {human_bytes(contents.total_bytes)}, "
+                  f"{contents.n_elements:,} weights, {contents.bits_per_weight:.2f} bits/weight")
+    meta = Table(title="metadata")
+    meta.add_column("key")
+    meta.add_column("value")
+    for key, value in contents.metadata.items():
+        meta.add_row(key, _preview(value))
+    console.print(meta)
+    tensors = Table(title="tensors")
+    for col in ("name", "shape (ne)", "type", "bytes"):
+        tensors.add_column(col, justify="right" if col == "bytes" else "left")
+    multi = len(contents.files) > 1
+    if multi:
+        tensors.add_column("file")
+    shown = contents.tensors if max_tensors <= 0 else contents.tensors[:max_tensors]
+    for t in shown:
+        row = [t.name, " x ".join(map(str, t.shape)), t.type_name, f"{t.nbytes:,}"]
+        tensors.add_row(*(row + [t.file.name] if multi else row))
+    console.print(tensors)
