@@ -17,8 +17,12 @@ def _per_layer(config: ModelConfig, kind: str, value: int) -> list[int]:
     return [value if k == kind else 0 for k in config.layer_kinds]
 
 
+# A hybrid without positional encoding is not limited by its training length; as llama.cpp's
+# converter does, advertise at least 2^20 tokens (the model card's 1M context).
+MIN_CONTEXT_LENGTH = 2**20
+
 HPARAMS: tuple[tuple[str, Callable[[ModelConfig], Any]], ...] = (
-    ("add_context_length", lambda c: c.context_length),
+    ("add_context_length", lambda c: max(c.context_length, MIN_CONTEXT_LENGTH)),
     ("add_embedding_length", lambda c: c.hidden),
     ("add_block_count", lambda c: c.n_layers),
     ("add_vocab_size", lambda c: c.vocab),
@@ -53,5 +57,12 @@ HPARAMS: tuple[tuple[str, Callable[[ModelConfig], Any]], ...] = (
 def add_hparams(writer: gguf.GGUFWriter, config: ModelConfig, name: str) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for method, value in HPARAMS:
         getattr(writer, method)(value(config))
+
+
+def add_size_label(writer: gguf.GGUFWriter) -> None:
+    """general.size_label (e.g. 128x232M) from the tensors already added to the writer."""
+    total, _shared, expert, expert_count = writer.get_total_parameter_count()
+    writer.add_size_label(gguf.size_label(total, _shared, expert, expert_count))

@@ -16,7 +16,7 @@ import numpy as np
 
 from nemoq.convert.config import ModelConfig, load_config
 from nemoq.convert.dtypes import FLOAT_ENCODINGS, Encoding, count_non_finite
-from nemoq.convert.metadata import add_hparams
+from nemoq.convert.metadata import add_hparams, add_size_label
 from nemoq.convert.output import StreamingGGUFWriter, atomic_outputs, check_free_space, refuse_to_clobber, split_names
 from nemoq.convert.plan import Plan, PlannedTensor, build_plan
 from nemoq.convert.safetensors_reader import open_checkpoint
@@ -113,14 +113,12 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
         writer = StreamingGGUFWriter(tmp, config.architecture, split_max_size=split_max_size)
         add_hparams(writer, config, name or source.path.name)
         writer.add_file_type(int(file_type))
-        if any(enc.ggml_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                                     gguf.GGMLQuantizationType.BF16) for enc in encodings):
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab.add_to(writer)
         if extra_kv is not None:
             extra_kv(writer)
         for t, enc in zip(plan.tensors, encodings):
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), enc.nbytes(t.shape), raw_dtype=enc.ggml_type)
+        add_size_label(writer)
         final_paths = split_names(out, len(writer.tensors))
         refuse_to_clobber(final_paths, force)
         writer.write_header_to_file()
