@@ -1,0 +1,51 @@
+"""Independent implementations our output is checked against: transformers and llama.cpp."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=8)
+def _hf_model(checkpoint: str):
+    import torch
+    from transformers import NemotronHForCausalLM
+    return NemotronHForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+def hf_logits(checkpoint: Path, ids: list[int]) -> np.ndarray:
+    """All-position logits of transformers' NemotronHForCausalLM, float32."""
+    import torch
+    with torch.no_grad():
+        return _hf_model(str(checkpoint))(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def llama_logits(gguf_path: Path, ids: list[int]) -> np.ndarray:
+    """All-position logits of llama.cpp (through llama-cpp-python) for one fresh sequence."""
+    from llama_cpp import Llama
+    llm = Llama(str(gguf_path), n_ctx=max(256, len(ids)), n_batch=len(ids), n_ubatch=len(ids),
+                logits_all=True, verbose=False, n_threads=2)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def llama_tokenize(gguf_path: Path, text: str) -> list[int]:
+    from llama_cpp import Llama
+    llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    finally:
+        llm.close()
+
+
+def compare(ours: np.ndarray, ref: np.ndarray) -> dict:
+    return {
+        "max_abs_diff": float(np.abs(ours - ref).max()),
+        "max_abs_logit": float(np.abs(ref).max()),
+        "top1": float((ours.argmax(-1) == ref.argmax(-1)).mean()),
+    }

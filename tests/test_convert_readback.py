@@ -1,0 +1,115 @@
+"""Read the converter's output back with gguf-py: names, shapes, types, metadata and values."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from nemoq.gguf_file import read_gguf
+from tests.conftest import convert
+
+# Written out by hand from llama.cpp's nemotron_h_moe loader, independent of nemoq's tables.
+PER_KIND = {
+    "M": ["attn_norm.weight", "ssm_in.weight", "ssm_conv1d.weight", "ssm_conv1d.bias", "ssm_a", "ssm_d",
+          "ssm_dt.bias", "ssm_norm.weight", "ssm_out.weight"],
+    "*": ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight"],
+    "E": ["attn_norm.weight", "ffn_gate_inp.weight", "exp_probs_b.bias", "ffn_up_shexp.weight",
+          "ffn_down_shexp.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"],
+}
+ALWAYS_F32 = ("attn_norm", "ssm_conv1d", "ssm_a", "ssm_d", "ssm_dt", "ssm_norm", "ffn_gate_inp", "exp_probs_b",
+              "output_norm")
+REQUIRED_KEYS = [
+    "general.architecture", "general.file_type", "nemotron_h_moe.context_length", "nemotron_h_moe.embedding_length",
+    "nemotron_h_moe.block_count", "nemotron_h_moe.feed_forward_length", "nemotron_h_moe.attention.head_count",
+    "nemotron_h_moe.attention.head_count_kv", "nemotron_h_moe.attention.key_length",
+    "nemotron_h_moe.attention.value_length", "nemotron_h_moe.attention.layer_norm_epsilon",
+    "nemotron_h_moe.expert_count", "nemotron_h_moe.expert_used_count", "nemotron_h_moe.expert_group_count",
+    "nemotron_h_moe.expert_group_used_count", "nemotron_h_moe.expert_feed_forward_length",
+    "nemotron_h_moe.expert_shared_feed_forward_length", "nemotron_h_moe.expert_shared_count",
+    "nemotron_h_moe.expert_weights_norm", "nemotron_h_moe.expert_weights_scale", "nemotron_h_moe.vocab_size",
+    "nemotron_h_moe.ssm.conv_kernel", "nemotron_h_moe.ssm.state_size", "nemotron_h_moe.ssm.group_count",
+    "nemotron_h_moe.ssm.inner_size", "nemotron_h_moe.ssm.time_step_rank", "tokenizer.ggml.model",
+    "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template",
+]
+
+
+def expected_names(pattern: str) -> list[str]:
+    names = ["token_embd.weight"]
+    for i, kind in enumerate(pattern):
+        names += [f"blk.{i}.{n}" for n in PER_KIND[kind]]
+    return names + ["output_norm.weight", "output.weight"]
+
+
+def test_tensor_names_types_and_metadata(random_hub, random_hub_gguf):
+    config = json.loads((random_hub / "config.json").read_text())
+    contents = read_gguf(random_hub_gguf)
+    pattern = config["hybrid_override_pattern"]
+    assert [t.name for t in contents.tensors] == expected_names(pattern)
+    for t in contents.tensors:
+        assert t.type_name == "F32"
+    for key in REQUIRED_KEYS:
+        assert key in contents.metadata, key
+    m = contents.metadata
+    assert m["general.architecture"] == "nemotron_h_moe"
+    assert m["tokenizer.ggml.pre"] == "tekken"
+    assert m["nemotron_h_moe.block_count"] == len(pattern)
+    assert m["nemotron_h_moe.feed_forward_length"] == [config["moe_intermediate_size"] if k == "E" else 0
+                                                         for k in pattern]
+    assert m["nemotron_h_moe.attention.head_count_kv"] == [config["num_key_value_heads"] if k == "*" else 0
+                                                            for k in pattern]
+    assert m["nemotron_h_moe.ssm.inner_size"] == config["mamba_num_heads"] * config["mamba_head_dim"]
+    assert m["nemotron_h_moe.expert_weights_scale"] == pytest.approx(config["routed_scaling_factor"])
+    assert len(m["tokenizer.ggml.tokens"]) == config["vocab_size"]
+    template = json.loads((random_hub / "tokenizer_config.json").read_text()).get("chat_template")
+    if template is None:
+        template = (random_hub / "chat_template.jinja").read_text()
+    assert m["tokenizer.chat_template"] == template
+
+
+def test_values_follow_llama_cpp_transforms(random_hub, random_hub_gguf):
+    source = {}
+    for shard in random_hub.glob("*.safetensors"):
+        source.update(load_file(shard))
+    reader = gguf.GGUFReader(random_hub_gguf)
+    data = {t.name: np.asarray(t.data) for t in reader.tensors}
+    config = json.loads((random_hub / "config.json").read_text())
+    pattern = config["hybrid_override_pattern"]
+    m, e = pattern.index("M"), pattern.index("E")
+    p = f"backbone.layers.{m}.mixer"
+    H = config["mamba_num_heads"]
+    np.testing.assert_array_equal(data[f"blk.{m}.ssm_a"], -np.exp(source[f"{p}.A_log"]).reshape(H, 1))
+    np.testing.assert_array_equal(data[f"blk.{m}.ssm_d"], source[f"{p}.D"].reshape(H, 1))
+    np.testing.assert_array_equal(data[f"blk.{m}.ssm_conv1d.weight"], source[f"{p}.conv1d.weight"][:, 0, :])
+    np.testing.assert_array_equal(data[f"blk.{m}.ssm_norm.weight"],
+                                  source[f"{p}.norm.weight"].reshape(config["n_groups"], -1))
+    up = np.stack([source[f"backbone.layers.{e}.mixer.experts.{x}.up_proj.weight"]
+                   for x in range(config["n_routed_experts"])])
+    np.testing.assert_array_equal(data[f"blk.{e}.ffn_up_exps.weight"], up)
+    np.testing.assert_array_equal(data["output.weight"], source["lm_head.weight"])
+
+
+@pytest.mark.parametrize("outtype, matrix_type", [("bf16", "BF16"), ("f16", "F16"), ("q8_0", "Q8_0")])
+def test_outtypes_keep_small_tensors_f32(random_hub, tmp_path, outtype, matrix_type):
+    contents = read_gguf(convert(random_hub, tmp_path / "o.gguf", "--outtype", outtype))
+    for t in contents.tensors:
+        base = t.name.split(".")[-2] if t.name.startswith("blk.") else t.name.split(".")[0]
+        if base in ALWAYS_F32 or len(t.shape) == 1:
+            assert t.type_name == "F32", t.name
+        else:
+            assert t.type_name == matrix_type, t.name
+
+
+def test_bf16_values_round_like_torch(random_hub, tmp_path):
+    import torch
+    contents = read_gguf(convert(random_hub, tmp_path / "o.gguf", "--outtype", "bf16"))
+    source = {}
+    for shard in random_hub.glob("*.safetensors"):
+        source.update(load_file(shard))
+    ours = np.asarray(contents.tensor_data("output.weight").data).view(np.uint16)
+    ref = torch.from_numpy(source["lm_head.weight"]).bfloat16().view(torch.uint16).numpy()
+    np.testing.assert_array_equal(ours.reshape(ref.shape), ref)
