@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 T = GGMLQuantizationType
@@ -23,14 +24,24 @@ def to_float32(chunk: np.ndarray, source_dtype: str) -> np.ndarray:
     return chunk.astype(np.float32, copy=False)
 
 
-def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """Round to nearest even, keep NaN a (quiet) NaN: what torch's .bfloat16() does."""
-    bits = x.astype(np.float32, copy=False).view(np.uint32)
-    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
-    return rounded
+# numpy's float16 casts are scalar loops (~0.3 GB/s here); torch's are vectorised (>4 GB/s).
+TORCH_SOURCE = {"BF16": (torch.bfloat16, np.uint16), "F16": (torch.float16, np.float16),
+                "F32": (torch.float32, np.float32), "F64": (torch.float64, np.float64)}
+
+
+def _as_torch(chunk: np.ndarray, source_dtype: str) -> torch.Tensor:
+    torch_dtype, storage = TORCH_SOURCE[source_dtype]
+    return torch.from_numpy(np.ascontiguousarray(chunk).view(storage)).view(torch_dtype)
+
+
+def to_float16(chunk: np.ndarray, source_dtype: str) -> np.ndarray:
+    """Round to nearest even (values beyond f16's range become inf, as any f16 cast)."""
+    return _as_torch(chunk, source_dtype).to(torch.float16).numpy()
+
+
+def to_bf16_bits(chunk: np.ndarray, source_dtype: str) -> np.ndarray:
+    """Round to nearest even, as torch's .bfloat16(); returned as uint16 bits."""
+    return _as_torch(chunk, source_dtype).to(torch.bfloat16).view(torch.uint16).numpy()
 
 
 def count_non_finite(chunk: np.ndarray, source_dtype: str) -> int:
@@ -59,20 +70,23 @@ def type_nbytes(ggml_type: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
 @dataclass(frozen=True)
 class FloatEncoding:
     ggml_type: GGMLQuantizationType
-    passthrough: str                                   # source dtype copied byte for byte
-    from_float32: Callable[[np.ndarray], np.ndarray]
+    convert: Callable[[np.ndarray, str], np.ndarray]   # (rows, source dtype) -> stored values
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         return type_nbytes(self.ggml_type, shape)
 
     def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray:
-        if source_dtype == self.passthrough and rows.dtype != np.float32:
-            return rows
-        return self.from_float32(to_float32(rows, source_dtype))
+        if rows.dtype == np.float32:   # transformed values arrive as float32 whatever the source
+            source_dtype = "F32"
+        if source_dtype == SOURCE_OF[self.ggml_type]:
+            return rows                # same type: the bytes are copied as they are
+        return self.convert(rows, source_dtype)
 
+
+SOURCE_OF = {T.F32: "F32", T.F16: "F16", T.BF16: "BF16"}
 
 FLOAT_ENCODINGS: dict[str, FloatEncoding] = {
-    "f32": FloatEncoding(T.F32, "F32", lambda x: x.astype(np.float32, copy=False)),
-    "f16": FloatEncoding(T.F16, "F16", lambda x: x.astype(np.float16)),
-    "bf16": FloatEncoding(T.BF16, "BF16", float32_to_bf16_bits),
+    "f32": FloatEncoding(T.F32, to_float32),
+    "f16": FloatEncoding(T.F16, to_float16),
+    "bf16": FloatEncoding(T.BF16, to_bf16_bits),
 }

@@ -63,13 +63,14 @@ class Source:
     path: Path
     config: ModelConfig
     plan: Plan
+    name: str          # the folder or repo name the user gave, for general.name
 
 
 def open_source(src: str | Path) -> Source:
     path = resolve_source(src)
     config = load_config(path)
     plan = build_plan(config, open_checkpoint(path), path)
-    return Source(path, config, plan)
+    return Source(path, config, plan, Path(str(src).rstrip("/")).name)
 
 
 def float_chooser(outtype: str, source_dtype: str) -> tuple[Chooser, FileType]:
@@ -111,7 +112,7 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
     buffer = np.empty(CHUNK_BYTES, dtype=np.uint8)
     with atomic_outputs(out, force) as tmp:
         writer = StreamingGGUFWriter(tmp, config.architecture, split_max_size=split_max_size)
-        add_hparams(writer, config, name or source.path.name)
+        add_hparams(writer, config, name or source.name)
         writer.add_file_type(int(file_type))
         vocab.add_to(writer)
         if extra_kv is not None:
