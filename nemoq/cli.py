@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from nemoq.errors import NemoqError
 
@@ -73,7 +74,7 @@ def _convert(src: str, outfile: Path, outtype: str, **options) -> None:
         from nemoq.quant.recipes import RECIPES, RecipeChooser
         choose = RecipeChooser(RECIPES[outtype.upper()])
         file_type, fallbacks = choose.recipe.file_type, choose.fallbacks
-    console.print(f"[bold]{source.path}[/]: {source.config.n_layers} layers "
+    console.print(f"[bold]{escape(str(source.path))}[/]: {source.config.n_layers} layers "
                   f"({source.config.raw.get('hybrid_override_pattern') or 'layers_block_type'}), "
                   f"{len(source.plan.tensors)} tensors, layout {source.plan.layout}")
     with report.byte_progress(console, "converting", plan_bytes(source.plan)) as advance:
@@ -98,7 +99,7 @@ def _run(fn, *args, **kwargs) -> None:
     except NemoqError as e:
         if state["verbose"]:
             console.print_exception()
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: no output was written")

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 from rich.table import Table
@@ -56,14 +57,14 @@ def conversion_summary(console: Console, result, fallbacks: list[tuple[str, str]
     rate = result.bytes_read / max(result.seconds, 1e-9)
     console.print(f"read {human_bytes(result.bytes_read)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
     for f in fallbacks:
-        console.print(f"[yellow]fallback[/]: {f[0]}: {f[1]}")
+        console.print(f"[yellow]fallback[/]: {escape(f[0])}: {escape(f[1])}")
     if result.skipped:
         console.print(f"[yellow]skipped[/] {len(result.skipped)} multi-token-prediction tensor(s) "
                       f"(e.g. {result.skipped[0]}): llama.cpp's main model does not use them")
     for w in result.warnings:
-        console.print(f"[yellow]warning[/]: {w}")
+        console.print(f"[yellow]warning[/]: {escape(w)}")
     for p in result.outputs:
-        console.print(f"[green]wrote[/] {p}")
+        console.print(f"[green]wrote[/] {escape(str(p))}")
 
 
 def _preview(value) -> str:
@@ -78,13 +79,13 @@ def _preview(value) -> str:
 
 def gguf_info(console: Console, contents, max_tensors: int = 0) -> None:
     files = ", ".join(str(f) for f in contents.files)
-    console.print(f"[bold]{files}[/]: {len(contents.tensors)} tensors, {human_bytes(contents.total_bytes)}, "
+    console.print(f"[bold]{escape(files)}[/]: {len(contents.tensors)} tensors, {human_bytes(contents.total_bytes)}, "
                   f"{contents.n_elements:,} weights, {contents.bits_per_weight:.2f} bits/weight")
     meta = Table(title="metadata")
     meta.add_column("key")
     meta.add_column("value")
     for key, value in contents.metadata.items():
-        meta.add_row(key, _preview(value))
+        meta.add_row(escape(key), escape(_preview(value)))
     console.print(meta)
     tensors = Table(title="tensors")
     for col in ("name", "shape (ne)", "type", "bytes"):

@@ -9,17 +9,24 @@ import numpy as np
 
 
 @functools.lru_cache(maxsize=8)
-def _hf_model(checkpoint: str):
+def _hf_model(checkpoint: str, clamp_dt: bool):
     import torch
     from transformers import NemotronHForCausalLM
-    return NemotronHForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = NemotronHForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    if not clamp_dt:
+        # transformers' torch path clamps the Mamba step size at time_step_min; the mamba_ssm
+        # kernels the model was trained with (dt_limit=(0, inf)) and llama.cpp do not.
+        for layer in model.model.layers:
+            if hasattr(layer.mixer, "time_step_limit"):
+                layer.mixer.time_step_limit = (0.0, float("inf"))
+    return model
 
 
-def hf_logits(checkpoint: Path, ids: list[int]) -> np.ndarray:
+def hf_logits(checkpoint: Path, ids: list[int], clamp_dt: bool = True) -> np.ndarray:
     """All-position logits of transformers' NemotronHForCausalLM, float32."""
     import torch
     with torch.no_grad():
-        return _hf_model(str(checkpoint))(torch.tensor([ids])).logits[0].float().numpy()
+        return _hf_model(str(checkpoint), clamp_dt)(torch.tensor([ids])).logits[0].float().numpy()
 
 
 def llama_logits(gguf_path: Path, ids: list[int]) -> np.ndarray:
