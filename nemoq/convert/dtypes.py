@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 T = GGMLQuantizationType
@@ -25,32 +24,51 @@ def to_float32(chunk: np.ndarray, source_dtype: str) -> np.ndarray:
 
 
 # numpy's float16 casts are scalar loops (~0.3 GB/s here); torch's are vectorised (>4 GB/s).
-TORCH_SOURCE = {"BF16": (torch.bfloat16, np.uint16), "F16": (torch.float16, np.float16),
-                "F32": (torch.float32, np.float32), "F64": (torch.float64, np.float64)}
-
-
-def _as_torch(chunk: np.ndarray, source_dtype: str) -> torch.Tensor:
-    torch_dtype, storage = TORCH_SOURCE[source_dtype]
+# torch is imported only when a cast is needed: it costs seconds, a bf16 -> bf16 copy needs none.
+def _as_torch(chunk: np.ndarray, source_dtype: str):
+    import torch
+    torch_dtype, storage = {"BF16": (torch.bfloat16, np.uint16), "F16": (torch.float16, np.float16),
+                            "F32": (torch.float32, np.float32), "F64": (torch.float64, np.float64)}[source_dtype]
     return torch.from_numpy(np.ascontiguousarray(chunk).view(storage)).view(torch_dtype)
 
 
 def to_float16(chunk: np.ndarray, source_dtype: str) -> np.ndarray:
     """Round to nearest even (values beyond f16's range become inf, as any f16 cast)."""
+    import torch
     return _as_torch(chunk, source_dtype).to(torch.float16).numpy()
 
 
 def to_bf16_bits(chunk: np.ndarray, source_dtype: str) -> np.ndarray:
     """Round to nearest even, as torch's .bfloat16(); returned as uint16 bits."""
+    import torch
     return _as_torch(chunk, source_dtype).to(torch.bfloat16).view(torch.uint16).numpy()
 
 
+SCAN_ELEMENTS = 1 << 18   # a cache-sized scratch keeps the scan near memory speed
+
+
+def _has_non_finite(flat: np.ndarray, source_dtype: str) -> bool:
+    if source_dtype == "BF16":   # exponent all ones <=> |bits| >= 0x7F80
+        scratch = np.empty(min(flat.size, SCAN_ELEMENTS), dtype=np.uint16)
+        for i in range(0, flat.size, SCAN_ELEMENTS):
+            part = flat[i:i + SCAN_ELEMENTS]
+            np.bitwise_and(part, 0x7FFF, out=scratch[: part.size])
+            if scratch[: part.size].max() >= 0x7F80:
+                return True
+        return False
+    return not all(np.isfinite(flat[i:i + SCAN_ELEMENTS]).all() for i in range(0, flat.size, SCAN_ELEMENTS))
+
+
 def count_non_finite(chunk: np.ndarray, source_dtype: str) -> int:
-    """NaN/Inf count in source storage, without converting bf16."""
+    """NaN/Inf count in source storage (bf16 as bits); a fast scan first, counting only if needed."""
+    if chunk.dtype.kind not in "fu" or chunk.size == 0:
+        return 0
+    flat = chunk.reshape(-1)
+    if not _has_non_finite(flat, source_dtype):
+        return 0
     if source_dtype == "BF16":
-        return int(np.count_nonzero((chunk & 0x7F80) == 0x7F80))
-    if chunk.dtype.kind == "f":
-        return int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
-    return 0
+        return int(np.count_nonzero((flat & 0x7F80) == 0x7F80))
+    return int(flat.size - np.count_nonzero(np.isfinite(flat)))
 
 
 class Encoding(Protocol):

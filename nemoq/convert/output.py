@@ -35,6 +35,7 @@ class StreamingGGUFWriter(gguf.GGUFWriter):
         for chunk in chunks:
             fout.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
             written += chunk.nbytes
+            start_writeback(fout, chunk.nbytes)
         if written != info.nbytes:
             raise RuntimeError(f"{name}: wrote {written} bytes, planned {info.nbytes}")
         self.write_padding(fout, written)
@@ -44,6 +45,15 @@ class StreamingGGUFWriter(gguf.GGUFWriter):
     def output_paths(self) -> list[Path]:
         assert self.path is not None
         return self.format_shard_names(self.path)
+
+
+def start_writeback(fout, last_bytes: int) -> None:
+    """Ask the kernel to start writing the bytes just written (and drop them from the cache once
+    written), so the final fsync finds little left to do. No-op where posix_fadvise is missing."""
+    if hasattr(os, "posix_fadvise"):
+        fout.flush()
+        end = fout.tell()
+        os.posix_fadvise(fout.fileno(), max(0, end - 2 * last_bytes), 2 * last_bytes, os.POSIX_FADV_DONTNEED)
 
 
 def split_names(out: Path, n_splits: int) -> list[Path]:
