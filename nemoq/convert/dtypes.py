@@ -32,16 +32,33 @@ def _as_torch(chunk: np.ndarray, source_dtype: str):
     return torch.from_numpy(np.ascontiguousarray(chunk).view(storage)).view(torch_dtype)
 
 
+_cast_output = np.empty(0, dtype=np.uint8)
+
+
+def _reused_output(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """One output buffer reused by every cast: a fresh 64 MiB array per chunk costs page faults.
+    Safe because the converter writes each encoded chunk out before encoding the next."""
+    global _cast_output
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if _cast_output.nbytes < nbytes:
+        _cast_output = np.empty(nbytes, dtype=np.uint8)
+    return _cast_output[:nbytes].view(dtype).reshape(shape)
+
+
 def to_float16(chunk: np.ndarray, source_dtype: str) -> np.ndarray:
     """Round to nearest even (values beyond f16's range become inf, as any f16 cast)."""
     import torch
-    return _as_torch(chunk, source_dtype).to(torch.float16).numpy()
+    out = _reused_output(chunk.shape, np.float16)
+    torch.from_numpy(out).copy_(_as_torch(chunk, source_dtype))
+    return out
 
 
 def to_bf16_bits(chunk: np.ndarray, source_dtype: str) -> np.ndarray:
     """Round to nearest even, as torch's .bfloat16(); returned as uint16 bits."""
     import torch
-    return _as_torch(chunk, source_dtype).to(torch.bfloat16).view(torch.uint16).numpy()
+    out = _reused_output(chunk.shape, np.uint16)
+    torch.from_numpy(out).view(torch.bfloat16).copy_(_as_torch(chunk, source_dtype))
+    return out
 
 
 SCAN_ELEMENTS = 1 << 18   # a cache-sized scratch keeps the scan near memory speed
@@ -72,6 +89,7 @@ def count_non_finite(chunk: np.ndarray, source_dtype: str) -> int:
 
 
 class Encoding(Protocol):
+    """encode() may return a view of a reused buffer: write it out before the next call."""
     ggml_type: GGMLQuantizationType
 
     def nbytes(self, shape: tuple[int, ...]) -> int: ...
