@@ -21,19 +21,16 @@ from nemoq.errors import NemoqError
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
-    """One GGUF tensor: its name and shape, and the source tensors (concatenated on axis 0)."""
+class TensorSpec:
+    """What config.json says one GGUF tensor is: enough to plan types and sizes without weights."""
     name: str
     shape: tuple[int, ...]
-    sources: tuple[TensorRef, ...]
-    transform: Transform
     keep_f32: bool
     layer: int | None
     layer_kind: str | None
-
-    @property
-    def source_dtype(self) -> str:
-        return self.sources[0].dtype
+    row: Row
+    source_names: tuple[str, ...]     # concatenated on axis 0 (one per expert for stacked rows)
+    source_shape: tuple[int, ...]     # the shape each source tensor must have
 
     @property
     def n_elements(self) -> int:
@@ -42,6 +39,29 @@ class PlannedTensor:
     @property
     def row_width(self) -> int:
         return self.shape[-1]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A TensorSpec matched to the checkpoint's source tensors."""
+    spec: TensorSpec
+    sources: tuple[TensorRef, ...]
+
+    name = property(lambda self: self.spec.name)
+    shape = property(lambda self: self.spec.shape)
+    keep_f32 = property(lambda self: self.spec.keep_f32)
+    layer = property(lambda self: self.spec.layer)
+    layer_kind = property(lambda self: self.spec.layer_kind)
+    n_elements = property(lambda self: self.spec.n_elements)
+    row_width = property(lambda self: self.spec.row_width)
+
+    @property
+    def transform(self) -> Transform:
+        return mapping.TRANSFORMS[self.spec.row.transform]
+
+    @property
+    def source_dtype(self) -> str:
+        return self.sources[0].dtype
 
     def iter_chunks(self, buffer: np.ndarray) -> Iterator[np.ndarray]:
         """Source data in whole rows of the GGUF tensor, in order, in the storage dtype.
@@ -83,62 +103,58 @@ def _detect_expert_layout(tensors: dict[str, TensorRef], prefix: str, moe_layer:
     return "fused" if fused_name in tensors else "per-expert"
 
 
-def _expected_shape(row: Row, dims: dict[str, int]) -> tuple[int, ...]:
-    return tuple(d if isinstance(d, int) else dims[d] for d in row.shape)
+def tensor_specs(config: ModelConfig, prefix: str = "backbone", expert_layout: str = "per-expert") -> list[TensorSpec]:
+    """Every GGUF tensor the config implies, in file order, from the mapping tables."""
+    dims = config.dims
+    specs: list[TensorSpec] = []
+
+    def add(row: Row, source_names: list[str], layer: int | None, kind: str | None) -> None:
+        if row.if_config and not config.raw.get(row.if_config, True):
+            return
+        source_shape = tuple(d if isinstance(d, int) else dims[d] for d in row.shape)
+        shape = mapping.TRANSFORMS[row.transform].reshape(source_shape, dims)
+        if row.stacked:
+            shape = (len(source_names), *shape)
+        specs.append(TensorSpec(row.gguf_name(layer), shape, row.keep_f32, layer, kind, row,
+                                tuple(source_names), source_shape))
+
+    for row in mapping.HEAD_ROWS:
+        add(row, [row.source.format(prefix=prefix)], None, None)
+    for layer, kind in enumerate(config.layer_kinds):
+        rows = mapping.ROWS_BY_LAYER_KIND[kind] + (mapping.EXPERT_LAYOUTS[expert_layout] if kind == "moe" else ())
+        for row in rows:
+            base = f"{prefix}.layers.{layer}.{row.source}"
+            add(row, [base.format(xid=x) for x in range(config.n_experts)] if row.stacked else [base], layer, kind)
+    for row in mapping.TAIL_ROWS:
+        add(row, [row.source.format(prefix=prefix)], None, None)
+    return specs
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def build_plan(config: ModelConfig, tensors: dict[str, TensorRef], model_dir: Path) -> Plan:
     prefix = _detect_prefix(tensors, model_dir)
     expert_layout = _detect_expert_layout(tensors, prefix, config.layers_of("moe")[0])
-    expert_rows = mapping.EXPERT_LAYOUTS[expert_layout]
-    dims = config.dims
-    used: set[str] = set()
-    missing: list[str] = []
-    planned: list[PlannedTensor] = []
-
-    def lookup(name: str) -> TensorRef | None:
-        ref = tensors.get(name)
-        if ref is None:
-            missing.append(name)
-        return ref
-
-    def add(row: Row, source_names: list[str], layer: int | None, kind: str | None) -> None:
-        if row.if_config and not config.raw.get(row.if_config, True):
-            return
-        refs = [lookup(n) for n in source_names]
-        if any(r is None for r in refs):
-            return
-        expected = _expected_shape(row, dims)
-        for ref in refs:
-            used.add(ref.name)
-            if ref.shape != expected:
-                raise NemoqError(f"tensor {ref.name} has shape {list(ref.shape)}, but config.json "
-                                 f"implies {list(expected)} ({', '.join(map(str, row.shape))})", ref.shard)
-        transform = mapping.TRANSFORMS[row.transform]
-        shape = transform.reshape(expected, dims)
-        if row.stacked:
-            shape = (len(refs), *shape)
-        planned.append(PlannedTensor(row.gguf_name(layer), shape, tuple(refs), transform,
-                                     row.keep_f32, layer, kind))
-
-    for row in mapping.HEAD_ROWS:
-        add(row, [row.source.format(prefix=prefix)], None, None)
-    for layer, kind in enumerate(config.layer_kinds):
-        rows = mapping.ROWS_BY_LAYER_KIND[kind] + (expert_rows if kind == "moe" else ())
-        for row in rows:
-            base = f"{prefix}.layers.{layer}.{row.source}"
-            names = ([base.format(xid=x) for x in range(config.n_experts)] if row.stacked else [base])
-            add(row, names, layer, kind)
-    for row in mapping.TAIL_ROWS:
-        add(row, [row.source.format(prefix=prefix)], None, None)
-
+    specs = tensor_specs(config, prefix, expert_layout)
+    missing = [n for spec in specs for n in spec.source_names if n not in tensors]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise NemoqError(f"checkpoint is missing {len(missing)} tensor(s) the config requires: {shown}", model_dir)
+        raise NemoqError(f"checkpoint is missing {len(missing)} tensor(s) the config requires: "
+                         f"{_listing(missing)}", model_dir)
+    planned: list[PlannedTensor] = []
+    for spec in specs:
+        refs = tuple(tensors[n] for n in spec.source_names)
+        for ref in refs:
+            if ref.shape != spec.source_shape:
+                raise NemoqError(f"tensor {ref.name} has shape {list(ref.shape)}, but config.json implies "
+                                 f"{list(spec.source_shape)} ({', '.join(map(str, spec.row.shape))})", ref.shard)
+        planned.append(PlannedTensor(spec, refs))
+    used = {n for spec in specs for n in spec.source_names}
     skipped = sorted(n for n in tensors if n not in used and n.startswith(mapping.SKIPPED_PREFIXES))
     unexpected = sorted(n for n in tensors if n not in used and n not in skipped)
     if unexpected:
-        shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         raise NemoqError(f"checkpoint has {len(unexpected)} tensor(s) that config.json does not explain "
-                         f"(wrong config, or an unsupported variant): {shown}", tensors[unexpected[0]].shard)
+                         f"(wrong config, or an unsupported variant): {_listing(unexpected)}",
+                         tensors[unexpected[0]].shard)
     return Plan(config, planned, f"{prefix}.* / {expert_layout} experts", skipped)

@@ -1,0 +1,116 @@
+"""What every block format shares: the Format interface and choosing the best of candidate encodings.
+
+A format turns float32 rows into ggml blocks and back. Quantizers may take an importance
+vector (llama.cpp's imatrix: one non-negative weight per column) and then minimise
+sum_i w_i (x_i - dequantized_i)^2 instead of the plain squared error.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+# Rows are quantized a chunk at a time so temporaries stay small (and in cache) for any tensor size.
+CHUNK_VALUES = 1 << 16
+
+
+class Format:
+    ggml_type: ClassVar[GGMLQuantizationType]
+    block_size: ClassVar[int]
+    type_size: ClassVar[int]
+
+    def __init_subclass__(cls, ggml_type: GGMLQuantizationType, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.ggml_type = ggml_type
+        cls.block_size, cls.type_size = GGML_QUANT_SIZES[ggml_type]
+
+    @property
+    def name(self) -> str:
+        return self.ggml_type.name.lower()
+
+    def __repr__(self) -> str:
+        return f"<format {self.name}: {self.block_size} values in {self.type_size} bytes>"
+
+    def quantize(self, x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        """float32 rows (..., n) -> uint8 rows (..., n / block_size * type_size)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n = x.shape[-1]
+        if n % self.block_size:
+            raise ValueError(f"{self.name}: row length {n} is not a multiple of the block size {self.block_size}")
+        if importance is not None:
+            importance = np.ascontiguousarray(importance, dtype=np.float32)
+            if importance.shape != (n,):
+                raise ValueError(f"{self.name}: importance has shape {importance.shape}, expected ({n},)")
+            if not (np.isfinite(importance).all() and (importance >= 0).all()):
+                raise ValueError(f"{self.name}: importance must be finite and non-negative")
+        rows = x.reshape(-1, n)
+        out = np.empty((rows.shape[0], n // self.block_size * self.type_size), dtype=np.uint8)
+        step = max(1, CHUNK_VALUES // n)
+        for r in range(0, rows.shape[0], step):
+            out[r:r + step] = self.quantize_rows(rows[r:r + step], importance)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def dequantize(self, data: np.ndarray) -> np.ndarray:
+        """uint8 rows (..., nbytes) -> float32 rows (..., nbytes / type_size * block_size)."""
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+        if data.shape[-1] % self.type_size:
+            raise ValueError(f"{self.name}: {data.shape[-1]} bytes per row is not a multiple of {self.type_size}")
+        values = self.dequantize_blocks(data.reshape(-1, self.type_size))
+        return values.reshape(*data.shape[:-1], data.shape[-1] // self.type_size * self.block_size)
+
+    # Each format implements these two.
+    def quantize_rows(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        """float32 (rows, n) -> uint8 (rows, n / block_size * type_size)."""
+        raise NotImplementedError
+
+    def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        """uint8 (n_blocks, type_size) -> float32 (n_blocks, block_size)."""
+        raise NotImplementedError
+
+    def best_of(self, x: np.ndarray, w: np.ndarray, *candidates: np.ndarray) -> np.ndarray:
+        """Per block, the candidate encoding with the lowest weighted squared error (the first on ties).
+
+        x: (rows, n) float32; w: weights of shape (rows or 1, n) or (rows or 1, ..., block) with
+        the same n values per row; candidates: (rows, n_blocks * type_size) uint8.
+        """
+        rows, n = x.shape
+        xb = x.reshape(rows, -1, self.block_size)
+        wb = np.broadcast_to(w.reshape(w.shape[0], -1, self.block_size), xb.shape)
+        errors = []
+        for c in candidates:
+            diff = xb - self.dequantize_blocks(c.reshape(-1, self.type_size)).reshape(xb.shape)
+            errors.append(np.einsum("...i,...i,...i->...", wb, diff, diff))
+        pick = np.argmin(np.stack(errors), axis=0)  # (rows, n_blocks)
+        stacked = np.stack([c.reshape(rows, -1, self.type_size) for c in candidates])
+        best = np.take_along_axis(stacked, pick[None, :, :, None], axis=0)[0]
+        return best.reshape(rows, -1)
+
+
+def metric_weights(x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    """The weights of the error we minimise: the importance per column, or 1 without one."""
+    return np.ones((1, x.shape[-1]), np.float32) if importance is None else importance[None, :]
+
+
+def f16_bytes(d: np.ndarray) -> np.ndarray:
+    """float32 (...) -> its IEEE half bits as uint8 (..., 2), rounded to nearest even like ggml."""
+    return np.ascontiguousarray(d, dtype=np.float32).astype(np.float16)[..., None].view(np.uint8)
+
+
+def f16_round(d: np.ndarray) -> np.ndarray:
+    """The float32 value a scale has after being stored as half."""
+    return np.asarray(d, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+
+def read_f16(b: np.ndarray) -> np.ndarray:
+    """uint8 (..., 2) -> float32 (...)."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def pack_nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return (lo.astype(np.uint8) & 0x0F) | (hi.astype(np.uint8) << 4)
+
+
+def unpack_nibbles(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return b & 0x0F, b >> 4

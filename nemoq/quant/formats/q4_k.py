@@ -1,0 +1,117 @@
+"""Q4_K: super-blocks of 256 values in 8 groups of 32; value = d * sc[g] * q - dmin * m[g], q in 0..15.
+
+Layout (144 bytes): d (f16), dmin (f16), 12 bytes holding the eight 6-bit scales sc and mins m,
+then 128 bytes of nibbles: byte 32c + l holds value 64c + l (low) and 64c + 32 + l (high).
+The 6-bit pairs pack as: bytes 0-3 sc[0..3] | (sc[4..7] >> 4) << 6, bytes 4-7 m[0..3] |
+(m[4..7] >> 4) << 6, bytes 8-11 (sc[4..7] & 15) | (m[4..7] & 15) << 4.
+ggml fits each group with a scale and a min (make_qkx2_quants, weights mean|x| + |x|) and stores
+scales and mins relative to their maxima (quantize_row_q4_K_ref); with importance it fits with
+weights importance * sqrt(2 mean(x^2) + x^2) (make_qkx3_quants) and stores them with
+make_qp_quants (quantize_row_q4_K_impl). We add the same pipeline driven by the error we are
+judged on, and a refit of the 6-bit scales and mins, and keep the best per super-block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from nemoq.quant.formats.base import Format, f16_bytes, f16_round, metric_weights, pack_nibbles, read_f16, unpack_nibbles
+from nemoq.quant.formats.search import divide, make_qkx_quants, make_qp_quants, nearest_int, wsum
+
+
+def pack_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins (..., 8) -> (..., 12) bytes."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    return np.concatenate([
+        sc[..., :4] | ((sc[..., 4:] >> 4) << 6),
+        m[..., :4] | ((m[..., 4:] >> 4) << 6),
+        (sc[..., 4:] & 0x0F) | ((m[..., 4:] & 0x0F) << 4),
+    ], axis=-1)
+
+
+def unpack_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., 12) bytes -> scales, mins (..., 8) as uint8."""
+    sc = np.concatenate([b[..., 0:4] & 63, (b[..., 8:12] & 0x0F) | ((b[..., 0:4] >> 6) << 4)], axis=-1)
+    m = np.concatenate([b[..., 4:8] & 63, (b[..., 8:12] >> 4) | ((b[..., 4:8] >> 6) << 4)], axis=-1)
+    return sc, m
+
+
+class Q4_K(Format, ggml_type=GGMLQuantizationType.Q4_K):
+    nmax = 15
+    ref_search = (-1.0, 0.1, 20)  # (rmin, rdelta, nstep) of make_qkx2_quants in the _ref quantizer
+    imatrix_search = (-0.9, 0.05, 36)  # ... of make_qkx3_quants in the importance path
+
+    def quantize_rows(self, x, importance=None):
+        xs = x.reshape(x.shape[0], -1, 8, 32)
+        w = metric_weights(x, importance).reshape(1, -1, 8, 32)
+        if importance is None:
+            ggml = self.ggml_ref(xs)
+        else:
+            sigma2 = 2 * (xs * xs).sum(axis=(-2, -1), keepdims=True) / 256
+            ggml = self.fit(xs, w * np.sqrt(sigma2 + xs * xs))
+        ours = self.fit(xs, w)
+        candidates = [self.pack(*ggml), self.pack(*ours), self.pack(*self.refit(xs, w, *ours))]
+        return self.best_of(x, w, *candidates)
+
+    def ggml_ref(self, xs):
+        """quantize_row_q4_K_ref: scales and mins stored as 63 * value / max."""
+        av_x = np.sqrt((xs * xs).sum(axis=-1, keepdims=True) / 32)
+        scales, mins, L = make_qkx_quants(xs, av_x + np.abs(xs), self.nmax, *self.ref_search)
+        max_scale = np.maximum(scales.max(axis=-1), 0)
+        max_min = np.maximum(mins.max(axis=-1), 0)
+        sc = np.clip(nearest_int(divide(np.float32(63), max_scale)[..., None] * scales), 0, 63)
+        m = np.clip(nearest_int(divide(np.float32(63), max_min)[..., None] * mins), 0, 63)
+        d, dmin = f16_round(max_scale / 63), f16_round(max_min / 63)
+        return d, dmin, sc, m, self.levels(xs, d, dmin, sc, m, L)
+
+    def fit(self, xs, weights):
+        """quantize_row_q4_K_impl's pipeline for the given weights: group fits, then 6-bit scales by make_qp_quants."""
+        scales, mins, L = make_qkx_quants(xs, weights, self.nmax, *self.imatrix_search)
+        sw = np.broadcast_to(weights, xs.shape).sum(axis=-1)
+        d, sc = make_qp_quants(scales, 63, sw)
+        dmin, m = make_qp_quants(mins, 63, sw)
+        d, dmin = f16_round(d), f16_round(dmin)
+        return d, dmin, sc, m, self.levels(xs, d, dmin, sc, m, L)
+
+    def levels(self, xs, d, dmin, sc, m, L):
+        """Nearest levels for the stored scales and mins (groups with a zero scale keep L)."""
+        dd = (d[..., None] * sc)[..., None]
+        dm = (dmin[..., None] * m)[..., None]
+        return np.where(dd != 0, np.clip(nearest_int(divide(xs + dm, dd)), 0, self.nmax), L)
+
+    def refit(self, xs, w, d, dmin, sc, m, L, iters=2):
+        """With d and dmin fixed: least-squares scale and min per group for its levels, rounded to
+        6 bits, then re-round the levels."""
+        w = np.broadcast_to(w, xs.shape)
+        sum_w, sum_x = w.sum(axis=-1), wsum(w, xs)
+        for _ in range(iters):
+            sum_l, sum_l2, sum_xl = wsum(w, L), wsum(w, L, L), wsum(w, L, xs)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            scale = divide(sum_w * sum_xl - sum_x * sum_l, D)
+            neg_min = divide(sum_l * sum_xl - sum_l2 * sum_x, D)  # x ~ scale * L - neg_min
+            sc = np.where(D > 0, np.clip(nearest_int(divide(scale, d[..., None])), 0, 63), sc)
+            m = np.where(D > 0, np.clip(nearest_int(divide(neg_min, dmin[..., None])), 0, 63), m)
+            L = self.levels(xs, d, dmin, sc, m, L)
+        return d, dmin, sc, m, L
+
+    def pack_levels(self, L):
+        q = L.astype(np.uint8).reshape(L.shape[0], -1, 4, 2, 32)
+        return pack_nibbles(q[..., 0, :], q[..., 1, :]).reshape(L.shape[0], -1, 128)
+
+    def pack(self, d, dmin, sc, m, L):
+        parts = [f16_bytes(d), f16_bytes(dmin), pack_scales(sc, m), self.pack_levels(L)]
+        return np.concatenate(parts, axis=-1).reshape(d.shape[0], -1)
+
+    def unpack_levels(self, blocks):
+        lo, hi = unpack_nibbles(blocks[:, 16:144].reshape(-1, 4, 1, 32))
+        return np.concatenate([lo, hi], axis=2)  # (n, 4, 2, 32) -> group 2c + h
+
+    def dequantize_blocks(self, blocks):
+        n = blocks.shape[0]
+        d, dmin = read_f16(blocks[:, 0:2]), read_f16(blocks[:, 2:4])
+        sc, m = unpack_scales(blocks[:, 4:16])
+        q = self.unpack_levels(blocks).reshape(n, 8, 32).astype(np.float32)
+        dd = (d[:, None] * sc.astype(np.float32))[..., None]
+        dm = (dmin[:, None] * m.astype(np.float32))[..., None]
+        return (dd * q - dm).reshape(n, 256)

@@ -1,0 +1,31 @@
+"""Q5_K: Q4_K with 5-bit levels q in 0..31; value = d * sc[g] * q - dmin * m[g].
+
+Layout (176 bytes): d, dmin, the 12 scale bytes of Q4_K, qh (32 bytes: bit g of qh[l] is the
+fifth bit of value 32g + l), then the low nibbles exactly as Q4_K's 128 bytes.
+The quantizer is Q4_K's with nmax 31 (ggml: make_qkx2_quants(-0.5, 0.1, 15) without importance).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from nemoq.quant.formats.base import pack_nibbles, unpack_nibbles
+from nemoq.quant.formats.q4_k import Q4_K
+
+
+class Q5_K(Q4_K, ggml_type=GGMLQuantizationType.Q5_K):
+    nmax = 31
+    ref_search = (-0.5, 0.1, 15)
+
+    def pack_levels(self, L):
+        q = L.astype(np.uint8).reshape(L.shape[0], -1, 8, 32)
+        qh = np.packbits(q >> 4, axis=-2, bitorder="little")[..., 0, :]  # (rows, nb, 32)
+        low = q.reshape(L.shape[0], -1, 4, 2, 32) & 0x0F
+        return np.concatenate([qh, pack_nibbles(low[..., 0, :], low[..., 1, :]).reshape(L.shape[0], -1, 128)], axis=-1)
+
+    def unpack_levels(self, blocks):
+        high = np.unpackbits(blocks[:, 16:48].reshape(-1, 1, 32), axis=1, bitorder="little")  # (n, 8, 32)
+        lo, hi = unpack_nibbles(blocks[:, 48:176].reshape(-1, 4, 1, 32))
+        low = np.concatenate([lo, hi], axis=2).reshape(-1, 8, 32)
+        return low | (high << 4)

@@ -1,0 +1,34 @@
+"""Q8_0: blocks of 32 values, one f16 scale d and 32 int8 q, value = d * q.
+
+Quantization is ggml's quantize_row_q8_0_ref, bit for bit: d = max|x| / 127, q = roundf(x / d).
+ggml ignores the importance vector for Q8_0 and so do we, to stay byte-identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from nemoq.quant.formats.base import Format, f16_bytes, read_f16
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's roundf (ties away from zero); numpy's rint rounds ties to even."""
+    a = np.abs(x)
+    floor = np.floor(a)
+    return np.sign(x) * (floor + np.floor(2 * (a - floor)))
+
+
+class Q8_0(Format, ggml_type=GGMLQuantizationType.Q8_0):
+    def quantize_rows(self, x, importance=None):
+        blocks = x.reshape(-1, 32)
+        d = np.abs(blocks).max(axis=1) / np.float32(127)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        qs = round_half_away(blocks * inv[:, None]).astype(np.int8)
+        out = np.concatenate([f16_bytes(d), qs.view(np.uint8)], axis=1)
+        return out.reshape(x.shape[0], -1)
+
+    def dequantize_blocks(self, blocks):
+        d = read_f16(blocks[:, :2])
+        return d[:, None] * blocks[:, 2:].view(np.int8).astype(np.float32)
