@@ -113,3 +113,32 @@ def test_bf16_values_round_like_torch(random_hub, tmp_path):
     ours = np.asarray(contents.tensor_data("output.weight").data).view(np.uint16)
     ref = torch.from_numpy(source["lm_head.weight"]).bfloat16().view(torch.uint16).numpy()
     np.testing.assert_array_equal(ours.reshape(ref.shape), ref)
+
+
+def test_bf16_checkpoint_to_bf16_is_a_byte_copy(tiny_model, tmp_path):
+    from safetensors import safe_open
+    contents = read_gguf(convert(tiny_model, tmp_path / "o.gguf", "--outtype", "bf16"))
+    shard = next(p for p in tiny_model.glob("*.safetensors")
+                 if "lm_head.weight" in safe_open(str(p), "pt").keys())
+    with safe_open(str(shard), "pt") as f:
+        import torch
+        ref = f.get_tensor("lm_head.weight").view(torch.uint16).numpy()
+    ours = np.asarray(contents.tensor_data("output.weight").data).view(np.uint16).reshape(ref.shape)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_multi_token_prediction_tensors_are_skipped_and_reported(random_hub, tmp_path):
+    import shutil
+
+    from safetensors.numpy import save_file
+    from tests.conftest import run_cli
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(random_hub, ckpt)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    save_file({"mtp.layers.0.eh_proj.weight": np.zeros((4, 4), np.float32)}, ckpt / "mtp.safetensors")
+    index["weight_map"]["mtp.layers.0.eh_proj.weight"] = "mtp.safetensors"
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = run_cli("convert", ckpt, "-o", tmp_path / "o.gguf")
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 multi-token-prediction tensor" in result.output
+    assert all(not t.name.startswith("mtp") for t in read_gguf(tmp_path / "o.gguf").tensors)
