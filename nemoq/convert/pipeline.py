@@ -19,6 +19,7 @@ from nemoq.convert.dtypes import FLOAT_ENCODINGS, Encoding, count_non_finite
 from nemoq.convert.metadata import add_hparams, add_size_label
 from nemoq.convert.output import StreamingGGUFWriter, atomic_outputs, check_free_space, refuse_to_clobber, split_names
 from nemoq.convert.plan import Plan, PlannedTensor, build_plan
+from nemoq.convert.prefetch import Prefetcher
 from nemoq.convert.safetensors_reader import open_checkpoint
 from nemoq.convert.source import resolve_source
 from nemoq.convert.tokenizer import load_vocab
@@ -109,8 +110,7 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
 
     result = ConvertResult([], [], plan.layout, plan.skipped)
     start = time.perf_counter()
-    buffer = np.empty(CHUNK_BYTES, dtype=np.uint8)
-    with atomic_outputs(out, force) as tmp:
+    with atomic_outputs(out, force) as tmp, Prefetcher(plan.tensors, CHUNK_BYTES) as prefetch:
         writer = StreamingGGUFWriter(tmp, config.architecture, split_max_size=split_max_size)
         add_hparams(writer, config, name or source.name)
         writer.add_file_type(int(file_type))
@@ -129,7 +129,7 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
             report = TensorReport(t.name, t.shape, enc.ggml_type.name, enc.nbytes(t.shape))
 
             def encoded_chunks():
-                for rows in t.iter_chunks(buffer):
+                for rows in prefetch.chunks():
                     report.non_finite += count_non_finite(rows, t.source_dtype if rows.dtype != np.float32
                                                           else "F32")
                     result.bytes_read += rows.nbytes

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -63,7 +63,7 @@ class PlannedTensor:
     def source_dtype(self) -> str:
         return self.sources[0].dtype
 
-    def iter_chunks(self, buffer: np.ndarray) -> Iterator[np.ndarray]:
+    def iter_chunks(self, take_buffer: Callable[[], np.ndarray]) -> Iterator[np.ndarray]:
         """Source data in whole rows of the GGUF tensor, in order, in the storage dtype.
 
         A transformed tensor (ssm_a, ...) is read whole and returned as float32 values.
@@ -74,7 +74,7 @@ class PlannedTensor:
             yield self.transform.values(data).reshape(-1, self.row_width).astype(np.float32)
             return
         for source in self.sources:
-            for chunk in source.iter_rows(buffer):
+            for chunk in source.iter_rows(take_buffer):
                 yield chunk.reshape(-1, self.row_width)
 
 

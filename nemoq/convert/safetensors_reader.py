@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -56,25 +55,25 @@ class TensorRef:
         _read_exact(self.shard, self.offset, memoryview(out.reshape(-1).view(np.uint8)))
         return out
 
-    def iter_rows(self, buffer: np.ndarray) -> Iterator[np.ndarray]:
-        """Yield consecutive whole-row slices of the tensor, read into `buffer` (bytes).
-
-        Each yielded array is a view of `buffer`, valid until the next one is produced.
-        """
+    def iter_rows(self, take_buffer: Callable[[], np.ndarray]) -> Iterator[np.ndarray]:
+        """Yield consecutive whole-row slices of the tensor, each read into a buffer (bytes)
+        from `take_buffer()`; a yielded array is valid until that buffer is handed out again."""
         row_elems = math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
         row_bytes = row_elems * self.storage_dtype.itemsize
         n_rows = self.shape[0] if self.shape else 1
-        rows_per_chunk = max(1, buffer.nbytes // max(row_bytes, 1))
-        if rows_per_chunk * row_bytes > buffer.nbytes:
-            buffer = np.empty(row_bytes, dtype=np.uint8)  # one row larger than the buffer
         with open(self.shard, "rb", buffering=0) as f:
             f.seek(self.offset)
-            for start in range(0, n_rows, rows_per_chunk):
-                rows = min(rows_per_chunk, n_rows - start)
+            start = 0
+            while start < n_rows:
+                buffer = take_buffer()
+                rows = min(max(1, buffer.nbytes // max(row_bytes, 1)), n_rows - start)
+                if rows * row_bytes > buffer.nbytes:
+                    buffer = np.empty(row_bytes, dtype=np.uint8)  # one row larger than the buffer
                 view = memoryview(buffer)[: rows * row_bytes]
                 if f.readinto(view) != len(view):
                     raise NemoqError(f"truncated while reading tensor {self.name}", self.shard)
                 yield buffer[: rows * row_bytes].view(self.storage_dtype).reshape(rows, *self.shape[1:])
+                start += rows
 
 
 def _read_exact(path: Path, offset: int, view: memoryview) -> None:
@@ -153,7 +152,3 @@ def open_checkpoint(model_dir: Path) -> dict[str, TensorRef]:
                 raise NemoqError(f"{INDEX_NAME} places tensor {name} here, but the shard does not hold it",
                                  model_dir / shard_name)
     return tensors
-
-
-def file_bytes(paths: list[Path]) -> int:
-    return sum(os.path.getsize(p) for p in paths)

@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 # Rows are quantized a chunk at a time so temporaries stay small (and in cache) for any tensor size.
-CHUNK_VALUES = 1 << 16
+CHUNK_VALUES = 1 << 18
 
 
 class Format:
@@ -81,7 +81,7 @@ class Format:
         errors = []
         for c in candidates:
             diff = xb - self.dequantize_blocks(c.reshape(-1, self.type_size)).reshape(xb.shape)
-            errors.append(np.einsum("...i,...i,...i->...", wb, diff, diff))
+            errors.append(np.einsum("...i,...i->...", wb * diff, diff))
         pick = np.argmin(np.stack(errors), axis=0)  # (rows, n_blocks)
         stacked = np.stack([c.reshape(rows, -1, self.type_size) for c in candidates])
         best = np.take_along_axis(stacked, pick[None, :, :, None], axis=0)[0]

@@ -3,9 +3,9 @@
 value = d * KVALUES[q]. Layout (18 bytes) as Q4_0: d, then byte j holds index j (low nibble)
 and index j + 16 (high nibble).
 ggml (quantize_iq4_nl, ntry = 7) weights each value by x^2 without importance and by
-importance * sqrt(2 mean(x^2) + x^2) with it, tries 16 scales around max / 127 and max / -127
-with a least-squares refit, and keeps the best by that weighted error. We compute ggml's
-choice, search more scales for the weighted error itself, and keep the better per block.
+importance * sqrt(2 mean(x^2) + x^2) with it, tries d = max / 127 and 15 scales that map the
+largest value near -127, refits d by least squares and keeps the best by that weighted error.
+We compute ggml's choice, search more scales for the error itself, and keep the better per block.
 """
 
 from __future__ import annotations
@@ -14,55 +14,62 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq.quant.formats.base import Format, f16_bytes, metric_weights, pack_nibbles, read_f16, unpack_nibbles
-from nemoq.quant.formats.search import GROUP_MAX_EPS, Grid, divide, refine_on_grid, signed_absmax, wsum
+from nemoq.quant.formats.search import GROUP_MAX_EPS, Grid, divide, dot, full, groups_first, groups_last, refine_on_grid, signed_absmax
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
 GRID = Grid(KVALUES, 0.5)
 
 
-def scale_search(xb, w, inverse_scales):
-    """For each candidate inverse scale (per block): nearest table entries, least-squares d; keep the best.
+def scale_search(xt, w, inverse_scales):
+    """For each candidate id = f(max): nearest table entries of id * x and their least-squares d.
 
-    Returns (d, idx). Blocks whose values are all ~0 get d = 0.
+    The first target is taken unconditionally, later ones when their fit is better (as ggml).
+    Returns (d, idx); blocks whose values are all ~0 get d = 0.
     """
-    max_ = signed_absmax(xb)
+    max_ = signed_absmax(xt)
     zero = np.abs(max_) < GROUP_MAX_EPS
     max_ = np.where(zero, np.float32(1), max_)
+    w = full(w, xt.shape)
+    wx = w * xt
     best = d = None
-    for make_id in inverse_scales:
-        q = GRID(make_id(max_)[..., None] * xb)
-        sumqx, sumq2 = wsum(w, q, xb), wsum(w, q, q)
-        if best is None:  # the first candidate is taken unconditionally, as in ggml
-            d, best = divide(sumqx, sumq2), divide(sumqx, sumq2) * sumqx
-            continue
-        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        d = np.where(better, divide(sumqx, sumq2), d)
-        best = np.where(better, d * sumqx, best)
-    d = np.where(zero, np.float32(0), d)
-    return d, GRID.index(xb * divide(np.float32(1), d)[..., None])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for inverse_scale in inverse_scales:
+            q = GRID(inverse_scale(max_) * xt)
+            sumqx, sumq2 = dot(wx, q), dot(w * q, q)
+            this_d = np.where(sumq2 > 0, sumqx / sumq2, np.float32(0))
+            if best is None:
+                d, best = this_d, this_d * sumqx
+                continue
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            np.copyto(d, this_d, where=better)
+            np.copyto(best, this_d * sumqx, where=better)
+    d[zero] = 0
+    return d, GRID.index(xt * divide(np.float32(1), d))
 
 
 class IQ4_NL(Format, ggml_type=GGMLQuantizationType.IQ4_NL):
-    def quantize_rows(self, x, importance=None):
-        xb = x.reshape(x.shape[0], -1, 32)
-        w = metric_weights(x, importance).reshape(1, -1, 32)
-        if importance is None:
-            ggml_w = xb * xb
-        else:
-            sigma2 = 2 * (xb * xb).sum(axis=-1, keepdims=True) / 32
-            ggml_w = w * np.sqrt(sigma2 + xb * xb)
-        # ggml: d = max / 127 first, then id = (itry - 127) / max for itry in -7..7
-        ggml_ids = [lambda m: 1 / (m / -KVALUES[0])] + [lambda m, t=t: (t + KVALUES[0]) / m for t in range(-7, 8)]
-        candidates = [self.pack(*scale_search(xb, ggml_w, ggml_ids))]
+    # ggml: d = max / 127 first, then id = (itry - 127) / max for itry in -7..7
+    ggml_scales = [lambda m: 1 / (m / 127)] + [lambda m, t=t: (t - 127) / m for t in range(-7, 8)]
+    # ours: the largest value mapped to either end of the table, times these factors
+    search_factors = np.geomspace(0.85, 2.5, 8)
 
-        ours = [lambda m, t=t: (t + KVALUES[0]) / m for t in range(-12, 13)]
-        ours += [lambda m, t=t: (KVALUES[-1] + t) / m for t in range(-12, 13)]
-        d, _ = scale_search(xb, w, ours)
-        candidates.append(self.pack(*refine_on_grid(xb, w, d, GRID)))
+    def quantize_rows(self, x, importance=None):
+        xt = groups_first(x, 32)
+        w = metric_weights(x, importance)
+        wt = full(groups_first(w, 32), xt.shape)
+        if importance is None:
+            ggml_w = xt * xt
+        else:
+            sigma2 = 2 * (xt * xt).sum(axis=0) / 32
+            ggml_w = wt * np.sqrt(sigma2 + xt * xt)
+        candidates = [self.pack(*scale_search(xt, ggml_w, self.ggml_scales))]
+        targets = [t * f for t in (KVALUES[0], KVALUES[-1]) for f in self.search_factors]
+        d, _ = scale_search(xt, wt, [lambda m, t=t: t / m for t in targets])
+        candidates.append(self.pack(*refine_on_grid(xt, wt, d, GRID)))
         return self.best_of(x, w, *candidates)
 
     def pack(self, d, idx):
-        q = idx.astype(np.uint8)
+        q = groups_last(idx).astype(np.uint8).reshape(*d.shape, 32)
         out = np.concatenate([f16_bytes(d), pack_nibbles(q[..., :16], q[..., 16:])], axis=-1)
         return out.reshape(d.shape[0], -1)
 

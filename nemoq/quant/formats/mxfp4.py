@@ -2,10 +2,10 @@
 
 Layout (17 bytes): e (E8M0: scale 2^(e - 127)), then 16 bytes where byte j holds value j (low
 nibble) and value j + 16 (high nibble). A nibble is an E2M1 number: bit 3 the sign, bits 0-2
-index 0, 0.5, 1, 1.5, 2, 3, 4, 6. ggml stores E2M1 doubled as integers (KVALUES) and multiplies by
-half the scale; we dequantize the same way so the floats match ggml bit for bit.
-ggml picks e = floor(log2(max|x|)) - 2 + 127 and rounds to nearest, ignoring importance. We
-also try the neighbouring exponents and keep per block the one with the lowest (weighted) error.
+index 0, 0.5, 1, 1.5, 2, 3, 4, 6. ggml keeps E2M1 doubled as integers (KVALUES) times half the
+scale; we dequantize the same way so the floats match ggml bit for bit.
+ggml picks e = floor(log2(max|x|)) - 2 + 127 and rounds to nearest, ignoring importance. We also
+try the neighbouring exponents and keep per block the one with the lowest (weighted) error.
 """
 
 from __future__ import annotations
@@ -14,23 +14,40 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq.quant.formats.base import Format, metric_weights, pack_nibbles, unpack_nibbles
-from nemoq.quant.formats.search import Grid
+from nemoq.quant.formats.search import Grid, divide, dot, full, groups_first, groups_last
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=np.float32)
 E2M1_GRID = Grid(E2M1, 0.25)
 KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
 
 
+def e2m1_magnitudes(ax: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Index of the E2M1 magnitude nearest to ax / scale (ties to the smaller, as ggml); 0 where scale is 0."""
+    return E2M1_GRID.index(ax * divide(np.float32(1), scale), ties_down=True)
+
+
 def e2m1_encode(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Nearest E2M1 nibble (sign in bit 3) of x / scale; scale broadcasts against x."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mag = E2M1_GRID.index(np.where(scale > 0, np.abs(x) / scale, 0))
-    return (mag + 8 * ((x < 0) & (mag > 0))).astype(np.uint8)
+    """Nearest E2M1 nibbles (sign in bit 3, never for zero) of x / scale."""
+    mag = e2m1_magnitudes(np.abs(x), scale)
+    return mag | (((x < 0) & (mag > 0)).astype(np.uint8) << 3)
 
 
-def e2m1_decode(nibbles: np.ndarray) -> np.ndarray:
-    """E2M1 values of nibbles (sign in bit 3)."""
-    return KVALUES[nibbles] / 2
+def best_e2m1_scale(xt: np.ndarray, wt: np.ndarray, scales: list[np.ndarray]) -> np.ndarray:
+    """Per group, the index into `scales` (candidate arrays of per-group scales) with the lowest
+    weighted squared error after rounding to nearest; the first candidate wins ties."""
+    ax = np.abs(xt)
+    wt = full(wt, xt.shape)
+    best = pick = None
+    for i, scale in enumerate(scales):
+        diff = ax - scale * E2M1[e2m1_magnitudes(ax, scale)]
+        err = dot(wt * diff, diff)
+        if best is None:
+            best, pick = err, np.zeros(err.shape, np.intp)
+            continue
+        better = err < best
+        np.copyto(best, err, where=better)
+        pick[better] = i
+    return pick
 
 
 def e8m0_half(e: np.ndarray) -> np.ndarray:
@@ -40,19 +57,23 @@ def e8m0_half(e: np.ndarray) -> np.ndarray:
 
 
 class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
+    steps = (0, -2, -1, 1)  # exponents tried, relative to ggml's (first)
+
     def quantize_rows(self, x, importance=None):
-        xb = x.reshape(x.shape[0], -1, 32)
-        amax = np.abs(xb).max(axis=-1)
+        xt = groups_first(x, 32)  # (32, rows, blocks)
+        wt = full(groups_first(metric_weights(x, importance), 32), xt.shape)
+        amax = np.abs(xt).max(axis=0)
         with np.errstate(divide="ignore"):
             e = np.where(amax > 0, np.floor(np.log2(amax)) - 2 + 127, 0)
-        candidates = [self.pack(np.clip(e + k, 0, 254), xb) for k in (0, -2, -1, 1)]
-        return self.best_of(x, metric_weights(x, importance), *candidates)
+        exps = [np.clip(e + step, 0, 254).astype(np.uint8) for step in self.steps]
+        pick = best_e2m1_scale(xt, wt, [2 * e8m0_half(e) for e in exps])
+        return self.pack(np.choose(pick, exps), xt)
 
-    def pack(self, e, xb):
-        e = e.astype(np.uint8)
-        q = e2m1_encode(xb, 2 * e8m0_half(e)[..., None])
+    def pack(self, e, xt):
+        """Exponents (rows, blocks) and values (32, rows, blocks) -> (rows, blocks * 17) bytes."""
+        q = groups_last(e2m1_encode(xt, 2 * e8m0_half(e))).reshape(*e.shape, 32)
         out = np.concatenate([e[..., None], pack_nibbles(q[..., :16], q[..., 16:])], axis=-1)
-        return out.reshape(xb.shape[0], -1)
+        return out.reshape(e.shape[0], -1)
 
     def dequantize_blocks(self, blocks):
         lo, hi = unpack_nibbles(blocks[:, 1:])

@@ -15,8 +15,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq.quant.formats.base import Format, metric_weights, pack_nibbles, unpack_nibbles
-from nemoq.quant.formats.mxfp4 import KVALUES, e2m1_decode, e2m1_encode
-from nemoq.quant.formats.search import wsum
+from nemoq.quant.formats.mxfp4 import KVALUES, best_e2m1_scale, e2m1_encode
+from nemoq.quant.formats.search import full, groups_first, groups_last
 
 
 def _ue4m3(code: int) -> float:
@@ -43,29 +43,22 @@ def fp32_to_ue4m3(x: np.ndarray) -> np.ndarray:
 
 
 class NVFP4(Format, ggml_type=GGMLQuantizationType.NVFP4):
-    steps = range(-8, 2)  # codes tried around ggml's: one octave below to one step above
+    steps = (0, *range(-8, 0), 1)  # scale codes tried, relative to ggml's (first): an octave below to one step above
 
     def quantize_rows(self, x, importance=None):
-        xg = x.reshape(x.shape[0], -1, 4, 16)
-        w = metric_weights(x, importance).reshape(1, -1, 4, 16)
-        ggml_code = fp32_to_ue4m3(np.abs(xg).max(axis=-1) / np.float32(6)).astype(np.int64)
-        best_code, best_err = None, None
-        for step in (0, *[s for s in self.steps if s != 0]):
-            code = np.where(ggml_code > 0, np.clip(ggml_code + step, 1, MAX_CODE), 0)
-            scale = UE4M3[code][..., None]
-            diff = xg - scale * e2m1_decode(e2m1_encode(xg, scale))
-            err = wsum(w, diff, diff)
-            if best_code is None:
-                best_code, best_err = code, err
-            else:
-                better = err < best_err
-                best_code, best_err = np.where(better, code, best_code), np.where(better, err, best_err)
-        return self.pack(best_code, xg)
+        xt = groups_first(x, 16)  # (16, rows, groups)
+        wt = full(groups_first(metric_weights(x, importance), 16), xt.shape)
+        ggml_code = fp32_to_ue4m3(np.abs(xt).max(axis=0) / np.float32(6)).astype(np.int64)
+        codes = [np.where(ggml_code > 0, np.clip(ggml_code + step, 1, MAX_CODE), 0) for step in self.steps]
+        pick = best_e2m1_scale(xt, wt, [UE4M3[c] for c in codes])
+        return self.pack(np.choose(pick, codes), xt)
 
-    def pack(self, code, xg):
-        q = e2m1_encode(xg, UE4M3[code][..., None])
-        qs = pack_nibbles(q[..., :8], q[..., 8:]).reshape(*code.shape[:-1], 32)
-        return np.concatenate([code.astype(np.uint8), qs], axis=-1).reshape(xg.shape[0], -1)
+    def pack(self, code, xt):
+        """Scale codes (rows, groups) and values (16, rows, groups) -> (rows, groups / 4 * 36) bytes."""
+        rows = code.shape[0]
+        q = groups_last(e2m1_encode(xt, UE4M3[code])).reshape(rows, -1, 4, 16)
+        qs = pack_nibbles(q[..., :8], q[..., 8:]).reshape(rows, -1, 32)
+        return np.concatenate([code.astype(np.uint8).reshape(rows, -1, 4), qs], axis=-1).reshape(rows, -1)
 
     def dequantize_blocks(self, blocks):
         d = UE4M3[blocks[:, :4]] / 2  # halved, for the doubled E2M1 table, as in ggml

@@ -3,8 +3,8 @@
 Layout (18 bytes): d, then 16 bytes where byte j holds value j (low nibble) and value j + 16 (high).
 ggml quantizes without importance by mapping the value of largest magnitude to -8
 (quantize_row_q4_0_ref); with an importance vector it searches the scale (make_qx_quants) with
-weights importance * sqrt(mean(x^2) + x^2). We compute those and our own search for the
-weighted error itself, and keep per block whichever has the lowest error.
+weights importance * sqrt(mean(x^2) + x^2) (quantize_row_q4_0_impl). We compute ggml's result and
+our own search for the error itself, and keep per block whichever has the lower error.
 """
 
 from __future__ import annotations
@@ -13,36 +13,38 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq.quant.formats.base import Format, f16_bytes, metric_weights, pack_nibbles, read_f16, unpack_nibbles
-from nemoq.quant.formats.search import Grid, make_qx_quants, refine_on_grid, signed_absmax
+from nemoq.quant.formats.search import Grid, full, groups_first, groups_last, make_qx_quants, refine_on_grid, signed_absmax
 
 
 class Q4_0(Format, ggml_type=GGMLQuantizationType.Q4_0):
     nmax = 8  # signed levels -nmax .. nmax-1
+    search_factors = np.geomspace(0.85, 2.5, 16)  # our targets, relative to ggml's first
 
     def quantize_rows(self, x, importance=None):
-        xb = x.reshape(x.shape[0], -1, 32)
-        w = metric_weights(x, importance).reshape(1, -1, 32)
-        candidates = [self.pack(*self.ggml_ref(xb))]
+        xt = groups_first(x, 32)  # (32, rows, blocks)
+        w = metric_weights(x, importance)
+        wt = full(groups_first(w, 32), xt.shape)
+        candidates = [self.pack(*self.ggml_ref(xt))]
         if importance is not None:
             sigma2 = (x * x).sum(axis=-1) / x.shape[-1]
-            qw = w * np.sqrt(sigma2[:, None, None] + xb * xb)
-            candidates.append(self.pack(*make_qx_quants(xb, self.nmax, qw)))
-        d, _ = make_qx_quants(xb, self.nmax, w, steps=range(-12, 13))
-        d, idx = refine_on_grid(xb, w, d, Grid(np.arange(-self.nmax, self.nmax), 0.5))
+            qw = wt * np.sqrt(sigma2[:, None] + xt * xt)
+            candidates.append(self.pack(*make_qx_quants(xt, self.nmax, qw)))
+        d, _ = make_qx_quants(xt, self.nmax, wt, self.nmax * self.search_factors)
+        d, idx = refine_on_grid(xt, wt, d, Grid(np.arange(-self.nmax, self.nmax), 0.5))
         candidates.append(self.pack(d, idx - self.nmax))
         return self.best_of(x, w, *candidates)
 
-    def ggml_ref(self, xb):
+    def ggml_ref(self, xt):
         """quantize_row_q4_0_ref: d = max / -8, q = min(15, (int)(x / d + 8.5))."""
-        d = signed_absmax(xb) / np.float32(-self.nmax)
+        d = signed_absmax(xt) / np.float32(-self.nmax)
         with np.errstate(divide="ignore"):
             inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-        q = np.trunc(xb * inv[..., None] + np.float32(self.nmax + 0.5))
+        q = np.trunc(xt * inv + np.float32(self.nmax + 0.5))
         return d, np.minimum(2 * self.nmax - 1, q) - self.nmax
 
     def pack(self, d, l):
-        """d (rows, nb) float32, signed levels l (rows, nb, 32) -> (rows, nb * 18) bytes."""
-        q = (l + self.nmax).astype(np.uint8)
+        """d (rows, blocks), signed levels l (32, rows, blocks) -> (rows, blocks * 18) bytes."""
+        q = groups_last(l + self.nmax).astype(np.uint8).reshape(*d.shape, 32)
         out = np.concatenate([f16_bytes(d), pack_nibbles(q[..., :16], q[..., 16:])], axis=-1)
         return out.reshape(d.shape[0], -1)
 

@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq.quant.formats.base import Format, f16_bytes, f16_round, metric_weights, pack_nibbles, read_f16, unpack_nibbles
-from nemoq.quant.formats.search import divide, make_qkx_quants, make_qp_quants, nearest_int, wsum
+from nemoq.quant.formats.search import divide, dot, full, groups_first, groups_last, make_qkx_quants, make_qp_quants, nearest_int
 
 
 def pack_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -41,67 +41,72 @@ class Q4_K(Format, ggml_type=GGMLQuantizationType.Q4_K):
     nmax = 15
     ref_search = (-1.0, 0.1, 20)  # (rmin, rdelta, nstep) of make_qkx2_quants in the _ref quantizer
     imatrix_search = (-0.9, 0.05, 36)  # ... of make_qkx3_quants in the importance path
+    our_search = (-1.5, 0.4, 15)  # ... of our own search: wider, coarser
 
     def quantize_rows(self, x, importance=None):
-        xs = x.reshape(x.shape[0], -1, 8, 32)
-        w = metric_weights(x, importance).reshape(1, -1, 8, 32)
+        xt = groups_first(x, 8, 32)  # (32 values, 8 groups, rows, super-blocks)
+        w = metric_weights(x, importance)
+        wt = full(groups_first(w, 8, 32), xt.shape)
         if importance is None:
-            ggml = self.ggml_ref(xs)
+            ggml = self.ggml_ref(xt)
         else:
-            sigma2 = 2 * (xs * xs).sum(axis=(-2, -1), keepdims=True) / 256
-            ggml = self.fit(xs, w * np.sqrt(sigma2 + xs * xs))
-        ours = self.fit(xs, w)
-        candidates = [self.pack(*ggml), self.pack(*ours), self.pack(*self.refit(xs, w, *ours))]
+            sigma2 = 2 * (xt * xt).sum(axis=(0, 1)) / 256
+            ggml = self.fit(xt, wt * np.sqrt(sigma2 + xt * xt), self.imatrix_search)
+        ours = self.fit(xt, wt, self.our_search)
+        candidates = [self.pack(*ggml), self.pack(*ours), self.pack(*self.refit(xt, wt, *ours))]
         return self.best_of(x, w, *candidates)
 
-    def ggml_ref(self, xs):
-        """quantize_row_q4_K_ref: scales and mins stored as 63 * value / max."""
-        av_x = np.sqrt((xs * xs).sum(axis=-1, keepdims=True) / 32)
-        scales, mins, L = make_qkx_quants(xs, av_x + np.abs(xs), self.nmax, *self.ref_search)
-        max_scale = np.maximum(scales.max(axis=-1), 0)
-        max_min = np.maximum(mins.max(axis=-1), 0)
-        sc = np.clip(nearest_int(divide(np.float32(63), max_scale)[..., None] * scales), 0, 63)
-        m = np.clip(nearest_int(divide(np.float32(63), max_min)[..., None] * mins), 0, 63)
+    def ggml_ref(self, xt):
+        """quantize_row_q4_K_ref: weights mean|x| + |x|; scales and mins stored as 63 * value / max."""
+        av_x = np.sqrt((xt * xt).sum(axis=0) / 32)
+        scales, mins, L = make_qkx_quants(xt, av_x + np.abs(xt), self.nmax, *self.ref_search)
+        max_scale = np.maximum(scales.max(axis=0), 0)
+        max_min = np.maximum(mins.max(axis=0), 0)
+        sc = np.clip(nearest_int(divide(np.float32(63), max_scale) * scales), 0, 63)
+        m = np.clip(nearest_int(divide(np.float32(63), max_min) * mins), 0, 63)
         d, dmin = f16_round(max_scale / 63), f16_round(max_min / 63)
-        return d, dmin, sc, m, self.levels(xs, d, dmin, sc, m, L)
+        return d, dmin, sc, m, self.levels(xt, d, dmin, sc, m, L)
 
-    def fit(self, xs, weights):
-        """quantize_row_q4_K_impl's pipeline for the given weights: group fits, then 6-bit scales by make_qp_quants."""
-        scales, mins, L = make_qkx_quants(xs, weights, self.nmax, *self.imatrix_search)
-        sw = np.broadcast_to(weights, xs.shape).sum(axis=-1)
+    def fit(self, xt, weights, search):
+        """quantize_row_q4_K_impl's pipeline: group fits, then the 6-bit scales and mins by make_qp_quants."""
+        scales, mins, L = make_qkx_quants(xt, weights, self.nmax, *search)
+        sw = np.broadcast_to(weights, xt.shape).sum(axis=0)
         d, sc = make_qp_quants(scales, 63, sw)
         dmin, m = make_qp_quants(mins, 63, sw)
         d, dmin = f16_round(d), f16_round(dmin)
-        return d, dmin, sc, m, self.levels(xs, d, dmin, sc, m, L)
+        return d, dmin, sc, m, self.levels(xt, d, dmin, sc, m, L)
 
-    def levels(self, xs, d, dmin, sc, m, L):
+    def levels(self, xt, d, dmin, sc, m, L):
         """Nearest levels for the stored scales and mins (groups with a zero scale keep L)."""
-        dd = (d[..., None] * sc)[..., None]
-        dm = (dmin[..., None] * m)[..., None]
-        return np.where(dd != 0, np.clip(nearest_int(divide(xs + dm, dd)), 0, self.nmax), L)
+        dd, dm = d * sc, dmin * m
+        return np.where(dd != 0, np.clip(nearest_int(divide(xt + dm, dd)), 0, self.nmax), L)
 
-    def refit(self, xs, w, d, dmin, sc, m, L, iters=2):
-        """With d and dmin fixed: least-squares scale and min per group for its levels, rounded to
-        6 bits, then re-round the levels."""
-        w = np.broadcast_to(w, xs.shape)
-        sum_w, sum_x = w.sum(axis=-1), wsum(w, xs)
+    def refit(self, xt, wt, d, dmin, sc, m, L, iters=2):
+        """With d and dmin fixed: the least-squares scale and min of each group for its levels,
+        rounded to 6 bits, then re-round the levels."""
+        w = full(wt, xt.shape)
+        sum_w, sum_x = w.sum(axis=0), dot(w, xt)
         for _ in range(iters):
-            sum_l, sum_l2, sum_xl = wsum(w, L), wsum(w, L, L), wsum(w, L, xs)
+            wl = w * L
+            sum_l, sum_l2, sum_xl = wl.sum(axis=0), dot(wl, L), dot(wl, xt)
             D = sum_w * sum_l2 - sum_l * sum_l
             scale = divide(sum_w * sum_xl - sum_x * sum_l, D)
             neg_min = divide(sum_l * sum_xl - sum_l2 * sum_x, D)  # x ~ scale * L - neg_min
-            sc = np.where(D > 0, np.clip(nearest_int(divide(scale, d[..., None])), 0, 63), sc)
-            m = np.where(D > 0, np.clip(nearest_int(divide(neg_min, dmin[..., None])), 0, 63), m)
-            L = self.levels(xs, d, dmin, sc, m, L)
+            sc = np.where(D > 0, np.clip(nearest_int(divide(scale, d)), 0, 63), sc)
+            m = np.where(D > 0, np.clip(nearest_int(divide(neg_min, dmin)), 0, 63), m)
+            L = self.levels(xt, d, dmin, sc, m, L)
         return d, dmin, sc, m, L
 
-    def pack_levels(self, L):
-        q = L.astype(np.uint8).reshape(L.shape[0], -1, 4, 2, 32)
-        return pack_nibbles(q[..., 0, :], q[..., 1, :]).reshape(L.shape[0], -1, 128)
-
     def pack(self, d, dmin, sc, m, L):
-        parts = [f16_bytes(d), f16_bytes(dmin), pack_scales(sc, m), self.pack_levels(L)]
-        return np.concatenate(parts, axis=-1).reshape(d.shape[0], -1)
+        rows = d.shape[0]
+        scales = pack_scales(groups_last(sc).reshape(rows, -1, 8), groups_last(m).reshape(rows, -1, 8))
+        levels = groups_last(L, 2).astype(np.uint8).reshape(rows, -1, 8, 32)
+        return np.concatenate([f16_bytes(d), f16_bytes(dmin), scales, self.pack_levels(levels)], axis=-1).reshape(rows, -1)
+
+    def pack_levels(self, q):
+        """Levels (rows, blocks, 8, 32) -> (rows, blocks, 128): groups 2c and 2c + 1 share bytes 32c..32c + 31."""
+        q = q.reshape(*q.shape[:2], 4, 2, 32)
+        return pack_nibbles(q[..., 0, :], q[..., 1, :]).reshape(*q.shape[:2], 128)
 
     def unpack_levels(self, blocks):
         lo, hi = unpack_nibbles(blocks[:, 16:144].reshape(-1, 4, 1, 32))

@@ -12,13 +12,14 @@ from gguf import GGMLQuantizationType
 
 from nemoq.quant.formats.base import f16_bytes, pack_nibbles, read_f16, unpack_nibbles
 from nemoq.quant.formats.q4_0 import Q4_0
+from nemoq.quant.formats.search import groups_last
 
 
 class Q5_0(Q4_0, ggml_type=GGMLQuantizationType.Q5_0):
     nmax = 16
 
     def pack(self, d, l):
-        q = (l + self.nmax).astype(np.uint8)
+        q = groups_last(l + self.nmax).astype(np.uint8).reshape(*d.shape, 32)
         qh = np.packbits(q >> 4, axis=-1, bitorder="little")
         out = np.concatenate([f16_bytes(d), qh, pack_nibbles(q[..., :16], q[..., 16:])], axis=-1)
         return out.reshape(d.shape[0], -1)

@@ -10,19 +10,19 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from nemoq.quant.formats.base import pack_nibbles, unpack_nibbles
+from nemoq.quant.formats.base import unpack_nibbles
 from nemoq.quant.formats.q4_k import Q4_K
 
 
 class Q5_K(Q4_K, ggml_type=GGMLQuantizationType.Q5_K):
     nmax = 31
     ref_search = (-0.5, 0.1, 15)
+    our_search = (-3.0, 0.8, 15)
 
-    def pack_levels(self, L):
-        q = L.astype(np.uint8).reshape(L.shape[0], -1, 8, 32)
-        qh = np.packbits(q >> 4, axis=-2, bitorder="little")[..., 0, :]  # (rows, nb, 32)
-        low = q.reshape(L.shape[0], -1, 4, 2, 32) & 0x0F
-        return np.concatenate([qh, pack_nibbles(low[..., 0, :], low[..., 1, :]).reshape(L.shape[0], -1, 128)], axis=-1)
+    def pack_levels(self, q):
+        """Levels (rows, blocks, 8, 32) -> qh (32 bytes) + Q4_K's nibbles of the low 4 bits (128 bytes)."""
+        qh = np.packbits(q >> 4, axis=-2, bitorder="little")[..., 0, :]
+        return np.concatenate([qh, super().pack_levels(q & 0x0F)], axis=-1)
 
     def unpack_levels(self, blocks):
         high = np.unpackbits(blocks[:, 16:48].reshape(-1, 1, 32), axis=1, bitorder="little")  # (n, 8, 32)

@@ -1,13 +1,13 @@
-"""Q6_K: super-blocks of 256 values in 16 groups of 16; value = d * sc[g] * (q - 32).
+"""Q6_K: super-blocks of 256 values in 16 groups of 16; value = d * sc[g] * (q - 32), q in 0..63.
 
 Layout (210 bytes): ql (128 bytes, low 4 bits), qh (64 bytes, high 2 bits), sc (16 int8 group
-scales), d (f16). Within each half of 128 values, value 32k + l (k = 0..3, l = 0..31) keeps its
-low nibble in ql[64h + 32(k % 2) + l] (low half of the byte for k < 2, high half for k >= 2)
-and its high two bits in qh[32h + l] at bit 2k.
+scales), d (f16). In each half h of 128 values, value 128h + 32k + l (k = 0..3, l = 0..31) keeps
+its low nibble in ql[64h + 32(k % 2) + l] (the low half of the byte for k < 2, the high half for
+k >= 2) and its high two bits in qh[32h + l] at bit 2k.
 ggml (quantize_row_q6_K_ref / _impl) fits each group with make_qx_quants, weighting values by
-x^2 without importance or by the importance itself, then stores the group scales as int8
-relative to the largest (mapped to -128) and re-rounds the values. We add a search for the
-plain or importance-weighted error and a refit of the int8 scales, keeping the best per super-block.
+x^2 without importance or by the importance itself, stores the group scales as int8 relative to
+the largest (mapped to -128) and re-rounds the values. We add a search for the plain or
+importance-weighted error and a refit of the int8 scales, keeping the best per super-block.
 """
 
 from __future__ import annotations
@@ -16,50 +16,55 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq.quant.formats.base import Format, f16_bytes, f16_round, metric_weights, pack_nibbles, read_f16
-from nemoq.quant.formats.search import GROUP_MAX_EPS, divide, make_qx_quants, nearest_int, signed_absmax, wsum
+from nemoq.quant.formats.search import (
+    GROUP_MAX_EPS, divide, dot, full, groups_first, groups_last, make_qx_quants, nearest_int, signed_absmax,
+)
 
 
 class Q6_K(Format, ggml_type=GGMLQuantizationType.Q6_K):
+    search_factors = np.linspace(0.6, 1.05, 19)  # our targets, relative to ggml's first
+
     def quantize_rows(self, x, importance=None):
-        xs = x.reshape(x.shape[0], -1, 16, 16)
-        w = metric_weights(x, importance).reshape(1, -1, 16, 16)
-        ggml_w = xs * xs if importance is None else w
-        candidates = [self.pack(*self.store_scales(xs, *make_qx_quants(xs, 32, ggml_w)))]
-        ours = self.store_scales(xs, *make_qx_quants(xs, 32, w, steps=range(-12, 13)))
-        candidates += [self.pack(*ours), self.pack(*self.refit(xs, w, *ours))]
+        xt = groups_first(x, 16, 16)  # (16 values, 16 groups, rows, super-blocks)
+        w = metric_weights(x, importance)
+        wt = full(groups_first(w, 16, 16), xt.shape)
+        ggml_w = xt * xt if importance is None else wt
+        candidates = [self.pack(*self.store_scales(xt, *make_qx_quants(xt, 32, ggml_w)))]
+        ours = self.store_scales(xt, *make_qx_quants(xt, 32, wt, 32 * self.search_factors))
+        candidates += [self.pack(*ours), self.pack(*self.refit(xt, wt, *ours))]
         return self.best_of(x, w, *candidates)
 
     @staticmethod
-    def store_scales(xs, scales, L):
+    def store_scales(xt, scales, L):
         """Group scales -> (d, int8 sc, levels) as ggml: the largest maps to -128, levels re-rounded."""
         max_scale = signed_absmax(scales)
         zero = np.abs(max_scale) < GROUP_MAX_EPS
         iscale = np.float32(-128) / np.where(zero, np.float32(1), max_scale)
         d = np.where(zero, np.float32(0), f16_round(1 / iscale))
-        sc = np.where(zero[..., None], 0, np.minimum(127, nearest_int(iscale[..., None] * scales)))
-        return d, sc, Q6_K.levels(xs, d, sc, np.where(zero[..., None, None], -32, L))
+        sc = np.where(zero, 0, np.minimum(127, nearest_int(iscale * scales)))
+        return d, sc, Q6_K.levels(xt, d, sc, np.where(zero, -32, L))
 
     @staticmethod
-    def levels(xs, d, sc, L):
+    def levels(xt, d, sc, L):
         """Nearest levels for the stored scales (groups with a zero scale keep L)."""
-        dd = (d[..., None] * sc)[..., None]
-        return np.where(dd != 0, np.clip(nearest_int(divide(xs, dd)), -32, 31), L)
+        dd = d * sc
+        return np.where(dd != 0, np.clip(nearest_int(divide(xt, dd)), -32, 31), L)
 
     @staticmethod
-    def refit(xs, w, d, sc, L, iters=2):
-        """With d fixed: least-squares group scale for the levels, rounded to int8, then re-round levels."""
+    def refit(xt, wt, d, sc, L, iters=2):
+        """With d fixed: the least-squares group scale for the levels, rounded to int8; re-round levels."""
         for _ in range(iters):
-            fit = divide(wsum(w, xs, L), wsum(w, L, L))
-            sc = np.where(d[..., None] != 0, np.clip(nearest_int(divide(fit, d[..., None])), -128, 127), sc)
-            L = Q6_K.levels(xs, d, sc, L)
+            fit = divide(dot(wt * xt, L), dot(wt * L, L))
+            sc = np.where(d != 0, np.clip(nearest_int(divide(fit, d)), -128, 127), sc)
+            L = Q6_K.levels(xt, d, sc, L)
         return d, sc, L
 
     def pack(self, d, sc, L):
         rows = d.shape[0]
-        q = (L + 32).astype(np.uint8).reshape(rows, -1, 2, 4, 32)
+        q = (groups_last(L, 2) + 32).astype(np.uint8).reshape(rows, -1, 2, 4, 32)
         ql = pack_nibbles(q[:, :, :, :2], q[:, :, :, 2:]).reshape(rows, -1, 128)
         qh = ((q >> 4) << np.array([0, 2, 4, 6], np.uint8)[:, None]).sum(axis=-2, dtype=np.uint8).reshape(rows, -1, 64)
-        scales = sc.astype(np.int8).view(np.uint8)
+        scales = groups_last(sc).astype(np.int8).view(np.uint8).reshape(rows, -1, 16)
         return np.concatenate([ql, qh, scales, f16_bytes(d)], axis=-1).reshape(rows, -1)
 
     def dequantize_blocks(self, blocks):
@@ -68,7 +73,7 @@ class Q6_K(Format, ggml_type=GGMLQuantizationType.Q6_K):
         qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
         sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
         d = read_f16(blocks[:, 208:210])
-        low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # (n, 2, 4, 32): k = 0, 1 low halves, 2, 3 high
+        low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # (n, 2, 4, 32)
         high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
         q = ((low | (high << 4)).astype(np.int8) - np.int8(32)).astype(np.float32).reshape(n, 16, 16)
         return ((d[:, None] * sc)[..., None] * q).reshape(n, 256)

@@ -1,8 +1,10 @@
-"""ggml's scale searches (ggml-quants.c), vectorised over groups, plus the refinements we add.
+"""ggml's scale searches (ggml-quants.c), vectorised over groups, and the refinements we add.
 
-Every function works on groups along the last axis: x (..., n), weights broadcastable to x;
-per-group results have shape (...). Arithmetic stays in float32 as in the C code, so the ports
-pick what ggml picks except where the C sums round differently (near-ties).
+Layout: the values of a group run down axis 0, x has shape (n, *groups) and x[:, g] is group g;
+per-group results have shape `groups`. (With the short within-group axis first, numpy's
+broadcasts and reductions run over long contiguous rows, several times faster than groups along
+the last axis.) Weights broadcast against x. Arithmetic stays in float32 as in the C code, so the
+ports choose what ggml chooses except where the C sums round differently (near-ties).
 """
 
 from __future__ import annotations
@@ -12,90 +14,114 @@ import numpy as np
 GROUP_MAX_EPS = np.float32(1e-15)
 
 
+def groups_first(x: np.ndarray, *sizes: int) -> np.ndarray:
+    """(..., k * n) -> (n, ..., k): consecutive runs of n values become columns.
+
+    With sizes (m, n) runs of m groups of n values (k-quant super-blocks) become (n, m, ..., k).
+    """
+    y = x.reshape(*x.shape[:-1], -1, *sizes)
+    lead = y.ndim - len(sizes)
+    return np.ascontiguousarray(y.transpose(*range(y.ndim - 1, lead - 1, -1), *range(lead)))
+
+
+def groups_last(L: np.ndarray, depth: int = 1) -> np.ndarray:
+    """Inverse of groups_first with `depth` sizes: (n, [m,] ..., k) -> (..., k * [m *] n)."""
+    y = L.transpose(*range(depth, L.ndim), *range(depth - 1, -1, -1))
+    return y.reshape(*y.shape[:-depth - 1], -1)
+
+
+def full(w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """w broadcast to shape as a contiguous array (per-column weights repeat for every row), so the
+    many elementwise passes of a search run over long contiguous rows."""
+    return np.ascontiguousarray(np.broadcast_to(w, shape))
+
+
 def nearest_int(v: np.ndarray) -> np.ndarray:
     """ggml's nearest_int: round half to even (its 1.5 * 2^23 trick), kept as float."""
     return np.rint(v)
 
 
-def wsum(w: np.ndarray, a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """sum_i w_i a_i (b_i) over the last axis."""
-    wa = np.broadcast_to(w, a.shape) * a
-    return wa.sum(axis=-1) if b is None else np.einsum("...i,...i->...", wa, b)
+def round_clip(t: np.ndarray, lo, hi) -> np.ndarray:
+    """nearest_int, then clamp to [lo, hi]; in place."""
+    np.rint(t, out=t)
+    return np.clip(t, lo, hi, out=t)
 
 
-def signed_absmax(x: np.ndarray) -> np.ndarray:
-    """The value of largest magnitude in each group, with its sign (the first one on ties)."""
-    return np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+def dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum over each group of a * b."""
+    return np.einsum("i...,i...->...", a, b)
 
 
 def divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a / b where b != 0, else 0."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(b != 0, a / np.where(b != 0, b, 1), 0).astype(np.float32)
+        return np.where(b != 0, a / b, 0).astype(np.float32)
 
 
-def round_clip(t: np.ndarray, lo, hi) -> np.ndarray:
-    """nearest_int then clamp to [lo, hi], in place."""
-    np.rint(t, out=t)
-    np.maximum(t, lo, out=t)
-    return np.minimum(t, hi, out=t)
+def signed_absmax(x: np.ndarray) -> np.ndarray:
+    """The value of largest magnitude in each group, with its sign (the first one on ties)."""
+    return np.take_along_axis(x, np.abs(x).argmax(axis=0)[None], axis=0)[0]
 
 
-def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray, steps=range(-9, 10)) -> tuple[np.ndarray, np.ndarray]:
+def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray, targets=None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric levels l in [-nmax, nmax-1] and a scale d with x ~ d * l (ggml's make_qx_quants, rmse_type 1).
 
-    Tries iscale = -(nmax + 0.1 * step) / max for each step, rounds, fits d by weighted least
-    squares and keeps the step with the largest sum(w x l)^2 / sum(w l^2), i.e. the lowest error.
+    For each target t, maps the largest value to level -t (iscale = -t / max), rounds, fits d by
+    weighted least squares and keeps the target with the largest sum(w x l)^2 / sum(w l^2), i.e.
+    the lowest weighted error. ggml's targets are nmax, then nmax + 0.1 * step for step in +-1..9.
     """
-    w = np.broadcast_to(w, x.shape)
+    if targets is None:
+        targets = [nmax + np.float32(0.1) * step for step in (0, *range(-9, 0), *range(1, 10))]
+    w = full(w, x.shape)
     wx = w * x
     max_ = signed_absmax(x)
     zero = np.abs(max_) < GROUP_MAX_EPS
-    max_ = np.where(zero, np.float32(1), max_)[..., None]
+    max_ = np.where(zero, np.float32(1), max_)
     best = scale = L = None
     with np.errstate(divide="ignore", invalid="ignore"):
-        for step in (0, *[s for s in steps if s != 0]):
-            l = round_clip((-(nmax + np.float32(0.1) * step) / max_) * x, -nmax, nmax - 1)
-            sumlx = np.einsum("...i,...i->...", wx, l)
-            suml2 = np.einsum("...i,...i->...", w * l, l)
+        for target in targets:
+            l = round_clip((-target / max_) * x, -nmax, nmax - 1)
+            sumlx, suml2 = dot(wx, l), dot(w * l, l)
             this_scale = np.where(suml2 > 0, sumlx / suml2, np.float32(0))
-            if best is None:  # the first (step 0) is taken unconditionally, as in ggml
+            if best is None:  # the first is taken unconditionally, as in ggml
                 L, scale, best = l, this_scale, this_scale * sumlx
                 continue
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            L = np.where(better[..., None], l, L)
-            scale = np.where(better, this_scale, scale)
-            best = np.where(better, scale * sumlx, best)
-    return np.where(zero, 0, scale).astype(np.float32), np.where(zero[..., None], -nmax, L)
+            np.copyto(L, l, where=better)
+            np.copyto(scale, this_scale, where=better)
+            np.copyto(best, this_scale * sumlx, where=better)
+    scale[zero] = 0
+    L[:, zero] = -nmax
+    return scale, L
 
 
 def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """Levels L in [0, nmax], scale and min with x ~ scale * L - min (ggml's make_qkx2/qkx3_quants).
 
     Starts from the full range [min(x, 0), max(x)], then tries iscale = (nmax + rmin + rdelta * step)
-    / range for step in 0..nstep, refitting scale and min by weighted least squares (min <= 0 kept),
-    and keeps whichever gives the lowest weighted squared error. Returns (scale, -min, L).
-    The error of a candidate comes from its weighted sums (in float64) rather than a pass over x.
+    / range for step in 0..nstep, refitting scale and min by weighted least squares (keeping
+    min <= 0), and keeps whichever gives the lowest weighted squared error. Returns (scale, -min, L).
+    A candidate's error is computed from its weighted sums (in float64) instead of another pass over x.
     """
-    w = np.broadcast_to(w, x.shape)
-    mn = np.minimum(x.min(axis=-1), 0)
-    mx = x.max(axis=-1)
+    w = full(w, x.shape)
+    mn = np.minimum(x.min(axis=0), 0)
+    mx = x.max(axis=0)
     flat = mx <= mn
-    sums = [s.astype(np.float64) for s in (w.sum(axis=-1), wsum(w, x), wsum(w, x, x))]
+    sum_w, sum_x, sum_x2 = (s.astype(np.float64) for s in (w.sum(axis=0), dot(w, x), dot(w * x, x)))
+
+    def levels(iscale, mn):
+        t = x - mn
+        t *= iscale
+        return round_clip(t, 0, nmax)
+
+    def weighted_sums(l):
+        wl = w * l
+        return (s.astype(np.float64) for s in (wl.sum(axis=0), dot(wl, l), dot(wl, x)))
 
     def error(scale, min_, sum_l, sum_l2, sum_xl):
         """sum w (scale * l + min - x)^2, expanded."""
         s, m = scale.astype(np.float64), min_.astype(np.float64)
-        sum_w, sum_x, sum_x2 = sums
         return s * s * sum_l2 + 2 * s * m * sum_l + m * m * sum_w - 2 * s * sum_xl - 2 * m * sum_x + sum_x2
-
-    def levels(iscale, mn):
-        return round_clip((x - mn[..., None]) * iscale[..., None], 0, nmax)
-
-    def weighted_sums(l):
-        wl = w * l
-        return [s.astype(np.float64) for s in (wl.sum(axis=-1), np.einsum("...i,...i->...", wl, l),
-                                               np.einsum("...i,...i->...", wl, x))]
 
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = nmax / np.where(flat, np.float32(1), mx - mn)
@@ -107,71 +133,76 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
             iscale = (np.float32(rmin) + np.float32(rdelta) * step + nmax) / np.where(flat, np.float32(1), mx - mn)
             l = levels(iscale, mn)
             sum_l, sum_l2, sum_xl = weighted_sums(l)
-            sum_w, sum_x, _ = sums
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = ((sum_w * sum_xl - sum_x * sum_l) / D).astype(np.float32)
             this_min = ((sum_l2 * sum_x - sum_l * sum_xl) / D).astype(np.float32)
             positive = this_min > 0
-            this_scale = np.where(positive, (sum_xl / sum_l2).astype(np.float32), this_scale)
-            this_min = np.where(positive, np.float32(0), this_min)
+            np.copyto(this_scale, sum_xl / sum_l2, where=positive, casting="unsafe")
+            this_min[positive] = 0
             cur = error(this_scale, this_min, sum_l, sum_l2, sum_xl)
             better = (D > 0) & (cur < best)
-            L = np.where(better[..., None], l, L)
-            best = np.where(better, cur, best)
-            scale = np.where(better, this_scale, scale)
-            mn = np.where(better, this_min, mn)
-    scale = np.where(flat, np.float32(0), scale)
-    return scale, -mn, np.where(flat[..., None], 0, L)
+            np.copyto(L, l, where=better)
+            np.copyto(best, cur, where=better)
+            np.copyto(scale, this_scale, where=better)
+            np.copyto(mn, this_min, where=better)
+    scale[flat] = 0
+    L[:, flat] = 0
+    return scale, -mn, L
 
 
 def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Levels L in [0, nmax] and a scale for non-negative x (ggml's make_qp_quants).
 
-    Used to store the 8 sub-block scales (or mins) of a k-quant super-block as 6-bit integers
-    times one half-precision scale: a search over iscale = (nmax + 0.1 * step) / max, then up to
-    five passes of coordinate descent that move one level at a time while the fit improves.
+    Stores the 8 group scales (or mins) of a k-quant super-block as 6-bit integers times one
+    scale: a search over iscale = (nmax + 0.1 * step) / max, then up to five passes of coordinate
+    descent that move one level at a time while the least-squares fit improves.
     """
     w = np.broadcast_to(w, x.shape)
-    max_ = x.max(axis=-1)
+    max_ = x.max(axis=0)
     zero = max_ < GROUP_MAX_EPS
     max_ = np.where(zero, np.float32(1), max_)
 
     def mse(scale, l):
-        diff = x - scale[..., None] * l
-        return wsum(w, diff, diff)
+        diff = x - scale * l
+        return dot(w * diff, diff)
 
     iscale = nmax / max_
-    best = mse(1 / iscale, nearest_int(iscale[..., None] * x))
+    best = mse(1 / iscale, nearest_int(iscale * x))
     for step in (-4, -3, -2, -1, 1, 2, 3, 4):
         iscale_step = (np.float32(0.1) * step + nmax) / max_
-        err = mse(1 / iscale_step, np.minimum(nmax, nearest_int(iscale_step[..., None] * x)))
+        err = mse(1 / iscale_step, np.minimum(nmax, nearest_int(iscale_step * x)))
         better = err < best
-        best = np.where(better, err, best)
-        iscale = np.where(better, iscale_step, iscale)
+        np.copyto(best, err, where=better)
+        np.copyto(iscale, iscale_step, where=better)
 
-    L = np.minimum(nmax, nearest_int(iscale[..., None] * x))
-    sumlx, suml2 = wsum(w, x, L), wsum(w, L, L)
-    for _ in range(5):
-        for i in range(x.shape[-1]):
-            wi, xi, li = w[..., i], x[..., i], L[..., i]
-            slx = sumlx - wi * xi * li
-            sl2 = suml2 - wi * li * li
-            ok = (slx > 0) & (sl2 > 0)
-            new_l = np.minimum(nmax, nearest_int(divide(xi * sl2, slx)))
-            slx = slx + wi * xi * new_l
-            sl2 = sl2 + wi * new_l * new_l
-            take = ok & (new_l != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            L[..., i] = np.where(take, new_l, li)
-            sumlx = np.where(take, slx, sumlx)
-            suml2 = np.where(take, sl2, suml2)
+    L = np.minimum(nmax, nearest_int(iscale * x))
+    sumlx, suml2 = dot(w * x, L), dot(w * L, L)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for _ in range(5):  # ggml stops early once a pass changes nothing; further passes would not either
+            for i in range(x.shape[0]):
+                wi, xi, li = w[i], x[i], L[i]  # li is a view: updating it updates L
+                slx_rest = sumlx - wi * xi * li
+                sl2_rest = suml2 - wi * li * li
+                new_l = np.minimum(nmax, nearest_int(xi * sl2_rest / slx_rest))
+                slx = slx_rest + wi * xi * new_l
+                sl2 = sl2_rest + wi * new_l * new_l
+                take = (slx_rest > 0) & (sl2_rest > 0) & (new_l != li)
+                take &= slx * slx * suml2 > sumlx * sumlx * sl2
+                np.copyto(li, new_l, where=take)
+                np.copyto(sumlx, slx, where=take)
+                np.copyto(suml2, sl2, where=take)
     scale = np.where(zero, np.float32(0), divide(sumlx, suml2))
-    return scale, np.where(zero[..., None], 0, L)
+    L[:, zero] = 0
+    return scale, L
 
 
 class Grid:
-    """A sorted table of levels with a constant-time nearest lookup (ties go to the larger level,
-    as in ggml's best_index_int8). All midpoints between neighbours must be multiples of `step`,
-    so the nearest level is constant on each cell [k step, (k + 1) step) and a table gives it."""
+    """A sorted table of levels with a constant-time nearest lookup.
+
+    All midpoints between neighbours must be multiples of `step`, so the nearest level is
+    constant on each cell [k step, (k + 1) step) and a table gives it. Ties go to the larger
+    level (as ggml's best_index_int8) or, with ties_down, to the smaller (as best_index_mxfp4).
+    """
 
     def __init__(self, values, step: float):
         self.values = np.asarray(values, dtype=np.float32)
@@ -180,11 +211,19 @@ class Grid:
         assert np.all(mid / self.step == np.round(mid / self.step)), "midpoints must lie on the step"
         self.lo = int(np.floor(self.values[0] / self.step)) - 1
         hi = int(np.ceil(self.values[-1] / self.step)) + 1
-        self.lut = np.searchsorted(mid, np.arange(self.lo, hi + 1) * self.step, side="right")
+        self.lut = np.searchsorted(mid, np.arange(self.lo, hi + 1) * self.step, side="right").astype(np.uint8)
+        assert hi - self.lo < 2**16
 
-    def index(self, v: np.ndarray) -> np.ndarray:
-        k = np.clip(np.floor(v * (1 / self.step)), self.lo, self.lo + len(self.lut) - 1)
-        return self.lut[k.astype(np.intp) - self.lo]
+    def index(self, v: np.ndarray, ties_down: bool = False) -> np.ndarray:
+        k = v * (1 / self.step)
+        if ties_down:  # cells (k step, (k + 1) step]
+            np.ceil(k, out=k)
+            k -= self.lo + 1
+        else:
+            np.floor(k, out=k)
+            k -= self.lo
+        np.clip(k, 0, len(self.lut) - 1, out=k)
+        return self.lut.take(k.astype(np.uint16))
 
     def __call__(self, v: np.ndarray) -> np.ndarray:
         """The nearest level itself."""
@@ -198,9 +237,10 @@ def refine_on_grid(x: np.ndarray, w: np.ndarray, d: np.ndarray, grid: Grid, iter
     points (neither step can raise the error), then rounds d to half precision as it will be
     stored and picks the nearest points again for that d.
     """
+    w = full(w, x.shape)
     for _ in range(iters):
-        q = grid(divide(x, d[..., None]))
-        fit = divide(wsum(w, x, q), wsum(w, q, q))
+        q = grid(divide(x, d))
+        fit = divide(dot(w * x, q), dot(w * q, q))
         d = np.where(fit != 0, fit, d)
     d = d.astype(np.float16).astype(np.float32)
-    return d, grid.index(divide(x, d[..., None]))
+    return d, grid.index(divide(x, d))
