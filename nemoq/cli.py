@@ -84,13 +84,20 @@ def _convert(src: str, outfile: Path, outtype: str, **options) -> None:
 
 @app.command()
 def info(
-    file: Path = typer.Argument(..., help="A .gguf file (the first of a split set reads them all)."),
+    file: Optional[Path] = typer.Argument(None, help="A .gguf file (the first of a split set reads them all)."),
     max_tensors: int = typer.Option(0, help="Show at most this many tensors (0: all)."),
+    kernels: bool = typer.Option(False, "--kernels", help="Show whether the C kernels are built, and where."),
 ) -> None:
-    """Show a GGUF file's metadata and tensor table."""
+    """Show a GGUF file's metadata and tensor table, or the state of nemoq's C kernels."""
     from nemoq import report
-    from nemoq.gguf_file import read_gguf
-    _run(lambda: report.gguf_info(Console(), read_gguf(file), max_tensors))
+    if kernels:
+        from nemoq import kernels_c
+        report.kernel_info(Console(), kernels_c.status(), kernels_c.KERNEL_FORMATS)
+    if file is not None:
+        from nemoq.gguf_file import read_gguf
+        _run(lambda: report.gguf_info(Console(), read_gguf(file), max_tensors))
+    elif not kernels:
+        raise typer.BadParameter("give a GGUF file, or --kernels")
 
 
 def _run(fn, *args, **kwargs) -> None:

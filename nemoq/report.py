@@ -98,3 +98,11 @@ def gguf_info(console: Console, contents, max_tensors: int = 0) -> None:
         row = [t.name, " x ".join(map(str, t.shape)), t.type_name, f"{t.nbytes:,}"]
         tensors.add_row(*(row + [t.file.name] if multi else row))
     console.print(tensors)
+
+
+def kernel_info(console: Console, status, formats) -> None:
+    state = "[green]built[/]" if status.available else f"[yellow]unavailable[/] ({escape(status.message)})"
+    console.print(f"C kernels: {state}")
+    console.print(f"  library:  {escape(str(status.library))}")
+    console.print(f"  compiler: {status.compiler} {escape(' '.join(status.flags))}")
+    console.print(f"  formats:  {', '.join(formats)}")

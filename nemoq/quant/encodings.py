@@ -8,22 +8,27 @@ from typing import Callable
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from nemoq import kernels_c
 from nemoq.convert.dtypes import to_float32, type_nbytes
 from nemoq.quant import q8_0
 
 
 @dataclass(frozen=True)
 class BlockEncoding:
+    name: str
     ggml_type: GGMLQuantizationType
-    quantize: Callable[[np.ndarray], np.ndarray]
+    reference: Callable[[np.ndarray], np.ndarray]   # the numpy quantizer, used without a C kernel
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         return type_nbytes(self.ggml_type, shape)
 
     def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray:
-        return self.quantize(to_float32(rows, source_dtype))
+        x = to_float32(rows, source_dtype)
+        if kernels_c.available(self.name):
+            return kernels_c.quantize_rows(self.name, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+        return self.reference(x)
 
 
 BLOCK_ENCODINGS = {
-    "q8_0": BlockEncoding(GGMLQuantizationType.Q8_0, q8_0.quantize),
+    "q8_0": BlockEncoding("q8_0", GGMLQuantizationType.Q8_0, q8_0.quantize),
 }
