@@ -52,6 +52,27 @@ def test_tensor_names_types_and_metadata(random_hub, random_hub_gguf):
     assert [t.name for t in contents.tensors] == expected_names(pattern)
     for t in contents.tensors:
         assert t.type_name == "F32"
+    c = config
+    d_inner = c["mamba_num_heads"] * c["mamba_head_dim"]
+    conv_dim = d_inner + 2 * c["n_groups"] * c["ssm_state_size"]
+    m, e, a = pattern.index("M"), pattern.index("E"), pattern.index("*")
+    expected_ne = {  # ggml order (ne0 = row width), as llama.cpp's loader states them
+        "token_embd.weight": (c["hidden_size"], c["vocab_size"]),
+        f"blk.{m}.ssm_in.weight": (c["hidden_size"], d_inner + conv_dim + c["mamba_num_heads"]),
+        f"blk.{m}.ssm_conv1d.weight": (c["conv_kernel"], conv_dim),
+        f"blk.{m}.ssm_a": (1, c["mamba_num_heads"]),
+        f"blk.{m}.ssm_norm.weight": (d_inner // c["n_groups"], c["n_groups"]),
+        f"blk.{m}.ssm_out.weight": (d_inner, c["hidden_size"]),
+        f"blk.{a}.attn_k.weight": (c["hidden_size"], c["num_key_value_heads"] * c["head_dim"]),
+        f"blk.{e}.ffn_gate_inp.weight": (c["hidden_size"], c["n_routed_experts"]),
+        f"blk.{e}.ffn_up_exps.weight": (c["hidden_size"], c["moe_intermediate_size"], c["n_routed_experts"]),
+        f"blk.{e}.ffn_down_exps.weight": (c["moe_intermediate_size"], c["hidden_size"], c["n_routed_experts"]),
+        f"blk.{e}.ffn_up_shexp.weight": (c["hidden_size"], c["moe_shared_expert_intermediate_size"]),
+        "output.weight": (c["hidden_size"], c["vocab_size"]),
+    }
+    shapes = {t.name: t.shape for t in contents.tensors}
+    for name, ne in expected_ne.items():
+        assert shapes[name] == ne, name
     for key in REQUIRED_KEYS:
         assert key in contents.metadata, key
     m = contents.metadata
