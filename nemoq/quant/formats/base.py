@@ -60,9 +60,17 @@ class Format:
         values = self.dequantize_blocks(data.reshape(-1, self.type_size))
         return values.reshape(*data.shape[:-1], data.shape[-1] // self.type_size * self.block_size)
 
-    # Each format implements these two.
+    # Each format implements these three.
     def quantize_rows(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         """float32 (rows, n) -> uint8 (rows, n / block_size * type_size)."""
+        raise NotImplementedError
+
+    def ggml_rows(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        """What ggml's quantizer (ggml_quantize_chunk) makes of these rows, ported to numpy.
+
+        Exact where ggml's arithmetic is; the scale searches may pick differently on near-ties,
+        where ggml's C sums round differently. quantize_rows never does worse than this.
+        """
         raise NotImplementedError
 
     def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:

@@ -14,7 +14,9 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq.quant.formats.base import Format, f16_bytes, metric_weights, pack_nibbles, read_f16, unpack_nibbles
-from nemoq.quant.formats.search import GROUP_MAX_EPS, Grid, divide, dot, full, groups_first, groups_last, refine_on_grid, signed_absmax
+from nemoq.quant.formats.search import (
+    GROUP_MAX_EPS, Grid, divide, dot, full, groups_first, groups_last, refine_on_grid, signed_absmax,
+)
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
 GRID = Grid(KVALUES, 0.5)
@@ -57,16 +59,18 @@ class IQ4_NL(Format, ggml_type=GGMLQuantizationType.IQ4_NL):
         xt = groups_first(x, 32)
         w = metric_weights(x, importance)
         wt = full(groups_first(w, 32), xt.shape)
+        targets = [t * f for t in (KVALUES[0], KVALUES[-1]) for f in self.search_factors]
+        d, _ = scale_search(xt, wt, [lambda m, t=t: t / m for t in targets])
+        return self.best_of(x, w, self.ggml_rows(x, importance), self.pack(*refine_on_grid(xt, wt, d, GRID)))
+
+    def ggml_rows(self, x, importance=None):
+        xt = groups_first(x, 32)
         if importance is None:
             ggml_w = xt * xt
         else:
             sigma2 = 2 * (xt * xt).sum(axis=0) / 32
-            ggml_w = wt * np.sqrt(sigma2 + xt * xt)
-        candidates = [self.pack(*scale_search(xt, ggml_w, self.ggml_scales))]
-        targets = [t * f for t in (KVALUES[0], KVALUES[-1]) for f in self.search_factors]
-        d, _ = scale_search(xt, wt, [lambda m, t=t: t / m for t in targets])
-        candidates.append(self.pack(*refine_on_grid(xt, wt, d, GRID)))
-        return self.best_of(x, w, *candidates)
+            ggml_w = groups_first(importance[None, :], 32) * np.sqrt(sigma2 + xt * xt)
+        return self.pack(*scale_search(xt, ggml_w, self.ggml_scales))
 
     def pack(self, d, idx):
         q = groups_last(idx).astype(np.uint8).reshape(*d.shape, 32)

@@ -22,13 +22,26 @@ KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dt
 
 
 def e2m1_magnitudes(ax: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Index of the E2M1 magnitude nearest to ax / scale (ties to the smaller, as ggml); 0 where scale is 0."""
+    """Index of the E2M1 magnitude nearest to ax / scale (ties to the smaller, as ggml); 0 if scale is 0."""
     return E2M1_GRID.index(ax * divide(np.float32(1), scale), ties_down=True)
 
 
 def e2m1_encode(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Nearest E2M1 nibbles (sign in bit 3, never for zero) of x / scale."""
-    mag = e2m1_magnitudes(np.abs(x), scale)
+    """Nearest E2M1 nibbles (sign in bit 3, never for zero) of x / scale.
+
+    x * (1 / scale) may round across a midpoint, so the neighbours are checked by comparing
+    |v * scale - |x||, the distances ggml's best_index_mxfp4 compares, for ggml's bytes exactly.
+    """
+    ax = np.abs(x)
+    mag = e2m1_magnitudes(ax, scale)
+
+    def dist(i):
+        return np.abs(E2M1[i] * scale - ax)
+
+    lower = np.maximum(mag, 1) - 1
+    mag = np.where(dist(lower) <= dist(mag), lower, mag)
+    upper = np.minimum(mag + 1, 7)
+    mag = np.where(dist(upper) < dist(mag), upper, mag)
     return mag | (((x < 0) & (mag > 0)).astype(np.uint8) << 3)
 
 
@@ -62,12 +75,21 @@ class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
     def quantize_rows(self, x, importance=None):
         xt = groups_first(x, 32)  # (32, rows, blocks)
         wt = full(groups_first(metric_weights(x, importance), 32), xt.shape)
-        amax = np.abs(xt).max(axis=0)
-        with np.errstate(divide="ignore"):
-            e = np.where(amax > 0, np.floor(np.log2(amax)) - 2 + 127, 0)
+        e = self.ggml_exponent(xt)
         exps = [np.clip(e + step, 0, 254).astype(np.uint8) for step in self.steps]
         pick = best_e2m1_scale(xt, wt, [2 * e8m0_half(e) for e in exps])
         return self.pack(np.choose(pick, exps), xt)
+
+    def ggml_rows(self, x, importance=None):
+        xt = groups_first(x, 32)
+        return self.pack(np.clip(self.ggml_exponent(xt), 0, 254).astype(np.uint8), xt)
+
+    @staticmethod
+    def ggml_exponent(xt):
+        """quantize_row_mxfp4_ref: e = floor(log2(max|x|)) - 2 + 127, so max|x| / 2^(e - 127) is in [4, 8)."""
+        amax = np.abs(xt).max(axis=0)
+        with np.errstate(divide="ignore"):
+            return np.where(amax > 0, np.floor(np.log2(amax)) - 2 + 127, 0)
 
     def pack(self, e, xt):
         """Exponents (rows, blocks) and values (32, rows, blocks) -> (rows, blocks * 17) bytes."""
@@ -77,4 +99,5 @@ class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
 
     def dequantize_blocks(self, blocks):
         lo, hi = unpack_nibbles(blocks[:, 1:])
-        return e8m0_half(blocks[:, 0])[:, None] * KVALUES[np.concatenate([lo, hi], axis=-1)]
+        with np.errstate(over="ignore"):  # e = 255 overflows to inf, as in ggml
+            return e8m0_half(blocks[:, 0])[:, None] * KVALUES[np.concatenate([lo, hi], axis=-1)]

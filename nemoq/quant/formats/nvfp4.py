@@ -36,22 +36,29 @@ def fp32_to_ue4m3(x: np.ndarray) -> np.ndarray:
     bits = x.view(np.uint32).astype(np.int64)
     exp = ((bits >> 23) & 0xFF) - 127 + 7
     man = ((bits >> 20) & 7) + ((bits >> 19) & 1)
-    exp, man = np.where(man > 7, exp + 1, exp), np.where(man > 7, 0, man)
-    normal = np.where(exp >= 15, MAX_CODE, (exp << 3) | man)
-    sub = np.clip((x * np.float32(512) + np.float32(0.5)).astype(np.int64), 0, 7)
+    rounded_exp, man = np.where(man > 7, exp + 1, exp), np.where(man > 7, 0, man)
+    normal = np.where(rounded_exp >= 15, MAX_CODE, (rounded_exp << 3) | man)
+    sub = np.clip((x * np.float32(512) + np.float32(0.5)).astype(np.int64), 0, 7)  # never rounds up to 8
     return np.where(~(x > 0), 0, np.where(exp <= 0, sub, normal)).astype(np.uint8)
 
 
 class NVFP4(Format, ggml_type=GGMLQuantizationType.NVFP4):
-    steps = (0, *range(-8, 0), 1)  # scale codes tried, relative to ggml's (first): an octave below to one step above
+    steps = (0, *range(-8, 0), 1)  # codes tried relative to ggml's (first): an octave below to a step above
 
     def quantize_rows(self, x, importance=None):
         xt = groups_first(x, 16)  # (16, rows, groups)
         wt = full(groups_first(metric_weights(x, importance), 16), xt.shape)
-        ggml_code = fp32_to_ue4m3(np.abs(xt).max(axis=0) / np.float32(6)).astype(np.int64)
-        codes = [np.where(ggml_code > 0, np.clip(ggml_code + step, 1, MAX_CODE), 0) for step in self.steps]
+        amax = np.abs(xt).max(axis=0)
+        ggml_code = fp32_to_ue4m3(amax / np.float32(6)).astype(np.int64)
+        codes = [np.where(amax > 0, np.clip(ggml_code + step, 1, MAX_CODE), 0) for step in self.steps]
+        codes[0] = ggml_code
         pick = best_e2m1_scale(xt, wt, [UE4M3[c] for c in codes])
         return self.pack(np.choose(pick, codes), xt)
+
+    def ggml_rows(self, x, importance=None):
+        """quantize_row_nvfp4_ref: the scale code nearest to max|x| / 6, values rounded to nearest."""
+        xt = groups_first(x, 16)
+        return self.pack(fp32_to_ue4m3(np.abs(xt).max(axis=0) / np.float32(6)), xt)
 
     def pack(self, code, xt):
         """Scale codes (rows, groups) and values (16, rows, groups) -> (rows, groups / 4 * 36) bytes."""

@@ -13,26 +13,30 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq.quant.formats.base import Format, f16_bytes, metric_weights, pack_nibbles, read_f16, unpack_nibbles
-from nemoq.quant.formats.search import Grid, full, groups_first, groups_last, make_qx_quants, refine_on_grid, signed_absmax
+from nemoq.quant.formats.search import (
+    Grid, full, groups_first, groups_last, make_qx_quants, refine_on_grid, signed_absmax,
+)
 
 
 class Q4_0(Format, ggml_type=GGMLQuantizationType.Q4_0):
     nmax = 8  # signed levels -nmax .. nmax-1
-    search_factors = np.geomspace(0.85, 2.5, 16)  # our targets, relative to ggml's first
+    search_factors = np.geomspace(0.85, 2.5, 12)  # ours: the largest value mapped to level -nmax * factor
 
     def quantize_rows(self, x, importance=None):
         xt = groups_first(x, 32)  # (32, rows, blocks)
         w = metric_weights(x, importance)
         wt = full(groups_first(w, 32), xt.shape)
-        candidates = [self.pack(*self.ggml_ref(xt))]
-        if importance is not None:
-            sigma2 = (x * x).sum(axis=-1) / x.shape[-1]
-            qw = wt * np.sqrt(sigma2[:, None] + xt * xt)
-            candidates.append(self.pack(*make_qx_quants(xt, self.nmax, qw)))
         d, _ = make_qx_quants(xt, self.nmax, wt, self.nmax * self.search_factors)
         d, idx = refine_on_grid(xt, wt, d, Grid(np.arange(-self.nmax, self.nmax), 0.5))
-        candidates.append(self.pack(d, idx - self.nmax))
-        return self.best_of(x, w, *candidates)
+        return self.best_of(x, w, self.ggml_rows(x, importance), self.pack(d, idx - self.nmax))
+
+    def ggml_rows(self, x, importance=None):
+        xt = groups_first(x, 32)
+        if importance is None:
+            return self.pack(*self.ggml_ref(xt))
+        sigma2 = (x * x).sum(axis=-1) / x.shape[-1]
+        qw = groups_first(importance[None, :], 32) * np.sqrt(sigma2[:, None] + xt * xt)
+        return self.pack(*make_qx_quants(xt, self.nmax, qw))
 
     def ggml_ref(self, xt):
         """quantize_row_q4_0_ref: d = max / -8, q = min(15, (int)(x / d + 8.5))."""

@@ -16,8 +16,12 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from nemoq.quant.formats.base import Format, f16_bytes, f16_round, metric_weights, pack_nibbles, read_f16, unpack_nibbles
-from nemoq.quant.formats.search import divide, dot, full, groups_first, groups_last, make_qkx_quants, make_qp_quants, nearest_int
+from nemoq.quant.formats.base import (
+    Format, f16_bytes, f16_round, metric_weights, pack_nibbles, read_f16, unpack_nibbles,
+)
+from nemoq.quant.formats.search import (
+    divide, dot, full, groups_first, groups_last, make_qkx_quants, make_qp_quants, nearest_int,
+)
 
 
 def pack_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -47,14 +51,17 @@ class Q4_K(Format, ggml_type=GGMLQuantizationType.Q4_K):
         xt = groups_first(x, 8, 32)  # (32 values, 8 groups, rows, super-blocks)
         w = metric_weights(x, importance)
         wt = full(groups_first(w, 8, 32), xt.shape)
-        if importance is None:
-            ggml = self.ggml_ref(xt)
-        else:
-            sigma2 = 2 * (xt * xt).sum(axis=(0, 1)) / 256
-            ggml = self.fit(xt, wt * np.sqrt(sigma2 + xt * xt), self.imatrix_search)
         ours = self.fit(xt, wt, self.our_search)
-        candidates = [self.pack(*ggml), self.pack(*ours), self.pack(*self.refit(xt, wt, *ours))]
+        candidates = [self.ggml_rows(x, importance), self.pack(*ours), self.pack(*self.refit(xt, wt, *ours))]
         return self.best_of(x, w, *candidates)
+
+    def ggml_rows(self, x, importance=None):
+        xt = groups_first(x, 8, 32)
+        if importance is None:
+            return self.pack(*self.ggml_ref(xt))
+        sigma2 = 2 * (xt * xt).sum(axis=(0, 1)) / 256
+        qw = groups_first(importance[None, :], 8, 32) * np.sqrt(sigma2 + xt * xt)
+        return self.pack(*self.fit(xt, qw, self.imatrix_search))
 
     def ggml_ref(self, xt):
         """quantize_row_q4_K_ref: weights mean|x| + |x|; scales and mins stored as 63 * value / max."""
@@ -101,10 +108,11 @@ class Q4_K(Format, ggml_type=GGMLQuantizationType.Q4_K):
         rows = d.shape[0]
         scales = pack_scales(groups_last(sc).reshape(rows, -1, 8), groups_last(m).reshape(rows, -1, 8))
         levels = groups_last(L, 2).astype(np.uint8).reshape(rows, -1, 8, 32)
-        return np.concatenate([f16_bytes(d), f16_bytes(dmin), scales, self.pack_levels(levels)], axis=-1).reshape(rows, -1)
+        parts = [f16_bytes(d), f16_bytes(dmin), scales, self.pack_levels(levels)]
+        return np.concatenate(parts, axis=-1).reshape(rows, -1)
 
     def pack_levels(self, q):
-        """Levels (rows, blocks, 8, 32) -> (rows, blocks, 128): groups 2c and 2c + 1 share bytes 32c..32c + 31."""
+        """Levels (rows, blocks, 8, 32) -> (rows, blocks, 128): groups 2c and 2c + 1 share bytes 32c to 32c + 31."""
         q = q.reshape(*q.shape[:2], 4, 2, 32)
         return pack_nibbles(q[..., 0, :], q[..., 1, :]).reshape(*q.shape[:2], 128)
 

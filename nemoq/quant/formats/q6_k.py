@@ -22,17 +22,20 @@ from nemoq.quant.formats.search import (
 
 
 class Q6_K(Format, ggml_type=GGMLQuantizationType.Q6_K):
-    search_factors = np.linspace(0.6, 1.05, 19)  # our targets, relative to ggml's first
+    search_factors = np.linspace(0.6, 1.05, 19)  # ours: the largest value mapped to level -32 * factor
 
     def quantize_rows(self, x, importance=None):
         xt = groups_first(x, 16, 16)  # (16 values, 16 groups, rows, super-blocks)
         w = metric_weights(x, importance)
         wt = full(groups_first(w, 16, 16), xt.shape)
-        ggml_w = xt * xt if importance is None else wt
-        candidates = [self.pack(*self.store_scales(xt, *make_qx_quants(xt, 32, ggml_w)))]
         ours = self.store_scales(xt, *make_qx_quants(xt, 32, wt, 32 * self.search_factors))
-        candidates += [self.pack(*ours), self.pack(*self.refit(xt, wt, *ours))]
+        candidates = [self.ggml_rows(x, importance), self.pack(*ours), self.pack(*self.refit(xt, wt, *ours))]
         return self.best_of(x, w, *candidates)
+
+    def ggml_rows(self, x, importance=None):
+        xt = groups_first(x, 16, 16)
+        ggml_w = xt * xt if importance is None else groups_first(importance[None, :], 16, 16)
+        return self.pack(*self.store_scales(xt, *make_qx_quants(xt, 32, ggml_w)))
 
     @staticmethod
     def store_scales(xt, scales, L):
@@ -63,7 +66,8 @@ class Q6_K(Format, ggml_type=GGMLQuantizationType.Q6_K):
         rows = d.shape[0]
         q = (groups_last(L, 2) + 32).astype(np.uint8).reshape(rows, -1, 2, 4, 32)
         ql = pack_nibbles(q[:, :, :, :2], q[:, :, :, 2:]).reshape(rows, -1, 128)
-        qh = ((q >> 4) << np.array([0, 2, 4, 6], np.uint8)[:, None]).sum(axis=-2, dtype=np.uint8).reshape(rows, -1, 64)
+        qh = ((q >> 4) << np.array([0, 2, 4, 6], np.uint8)[:, None]).sum(axis=-2, dtype=np.uint8)
+        qh = qh.reshape(rows, -1, 64)
         scales = groups_last(sc).astype(np.int8).view(np.uint8).reshape(rows, -1, 16)
         return np.concatenate([ql, qh, scales, f16_bytes(d)], axis=-1).reshape(rows, -1)
 

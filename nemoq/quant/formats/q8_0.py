@@ -29,6 +29,8 @@ class Q8_0(Format, ggml_type=GGMLQuantizationType.Q8_0):
         out = np.concatenate([f16_bytes(d), qs.view(np.uint8)], axis=1)
         return out.reshape(x.shape[0], -1)
 
+    ggml_rows = quantize_rows
+
     def dequantize_blocks(self, blocks):
         d = read_f16(blocks[:, :2])
         return d[:, None] * blocks[:, 2:].view(np.int8).astype(np.float32)

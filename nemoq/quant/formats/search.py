@@ -64,7 +64,7 @@ def signed_absmax(x: np.ndarray) -> np.ndarray:
 
 
 def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray, targets=None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric levels l in [-nmax, nmax-1] and a scale d with x ~ d * l (ggml's make_qx_quants, rmse_type 1).
+    """Levels l in [-nmax, nmax-1] and a scale d with x ~ d * l (ggml's make_qx_quants with rmse_type 1).
 
     For each target t, maps the largest value to level -t (iscale = -t / max), rounds, fits d by
     weighted least squares and keeps the target with the largest sum(w x l)^2 / sum(w l^2), i.e.
@@ -101,45 +101,42 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
     Starts from the full range [min(x, 0), max(x)], then tries iscale = (nmax + rmin + rdelta * step)
     / range for step in 0..nstep, refitting scale and min by weighted least squares (keeping
     min <= 0), and keeps whichever gives the lowest weighted squared error. Returns (scale, -min, L).
-    A candidate's error is computed from its weighted sums (in float64) instead of another pass over x.
     """
     w = full(w, x.shape)
     mn = np.minimum(x.min(axis=0), 0)
     mx = x.max(axis=0)
     flat = mx <= mn
-    sum_w, sum_x, sum_x2 = (s.astype(np.float64) for s in (w.sum(axis=0), dot(w, x), dot(w * x, x)))
+    sum_w, sum_x = w.sum(axis=0), dot(w, x)
 
     def levels(iscale, mn):
         t = x - mn
         t *= iscale
         return round_clip(t, 0, nmax)
 
-    def weighted_sums(l):
-        wl = w * l
-        return (s.astype(np.float64) for s in (wl.sum(axis=0), dot(wl, l), dot(wl, x)))
-
-    def error(scale, min_, sum_l, sum_l2, sum_xl):
-        """sum w (scale * l + min - x)^2, expanded."""
-        s, m = scale.astype(np.float64), min_.astype(np.float64)
-        return s * s * sum_l2 + 2 * s * m * sum_l + m * m * sum_w - 2 * s * sum_xl - 2 * m * sum_x + sum_x2
+    def error(scale, min_, l):
+        diff = scale * l
+        diff += min_
+        diff -= x
+        return dot(w * diff, diff)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = nmax / np.where(flat, np.float32(1), mx - mn)
         scale = 1 / iscale
         L = levels(iscale, mn)
-        best = error(scale, mn, *weighted_sums(L))
+        best = error(scale, mn, L)
         for step in range(nstep + 1):
             # as in ggml, the range starts at the best min found so far
-            iscale = (np.float32(rmin) + np.float32(rdelta) * step + nmax) / np.where(flat, np.float32(1), mx - mn)
-            l = levels(iscale, mn)
-            sum_l, sum_l2, sum_xl = weighted_sums(l)
+            rng = np.where(flat, np.float32(1), mx - mn)
+            l = levels((np.float32(rmin) + np.float32(rdelta) * step + nmax) / rng, mn)
+            wl = w * l
+            sum_l, sum_l2, sum_xl = wl.sum(axis=0), dot(wl, l), dot(wl, x)
             D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = ((sum_w * sum_xl - sum_x * sum_l) / D).astype(np.float32)
-            this_min = ((sum_l2 * sum_x - sum_l * sum_xl) / D).astype(np.float32)
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             positive = this_min > 0
-            np.copyto(this_scale, sum_xl / sum_l2, where=positive, casting="unsafe")
+            np.copyto(this_scale, sum_xl / sum_l2, where=positive)
             this_min[positive] = 0
-            cur = error(this_scale, this_min, sum_l, sum_l2, sum_xl)
+            cur = error(this_scale, this_min, l)
             better = (D > 0) & (cur < best)
             np.copyto(L, l, where=better)
             np.copyto(best, cur, where=better)
@@ -239,8 +236,8 @@ def refine_on_grid(x: np.ndarray, w: np.ndarray, d: np.ndarray, grid: Grid, iter
     """
     w = full(w, x.shape)
     for _ in range(iters):
-        q = grid(divide(x, d))
+        q = grid(x * divide(np.float32(1), d))
         fit = divide(dot(w * x, q), dot(w * q, q))
         d = np.where(fit != 0, fit, d)
     d = d.astype(np.float16).astype(np.float32)
-    return d, grid.index(divide(x, d))
+    return d, grid.index(x * divide(np.float32(1), d))

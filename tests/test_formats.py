@@ -1,0 +1,186 @@
+"""Block formats against ggml itself (libggml through ctypes) and gguf-py.
+
+- dequantize equals gguf-py's bit for bit, on random valid blocks, on our output and on ggml's;
+- Q8_0 quantizes to ggml's bytes;
+- every other format's quantizer has a (importance-)weighted squared error no larger than
+  ggml's ggml_quantize_chunk on the same tensor, with and without an importance vector.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from nemoq.quant.formats import FORMATS
+from tests.ggml_oracle import ggml_quantize
+
+NAMES = ["q8_0", "q5_0", "q4_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "mxfp4", "nvfp4"]
+ROWS, N = 24, 1024  # N is a multiple of every block size (256 for the k-quants)
+SLACK = 1e-6  # relative, for float rounding only
+TINY_MODEL = Path(__file__).resolve().parent / "data" / "nemotron-tiny"
+
+
+def gaussian(rng, block_size):
+    return rng.standard_normal((ROWS, N))
+
+
+def heavy_tailed(rng, block_size):
+    return np.concatenate([rng.standard_t(2, (ROWS // 2, N)), rng.standard_t(3, (ROWS // 2, N))])
+
+
+def outlier_columns(rng, block_size):
+    x = rng.standard_normal((ROWS, N)) * 0.02
+    x[:, rng.choice(N, 6, replace=False)] *= 100
+    return x
+
+
+def zeros_and_spikes(rng, block_size):
+    """All-zero blocks, blocks with a single value, constant blocks, tiny values."""
+    x = np.zeros((ROWS, N))
+    x[::2, rng.choice(N, 40, replace=False)] = rng.standard_normal((ROWS // 2, 40))
+    x[1::4, 256:512] = 0.75
+    x[3::4, 512:768] = rng.standard_normal((ROWS // 4, 256)) * 1e-6
+    return x
+
+
+def real_weights(rng, block_size):
+    """Rows of two different kinds of matrix of the trained tiny model (bf16 -> float32) whose
+    width fits the block size, e.g. token_embd + ssm_in, or ssm_out + attn_output for k-quants."""
+    files = sorted(TINY_MODEL.glob("*.safetensors"))
+    if not files:
+        pytest.skip(f"no *.safetensors in {TINY_MODEL}: real-weight case not run")
+    from safetensors import safe_open
+
+    picked: list[np.ndarray] = []
+    kinds: set[str] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in sorted(f.keys()):
+                shape = f.get_slice(name).get_shape()
+                kind = re.sub(r"\.\d+\.", ".N.", name)
+                if len(shape) != 2 or shape[1] % block_size or kind in kinds or shape[0] < ROWS // 2:
+                    continue
+                if picked and shape[1] != picked[0].shape[1]:
+                    continue
+                picked.append(f.get_tensor(name)[: ROWS // 2].float().numpy())
+                kinds.add(kind)
+                if len(picked) == 2:
+                    return np.concatenate(picked)
+    pytest.skip(f"{TINY_MODEL} has no two kinds of matrix with a width that is a multiple of {block_size}")
+
+
+CASES = {f.__name__.replace("_", "-"): f for f in (
+    gaussian, heavy_tailed, outlier_columns, zeros_and_spikes, real_weights,
+)}
+
+
+@functools.cache
+def case_matrix(case: str, block_size: int) -> np.ndarray:
+    x = CASES[case](np.random.default_rng(sorted(CASES).index(case)), block_size)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def importance_for(n: int, seed: int = 7) -> np.ndarray:
+    """An imatrix-like vector: mean x^2 of activations with very uneven columns, some never active."""
+    rng = np.random.default_rng(seed)
+    acts = rng.standard_normal((128, n)) * np.exp(1.5 * rng.standard_normal(n))
+    imp = (acts * acts).mean(axis=0)
+    imp[rng.choice(n, n // 50, replace=False)] = 0
+    return imp.astype(np.float32)
+
+
+def weighted_error(x, y, w) -> float:
+    return float((w.astype(np.float64) * (x.astype(np.float64) - y) ** 2).sum())
+
+
+def test_registry_lists_the_formats_with_gguf_sizes():
+    assert sorted(FORMATS) == sorted(NAMES)
+    for name, fmt in FORMATS.items():
+        assert fmt.ggml_type == GGMLQuantizationType[name.upper()]
+        assert (fmt.block_size, fmt.type_size) == GGML_QUANT_SIZES[fmt.ggml_type]
+
+
+# Offsets of the f16 fields of each block: random bytes there would be NaN or inf.
+F16_FIELDS = {
+    "q8_0": [0], "q5_0": [0], "q4_0": [0], "iq4_nl": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208],
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dequantize_random_blocks_matches_gguf_py(name):
+    fmt = FORMATS[name]
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(0, 256, (3, 40, fmt.type_size), dtype=np.uint8)
+    for off in F16_FIELDS.get(name, []):
+        d = (rng.standard_normal((3, 40)) * 0.05).astype(np.float16)
+        blocks[..., off:off + 2] = d[..., None].view(np.uint8)
+    data = blocks.reshape(3, -1)
+    with np.errstate(over="ignore"):  # an MXFP4 exponent of 255 times 6 is inf, in ggml too
+        ours, ref = fmt.dequantize(data), quants.dequantize(data, fmt.ggml_type)
+    assert ours.dtype == np.float32 and ours.shape == (3, 40 * fmt.block_size)
+    np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", NAMES)
+def test_quantize_error_is_not_above_ggml(name, case, weighted):
+    fmt = FORMATS[name]
+    x = case_matrix(case, fmt.block_size)
+    rows, n = x.shape
+    imp = importance_for(n) if weighted else None
+    ours = fmt.quantize(x, imp)
+    ref = ggml_quantize(x, fmt.ggml_type, imp)
+    assert ours.dtype == np.uint8 and ours.shape == ref.shape == (rows, n // fmt.block_size * fmt.type_size)
+
+    y = fmt.dequantize(ours)
+    np.testing.assert_array_equal(y, quants.dequantize(ours, fmt.ggml_type))
+    y_ref = fmt.dequantize(ref)
+    np.testing.assert_array_equal(y_ref, quants.dequantize(ref, fmt.ggml_type))
+
+    if name == "q8_0":
+        np.testing.assert_array_equal(ours, ref)
+        return
+    w = imp if weighted else np.ones(n, np.float32)
+    ours_err, ggml_err = weighted_error(x, y, w), weighted_error(x, y_ref, w)
+    assert ours_err <= ggml_err * (1 + SLACK), f"{name} {case}: error {ours_err:.6g} > ggml {ggml_err:.6g}"
+
+
+def exact_port(name: str, weighted: bool) -> bool:
+    """Whether our port of ggml's quantizer must give ggml's bytes exactly: yes where ggml does no
+    search; the searches may choose differently on near-ties, where ggml's C sums round differently."""
+    return name in ("q8_0", "mxfp4", "nvfp4") or (name in ("q4_0", "q5_0") and not weighted)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", NAMES)
+def test_ggml_port_reproduces_ggml_bytes(name, case, weighted):
+    fmt = FORMATS[name]
+    x = case_matrix(case, fmt.block_size)
+    imp = importance_for(x.shape[1]) if weighted else None
+    ours = fmt.ggml_rows(x, imp).reshape(-1, fmt.type_size)
+    ref = ggml_quantize(x, fmt.ggml_type, imp).reshape(-1, fmt.type_size)
+    same = (ours == ref).all(axis=1).mean()
+    assert same == 1 if exact_port(name, weighted) else same >= 0.75, f"{name} {case}: {same:.1%} of blocks equal"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quantize_keeps_leading_dims_and_checks_its_input(name):
+    fmt = FORMATS[name]
+    x = np.random.default_rng(2).standard_normal((2, 3, 512)).astype(np.float32)
+    q = fmt.quantize(x)
+    assert q.shape == (2, 3, 512 // fmt.block_size * fmt.type_size)
+    np.testing.assert_array_equal(q.reshape(6, -1), fmt.quantize(x.reshape(6, 512)))
+    assert fmt.dequantize(q).shape == x.shape
+    with pytest.raises(ValueError, match="multiple"):
+        fmt.quantize(np.zeros((2, 512 + fmt.block_size // 2), np.float32))
+    with pytest.raises(ValueError, match="importance"):
+        fmt.quantize(x, np.ones(256, np.float32))
+    with pytest.raises(ValueError, match="importance"):
+        fmt.quantize(x, -np.ones(512, np.float32))
