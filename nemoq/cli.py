@@ -71,15 +71,63 @@ def _convert(src: str, outfile: Path, outtype: str, **options) -> None:
         choose, file_type = float_chooser(outtype, dominant_dtype(source.plan))
         fallbacks = []
     else:
-        from nemoq.quant.recipes import RECIPES, RecipeChooser
-        choose = RecipeChooser(RECIPES[outtype.upper()])
-        file_type, fallbacks = choose.recipe.file_type, choose.fallbacks
+        from nemoq.quant.recipes import RECIPES, chooser, plan_types
+        recipe = RECIPES[outtype.upper()]
+        typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.config.layer_kinds)
+        choose, file_type = chooser(typed), recipe.file_type
+        fallbacks = [(t.spec.name, f"{t.fallback_why}: {t.type}") for t in typed if t.fell_back]
     console.print(f"[bold]{escape(str(source.path))}[/]: {source.config.n_layers} layers "
                   f"({source.config.raw.get('hybrid_override_pattern') or 'layers_block_type'}), "
                   f"{len(source.plan.tensors)} tensors, layout {source.plan.layout}")
     with report.byte_progress(console, "converting", plan_bytes(source.plan)) as advance:
         result = write_gguf(source, outfile, choose, file_type, on_progress=advance, **options)
     report.conversion_summary(console, result, fallbacks)
+
+
+@app.command()
+def quantize(
+    src: str = typer.Argument(..., help="Checkpoint folder or hub repo id (with --dry-run, config.json is enough)."),
+    outfile: Optional[Path] = typer.Option(None, "--outfile", "-o", help="Output .gguf path."),
+    recipe: str = typer.Option("NQ4", help="Recipe name, as llama.cpp spells it (Q4_K_M, Q8_0, ...) or nemoq's NQ4/NQ5."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override, may repeat."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan, size and true bits "
+                                 "per weight without reading weights or writing anything."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    split_max_size: Optional[str] = typer.Option(None, help="Split the output into files of at most this size."),
+) -> None:
+    """Quantize a checkpoint in one pass with a recipe (types per tensor, honest about bits)."""
+    _run(_quantize, src, outfile, recipe, tensor_type, dry_run, force=force,
+         split_max_size=parse_size(split_max_size) if split_max_size else 0)
+
+
+def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: list[str], dry_run: bool,
+              **options) -> None:
+    from nemoq import report
+    from nemoq.quant.recipes import RECIPES, chooser, parse_override, plan_types, summarize
+    recipe = RECIPES.get(recipe_name.upper())
+    if recipe is None:
+        raise NemoqError(f"unknown recipe {recipe_name!r}; known: {', '.join(RECIPES)}")
+    try:
+        parsed = [parse_override(o) for o in overrides]
+    except ValueError as e:
+        raise NemoqError(str(e)) from None
+    if dry_run:
+        from nemoq.convert.config import load_config
+        from nemoq.convert.plan import tensor_specs
+        from nemoq.convert.source import resolve_config
+        config = load_config(resolve_config(src))
+        typed = plan_types(tensor_specs(config), recipe, config.layer_kinds, parsed)
+        report.quant_plan(Console(), typed, summarize(typed), recipe)
+        return
+    if outfile is None:
+        raise NemoqError("--outfile is required (or use --dry-run)")
+    from nemoq.convert.pipeline import open_source, plan_bytes, write_gguf
+    source = open_source(src)
+    typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.config.layer_kinds, parsed)
+    with report.byte_progress(console, "quantizing", plan_bytes(source.plan)) as advance:
+        result = write_gguf(source, outfile, chooser(typed), recipe.file_type, on_progress=advance, **options)
+    report.quant_plan(Console(), typed, summarize(typed), recipe, table=False)
+    report.conversion_summary(console, result, [])
 
 
 @app.command()

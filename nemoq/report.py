@@ -89,7 +89,7 @@ def gguf_info(console: Console, contents, max_tensors: int = 0) -> None:
     console.print(meta)
     tensors = Table(title="tensors")
     for col in ("name", "shape (ne)", "type", "bytes"):
-        tensors.add_column(col, justify="right" if col == "bytes" else "left")
+        tensors.add_column(col, justify="right" if col == "bytes" else "left", no_wrap=True)
     multi = len(contents.files) > 1
     if multi:
         tensors.add_column("file")
@@ -106,3 +106,22 @@ def kernel_info(console: Console, status, formats) -> None:
     console.print(f"  library:  {escape(str(status.library))}")
     console.print(f"  compiler: {status.compiler} {escape(' '.join(status.flags))}")
     console.print(f"  formats:  {', '.join(formats)}")
+
+
+def quant_plan(console: Console, typed, summary, recipe, table: bool = True) -> None:
+    if table:
+        t = Table(title=f"{recipe.name}: {recipe.description}")
+        for col in ("tensor", "shape (ne)", "type", "bytes", "why"):
+            t.add_column(col, justify="right" if col == "bytes" else "left", no_wrap=col != "why")
+        for x in typed:
+            kind = x.type.upper() + (f" [yellow](wanted {x.wanted.upper()})[/]" if x.fell_back else "")
+            t.add_row(x.spec.name, " x ".join(map(str, reversed(x.spec.shape))), kind, f"{x.nbytes:,}",
+                      escape(x.fallback_why or x.reason))
+        console.print(t)
+    console.print(f"[bold]{recipe.name}[/]: {summary.n_elements:,} weights, {human_bytes(summary.total_bytes)} "
+                  f"({summary.total_bytes / 1e9:.2f} GB), [bold]{summary.bits_per_weight:.2f} bits per weight[/]")
+    if summary.fallback_tensors:
+        colour = "bold yellow" if summary.fallback_share > 0.10 else "yellow"
+        console.print(f"[{colour}]{summary.fallback_tensors} tensor(s) fell back to another type "
+                      f"({100 * summary.fallback_share:.1f}% of the quantized weights): their rows are not a "
+                      f"multiple of the wanted type's block[/]")

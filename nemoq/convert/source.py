@@ -30,3 +30,18 @@ def resolve_source(src: str | Path) -> Path:
     except Exception as e:  # network, auth, offline-cache miss: all reported the same way
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NemoqError(f"could not fetch from the hub: {first_line}", str(src)) from None
+
+
+def resolve_config(src: str | Path) -> Path:
+    """A folder holding the checkpoint's config.json: for a hub id, only that file is fetched."""
+    path = Path(src).expanduser()
+    if path.is_file() and path.name == "config.json":
+        return path.parent
+    if path.exists() or not REPO_ID.match(str(src)):
+        return resolve_source(src)
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(src), allow_patterns=["config.json"]))
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NemoqError(f"could not fetch config.json from the hub: {first_line}", str(src)) from None

@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType
 
 from nemoq import kernels_c
 from nemoq.convert.dtypes import to_float32, type_nbytes
-from nemoq.quant import q8_0
+from nemoq.quant.formats import FORMATS
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,4 @@ class BlockEncoding:
         return self.reference(x)
 
 
-BLOCK_ENCODINGS = {
-    "q8_0": BlockEncoding("q8_0", GGMLQuantizationType.Q8_0, q8_0.quantize),
-}
+BLOCK_ENCODINGS = {name: BlockEncoding(name, fmt.ggml_type, fmt.quantize) for name, fmt in FORMATS.items()}

@@ -1,45 +1,262 @@
-"""Which GGUF type each tensor gets. For now: the Q8_0 recipe behind `convert --outtype q8_0`."""
+"""Which GGUF type each tensor gets: recipes as tables of rules, and the typing plan.
+
+A recipe is a base type plus rules `(tensor-name regex, type, layer predicate, why)`; the
+first matching rule wins. Norms, SSM parameters and the router stay F32 whatever the recipe.
+When a type's block does not divide a tensor's rows, the fallback table picks the nearest
+format that fits and the plan says so: Nemotron 3 Nano's 2688 / 1856 / 3712 widths are
+multiples of 64 but not of 256, the k-quant block.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import gguf
 
-from nemoq.convert.dtypes import FLOAT_ENCODINGS, Encoding
-from nemoq.convert.plan import PlannedTensor
-from nemoq.quant.encodings import BLOCK_ENCODINGS
+from nemoq.convert.plan import TensorSpec
+
+FT = gguf.LlamaFileType
+
+
+def block_size(type_name: str) -> int:
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]][0]
+
+
+def type_bytes(type_name: str, n_elements: int) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
+    return n_elements // block * size
+
+
+# When a type's block does not divide the row width: the next format to try, and why it is
+# the honest choice (about the same bits per weight, a 32- or 64-value block).
+FALLBACKS = {
+    "q4_k": "iq4_nl",   # 4.5 bpw either way (llama.cpp's own choice, q5_0, costs 5.5)
+    "q5_k": "q5_0",     # 5.5 bpw either way
+    "q6_k": "q8_0",     # no 32-block 6-bit format; 8.5 bpw
+    "iq4_nl": "q8_0",
+    "q5_0": "q8_0",
+    "q4_0": "q8_0",
+    "mxfp4": "q8_0",
+    "nvfp4": "q8_0",
+    "q8_0": "f16",
+}
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What layer predicates may ask about the model."""
+    layer_kinds: tuple[str, ...]
+
+    def more_bits(self, layer: int | None) -> bool:
+        """llama.cpp's use_more_bits: the first and last eighth, and every third layer between."""
+        if layer is None:
+            return False
+        n = len(self.layer_kinds)
+        return layer < n // 8 or layer >= 7 * n // 8 or (layer - n // 8) % 3 == 2
+
+    def next_to_attention(self, layer: int | None) -> bool:
+        """A Mamba layer whose nearest mixer neighbour (skipping MoE layers) is attention."""
+        if layer is None or self.layer_kinds[layer] != "mamba":
+            return False
+        for step in (-1, 1):
+            i = layer + step
+            while 0 <= i < len(self.layer_kinds) and self.layer_kinds[i] == "moe":
+                i += step
+            if 0 <= i < len(self.layer_kinds) and self.layer_kinds[i] == "attention":
+                return True
+        return False
+
+    def first_eighth(self, layer: int | None) -> bool:
+        return layer is not None and layer < len(self.layer_kinds) // 8
+
+
+PREDICATES: dict[str, Callable[[LayerFacts, int | None], bool]] = {
+    "always": lambda facts, layer: True,
+    "more_bits": LayerFacts.more_bits,
+    "next_to_attention": LayerFacts.next_to_attention,
+    "first_eighth": LayerFacts.first_eighth,
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    type: str
+    when: str = "always"
+    why: str = ""
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    matrix_type: str         # type for 2-D/3-D weights
-    fallback_type: str       # when a row width does not fit the block size
-    file_type: gguf.LlamaFileType
+    base: str
+    file_type: FT
+    rules: tuple[Rule, ...] = ()
+    description: str = ""
 
 
-RECIPES = {
-    "Q8_0": Recipe("Q8_0", "q8_0", "f16", gguf.LlamaFileType.MOSTLY_Q8_0),
-}
+EXPERTS = r"ffn_(up|down)_exps"
+MAMBA = r"ssm_(in|out)"
+ATTENTION = r"attn_(q|k|v|output)\.weight"
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("F32", "f32", FT.ALL_F32, description="no quantization"),
+    Recipe("F16", "f16", FT.MOSTLY_F16, description="16-bit floats"),
+    Recipe("BF16", "bf16", FT.MOSTLY_BF16, description="bfloat16, a byte copy of a BF16 checkpoint"),
+    Recipe("Q8_0", "q8_0", FT.MOSTLY_Q8_0, description="8-bit, near-lossless"),
+    Recipe("Q6_K", "q6_k", FT.MOSTLY_Q6_K, description="6-bit k-quant (rows not a multiple of 256 fall back)"),
+    Recipe("Q5_K_M", "q5_k", FT.MOSTLY_Q5_K_M, (
+        Rule(r"^output\.weight", "q6_k", why="output projection"),
+        Rule(r"attn_v\.weight", "q6_k", "more_bits", "llama.cpp's use_more_bits layers"),
+        Rule(r"ffn_down", "q6_k", "more_bits", "llama.cpp's use_more_bits layers"),
+    ), "5-bit k-quant mix"),
+    Recipe("Q4_K_M", "q4_k", FT.MOSTLY_Q4_K_M, (
+        Rule(r"^output\.weight", "q6_k", why="output projection"),
+        Rule(r"attn_v\.weight", "q6_k", "more_bits", "llama.cpp's use_more_bits layers"),
+        Rule(r"ffn_down", "q6_k", "more_bits", "llama.cpp's use_more_bits layers"),
+    ), "4-bit k-quant mix"),
+    Recipe("Q4_K_S", "q4_k", FT.MOSTLY_Q4_K_S, (
+        Rule(r"^output\.weight", "q6_k", why="output projection"),
+        Rule(r"ffn_down", "q5_k", "first_eighth", "first eighth of the layers"),
+    ), "4-bit k-quant, smaller"),
+    Recipe("IQ4_NL", "iq4_nl", FT.MOSTLY_IQ4_NL, (
+        Rule(r"^output\.weight", "q8_0", why="output projection"),
+    ), "4.5-bit non-linear, 32-value blocks (fits every width)"),
+    Recipe("MXFP4_MOE", "q8_0", FT.MOSTLY_MXFP4_MOE, (
+        Rule(EXPERTS, "mxfp4", why="routed experts in MXFP4, the rest Q8_0 (as llama.cpp)"),
+    ), "MXFP4 routed experts, Q8_0 elsewhere"),
+    Recipe("NVFP4", "nvfp4", FT.MOSTLY_NVFP4, (
+        Rule(r"token_embd|^output\.weight", "q8_0", why="embeddings and output stay >= 8 bits (as NVIDIA's release)"),
+        Rule(ATTENTION, "q8_0", why="attention stays >= 8 bits (as NVIDIA's release)"),
+        Rule(MAMBA, "q8_0", "next_to_attention", "Mamba layers next to attention stay >= 8 bits"),
+    ), "NVFP4 experts and Mamba projections, following NVIDIA's NVFP4 release"),
+    # nemoq's own: formats with 32-value blocks fit 2688 / 1856 / 3712, and bits go where
+    # hybrid models are sensitive (ssm_out, attention, Mamba next to attention, expert down).
+    Recipe("NQ4", "iq4_nl", FT.MOSTLY_IQ4_NL, (
+        Rule(r"token_embd", "q5_0", why="embeddings: 5 bits"),
+        Rule(r"^output\.weight", "q8_0", why="output projection"),
+        Rule(ATTENTION, "q8_0", why="attention is sensitive and small"),
+        Rule(MAMBA, "q8_0", "next_to_attention", "Mamba layers next to attention"),
+        Rule(r"ssm_out", "q6_k", why="ssm_out is the most sensitive Mamba tensor"),
+        Rule(r"ssm_in", "q5_0", why="Mamba input projection"),
+        Rule(r"ffn_down_shexp", "q8_0", why="the shared expert sees every token"),
+        Rule(r"ffn_up_shexp", "q5_0", why="the shared expert sees every token"),
+    ), "nemoq 4-bit: IQ4_NL experts, more bits where the hybrid is sensitive (~4.7 bpw)"),
+    Recipe("NQ5", "q5_0", FT.MOSTLY_Q5_0, (
+        Rule(r"^output\.weight|token_embd", "q8_0", why="embeddings and output"),
+        Rule(ATTENTION, "q8_0", why="attention is sensitive and small"),
+        Rule(MAMBA, "q8_0", "next_to_attention", "Mamba layers next to attention"),
+        Rule(r"ssm_out|ffn_down_shexp", "q8_0", why="most sensitive projections"),
+    ), "nemoq 5-bit: Q5_0 experts, Q8_0 where the hybrid is sensitive (~5.7 bpw)"),
+)}
 
 
-def encoding(type_name: str) -> Encoding:
-    return BLOCK_ENCODINGS.get(type_name) or FLOAT_ENCODINGS[type_name]
+@dataclass(frozen=True)
+class TypedTensor:
+    spec: TensorSpec
+    type: str
+    wanted: str           # the type the rules asked for (differs after a fallback)
+    reason: str
+    fallback_why: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return type_bytes(self.type, self.spec.n_elements)
+
+    @property
+    def fell_back(self) -> bool:
+        return self.type != self.wanted
 
 
-@dataclass
-class RecipeChooser:
-    """Picks an encoding per tensor and remembers every fallback, so none is silent."""
-    recipe: Recipe
-    fallbacks: list[tuple[str, str]] = field(default_factory=list)   # (tensor, why)
+def parse_override(text: str) -> tuple[str, str]:
+    """'REGEX=TYPE' from --tensor-type."""
+    pattern, sep, type_name = text.rpartition("=")
+    if not sep or not pattern or type_name.lower() not in FALLBACKS and type_name.lower() not in ("f32", "f16", "bf16"):
+        raise ValueError(f"--tensor-type {text!r}: expected REGEX=TYPE with TYPE one of "
+                         f"{', '.join(sorted({*FALLBACKS, 'f32', 'f16', 'bf16'}))}")
+    re.compile(pattern)
+    return pattern, type_name.lower()
 
-    def __call__(self, t: PlannedTensor) -> Encoding:
-        if t.keep_f32 or len(t.shape) < 2:
-            return FLOAT_ENCODINGS["f32"]
-        wanted = encoding(self.recipe.matrix_type)
-        block = gguf.GGML_QUANT_SIZES[wanted.ggml_type][0]
-        if t.row_width % block:
-            self.fallbacks.append((t.name, f"row width {t.row_width} is not a multiple of {block}"))
-            return encoding(self.recipe.fallback_type)
-        return wanted
+
+def _fit(type_name: str, row_width: int) -> tuple[str, str]:
+    """The requested type, or its fallback chain until one divides the row width."""
+    why = ""
+    while row_width % block_size(type_name):
+        nxt = FALLBACKS[type_name]
+        why = why or f"row width {row_width} is not a multiple of {block_size(type_name)} ({type_name})"
+        type_name = nxt
+    return type_name, why
+
+
+def plan_types(specs: Iterable[TensorSpec], recipe: Recipe, layer_kinds: tuple[str, ...],
+               overrides: Iterable[tuple[str, str]] = ()) -> list[TypedTensor]:
+    facts = LayerFacts(layer_kinds)
+    overrides = list(overrides)
+    typed = []
+    for spec in specs:
+        if spec.keep_f32 or len(spec.shape) < 2:
+            typed.append(TypedTensor(spec, "f32", "f32", "kept F32 (norm, SSM parameter or router)"))
+            continue
+        wanted, reason = recipe.base, f"{recipe.name} base type"
+        for pattern, type_name in overrides:
+            if re.search(pattern, spec.name):
+                wanted, reason = type_name, f"--tensor-type {pattern}={type_name}"
+                break
+        else:
+            for rule in recipe.rules:
+                if re.search(rule.pattern, spec.name) and PREDICATES[rule.when](facts, spec.layer):
+                    wanted, reason = rule.type, rule.why or rule.pattern
+                    break
+        final, why = _fit(wanted, spec.row_width)
+        typed.append(TypedTensor(spec, final, wanted, reason, why))
+    return typed
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    total_bytes: int
+    n_elements: int
+    fallback_tensors: int
+    fallback_elements: int
+    quantizable_elements: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.total_bytes / max(self.n_elements, 1)
+
+    @property
+    def fallback_share(self) -> float:
+        return self.fallback_elements / max(self.quantizable_elements, 1)
+
+
+FALLBACK_WARNING_SHARE = 0.10
+
+
+def summarize(typed: list[TypedTensor]) -> PlanSummary:
+    quantizable = [t for t in typed if t.wanted != "f32"]
+    fallbacks = [t for t in typed if t.fell_back]
+    return PlanSummary(
+        total_bytes=sum(t.nbytes for t in typed),
+        n_elements=sum(t.spec.n_elements for t in typed),
+        fallback_tensors=len(fallbacks),
+        fallback_elements=sum(t.spec.n_elements for t in fallbacks),
+        quantizable_elements=sum(t.spec.n_elements for t in quantizable),
+    )
+
+
+def encoding_for(type_name: str):
+    from nemoq.convert.dtypes import FLOAT_ENCODINGS
+    from nemoq.quant.encodings import BLOCK_ENCODINGS
+    if type_name in FLOAT_ENCODINGS:
+        return FLOAT_ENCODINGS[type_name]
+    if type_name not in BLOCK_ENCODINGS:
+        raise NotImplementedError(f"writing {type_name} tensors is not implemented yet")
+    return BLOCK_ENCODINGS[type_name]
+
+
+def chooser(typed: list[TypedTensor]):
+    """The converter's per-tensor encoding choice, from a typing plan."""
+    by_name = {t.spec.name: t.type for t in typed}
+    return lambda planned: encoding_for(by_name[planned.name])

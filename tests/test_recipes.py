@@ -1,0 +1,94 @@
+"""Recipes: per-tensor types, honest fallbacks and bits, planned from config.json alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nemoq.convert.config import load_config
+from nemoq.convert.plan import tensor_specs
+from nemoq.quant.recipes import RECIPES, LayerFacts, plan_types, summarize
+from tests.conftest import ROOT, run_cli
+
+REAL = ROOT / "tests" / "data" / "nemotron-3-nano"
+
+
+@pytest.fixture(scope="module")
+def real_config():
+    return load_config(REAL)
+
+
+def typed_for(config, recipe, overrides=()):
+    return plan_types(tensor_specs(config), RECIPES[recipe], config.layer_kinds, overrides)
+
+
+def test_real_model_has_the_published_size(real_config):
+    n = summarize(typed_for(real_config, "BF16")).n_elements
+    assert 31.5e9 < n < 31.7e9
+
+
+def test_nemoq_4bit_recipe_stays_under_4_8_bits_on_the_real_model(real_config):
+    summary = summarize(typed_for(real_config, "NQ4"))
+    assert summary.bits_per_weight <= 4.8
+    assert summary.fallback_tensors == 0
+
+
+def test_k_quant_recipe_falls_back_visibly_on_the_real_widths(real_config):
+    typed = typed_for(real_config, "Q4_K_M")
+    summary = summarize(typed)
+    assert summary.fallback_share > 0.9
+    down = next(t for t in typed if t.spec.name == "blk.1.ffn_down_exps.weight")
+    assert down.fell_back and "1856" in down.fallback_why
+    ssm_out = next(t for t in typed if t.spec.name == "blk.0.ssm_out.weight")
+    assert ssm_out.type in ("q4_k", "q6_k") and not ssm_out.fell_back   # 4096-wide rows fit
+
+
+def test_small_tensors_stay_f32_in_every_recipe(real_config):
+    for name in RECIPES:
+        for t in typed_for(real_config, name):
+            if t.spec.keep_f32 or len(t.spec.shape) == 1:
+                assert t.type == "f32", (name, t.spec.name)
+
+
+def test_tensor_type_override_wins(real_config):
+    typed = typed_for(real_config, "NQ4", [(r"ffn_up_exps", "q8_0")])
+    assert all(t.type == "q8_0" for t in typed if "ffn_up_exps" in t.spec.name)
+
+
+def test_mamba_layers_next_to_attention():
+    facts = LayerFacts(tuple({"M": "mamba", "E": "moe", "*": "attention"}[c] for c in "MEMEM*EMEM"))
+    assert [i for i in range(10) if facts.next_to_attention(i)] == [4, 7]
+
+
+def test_dry_run_prints_plan_without_weights_or_output(tmp_path):
+    result = run_cli("quantize", REAL, "--recipe", "Q4_K_M", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "bits per weight" in result.output and "fell back" in result.output
+    assert "blk.1.ffn_down_exps.weight" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_recipe_and_bad_override_are_clear_errors():
+    result = run_cli("quantize", REAL, "--recipe", "Q3_XYZ", "--dry-run")
+    assert result.exit_code == 1 and "unknown recipe" in result.output and "NQ4" in result.output
+    result = run_cli("quantize", REAL, "--tensor-type", "ffn=q9_9", "--dry-run")
+    assert result.exit_code == 1 and "REGEX=TYPE" in result.output
+
+
+@pytest.mark.parametrize("recipe", ["NQ4", "Q4_K_M", "MXFP4_MOE", "NVFP4"])
+def test_quantized_tiny_model_runs_in_llama_cpp(recipe, tiny_model, tiny_gguf_f32, tmp_path):
+    import numpy as np
+
+    from nemoq.gguf_file import read_gguf
+    from tests.oracles import llama_logits
+    out = tmp_path / f"{recipe}.gguf"
+    result = run_cli("quantize", tiny_model, "-o", out, "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    contents = read_gguf(out)
+    expected = {t.spec.name: t.type.upper() for t in plan_types(
+        tensor_specs(load_config(tiny_model)), RECIPES[recipe], load_config(tiny_model).layer_kinds)}
+    assert {t.name: t.type_name for t in contents.tensors} == expected
+    ids = [1] + list(range(20, 84))
+    base, ours = llama_logits(tiny_gguf_f32, ids), llama_logits(out, ids)
+    assert (base.argmax(-1) == ours.argmax(-1)).mean() >= 0.8
