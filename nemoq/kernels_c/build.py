@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("quants.c",)
+SOURCES = tuple(sorted(p.name for p in SOURCE_DIR.glob("*.c")))   # every C file is one library
 LIB_STEM = "libnemoq_kernels"
 
 # Flags per (system, machine). -march/-mcpu=native is safe: the cache key includes the CPU.
