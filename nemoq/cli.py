@@ -58,27 +58,25 @@ def convert(
                                       "recognise the tokenizer's regex."),
 ) -> None:
     """Convert a Nemotron-H MoE checkpoint (hub or transformers-5 layout) to GGUF."""
-    _run(_convert, src, outfile, outtype.value, force=force,
-         split_max_size=parse_size(split_max_size) if split_max_size else 0, strict=strict, pre=pre)
+    _run(_convert, src, outfile, outtype.value, pre, force=force,
+         split_max_size=parse_size(split_max_size) if split_max_size else 0, strict=strict)
 
 
-def _convert(src: str, outfile: Path, outtype: str, **options) -> None:
+def _convert(src: str, outfile: Path, outtype: str, pre: Optional[str], **options) -> None:
     from nemoq import report
-    from nemoq.convert.pipeline import dominant_dtype, float_chooser, open_source, plan_bytes, write_gguf
+    from nemoq.convert.pipeline import dominant_dtype, float_chooser, open_checkpoint_source, plan_bytes, write_gguf
 
-    source = open_source(src)
+    source = open_checkpoint_source(src, pre)
     if outtype in ("auto", "f32", "f16", "bf16"):
         choose, file_type = float_chooser(outtype, dominant_dtype(source.plan))
         fallbacks = []
     else:
         from nemoq.quant.recipes import RECIPES, chooser, plan_types
         recipe = RECIPES[outtype.upper()]
-        typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.config.layer_kinds)
+        typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.layer_kinds)
         choose, file_type = chooser(typed), recipe.file_type
         fallbacks = [(t.spec.name, f"{t.fallback_why}: {t.type}") for t in typed if t.fell_back]
-    console.print(f"[bold]{escape(str(source.path))}[/]: {source.config.n_layers} layers "
-                  f"({source.config.raw.get('hybrid_override_pattern') or 'layers_block_type'}), "
-                  f"{len(source.plan.tensors)} tensors, layout {source.plan.layout}")
+    console.print(f"[bold]{escape(str(source.path))}[/]: {len(source.plan.tensors)} tensors, {source.description}")
     with report.byte_progress(console, "converting", plan_bytes(source.plan)) as advance:
         result = write_gguf(source, outfile, choose, file_type, on_progress=advance, **options)
     report.conversion_summary(console, result, fallbacks)
@@ -123,7 +121,7 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
         raise NemoqError("--outfile is required (or use --dry-run)")
     from nemoq.convert.pipeline import open_source, plan_bytes, write_gguf
     source = open_source(src)
-    typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.config.layer_kinds, parsed)
+    typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.layer_kinds, parsed)
     with report.byte_progress(console, "quantizing", plan_bytes(source.plan)) as advance:
         result = write_gguf(source, outfile, chooser(typed), recipe.file_type, on_progress=advance, **options)
     report.quant_plan(Console(), typed, summarize(typed), recipe, table=False)

@@ -92,3 +92,31 @@ def test_quantized_tiny_model_runs_in_llama_cpp(recipe, tiny_model, tiny_gguf_f3
     ids = [1] + list(range(20, 84))
     base, ours = llama_logits(tiny_gguf_f32, ids), llama_logits(out, ids)
     assert (base.argmax(-1) == ours.argmax(-1)).mean() >= 0.8
+
+
+def test_quantize_from_an_f16_gguf_keeps_metadata_and_applies_the_recipe(tiny_model, tmp_path):
+    import numpy as np
+
+    from nemoq.gguf_file import read_gguf
+    from tests.conftest import convert
+    f16 = convert(tiny_model, tmp_path / "f16.gguf", "--outtype", "f16")
+    assert run_cli("quantize", f16, "-o", tmp_path / "a.gguf", "--recipe", "NQ4").exit_code == 0
+    ours, source = read_gguf(tmp_path / "a.gguf"), read_gguf(f16)
+    assert {k: v for k, v in ours.metadata.items() if k != "general.file_type"} == \
+        {k: v for k, v in source.metadata.items() if k != "general.file_type"}
+    assert [(t.name, t.shape) for t in ours.tensors] == [(t.name, t.shape) for t in source.tensors]
+    # transforms are not applied twice: ssm_a is copied, not exp()'d again
+    np.testing.assert_array_equal(np.asarray(ours.tensor_data("blk.0.ssm_a").data),
+                                  np.asarray(source.tensor_data("blk.0.ssm_a").data))
+    config = load_config(tiny_model)
+    expected = {t.spec.name: t.type.upper() for t in plan_types(tensor_specs(config), RECIPES["NQ4"],
+                                                                   config.layer_kinds)}
+    assert {t.name: t.type_name for t in ours.tensors} == expected
+
+
+def test_quantize_refuses_an_already_quantized_gguf(tiny_model, tmp_path):
+    q = tmp_path / "q.gguf"
+    assert run_cli("quantize", tiny_model, "-o", q, "--recipe", "Q8_0").exit_code == 0
+    result = run_cli("quantize", q, "-o", tmp_path / "again.gguf", "--recipe", "NQ4")
+    assert result.exit_code == 1 and "already quantized" in result.output
+    assert not (tmp_path / "again.gguf").exists()

@@ -57,7 +57,6 @@ HPARAMS: tuple[tuple[str, Callable[[ModelConfig], Any]], ...] = (
 def add_hparams(writer: gguf.GGUFWriter, config: ModelConfig, name: str) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for method, value in HPARAMS:
         getattr(writer, method)(value(config))
 

@@ -14,7 +14,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from nemoq.convert.config import ModelConfig, load_config
+from nemoq.convert.config import load_config
 from nemoq.convert.dtypes import FLOAT_ENCODINGS, Encoding, count_non_finite
 from nemoq.convert.metadata import add_hparams, add_size_label
 from nemoq.convert.output import StreamingGGUFWriter, atomic_outputs, check_free_space, refuse_to_clobber, split_names
@@ -60,18 +60,38 @@ class ConvertResult:
 
 @dataclass
 class Source:
-    """A checkpoint opened and checked: config, tokenizer and the conversion plan."""
+    """Anything nemoq writes GGUF from, opened and checked: the plan and the metadata to copy."""
     path: Path
-    config: ModelConfig
+    name: str                          # what the user named (folder or repo), for general.name
+    architecture: str
+    layer_kinds: tuple[str, ...]
     plan: Plan
-    name: str          # the folder or repo name the user gave, for general.name
+    add_metadata: Callable[[gguf.GGUFWriter], None]   # hparams, tokenizer, chat template
+    description: str
 
 
-def open_source(src: str | Path) -> Source:
+def open_checkpoint_source(src: str | Path, pre: str | None = None) -> Source:
     path = resolve_source(src)
     config = load_config(path)
     plan = build_plan(config, open_checkpoint(path), path)
-    return Source(path, config, plan, Path(str(src).rstrip("/")).name)
+    vocab = load_vocab(path, config.vocab, pre)
+    name = Path(str(src).rstrip("/")).name
+
+    def add_metadata(writer: gguf.GGUFWriter) -> None:
+        add_hparams(writer, config, name)
+        vocab.add_to(writer)
+    pattern = config.raw.get("hybrid_override_pattern") or "".join(
+        {"mamba": "M", "moe": "E", "attention": "*"}[k] for k in config.layer_kinds)
+    return Source(path, name, config.architecture, config.layer_kinds, plan, add_metadata,
+                  f"{config.n_layers} layers ({pattern}), layout {plan.layout}")
+
+
+def open_source(src: str | Path, pre: str | None = None) -> Source:
+    """A checkpoint folder or hub id, or an existing F32/F16/BF16 GGUF file."""
+    if str(src).endswith(".gguf") and Path(src).is_file():
+        from nemoq.convert.gguf_source import open_gguf_source
+        return open_gguf_source(Path(src))
+    return open_checkpoint_source(src, pre)
 
 
 def float_chooser(outtype: str, source_dtype: str) -> tuple[Chooser, FileType]:
@@ -94,12 +114,10 @@ def dominant_dtype(plan: Plan) -> str:
 
 
 def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, force: bool = False,
-               split_max_size: int = 0, strict: bool = False, pre: str | None = None,
-               name: str | None = None, extra_kv: Callable[[gguf.GGUFWriter], None] | None = None,
+               split_max_size: int = 0, strict: bool = False,
                on_progress: Callable[[int], None] | None = None) -> ConvertResult:
     """Stream `source` into `out` (or its splits), each tensor encoded as `choose` says."""
-    config, plan = source.config, source.plan
-    vocab = load_vocab(source.path, config.vocab, pre)
+    plan = source.plan
     encodings = [choose(t) for t in plan.tensors]
     for t, enc in zip(plan.tensors, encodings):
         if t.row_width % gguf.GGML_QUANT_SIZES[enc.ggml_type][0]:
@@ -111,12 +129,10 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
     result = ConvertResult([], [], plan.layout, plan.skipped)
     start = time.perf_counter()
     with atomic_outputs(out, force) as tmp, Prefetcher(plan.tensors, CHUNK_BYTES) as prefetch:
-        writer = StreamingGGUFWriter(tmp, config.architecture, split_max_size=split_max_size)
-        add_hparams(writer, config, name or source.name)
+        writer = StreamingGGUFWriter(tmp, source.architecture, split_max_size=split_max_size)
+        source.add_metadata(writer)
         writer.add_file_type(int(file_type))
-        vocab.add_to(writer)
-        if extra_kv is not None:
-            extra_kv(writer)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for t, enc in zip(plan.tensors, encodings):
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), enc.nbytes(t.shape), raw_dtype=enc.ggml_type)
         add_size_label(writer)

@@ -80,14 +80,9 @@ class PlannedTensor:
 
 @dataclass
 class Plan:
-    config: ModelConfig
     tensors: list[PlannedTensor]
     layout: str
     skipped: list[str] = field(default_factory=list)   # deliberately not converted (MTP head)
-
-    @property
-    def source_files(self) -> list[Path]:
-        return sorted({s.shard for t in self.tensors for s in t.sources})
 
 
 def _detect_prefix(tensors: dict[str, TensorRef], model_dir: Path) -> str:
@@ -157,4 +152,4 @@ def build_plan(config: ModelConfig, tensors: dict[str, TensorRef], model_dir: Pa
         raise NemoqError(f"checkpoint has {len(unexpected)} tensor(s) that config.json does not explain "
                          f"(wrong config, or an unsupported variant): {_listing(unexpected)}",
                          tensors[unexpected[0]].shard)
-    return Plan(config, planned, f"{prefix}.* / {expert_layout} experts", skipped)
+    return Plan(planned, f"{prefix}.* / {expert_layout} experts", skipped)

@@ -1,0 +1,77 @@
+"""An existing F32/F16/BF16 GGUF file (or split set) as a source for quantization.
+
+Tensor data is read in row chunks straight from the file, like a safetensors shard; all
+metadata (hparams, tokenizer, chat template) is copied unchanged except the file type.
+Which tensors stay F32 is looked up in the same mapping tables the converter uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import gguf
+
+from nemoq.convert import mapping
+from nemoq.convert.plan import Plan, PlannedTensor, TensorSpec
+from nemoq.convert.safetensors_reader import TensorRef
+from nemoq.errors import NemoqError
+from nemoq.gguf_file import read_gguf
+
+FLOAT_TYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
+# Keys that describe the file rather than the model: written anew.
+NOT_COPIED = ("GGUF.", "general.file_type", "general.quantization_version", "split.")
+ALL_ROWS = (mapping.HEAD_ROWS + mapping.TAIL_ROWS + mapping.LAYER_ROWS + mapping.MAMBA_ROWS
+            + mapping.ATTENTION_ROWS + mapping.MOE_ROWS + mapping.PER_EXPERT_ROWS)
+LAYER_NAME = re.compile(r"^blk\.(\d+)\.")
+
+
+def layer_kinds_from_metadata(metadata: dict, arch: str, path: Path) -> tuple[str, ...]:
+    """As llama.cpp: feed_forward_length > 0 marks MoE, head_count_kv > 0 attention, else Mamba."""
+    ff, kv = metadata.get(f"{arch}.feed_forward_length"), metadata.get(f"{arch}.attention.head_count_kv")
+    if not isinstance(ff, list) or not isinstance(kv, list) or len(ff) != len(kv):
+        raise NemoqError(f"{arch}.feed_forward_length / attention.head_count_kv are not per-layer arrays", path)
+    return tuple("moe" if f > 0 else "attention" if k > 0 else "mamba" for f, k in zip(ff, kv))
+
+
+def _spec(entry, layer_kinds: tuple[str, ...], path: Path) -> TensorSpec:
+    m = LAYER_NAME.match(entry.name)
+    layer = int(m.group(1)) if m else None
+    row = next((r for r in ALL_ROWS if r.gguf_name(layer) == entry.name), None)
+    if row is None:
+        raise NemoqError(f"tensor {entry.name} is not a nemotron_h_moe tensor nemoq knows", path)
+    shape = tuple(reversed(entry.shape))
+    # The data is already in llama.cpp's form: no transform is applied a second time.
+    return TensorSpec(entry.name, shape, row.keep_f32, layer, layer_kinds[layer] if layer is not None else None,
+                      dataclasses.replace(row, transform="identity", stacked=False), (entry.name,), shape)
+
+
+def open_gguf_source(path: Path):
+    from nemoq.convert.pipeline import Source
+    contents = read_gguf(path)
+    arch = contents.metadata.get("general.architecture")
+    if arch != mapping.GGUF_ARCH_NAME:
+        raise NemoqError(f"architecture {arch!r} is not {mapping.GGUF_ARCH_NAME}", path)
+    quantized = sorted({t.type_name for t in contents.tensors} - set(FLOAT_TYPES))
+    if quantized:
+        raise NemoqError(f"input is already quantized ({', '.join(quantized)} tensors); quantize from an "
+                         "F32/F16/BF16 GGUF or from the checkpoint", path)
+    kinds = layer_kinds_from_metadata(contents.metadata, arch, path)
+    planned = []
+    for entry, reader_tensor in zip(contents.tensors, (t for r in contents.readers for t in r.tensors)):
+        spec = _spec(entry, kinds, path)
+        ref = TensorRef(entry.name, entry.file, FLOAT_TYPES[entry.type_name], spec.shape,
+                        int(reader_tensor.data_offset), entry.nbytes)
+        planned.append(PlannedTensor(spec, (ref,)))
+    fields = [(name, f) for r in contents.readers[:1] for name, f in r.fields.items()
+              if not name.startswith(NOT_COPIED) and name != "general.architecture"]
+
+    def add_metadata(writer: gguf.GGUFWriter) -> None:
+        for name, f in fields:
+            main = f.types[0]
+            sub = f.types[-1] if main == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(name, f.contents(), main, sub_type=sub)
+    pattern = "".join({"mamba": "M", "moe": "E", "attention": "*"}[k] for k in kinds)
+    return Source(path, path.stem, arch, kinds, Plan(planned, "GGUF"), add_metadata,
+                  f"{len(kinds)} layers ({pattern}), from {len(contents.files)} GGUF file(s)")
