@@ -163,3 +163,14 @@ def test_multi_token_prediction_tensors_are_skipped_and_reported(random_hub, tmp
     assert result.exit_code == 0, result.output
     assert "skipped 1 multi-token-prediction tensor" in result.output
     assert all(not t.name.startswith("mtp") for t in read_gguf(tmp_path / "o.gguf").tensors)
+
+
+def test_fast_metadata_packing_matches_gguf_py():
+    from nemoq.convert.output import StreamingGGUFWriter
+    w = StreamingGGUFWriter(None, "nemotron_h_moe")
+    T = gguf.GGUFValueType
+    cases = [(["a", "Ġb", "日本", "[PAD9]"] * 40, T.ARRAY, None), ([1, 3, 6, 1] * 40, T.ARRAY, None),
+             ([0.5, 1.5] * 40, T.ARRAY, None), ([0, 1856] * 40, T.ARRAY, T.UINT32), (["x"] * 3, T.ARRAY, None)]
+    for val, vtype, sub in cases:
+        for add_vtype in (True, False):
+            assert w._pack_val(val, vtype, add_vtype, sub) == gguf.GGUFWriter._pack_val(w, val, vtype, add_vtype, sub)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +21,26 @@ import numpy as np
 from nemoq.errors import NemoqError
 
 
+_NUMPY_OF = {gguf.GGUFValueType.INT32: "<i4", gguf.GGUFValueType.UINT32: "<u4", gguf.GGUFValueType.FLOAT32: "<f4"}
+
+
 class StreamingGGUFWriter(gguf.GGUFWriter):
-    """gguf-py's writer, plus writing one tensor from a stream of row chunks."""
+    """gguf-py's writer, plus writing one tensor from a stream of row chunks, and packing of
+    long metadata arrays (131072 tokens, their types, the merges) without a Python call per item."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
+        fast = (vtype == gguf.GGUFValueType.ARRAY and isinstance(val, (list, tuple)) and len(val) > 64
+                and self.endianess == gguf.GGUFEndian.LITTLE)
+        item_type = (sub_type or gguf.GGUFValueType.get_type(val[0])) if fast else None
+        if item_type == gguf.GGUFValueType.STRING and all(type(v) is str for v in val):
+            encoded = [v.encode("utf-8") for v in val]
+            body = b"".join(struct.pack("<Q", len(e)) + e for e in encoded)
+        elif item_type in _NUMPY_OF and all(type(v) is type(val[0]) for v in val):
+            body = np.asarray(val, dtype=_NUMPY_OF[item_type]).tobytes()
+        else:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        head = struct.pack("<I", vtype) if add_vtype else b""
+        return head + struct.pack("<IQ", item_type, len(val)) + body
 
     def write_tensor_chunks(self, chunks: Iterable[np.ndarray]) -> int:
         # Mirrors GGUFWriter.write_tensor_data, which needs the whole tensor in memory.
