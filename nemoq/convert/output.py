@@ -8,7 +8,10 @@ output is never replaced without `force`.
 from __future__ import annotations
 
 import os
+import functools
+import queue
 import shutil
+import threading
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -54,25 +57,59 @@ class StreamingGGUFWriter(gguf.GGUFWriter):
         for chunk in chunks:
             fout.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
             written += chunk.nbytes
-            start_writeback(fout, chunk.nbytes)
+            fout.flush()
+            self.writeback.submit(fout.fileno(), fout.tell() - chunk.nbytes, chunk.nbytes)
         if written != info.nbytes:
             raise RuntimeError(f"{name}: wrote {written} bytes, planned {info.nbytes}")
         self.write_padding(fout, written)
         self.state = gguf.gguf_writer.WriterState.WEIGHTS
         return written
 
-    def output_paths(self) -> list[Path]:
-        assert self.path is not None
-        return self.format_shard_names(self.path)
+    @functools.cached_property
+    def writeback(self) -> "Writeback":
+        return Writeback()
+
+    def close(self) -> None:
+        self.writeback.drain()
+        super().close()
 
 
-def start_writeback(fout, last_bytes: int) -> None:
-    """Ask the kernel to start writing the bytes just written (and drop them from the cache once
-    written), so the final fsync finds little left to do. No-op where posix_fadvise is missing."""
-    if hasattr(os, "posix_fadvise"):
-        fout.flush()
-        end = fout.tell()
-        os.posix_fadvise(fout.fileno(), max(0, end - 2 * last_bytes), 2 * last_bytes, os.POSIX_FADV_DONTNEED)
+class Writeback:
+    """Starts writing each range we wrote to disk (and drops it from the page cache once
+    written) from a background thread, so the final fsync finds little left to do and the
+    converter never waits for the disk. Ranges in the page cache are stable once written, so
+    this needs no buffer hand-off. A no-op where posix_fadvise is missing."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="nemoq-writeback", daemon=True)
+        self._started = False
+        self._previous: dict[int, tuple[int, int]] = {}
+
+    def submit(self, fd: int, offset: int, length: int) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        if not self._started:
+            self._thread.start()
+            self._started = True
+        self._queue.put((fd, offset, length))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fd, offset, length = item
+            # The previous range is written by now: dropping it again frees its pages.
+            prev = self._previous.get(fd, (offset, 0))
+            try:
+                os.posix_fadvise(fd, prev[0], offset + length - prev[0], os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass   # advice only; fsync still makes the file durable
+            self._previous[fd] = (offset, length)
+
+    def drain(self) -> None:
+        if self._started:
+            self._queue.put(None)
+            self._thread.join()
+            self._started = False
 
 
 def split_names(out: Path, n_splits: int) -> list[Path]:
