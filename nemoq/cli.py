@@ -88,18 +88,20 @@ def quantize(
     outfile: Optional[Path] = typer.Option(None, "--outfile", "-o", help="Output .gguf path."),
     recipe: str = typer.Option("NQ4", help="Recipe name, as llama.cpp spells it (Q4_K_M, Q8_0, ...) or nemoq's NQ4/NQ5."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override, may repeat."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp's GGUF or "
+                                           "legacy .dat format) weighting every format's error."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan, size and true bits "
                                  "per weight without reading weights or writing anything."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     split_max_size: Optional[str] = typer.Option(None, help="Split the output into files of at most this size."),
 ) -> None:
     """Quantize a checkpoint in one pass with a recipe (types per tensor, honest about bits)."""
-    _run(_quantize, src, outfile, recipe, tensor_type, dry_run, force=force,
+    _run(_quantize, src, outfile, recipe, tensor_type, dry_run, imatrix, force=force,
          split_max_size=parse_size(split_max_size) if split_max_size else 0)
 
 
 def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: list[str], dry_run: bool,
-              **options) -> None:
+              imatrix_path: Optional[Path], **options) -> None:
     from nemoq import report
     from nemoq.quant.recipes import RECIPES, chooser, parse_override, plan_types, summarize
     recipe = RECIPES.get(recipe_name.upper())
@@ -122,8 +124,17 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
     from nemoq.convert.pipeline import open_source, plan_bytes, write_gguf
     source = open_source(src)
     typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.layer_kinds, parsed)
+    imatrix = None
+    if imatrix_path is not None:
+        from nemoq.calib.imatrix_file import read_imatrix
+        from nemoq.quant.recipes import check_imatrix
+        imatrix = read_imatrix(imatrix_path)
+        uncovered = check_imatrix(typed, imatrix, imatrix_path)
+        if uncovered:
+            console.print(f"[yellow]imatrix has no statistics for {len(uncovered)} quantized tensor(s)[/] "
+                          f"(e.g. {escape(uncovered[0])}): quantized without importance")
     with report.byte_progress(console, "quantizing", plan_bytes(source.plan)) as advance:
-        result = write_gguf(source, outfile, chooser(typed), recipe.file_type, on_progress=advance, **options)
+        result = write_gguf(source, outfile, chooser(typed, imatrix), recipe.file_type, on_progress=advance, **options)
     report.quant_plan(Console(), typed, summarize(typed), recipe, table=False)
     report.conversion_summary(console, result, [])
 

@@ -29,4 +29,35 @@ class BlockEncoding:
         return self.reference(x)
 
 
+    def with_importance(self, importance: np.ndarray, rows_per_matrix: int) -> "WeightedEncoding":
+        return WeightedEncoding(self, importance, rows_per_matrix)
+
+
+class WeightedEncoding:
+    """A block encoding for one tensor with its importance: one vector per matrix (per expert
+    for stacked experts). Chunks arrive in order, so a row counter tells which matrix a row
+    belongs to; a chunk that spans two experts is split at the boundary."""
+
+    def __init__(self, base: BlockEncoding, importance: np.ndarray, rows_per_matrix: int):
+        self.base, self.ggml_type = base, base.ggml_type
+        self.importance = importance.reshape(-1, importance.shape[-1])
+        self.rows_per_matrix = rows_per_matrix
+        self.row = 0
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return self.base.nbytes(shape)
+
+    def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray:
+        x = to_float32(rows, source_dtype).reshape(-1, rows.shape[-1])
+        quantize = FORMATS[self.base.name].quantize
+        pieces, start = [], 0
+        while start < x.shape[0]:
+            matrix = min(self.row // self.rows_per_matrix, self.importance.shape[0] - 1)
+            take = min(x.shape[0] - start, self.rows_per_matrix - self.row % self.rows_per_matrix)
+            pieces.append(quantize(x[start:start + take], self.importance[matrix]))
+            start += take
+            self.row += take
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
 BLOCK_ENCODINGS = {name: BlockEncoding(name, fmt.ggml_type, fmt.quantize) for name, fmt in FORMATS.items()}

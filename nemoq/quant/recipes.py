@@ -256,7 +256,30 @@ def encoding_for(type_name: str):
     return BLOCK_ENCODINGS[type_name]
 
 
-def chooser(typed: list[TypedTensor]):
-    """The converter's per-tensor encoding choice, from a typing plan."""
+def chooser(typed: list[TypedTensor], imatrix=None):
+    """The converter's per-tensor encoding choice, from a typing plan (and importance)."""
     by_name = {t.spec.name: t.type for t in typed}
-    return lambda planned: encoding_for(by_name[planned.name])
+
+    def choose(planned):
+        encoding = encoding_for(by_name[planned.name])
+        importance = imatrix.importance(planned.name) if imatrix is not None else None
+        if importance is None or not hasattr(encoding, "with_importance"):
+            return encoding
+        rows_per_matrix = planned.shape[-2] if len(planned.shape) == 3 else planned.shape[0]
+        return encoding.with_importance(importance, rows_per_matrix)
+    return choose
+
+
+def check_imatrix(typed: list[TypedTensor], imatrix, path) -> list[str]:
+    """Errors when the imatrix belongs to another model; the quantized tensors it does not cover."""
+    from nemoq.errors import NemoqError
+    specs = {t.spec.name: t.spec for t in typed}
+    for name, sums in imatrix.sums.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise NemoqError(f"imatrix does not match the model: it has {name}, the model does not", path)
+        n_mat = spec.shape[0] if len(spec.shape) == 3 else 1
+        if sums.shape[-1] != spec.row_width or sums.shape[0] not in (1, n_mat):
+            raise NemoqError(f"imatrix does not match the model: {name} has {sums.shape[0]} x {sums.shape[-1]} "
+                             f"statistics, the model's tensor needs {n_mat} x {spec.row_width}", path)
+    return [t.spec.name for t in typed if t.type not in ("f32", "f16", "bf16") and t.spec.name not in imatrix.sums]

@@ -1,0 +1,1 @@
+"""Calibration: layer-streamed activation statistics (importance matrix) and their file format."""
