@@ -28,65 +28,11 @@ SHARD_BYTES = 2_000_000_000    # hub checkpoints use ~5 GB shards; ~2 GB keeps s
 CHUNK_ELEMS = 8 * 1024 * 1024  # values generated at a time (16 MB of bf16)
 MANIFEST = "bench_manifest.json"
 
-# The published config.json of NVIDIA-Nemotron-3-Nano-30B-A3B-BF16, less its 52-layer
-# pattern (set from --pattern) and keys that JSON cannot hold (time_step_limit has Infinity).
-REAL_CONFIG = {
-    "architectures": ["NemotronHForCausalLM"],
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "bos_token_id": 1,
-    "chunk_size": 128,
-    "conv_kernel": 4,
-    "eos_token_id": 2,
-    "expand": 2,
-    "head_dim": 128,
-    "hidden_dropout": 0.0,
-    "hidden_size": 2688,
-    "initializer_range": 0.02,
-    "intermediate_size": 1856,
-    "layer_norm_epsilon": 1e-05,
-    "mamba_head_dim": 64,
-    "mamba_hidden_act": "silu",
-    "mamba_num_heads": 64,
-    "mamba_proj_bias": False,
-    "mamba_ssm_cache_dtype": "float32",
-    "max_position_embeddings": 262144,
-    "mlp_bias": False,
-    "mlp_hidden_act": "relu2",
-    "model_type": "nemotron_h",
-    "moe_intermediate_size": 1856,
-    "moe_shared_expert_intermediate_size": 3712,
-    "n_group": 1,
-    "n_groups": 8,
-    "n_routed_experts": 128,
-    "n_shared_experts": 1,
-    "norm_eps": 1e-05,
-    "norm_topk_prob": True,
-    "num_attention_heads": 32,
-    "num_experts_per_tok": 6,
-    "num_key_value_heads": 2,
-    "num_logits_to_keep": 1,
-    "pad_token_id": 0,
-    "partial_rotary_factor": 1.0,
-    "rescale_prenorm_residual": True,
-    "residual_in_fp32": False,
-    "rope_theta": 10000,
-    "routed_scaling_factor": 2.5,
-    "sliding_window": None,
-    "ssm_state_size": 128,
-    "tie_word_embeddings": False,
-    "time_step_floor": 0.0001,
-    "time_step_max": 0.1,
-    "time_step_min": 0.001,
-    "topk_group": 1,
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.55.4",
-    "use_bias": False,
-    "use_cache": True,
-    "use_conv_bias": True,
-    "use_mamba_kernels": True,
-    "vocab_size": 131072,
-}
+# The published config.json of NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 (the copy the tests plan
+# against), less its 52-layer pattern, which --pattern replaces.
+REAL_CONFIG = {k: v for k, v in json.loads(
+    (Path(__file__).resolve().parent.parent / "tests" / "data" / "nemotron-3-nano" / "config.json").read_text()).items()
+    if k not in ("hybrid_override_pattern", "num_hidden_layers")}
 
 
 @dataclass(frozen=True)
