@@ -167,3 +167,25 @@ def test_convert_never_modifies_inputs(random_hub, tmp_path):
     before = {p.name: p.read_bytes() for p in random_hub.iterdir()}
     assert run_cli("convert", random_hub, "-o", tmp_path / "out.gguf").exit_code == 0
     assert {p.name: p.read_bytes() for p in random_hub.iterdir()} == before
+
+
+def test_nan_is_found_on_the_byte_copy_path_too(fresh_checkpoint, tmp_path):
+    name = "backbone.layers.0.mixer.out_proj.weight"
+
+    def poison(t):
+        t[name] = t[name].copy()
+        t[name][3, 1] = np.inf
+    edit_shard(fresh_checkpoint, name, poison)
+    assert_fails(fresh_checkpoint, tmp_path, "NaN/Inf", "blk.0.ssm_out.weight", extra=("--outtype", "f32", "--strict"))
+
+
+def test_copy_without_copy_file_range_gives_the_same_file(random_hub, random_hub_gguf, tmp_path, monkeypatch):
+    from nemoq.convert import output
+
+    def unsupported(*args):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(output.os, "copy_file_range", unsupported, raising=False)
+    monkeypatch.setattr(output.copy_range, "unsupported", False, raising=False)
+    out = tmp_path / "o.gguf"
+    assert run_cli("convert", random_hub, "-o", out, "--outtype", "f32").exit_code == 0
+    assert out.read_bytes() == random_hub_gguf.read_bytes()

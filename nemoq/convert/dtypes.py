@@ -111,6 +111,10 @@ class FloatEncoding:
     def nbytes(self, shape: tuple[int, ...]) -> int:
         return type_nbytes(self.ggml_type, shape)
 
+    def copies(self, source_dtype: str) -> bool:
+        """True when the stored bytes are the source bytes (bf16 -> BF16, f16 -> F16, ...)."""
+        return source_dtype == SOURCE_OF[self.ggml_type]
+
     def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray:
         if rows.dtype == np.float32:   # transformed values arrive as float32 whatever the source
             source_dtype = "F32"

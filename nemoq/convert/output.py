@@ -15,6 +15,7 @@ import threading
 import struct
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -22,6 +23,35 @@ import gguf
 import numpy as np
 
 from nemoq.errors import NemoqError
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes to copy unchanged from an open source file: the kernel copies them
+    (copy_file_range), so they never pass through a user-space buffer."""
+    fd: int
+    offset: int
+    nbytes: int
+
+
+COPY_STEP = 64 * 1024 * 1024
+
+
+def copy_range(src: FileRange, dst_fd: int) -> None:
+    done = 0
+    while done < src.nbytes:
+        n = 0
+        if hasattr(os, "copy_file_range") and not getattr(copy_range, "unsupported", False):
+            try:
+                n = os.copy_file_range(src.fd, dst_fd, min(src.nbytes - done, COPY_STEP), src.offset + done)
+            except OSError:             # e.g. a filesystem or kernel without it: copy by hand
+                copy_range.unsupported = True  # type: ignore[attr-defined]
+        if n == 0:
+            data = os.pread(src.fd, min(src.nbytes - done, COPY_STEP), src.offset + done)
+            if not data:
+                raise OSError(f"source ended {src.nbytes - done} bytes early")
+            n = os.write(dst_fd, data)
+        done += n
 
 
 _NUMPY_OF = {gguf.GGUFValueType.INT32: "<i4", gguf.GGUFValueType.UINT32: "<u4", gguf.GGUFValueType.FLOAT32: "<f4"}
@@ -45,7 +75,7 @@ class StreamingGGUFWriter(gguf.GGUFWriter):
         head = struct.pack("<I", vtype) if add_vtype else b""
         return head + struct.pack("<IQ", item_type, len(val)) + body
 
-    def write_tensor_chunks(self, chunks: Iterable[np.ndarray]) -> int:
+    def write_tensor_chunks(self, chunks: Iterable["np.ndarray | FileRange"]) -> int:
         # Mirrors GGUFWriter.write_tensor_data, which needs the whole tensor in memory.
         assert self.fout is not None
         file_id = next(i for i, tensors in enumerate(self.tensors) if tensors)
@@ -55,9 +85,13 @@ class StreamingGGUFWriter(gguf.GGUFWriter):
         self.write_padding(fout, fout.tell())
         written = 0
         for chunk in chunks:
-            fout.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+            if isinstance(chunk, FileRange):
+                fout.flush()
+                copy_range(chunk, fout.fileno())
+            else:
+                fout.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+                fout.flush()
             written += chunk.nbytes
-            fout.flush()
             self.writeback.submit(fout.fileno(), fout.tell() - chunk.nbytes, chunk.nbytes)
         if written != info.nbytes:
             raise RuntimeError(f"{name}: wrote {written} bytes, planned {info.nbytes}")

@@ -17,7 +17,7 @@ import numpy as np
 from nemoq.convert.config import load_config
 from nemoq.convert.dtypes import FLOAT_ENCODINGS, Encoding, count_non_finite
 from nemoq.convert.metadata import add_hparams, add_size_label
-from nemoq.convert.output import StreamingGGUFWriter, atomic_outputs, check_free_space, refuse_to_clobber, split_names
+from nemoq.convert.output import FileRange, StreamingGGUFWriter, atomic_outputs, check_free_space, refuse_to_clobber, split_names
 from nemoq.convert.plan import Plan, PlannedTensor, build_plan
 from nemoq.convert.prefetch import Prefetcher
 from nemoq.convert.safetensors_reader import open_checkpoint
@@ -128,7 +128,9 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
 
     result = ConvertResult([], [], plan.layout, plan.skipped)
     start = time.perf_counter()
-    with atomic_outputs(out, force) as tmp, Prefetcher(plan.tensors, CHUNK_BYTES) as prefetch:
+    copied = [is_byte_copy(t, enc) for t, enc in zip(plan.tensors, encodings)]
+    read = [t for t, c in zip(plan.tensors, copied) if not c]
+    with atomic_outputs(out, force) as tmp, Prefetcher(read, CHUNK_BYTES) as prefetch:
         writer = StreamingGGUFWriter(tmp, source.architecture, split_max_size=split_max_size)
         source.add_metadata(writer)
         writer.add_file_type(int(file_type))
@@ -141,8 +143,21 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t, enc in zip(plan.tensors, encodings):
+        for t, enc, copy in zip(plan.tensors, encodings, copied):
             report = TensorReport(t.name, t.shape, enc.ggml_type.name, enc.nbytes(t.shape))
+
+            def copied_chunks():
+                # Scanned through a memory map, then copied file to file by the kernel.
+                for ref in t.sources:
+                    with open(ref.shard, "rb") as f:
+                        for offset, rows in ref.iter_mapped(CHUNK_BYTES):
+                            report.non_finite += count_non_finite(rows, ref.dtype)
+                            nbytes = rows.nbytes
+                            del rows
+                            result.bytes_read += nbytes
+                            yield FileRange(f.fileno(), offset, nbytes)
+                            if on_progress is not None:
+                                on_progress(nbytes)
 
             def encoded_chunks():
                 for rows in prefetch.chunks():
@@ -152,7 +167,7 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
                     yield enc.encode(rows, t.source_dtype)
                     if on_progress is not None:
                         on_progress(rows.nbytes)
-            writer.write_tensor_chunks(encoded_chunks())
+            writer.write_tensor_chunks(copied_chunks() if copy else encoded_chunks())
             if report.non_finite:
                 message = f"{t.name}: {report.non_finite} NaN/Inf value(s) in {t.sources[0].name}"
                 if strict:
@@ -163,6 +178,11 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
     result.outputs = final_paths
     result.seconds = time.perf_counter() - start
     return result
+
+
+def is_byte_copy(t: PlannedTensor, enc: Encoding) -> bool:
+    """Stored exactly as the source holds it (bf16 -> BF16 ...): no decoding needed."""
+    return t.transform.values is None and getattr(enc, "copies", lambda dtype: False)(t.source_dtype)
 
 
 def plan_bytes(plan: Plan) -> int:

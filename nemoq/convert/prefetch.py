@@ -37,7 +37,7 @@ class Prefetcher:
     """Iterate tensor by tensor over chunks produced by a background reader thread."""
 
     def __init__(self, tensors: Sequence[PlannedTensor], chunk_bytes: int):
-        self._tensors = tensors
+        self._tensors = tensors   # only the tensors whose chunks the caller will ask for
         self._ring = BufferRing(chunk_bytes)
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()

@@ -76,6 +76,19 @@ class TensorRef:
                 start += rows
 
 
+    def iter_mapped(self, window_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(file offset, rows) windows of the tensor memory-mapped, not copied: for scanning
+        bytes that are then copied file to file. Each window is unmapped when the next is made."""
+        row_bytes = max(1, self.nbytes // (self.shape[0] if self.shape else 1))
+        rows_per_window = max(1, window_bytes // row_bytes)
+        n_rows = self.shape[0] if self.shape else 1
+        for start in range(0, n_rows, rows_per_window):
+            rows = min(rows_per_window, n_rows - start)
+            offset = self.offset + start * row_bytes
+            yield offset, np.memmap(self.shard, dtype=self.storage_dtype, mode="r", offset=offset,
+                                    shape=(rows, *self.shape[1:]))
+
+
 def _read_exact(path: Path, offset: int, view: memoryview) -> None:
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)

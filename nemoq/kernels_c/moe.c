@@ -4,19 +4,30 @@
  *
  * numpy reference: nemoq/quant/moe_reference.py; ctypes wrapper: nemoq/kernels_c/moe.py.
  * `up` holds E * I rows of H values and `down` E * H rows of I values, each in a ggml block
- * format named by its ggml type id. Nothing is dequantized beyond one block: each block is
- * decoded into a small buffer on the stack and dotted at once with every token routed to that
- * expert, so an expert's bytes are read once per call however many tokens share it. float32
- * throughout; sums keep LANES partial sums (vectorisable without -ffast-math) added pairwise.
+ * format named by its ggml type id. Nothing is dequantized beyond one block: a block is decoded
+ * into its integer levels (int8) and float group scales on the stack, then dotted at once with
+ * every token routed to that expert, so an expert's bytes are read once per call however many
+ * tokens share it. float32 throughout: per group sum_j q_j x_j, then acc += d_g * that.
  *
  * Work comes as groups: one group per distinct expert, listing its slots (token, weight).
  * Two phases with a barrier between, the caller splitting rows across threads (ctypes drops
  * the GIL), so the C code stays single-threaded:
  *   nemoq_moe_up    rows [r0, r1) of I:  hidden[s, r] = relu(scale_e * up_e[r] . x[token(s)])^2
  *   nemoq_moe_down  rows [r0, r1) of H:  out[token(s), r] += w_s * scale_e * down_e[r] . hidden[s]
- * A thread owns its output rows, so results do not depend on the number of threads. */
+ * A thread owns its output rows, so results do not depend on the number of threads.
+ *
+ * Portable C11. Two helpers (nibble table lookup, int8-by-float group dot) have an AVX2 version
+ * because compilers do not vectorise them well; -DNEMOQ_MOE_PORTABLE forces the plain C ones
+ * (what other CPUs run; the tests build and check both). */
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__AVX2__) && !defined(NEMOQ_MOE_PORTABLE)
+#include <immintrin.h>
+#define MOE_AVX2 1
+#else
+#define MOE_AVX2 0
+#endif
 
 enum {  /* ggml type ids (gguf-py GGMLQuantizationType) */
     FMT_Q5_0 = 6, FMT_Q8_0 = 8, FMT_Q4_K = 12, FMT_Q5_K = 13, FMT_Q6_K = 14,
@@ -46,120 +57,220 @@ static inline float e8m0_half(uint8_t e) {
     return bits_to_float(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23);
 }
 
-/* UE4M3 as nemoq/quant/formats/nvfp4.py decodes it: 4 exponent bits (bias 7), 3 mantissa
- * bits; codes 0 and 0x7F are zero. */
-static inline float ue4m3(uint8_t code) {
-    const uint32_t exp = (code >> 3) & 0xfu, man = code & 7u;
-    if (code == 0 || code == 0x7f) return 0.0f;
-    return exp == 0 ? (float)man * 0x1p-9f : bits_to_float((exp + 120u) << 23 | man << 20);
-}
-
-/* E2M1 doubled to integers, as ggml's kvalues_mxfp4; IQ4_NL's non-linear table. */
-static const float E2M1_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-static const float IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-
-/* ---- one block -> float values (layouts: nemoq/quant/formats/<format>.py) ---- */
-
-static inline void decode_q8_0(const uint8_t * b, float * y) {
-    const float d = half_to_float(b);
-    for (int j = 0; j < 32; j++) y[j] = d * (float)(int8_t)b[2 + j];
-}
-
-static inline void decode_q5_0(const uint8_t * b, float * y) {
-    const float d = half_to_float(b);
-    const uint32_t qh = (uint32_t)b[2] | (uint32_t)b[3] << 8 | (uint32_t)b[4] << 16 | (uint32_t)b[5] << 24;
-    for (int j = 0; j < 16; j++) {
-        const int lo = (b[6 + j] & 15) | (int)((qh >> j) & 1) << 4;
-        const int hi = (b[6 + j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4;
-        y[j] = d * (float)(lo - 16);
-        y[j + 16] = d * (float)(hi - 16);
-    }
-}
-
-static inline void decode_iq4_nl(const uint8_t * b, float * y) {
-    const float d = half_to_float(b);
-    for (int j = 0; j < 16; j++) {
-        y[j] = d * IQ4NL[b[2 + j] & 15];
-        y[j + 16] = d * IQ4NL[b[2 + j] >> 4];
-    }
-}
-
-static inline void decode_mxfp4(const uint8_t * b, float * y) {
-    const float d = e8m0_half(b[0]);
-    for (int j = 0; j < 16; j++) {
-        y[j] = d * E2M1_X2[b[1 + j] & 15];
-        y[j + 16] = d * E2M1_X2[b[1 + j] >> 4];
-    }
-}
-
-static inline void decode_nvfp4(const uint8_t * b, float * y) {
+/* Four UE4M3 scales, halved (for the doubled E2M1 table, as ggml), as
+ * nemoq/quant/formats/nvfp4.py decodes them: 4 exponent bits (bias 7) and 3 mantissa bits in
+ * the low 7 bits (the top bit is ignored); codes 0 and 0x7F are zero. */
+static inline void ue4m3_half_x4(const uint8_t * codes, float * d) {
+#if MOE_AVX2
+    int32_t word;
+    memcpy(&word, codes, 4);
+    const __m128i c = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(word));
+    const __m128 normal = _mm_castsi128_ps(_mm_add_epi32(_mm_slli_epi32(_mm_and_si128(c, _mm_set1_epi32(0x7f)), 20),
+                                                         _mm_set1_epi32(119 << 23)));
+    const __m128 sub = _mm_mul_ps(_mm_cvtepi32_ps(_mm_and_si128(c, _mm_set1_epi32(7))), _mm_set1_ps(0x1p-10f));
+    const __m128i is_sub = _mm_cmpeq_epi32(_mm_and_si128(c, _mm_set1_epi32(0x78)), _mm_setzero_si128());
+    const __m128 v = _mm_blendv_ps(normal, sub, _mm_castsi128_ps(is_sub));
+    _mm_storeu_ps(d, _mm_andnot_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(c, _mm_set1_epi32(0x7f))), v));
+#else
     for (int g = 0; g < 4; g++) {
-        const float d = ue4m3(b[g]) * 0.5f;  /* halved for the doubled E2M1 table, as ggml */
-        const uint8_t * qs = b + 4 + 8 * g;
-        for (int j = 0; j < 8; j++) {
-            y[16 * g + j] = d * E2M1_X2[qs[j] & 15];
-            y[16 * g + j + 8] = d * E2M1_X2[qs[j] >> 4];
-        }
+        const uint32_t exp = (codes[g] >> 3) & 0xfu, man = codes[g] & 7u;
+        d[g] = codes[g] == 0x7f ? 0.0f
+             : exp == 0 ? (float)man * 0x1p-10f : bits_to_float((exp + 119u) << 23 | man << 20);
     }
+#endif
 }
 
-/* Q4_K / Q5_K: eight 6-bit scales and mins packed in 12 bytes. */
-static inline void k_scales(const uint8_t * s, int g, int * sc, int * m) {
-    if (g < 4) {
-        *sc = s[g] & 63;
-        *m = s[g + 4] & 63;
-    } else {
-        *sc = (s[g + 4] & 15) | (s[g - 4] >> 6) << 4;
-        *m = (s[g + 4] >> 4) | (s[g] >> 6) << 4;
+/* E2M1 doubled to integers (ggml's kvalues_mxfp4) and IQ4_NL's non-linear levels. */
+static const int8_t E2M1_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+static const int8_t IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+static const int8_t Q4_LEVELS[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+/* A decoded block: value j = d[j / group] * q[j] - m[j / 32] (m only for Q4_K and Q5_K). */
+typedef struct {
+    int8_t q[MAX_BLOCK];
+    float d[16];
+    float m[8];
+} levels;
+
+/* 16 bytes of nibble pairs -> 32 levels table[nibble]. interleave 16 (Q4_0-like blocks): value
+ * i is the low nibble of byte i, value i + 16 its high nibble; interleave 8 (NVFP4): the same
+ * within each half of 8 bytes. Written with one store, so the loads that follow are forwarded. */
+static inline void lut32(const int8_t * table, const uint8_t * b, int interleave, int8_t * out) {
+#if MOE_AVX2
+    const __m128i t = _mm_loadu_si128((const __m128i *)table), mask = _mm_set1_epi8(15);
+    const __m128i v = _mm_loadu_si128((const __m128i *)b);
+    const __m128i lo = _mm_shuffle_epi8(t, _mm_and_si128(v, mask));
+    const __m128i hi = _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16(v, 4), mask));
+    const __m256i q = interleave == 16 ? _mm256_set_m128i(hi, lo)
+                                       : _mm256_set_m128i(_mm_unpackhi_epi64(lo, hi), _mm_unpacklo_epi64(lo, hi));
+    _mm256_storeu_si256((__m256i *)out, q);
+#else
+    for (int i = 0; i < 16; i++) {
+        const int half = i / interleave, j = i % interleave;
+        out[2 * interleave * half + j] = table[b[i] & 15];
+        out[2 * interleave * half + interleave + j] = table[b[i] >> 4];
     }
+#endif
 }
 
-/* Q4_K (qh NULL) and Q5_K: group g = 2c + h of 32 values takes the low (h = 0) or high nibble
- * of bytes 32c..32c+31, and for Q5_K bit g of qh[l] as its fifth bit. */
-static inline void decode_k_4_5(const uint8_t * b, const uint8_t * qh, const uint8_t * qs, float * y) {
+/* 32 bytes -> lo[l] = b[l] & 15, hi[l] = b[l] >> 4. */
+static inline void split_nibbles32(const uint8_t * b, int8_t * lo, int8_t * hi) {
+#if MOE_AVX2
+    const __m256i v = _mm256_loadu_si256((const __m256i *)b), mask = _mm256_set1_epi8(15);
+    _mm256_storeu_si256((__m256i *)lo, _mm256_and_si256(v, mask));
+    _mm256_storeu_si256((__m256i *)hi, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+#else
+    for (int l = 0; l < 32; l++) {
+        lo[l] = (int8_t)(b[l] & 15);
+        hi[l] = (int8_t)(b[l] >> 4);
+    }
+#endif
+}
+
+/* The 32 bits of 4 little-endian bytes -> bits[j] = 16 * (bit j), the fifth bit of a level. */
+static inline void expand_bits32(const uint8_t * b, int8_t * bits) {
+#if MOE_AVX2
+    uint32_t word;
+    memcpy(&word, b, 4);  /* x86 is little-endian */
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)word), _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i select = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+    _mm256_storeu_si256((__m256i *)bits, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+#else
+    for (int j = 0; j < 32; j++) bits[j] = (int8_t)(((b[j / 8] >> (j % 8)) & 1) << 4);
+#endif
+}
+
+/* ---- one block -> levels (layouts: nemoq/quant/formats/<format>.py) ---- */
+
+static inline void decode_q8_0(const uint8_t * b, levels * L) {
+    L->d[0] = half_to_float(b);
+    memcpy(L->q, b + 2, 32);
+}
+
+/* Q5_0: byte j of qs holds the low 4 bits of values j and j + 16; bit j of qh the fifth of value j. */
+static inline void decode_q5_0(const uint8_t * b, levels * L) {
+    int8_t high[32];
+    L->d[0] = half_to_float(b);
+    expand_bits32(b + 2, high);
+    lut32(Q4_LEVELS, b + 6, 16, L->q);
+    for (int j = 0; j < 32; j++) L->q[j] = (int8_t)(L->q[j] + high[j] - 16);
+}
+
+static inline void decode_iq4_nl(const uint8_t * b, levels * L) {
+    L->d[0] = half_to_float(b);
+    lut32(IQ4NL, b + 2, 16, L->q);
+}
+
+static inline void decode_mxfp4(const uint8_t * b, levels * L) {
+    L->d[0] = e8m0_half(b[0]);
+    lut32(E2M1_X2, b + 1, 16, L->q);
+}
+
+/* Group g's 8 bytes hold its values 0-7 (low nibbles) and 8-15 (high nibbles). */
+static inline void decode_nvfp4(const uint8_t * b, levels * L) {
+    ue4m3_half_x4(b, L->d);
+    lut32(E2M1_X2, b + 4, 8, L->q);
+    lut32(E2M1_X2, b + 20, 8, L->q + 32);
+}
+
+/* Q4_K (qh NULL) and Q5_K: eight 6-bit scales and mins packed in 12 bytes; group g = 2c + h of
+ * 32 values takes the low (h = 0) or high nibble of bytes 32c..32c+31, and for Q5_K bit g of
+ * qh[l] as its fifth bit. */
+static inline void decode_k_4_5(const uint8_t * b, const uint8_t * qh, const uint8_t * qs, levels * L) {
     const float d = half_to_float(b), dmin = half_to_float(b + 2);
+    const uint8_t * s = b + 4;
     for (int g = 0; g < 8; g++) {
-        int sc, m;
-        k_scales(b + 4, g, &sc, &m);
-        const float dd = d * (float)sc, dm = dmin * (float)m;
-        const uint8_t * q = qs + 32 * (g / 2);
-        const int shift = 4 * (g & 1);
-        for (int l = 0; l < 32; l++) {
-            const int hb = qh ? ((qh[l] >> g) & 1) << 4 : 0;
-            y[32 * g + l] = dd * (float)(((q[l] >> shift) & 15) | hb) - dm;
-        }
+        const int sc = g < 4 ? s[g] & 63 : (s[g + 4] & 15) | (s[g - 4] >> 6) << 4;
+        const int m = g < 4 ? s[g + 4] & 63 : (s[g + 4] >> 4) | (s[g] >> 6) << 4;
+        L->d[g] = d * (float)sc;
+        L->m[g] = dmin * (float)m;
+    }
+    for (int c = 0; c < 4; c++) {
+        int8_t * lo = L->q + 64 * c, * hi = lo + 32;
+        split_nibbles32(qs + 32 * c, lo, hi);
+        if (qh)
+            for (int l = 0; l < 32; l++) {
+                lo[l] = (int8_t)(lo[l] | ((qh[l] >> (2 * c)) & 1) << 4);
+                hi[l] = (int8_t)(hi[l] | ((qh[l] >> (2 * c + 1)) & 1) << 4);
+            }
     }
 }
 
-static inline void decode_q4_k(const uint8_t * b, float * y) { decode_k_4_5(b, NULL, b + 16, y); }
-static inline void decode_q5_k(const uint8_t * b, float * y) { decode_k_4_5(b, b + 16, b + 48, y); }
+static inline void decode_q4_k(const uint8_t * b, levels * L) { decode_k_4_5(b, NULL, b + 16, L); }
+static inline void decode_q5_k(const uint8_t * b, levels * L) { decode_k_4_5(b, b + 16, b + 48, L); }
 
 /* Q6_K: value 128h + 32k + l has its low nibble in ql[64h + 32(k % 2) + l] (high half of the
- * byte for k >= 2), its top two bits in qh[32h + l] at bit 2k, and group scale sc[(128h + 32k + l) / 16]. */
-static inline void decode_q6_k(const uint8_t * b, float * y) {
+ * byte for k >= 2), its top two bits in qh[32h + l] at bit 2k, and scale sc[(128h + 32k + l) / 16]. */
+static inline void decode_q6_k(const uint8_t * b, levels * L) {
     const uint8_t * ql = b, * qh = b + 128;
-    const int8_t * sc = (const int8_t *)(b + 192);
     const float d = half_to_float(b + 208);
+    for (int g = 0; g < 16; g++) L->d[g] = d * (float)(int8_t)b[192 + g];
     for (int h = 0; h < 2; h++) {
-        for (int k = 0; k < 4; k++) {
-            const uint8_t * lo = ql + 64 * h + 32 * (k % 2);
-            const int shift = 4 * (k / 2);
-            for (int half = 0; half < 2; half++) {
-                const float dd = d * (float)sc[8 * h + 2 * k + half];
-                for (int l = 16 * half; l < 16 * half + 16; l++) {
-                    const int q = ((lo[l] >> shift) & 15) | ((qh[32 * h + l] >> (2 * k)) & 3) << 4;
-                    y[128 * h + 32 * k + l] = dd * (float)(q - 32);
-                }
-            }
-        }
+        int8_t * q = L->q + 128 * h;  /* low nibbles of k = 0, 1, 2, 3 at q + 32k */
+        split_nibbles32(ql + 64 * h, q, q + 64);
+        split_nibbles32(ql + 64 * h + 32, q + 32, q + 96);
+        for (int k = 0; k < 4; k++)
+            for (int l = 0; l < 32; l++)
+                q[32 * k + l] = (int8_t)((q[32 * k + l] | ((qh[32 * h + l] >> (2 * k)) & 3) << 4) - 32);
     }
 }
 
-/* ---- dot products of quantized rows with float vectors ---- */
+/* ---- dot products of decoded blocks with float vectors ---- */
 
-static inline void dot_block(const float * restrict w, const float * restrict x, int n, float * restrict acc) {
-    for (int j = 0; j < n; j += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += w[j + l] * x[j + l];
+#if MOE_AVX2
+/* a * b + c: fused where the CPU has FMA (one rounding instead of two) */
+static inline __m256 madd(__m256 a, __m256 b, __m256 c) {
+#ifdef __FMA__
+    return _mm256_fmadd_ps(a, b, c);
+#else
+    return _mm256_add_ps(_mm256_mul_ps(a, b), c);
+#endif
+}
+#endif
+
+/* acc[l] += d * sum_i q[16 i + l] x[16 i + l] for one group of 16 * n16 values, and with
+ * mins acc[l] -= m * sum_i x[16 i + l]. */
+static inline void dot_group(const int8_t * restrict q, const float * restrict x, int n16,
+                             float d, int has_min, float m, float * restrict acc) {
+#if MOE_AVX2
+    __m256 t0 = _mm256_setzero_ps(), t1 = t0, s0 = t0, s1 = t0;
+    for (int i = 0; i < n16; i++) {
+        const __m128i q16 = _mm_loadu_si128((const __m128i *)(q + 16 * i));
+        const __m256 x0 = _mm256_loadu_ps(x + 16 * i), x1 = _mm256_loadu_ps(x + 16 * i + 8);
+        const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q16));
+        const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q16, 8)));
+        t0 = i ? madd(q0, x0, t0) : _mm256_mul_ps(q0, x0);
+        t1 = i ? madd(q1, x1, t1) : _mm256_mul_ps(q1, x1);
+        if (has_min) {
+            s0 = i ? _mm256_add_ps(s0, x0) : x0;
+            s1 = i ? _mm256_add_ps(s1, x1) : x1;
+        }
+    }
+    __m256 a0 = madd(_mm256_set1_ps(d), t0, _mm256_loadu_ps(acc));
+    __m256 a1 = madd(_mm256_set1_ps(d), t1, _mm256_loadu_ps(acc + 8));
+    if (has_min) {
+        a0 = madd(_mm256_set1_ps(-m), s0, a0);
+        a1 = madd(_mm256_set1_ps(-m), s1, a1);
+    }
+    _mm256_storeu_ps(acc, a0);
+    _mm256_storeu_ps(acc + 8, a1);
+#else
+    float t[LANES] = {0}, s[LANES] = {0};
+    for (int i = 0; i < n16; i++)
+        for (int l = 0; l < LANES; l++) {
+            t[l] += (float)q[16 * i + l] * x[16 * i + l];
+            s[l] += x[16 * i + l];
+        }
+    for (int l = 0; l < LANES; l++) acc[l] += d * t[l] - (has_min ? m * s[l] : 0.0f);
+#endif
+}
+
+static inline void dot_levels(const levels * restrict L, int qk, int group, int has_min,
+                              const float * restrict x, float * restrict acc) {
+    for (int g = 0; g < qk / group; g++)
+        dot_group(L->q + g * group, x + g * group, group / 16, L->d[g], has_min, has_min ? L->m[g] : 0.0f, acc);
 }
 
 static inline float sum_lanes(float * acc) {
@@ -168,39 +279,39 @@ static inline float sum_lanes(float * acc) {
     return acc[0];
 }
 
-/* out[v] = row . xs[v] for nvec <= MAX_VECS vectors of n values; the row is decoded once.
- * One vector (a lone token per expert, the common case) gets its own loop so that the
- * partial sums stay in registers. */
-#define DEFINE_ROW_DOT(NAME, QK, BYTES)                                                       \
+/* out[v] = row . xs[v] for nvec <= MAX_VECS vectors of n values; each block is decoded once.
+ * One vector (a lone token per expert, the common case) gets its own loop so that the partial
+ * sums can stay in registers. */
+#define DEFINE_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN)                                       \
     static void row_dot_##NAME(const uint8_t * restrict row, int64_t n,                       \
                                const float * const * xs, int nvec, float * out) {             \
-        float buf[QK];                                                                         \
+        levels L;                                                                              \
         const int64_t nb = n / QK;                                                            \
         if (nvec == 1) {                                                                       \
             float acc[LANES] = {0};                                                            \
             for (int64_t b = 0; b < nb; b++) {                                                \
-                decode_##NAME(row + b * BYTES, buf);                                           \
-                dot_block(buf, xs[0] + b * QK, QK, acc);                                       \
+                decode_##NAME(row + b * BYTES, &L);                                            \
+                dot_levels(&L, QK, GROUP, HAS_MIN, xs[0] + b * QK, acc);                       \
             }                                                                                  \
             out[0] = sum_lanes(acc);                                                           \
             return;                                                                            \
         }                                                                                      \
         float acc[MAX_VECS][LANES] = {{0}};                                                    \
         for (int64_t b = 0; b < nb; b++) {                                                    \
-            decode_##NAME(row + b * BYTES, buf);                                               \
-            for (int v = 0; v < nvec; v++) dot_block(buf, xs[v] + b * QK, QK, acc[v]);        \
+            decode_##NAME(row + b * BYTES, &L);                                                \
+            for (int v = 0; v < nvec; v++) dot_levels(&L, QK, GROUP, HAS_MIN, xs[v] + b * QK, acc[v]); \
         }                                                                                      \
         for (int v = 0; v < nvec; v++) out[v] = sum_lanes(acc[v]);                            \
     }
 
-DEFINE_ROW_DOT(q8_0, 32, 34)
-DEFINE_ROW_DOT(q5_0, 32, 22)
-DEFINE_ROW_DOT(iq4_nl, 32, 18)
-DEFINE_ROW_DOT(mxfp4, 32, 17)
-DEFINE_ROW_DOT(nvfp4, 64, 36)
-DEFINE_ROW_DOT(q4_k, 256, 144)
-DEFINE_ROW_DOT(q5_k, 256, 176)
-DEFINE_ROW_DOT(q6_k, 256, 210)
+DEFINE_ROW_DOT(q8_0, 32, 34, 32, 0)
+DEFINE_ROW_DOT(q5_0, 32, 22, 32, 0)
+DEFINE_ROW_DOT(iq4_nl, 32, 18, 32, 0)
+DEFINE_ROW_DOT(mxfp4, 32, 17, 32, 0)
+DEFINE_ROW_DOT(nvfp4, 64, 36, 16, 0)
+DEFINE_ROW_DOT(q4_k, 256, 144, 32, 1)
+DEFINE_ROW_DOT(q5_k, 256, 176, 32, 1)
+DEFINE_ROW_DOT(q6_k, 256, 210, 16, 0)
 
 typedef void (*row_dot_fn)(const uint8_t *, int64_t, const float * const *, int, float *);
 
