@@ -16,8 +16,9 @@
  *   nemoq_moe_down  rows [r0, r1) of H:  out[token(s), r] += w_s * scale_e * down_e[r] . hidden[s]
  * A thread owns its output rows, so results do not depend on the number of threads.
  *
- * Portable C11. Two helpers (nibble table lookup, int8-by-float group dot) have an AVX2 version
- * because compilers do not vectorise them well; -DNEMOQ_MOE_PORTABLE forces the plain C ones
+ * Portable C11. The small helpers that decode and dot (nibble table lookup, int8-by-float group
+ * dot, scale conversions) also have an AVX2 version, used where the compiler targets AVX2,
+ * because compilers do not vectorise the plain C well; -DNEMOQ_MOE_PORTABLE forces the plain C
  * (what other CPUs run; the tests build and check both). */
 #include <stdint.h>
 #include <string.h>
@@ -46,10 +47,14 @@ static inline float bits_to_float(uint32_t u) { float f; memcpy(&f, &u, 4); retu
  * subnormals alike (exactly); inf and nan keep an all-ones exponent. */
 static inline float half_to_float(const uint8_t * p) {
     const uint32_t h = (uint32_t)p[0] | (uint32_t)p[1] << 8;
-    const uint32_t em = h & 0x7fffu, sign = (h & 0x8000u) << 16;
+#if MOE_AVX2 && defined(__F16C__)
+    return _cvtsh_ss((unsigned short)h);
+#else
+    const uint32_t em = h & 0x7fffu;
     float f = bits_to_float(em << 13) * 0x1p112f;
     if (em >= 0x7c00u) f = bits_to_float(0x7f800000u | em << 13);
-    return sign ? -f : f;
+    return (h & 0x8000u) ? -f : f;
+#endif
 }
 
 /* Half the E8M0 scale, 2^(e - 128), as ggml_e8m0_to_fp32_half (denormal for e < 2). */
@@ -85,8 +90,10 @@ static const int8_t E2M1_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -
 static const int8_t IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 static const int8_t Q4_LEVELS[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
-/* A decoded block: value j = d[j / group] * q[j] - m[j / 32] (m only for Q4_K and Q5_K). */
+/* A decoded block: value j = d[j / group] * qp[j] - m[j / 32] (m only for Q4_K and Q5_K); qp
+ * points into q, or straight into the block where it holds int8 levels (Q8_0). */
 typedef struct {
+    const int8_t * qp;
     int8_t q[MAX_BLOCK];
     float d[16];
     float m[8];
@@ -105,11 +112,11 @@ static inline void lut32(const int8_t * table, const uint8_t * b, int interleave
                                        : _mm256_set_m128i(_mm_unpackhi_epi64(lo, hi), _mm_unpacklo_epi64(lo, hi));
     _mm256_storeu_si256((__m256i *)out, q);
 #else
-    for (int i = 0; i < 16; i++) {
-        const int half = i / interleave, j = i % interleave;
-        out[2 * interleave * half + j] = table[b[i] & 15];
-        out[2 * interleave * half + interleave + j] = table[b[i] >> 4];
-    }
+    for (int part = 0; part < 16 / interleave; part++, b += interleave, out += 2 * interleave)
+        for (int j = 0; j < interleave; j++) {
+            out[j] = table[b[j] & 15];
+            out[interleave + j] = table[b[j] >> 4];
+        }
 #endif
 }
 
@@ -146,7 +153,7 @@ static inline void expand_bits32(const uint8_t * b, int8_t * bits) {
 
 static inline void decode_q8_0(const uint8_t * b, levels * L) {
     L->d[0] = half_to_float(b);
-    memcpy(L->q, b + 2, 32);
+    L->qp = (const int8_t *)(b + 2);
 }
 
 /* Q5_0: byte j of qs holds the low 4 bits of values j and j + 16; bit j of qh the fifth of value j. */
@@ -231,16 +238,24 @@ static inline __m256 madd(__m256 a, __m256 b, __m256 c) {
 #endif
 
 /* acc[l] += d * sum_i q[16 i + l] x[16 i + l] for one group of 16 * n16 values, and with
- * mins acc[l] -= m * sum_i x[16 i + l]. */
-static inline void dot_group(const int8_t * restrict q, const float * restrict x, int n16,
+ * mins acc[l] -= m * sum_i x[16 i + l]. in_block: q is the block in memory (Q8_0), not levels
+ * the decoder has just stored, which decides the cheaper way to load them. */
+static inline void dot_group(const int8_t * restrict q, const float * restrict x, int n16, int in_block,
                              float d, int has_min, float m, float * restrict acc) {
 #if MOE_AVX2
     __m256 t0 = _mm256_setzero_ps(), t1 = t0, s0 = t0, s1 = t0;
     for (int i = 0; i < n16; i++) {
-        const __m128i q16 = _mm_loadu_si128((const __m128i *)(q + 16 * i));
         const __m256 x0 = _mm256_loadu_ps(x + 16 * i), x1 = _mm256_loadu_ps(x + 16 * i + 8);
-        const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q16));
-        const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q16, 8)));
+        __m128i q8a, q8b;
+        if (in_block) {  /* levels in the block itself: two 8-byte loads */
+            q8a = _mm_loadl_epi64((const __m128i *)(q + 16 * i));
+            q8b = _mm_loadl_epi64((const __m128i *)(q + 16 * i + 8));
+        } else {         /* levels just stored by the decoder: one load inside that store */
+            q8a = _mm_loadu_si128((const __m128i *)(q + 16 * i));
+            q8b = _mm_srli_si128(q8a, 8);
+        }
+        const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8a));
+        const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8b));
         t0 = i ? madd(q0, x0, t0) : _mm256_mul_ps(q0, x0);
         t1 = i ? madd(q1, x1, t1) : _mm256_mul_ps(q1, x1);
         if (has_min) {
@@ -257,20 +272,22 @@ static inline void dot_group(const int8_t * restrict q, const float * restrict x
     _mm256_storeu_ps(acc, a0);
     _mm256_storeu_ps(acc + 8, a1);
 #else
+    (void)in_block;
     float t[LANES] = {0}, s[LANES] = {0};
     for (int i = 0; i < n16; i++)
-        for (int l = 0; l < LANES; l++) {
-            t[l] += (float)q[16 * i + l] * x[16 * i + l];
-            s[l] += x[16 * i + l];
-        }
-    for (int l = 0; l < LANES; l++) acc[l] += d * t[l] - (has_min ? m * s[l] : 0.0f);
+        for (int l = 0; l < LANES; l++) t[l] += (float)q[16 * i + l] * x[16 * i + l];
+    if (has_min)
+        for (int i = 0; i < n16; i++)
+            for (int l = 0; l < LANES; l++) s[l] += x[16 * i + l];
+    for (int l = 0; l < LANES; l++) acc[l] += d * t[l] - m * s[l];
 #endif
 }
 
-static inline void dot_levels(const levels * restrict L, int qk, int group, int has_min,
+static inline void dot_levels(const levels * restrict L, int qk, int group, int has_min, int in_block,
                               const float * restrict x, float * restrict acc) {
     for (int g = 0; g < qk / group; g++)
-        dot_group(L->q + g * group, x + g * group, group / 16, L->d[g], has_min, has_min ? L->m[g] : 0.0f, acc);
+        dot_group(L->qp + g * group, x + g * group, group / 16, in_block, L->d[g], has_min,
+                  has_min ? L->m[g] : 0.0f, acc);
 }
 
 static inline float sum_lanes(float * acc) {
@@ -282,16 +299,17 @@ static inline float sum_lanes(float * acc) {
 /* out[v] = row . xs[v] for nvec <= MAX_VECS vectors of n values; each block is decoded once.
  * One vector (a lone token per expert, the common case) gets its own loop so that the partial
  * sums can stay in registers. */
-#define DEFINE_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN)                                       \
+#define DEFINE_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN, IN_BLOCK)                              \
     static void row_dot_##NAME(const uint8_t * restrict row, int64_t n,                       \
                                const float * const * xs, int nvec, float * out) {             \
         levels L;                                                                              \
+        L.qp = L.q;                                                                            \
         const int64_t nb = n / QK;                                                            \
         if (nvec == 1) {                                                                       \
             float acc[LANES] = {0};                                                            \
             for (int64_t b = 0; b < nb; b++) {                                                \
                 decode_##NAME(row + b * BYTES, &L);                                            \
-                dot_levels(&L, QK, GROUP, HAS_MIN, xs[0] + b * QK, acc);                       \
+                dot_levels(&L, QK, GROUP, HAS_MIN, IN_BLOCK, xs[0] + b * QK, acc);             \
             }                                                                                  \
             out[0] = sum_lanes(acc);                                                           \
             return;                                                                            \
@@ -299,19 +317,21 @@ static inline float sum_lanes(float * acc) {
         float acc[MAX_VECS][LANES] = {{0}};                                                    \
         for (int64_t b = 0; b < nb; b++) {                                                    \
             decode_##NAME(row + b * BYTES, &L);                                                \
-            for (int v = 0; v < nvec; v++) dot_levels(&L, QK, GROUP, HAS_MIN, xs[v] + b * QK, acc[v]); \
+            for (int v = 0; v < nvec; v++)                                                     \
+                dot_levels(&L, QK, GROUP, HAS_MIN, IN_BLOCK, xs[v] + b * QK, acc[v]);          \
         }                                                                                      \
         for (int v = 0; v < nvec; v++) out[v] = sum_lanes(acc[v]);                            \
     }
 
-DEFINE_ROW_DOT(q8_0, 32, 34, 32, 0)
-DEFINE_ROW_DOT(q5_0, 32, 22, 32, 0)
-DEFINE_ROW_DOT(iq4_nl, 32, 18, 32, 0)
-DEFINE_ROW_DOT(mxfp4, 32, 17, 32, 0)
-DEFINE_ROW_DOT(nvfp4, 64, 36, 16, 0)
-DEFINE_ROW_DOT(q4_k, 256, 144, 32, 1)
-DEFINE_ROW_DOT(q5_k, 256, 176, 32, 1)
-DEFINE_ROW_DOT(q6_k, 256, 210, 16, 0)
+/* name, values and bytes per block, values per scale, mins?, levels read in place? */
+DEFINE_ROW_DOT(q8_0, 32, 34, 32, 0, 1)
+DEFINE_ROW_DOT(q5_0, 32, 22, 32, 0, 0)
+DEFINE_ROW_DOT(iq4_nl, 32, 18, 32, 0, 0)
+DEFINE_ROW_DOT(mxfp4, 32, 17, 32, 0, 0)
+DEFINE_ROW_DOT(nvfp4, 64, 36, 16, 0, 0)
+DEFINE_ROW_DOT(q4_k, 256, 144, 32, 1, 0)
+DEFINE_ROW_DOT(q5_k, 256, 176, 32, 1, 0)
+DEFINE_ROW_DOT(q6_k, 256, 210, 16, 0, 0)
 
 typedef void (*row_dot_fn)(const uint8_t *, int64_t, const float * const *, int, float *);
 

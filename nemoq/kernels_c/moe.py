@@ -47,17 +47,19 @@ _SIGNATURES = {
 }
 
 
-@lru_cache(maxsize=1)
-def _functions() -> dict | None:
-    lib = library()
-    if lib is None:
-        return None
+def _bind(lib: ctypes.CDLL) -> dict:
     fns = {}
     for name, (args, res) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
         fns[name] = fn
     return fns
+
+
+@lru_cache(maxsize=1)
+def _functions() -> dict | None:
+    lib = library()
+    return None if lib is None else _bind(lib)
 
 
 def available() -> bool:

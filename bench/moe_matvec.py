@@ -1,0 +1,170 @@
+"""Benchmark the C MoE kernel (nemoq.kernels_c.moe.moe_matvec) against this machine's memory bandwidth.
+
+    .venv/bin/python bench/moe_matvec.py [--formats q8_0,nvfp4] [--experts 32] [--repeat 15]
+
+For one token (T = 1) routed to k = 6 of E experts, the kernel reads 6 up and 6 down matrices
+in a block format; what counts is how fast it streams those bytes. The script:
+1. measures memory bandwidth as numpy copies of 1 GB (best of 3, counted as 2 x bytes / s:
+   read + write), on one thread and split across all cores;
+2. per format, quantizes one expert pair of Nemotron 3 Nano's widths (H = 2688, I = 1856; the
+   k-quants need multiples of 256, so Q4_K / Q5_K / Q6_K use H = 2560, I = 1792 stand-ins),
+   copies it to E experts (E * 2 matrices, far larger than the CPU caches), and times calls with
+   6 fresh random experts each, on one thread and on all cores;
+3. prints bytes of expert weights read per second, its ratio to the bandwidth (target >= 60%),
+   and for comparison torch's dequantize-then-matmul of the same 6 experts (nemoq's numpy
+   dequantizer, then torch.matmul in float32) and torch.matmul alone on experts dequantized
+   beforehand (4 bytes per weight read);
+4. where nemoq's CUDA kernel builds and a GPU is present, the same calls on the GPU (stacks
+   uploaded once; each call copies x and the routing in and the result out).
+
+The machine may be shared: the load average is printed, and best-of-N times are reported.
+Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from nemoq.kernels_c.moe import MOE_FORMATS, available, moe_matvec
+from nemoq.quant.formats import FORMATS
+from nemoq.quant.moe_reference import moe_matvec_reference
+
+try:
+    from nemoq.kernels_c.cuda import CudaExperts, cuda_status
+except ImportError:   # the CUDA helper is optional
+    CudaExperts = cuda_status = None
+
+REAL_WIDTHS = (2688, 1856)        # Nemotron 3 Nano: hidden, expert FFN
+K_QUANT_WIDTHS = (2560, 1792)     # nearest multiples of 256
+TOP_K = 6
+GB = 1e9
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, threads: int = 1, repeat: int = 3) -> float:
+    """2 * bytes / s of the best of `repeat` numpy copies of nbytes, split over `threads`."""
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    parts = np.array_split(np.arange(len(src)), threads)
+    slices = [slice(p[0], p[-1] + 1) for p in parts]
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeat):
+            t = time.perf_counter()
+            list(pool.map(lambda s: np.copyto(dst[s], src[s]), slices))
+            best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best
+
+
+def expert_stacks(fmt: str, n_experts: int, rng):
+    hidden, n_ff = K_QUANT_WIDTHS if FORMATS[fmt].block_size == 256 else REAL_WIDTHS
+    up1 = FORMATS[fmt].quantize(rng.standard_normal((n_ff, hidden)).astype(np.float32) * 0.02)
+    down1 = FORMATS[fmt].quantize(rng.standard_normal((hidden, n_ff)).astype(np.float32) * 0.02)
+    up = np.ascontiguousarray(np.broadcast_to(up1, (n_experts, *up1.shape)))   # E distinct copies in memory
+    down = np.ascontiguousarray(np.broadcast_to(down1, (n_experts, *down1.shape)))
+    return up, down, hidden, n_ff
+
+
+def time_calls(fn, n_experts: int, repeat: int, rng) -> float:
+    """Best time of `repeat` calls, each routed to 6 experts not used by the call before."""
+    best, previous = float("inf"), set()
+    for _ in range(repeat):
+        ids = rng.choice([e for e in range(n_experts) if e not in previous], TOP_K, replace=False)
+        previous = set(ids.tolist())
+        t = time.perf_counter()
+        fn(ids[None].astype(np.int32))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def torch_dequantize_matmul(x, ids, w, up, down, fmt):
+    import torch
+    xt = torch.from_numpy(x[0])
+    y = torch.zeros_like(xt)
+    for e, we in zip(ids[0], w[0]):
+        up_e = torch.from_numpy(FORMATS[fmt].dequantize(up[e]))
+        down_e = torch.from_numpy(FORMATS[fmt].dequantize(down[e]))
+        y += float(we) * (down_e @ torch.relu(up_e @ xt) ** 2)
+    return y
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--formats", default=",".join(MOE_FORMATS))
+    parser.add_argument("--experts", type=int, default=32, help="experts per stack (default 32)")
+    parser.add_argument("--repeat", type=int, default=15, help="timed calls per case; the best counts")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
+    args = parser.parse_args()
+    if not available():
+        raise SystemExit("the C kernels could not be built (see `nemoq info --kernels`)")
+    cores = os.cpu_count() or 1
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {cores} cores; "
+          f"load average before: {tuple(round(v, 2) for v in os.getloadavg())}")
+    bw1 = copy_bandwidth(threads=1)
+    bwn = copy_bandwidth(threads=cores) if cores > 1 else bw1
+    bandwidth = max(bw1, bwn)
+    print(f"memory bandwidth (numpy copy of 1 GB, best of 3, 2 x bytes / s): "
+          f"{bw1 / GB:.1f} GB/s on 1 thread, {bwn / GB:.1f} GB/s on {cores}; ratios below use {bandwidth / GB:.1f}")
+    gpu = cuda_status() if cuda_status else None
+    print(f"CUDA: {gpu.message if gpu else 'nemoq.kernels_c.cuda unavailable'}")
+    use_gpu = bool(gpu and gpu.usable)
+    print(f"T = 1 token, k = {TOP_K} of E = {args.experts} experts; best of {args.repeat} calls\n")
+
+    header = (f"{'format':7} {'H x I':>11} {'MB/call':>8} | {'C 1 thr':>8} {'GB/s':>6} {'ratio':>6} | "
+              f"{'C ' + str(cores) + ' thr':>8} {'GB/s':>6} {'ratio':>6} | {'torch deq+mm':>12} {'torch f32 mm':>12} | "
+              f"{'rel.err':>8}" + (f" | {'GPU':>8} {'GB/s':>7}" if use_gpu else ""))
+    print(header)
+    print("-" * len(header))
+    rng = np.random.default_rng(0)
+    for fmt in args.formats.split(","):
+        up, down, hidden, n_ff = expert_stacks(fmt, args.experts, rng)
+        x = rng.standard_normal((1, hidden)).astype(np.float32)
+        w = np.full((1, TOP_K), 2.5 / TOP_K, np.float32)
+        nbytes = TOP_K * (up[0].nbytes + down[0].nbytes)
+        t1 = time_calls(lambda ids: moe_matvec(x, ids, w, up, down, fmt, fmt, threads=1), args.experts,
+                        args.repeat, rng)
+        tn = time_calls(lambda ids: moe_matvec(x, ids, w, up, down, fmt, fmt, threads=cores), args.experts,
+                        args.repeat, rng)
+        ids = rng.choice(args.experts, TOP_K, replace=False)[None].astype(np.int32)
+        ref = moe_matvec_reference(x, ids, w, up, down, fmt, fmt)
+        err = np.abs(moe_matvec(x, ids, w, up, down, fmt, fmt) - ref).max() / np.abs(ref).max()
+        torch_cols = ""
+        if not args.no_torch:
+            import torch
+            t_deq = time_calls(lambda ids: torch_dequantize_matmul(x, ids, w, up, down, fmt), args.experts,
+                               max(2, args.repeat // 5), rng)
+            ups = [torch.from_numpy(FORMATS[fmt].dequantize(up[e])) for e in range(TOP_K)]
+            downs = [torch.from_numpy(FORMATS[fmt].dequantize(down[e])) for e in range(TOP_K)]
+            xt = torch.from_numpy(x[0])
+            t_mm = time_calls(lambda ids: sum(d @ torch.relu(u @ xt) ** 2 for u, d in zip(ups, downs)),
+                              args.experts, args.repeat, rng)
+            torch_cols = f"{t_deq * 1e3:9.1f} ms {t_mm * 1e3:9.1f} ms"
+        gpu_cols = ""
+        if use_gpu:
+            with CudaExperts(up, down, fmt, fmt) as experts:
+                t_gpu = time_calls(lambda ids: experts.matvec(x, ids, w), args.experts, args.repeat, rng)
+            gpu_cols = f" | {t_gpu * 1e3:5.2f} ms {nbytes / t_gpu / GB:7.1f}"
+        print(f"{fmt:7} {f'{hidden}x{n_ff}':>11} {nbytes / 1e6:8.1f} | {t1 * 1e3:5.1f} ms {nbytes / t1 / GB:6.2f} "
+              f"{nbytes / t1 / bandwidth:6.0%} | {tn * 1e3:5.1f} ms {nbytes / tn / GB:6.2f} "
+              f"{nbytes / tn / bandwidth:6.0%} | "
+              f"{torch_cols:>25} | {err:8.1e}{gpu_cols}", flush=True)
+        del up, down
+    print(f"\nload average after: {tuple(round(v, 2) for v in os.getloadavg())}; torch threads: ", end="")
+    try:
+        import torch
+        print(torch.get_num_threads())
+    except ImportError:
+        print("torch not installed")
+    print("Q4_K / Q5_K / Q6_K rows use 2560 x 1792 stand-ins: Nemotron 3 Nano's 2688 / 1856 are not multiples "
+          "of 256, so nemoq's recipes put those experts in IQ4_NL / Q5_0 / Q8_0 instead.")
+    print("torch f32 mm reads 6 pre-dequantized float32 experts (4 bytes per weight), from memory "
+          "only while 6 experts exceed the caches.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The CUDA twin of the MoE kernel (moe.cu): built with nvcc where it exists, loaded with ctypes.
+
+    from nemoq.kernels_c.cuda import cuda_status, CudaExperts
+    print(cuda_status())                      # nvcc found? built? GPUs?
+    experts = CudaExperts(up, down, "nvfp4", "nvfp4")   # uploads both stacks once
+    y = experts.matvec(x, expert_ids, expert_weights)   # (T, H) float32, as kernels_c.moe.moe_matvec
+
+The library is cached per user like the C kernels (nemoq.kernels_c.build.cache_dir()), keyed by
+a hash of moe.cu, nvcc's version and the flags; it links the CUDA runtime statically, so it
+loads (and reports "no GPU") on machines without a driver. `emulate_matvec` runs moe.cu's own
+decoding and per-lane arithmetic on the CPU, which tests the CUDA code where no GPU is present.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from nemoq.kernels_c.build import cache_dir
+from nemoq.kernels_c.moe import MOE_FORMATS, TYPE_IDS, Routing, route
+from nemoq.quant.moe_reference import expert_shapes
+
+SOURCE = Path(__file__).resolve().parent / "moe.cu"
+LIB_NAME = "libnemoq_moe_cuda.so"
+# compute_80 PTX rides along with the sm_80 binary, so newer GPUs (sm_90 and up) JIT it at load.
+# One architecture keeps the build under a minute; NEMOQ_CUDA_ARCH=sm_90 (say) builds for another.
+ARCH = os.environ.get("NEMOQ_CUDA_ARCH", "sm_80")
+NVCC_FLAGS = ["-O3", "-std=c++20", "-shared", "-Xcompiler", "-fPIC",
+              "-gencode", f"arch=compute_{ARCH[3:]},code=[{ARCH},compute_{ARCH[3:]}]"]
+BUILD_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class CudaStatus:
+    nvcc: str | None          # the compiler found, or None
+    built: bool               # moe.cu compiled and loaded
+    library: Path | None
+    devices: int              # GPUs the CUDA runtime sees (0 without a driver or GPU)
+    message: str              # why not built, or why no device
+
+    @property
+    def usable(self) -> bool:
+        return self.built and self.devices > 0
+
+
+def nvcc() -> str | None:
+    for candidate in (os.environ.get("NVCC"), "nvcc", "/usr/local/cuda/bin/nvcc"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def build_key(compiler: str, flags: list[str]) -> str:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join([compiler, version, *flags, platform.platform()]).encode())
+    return h.hexdigest()[:16]
+
+
+def _compile(compiler: str, flags: list[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+                       timeout=BUILD_TIMEOUT_S)
+        os.replace(tmp, target)   # atomic: a concurrent build never sees half a library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+_p, _i64, _int, _buf = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_char_p
+_SIGNATURES = {
+    "nemoq_moe_cuda_supports": ([_int], _int),
+    "nemoq_moe_cuda_device_count": ([_buf, _int], _int),
+    "nemoq_moe_cuda_upload": ([_p, _i64, _buf, _int], _p),
+    "nemoq_moe_cuda_free": ([_p], _int),
+    "nemoq_moe_cuda_matvec": ([_p, _int, _p, _int, _i64, _i64, _i64, _p, _i64, _i64, _p, _p, _i64, _p, _p,
+                               _p, _p, _p, _p, _p, _int, _buf, _int], _int),
+}
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str, Path | None]:
+    compiler = nvcc()
+    if compiler is None:
+        return None, "nvcc not found (set NVCC or put it on PATH)", None
+    target = cache_dir() / f"cuda-{build_key(compiler, NVCC_FLAGS)}" / LIB_NAME
+    try:
+        if not target.exists():
+            _compile(compiler, NVCC_FLAGS, target)
+        lib = ctypes.CDLL(str(target))
+    except subprocess.CalledProcessError as e:
+        lines = [line for line in (e.stderr or "").splitlines() if "error" in line] or (e.stderr or "").splitlines()
+        return None, f"nvcc failed: {lines[0] if lines else e}", None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"build failed: {e}", None
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib, "built", target
+
+
+def library() -> ctypes.CDLL | None:
+    """moe.cu compiled (once per source and nvcc version) and loaded, or None."""
+    return _load()[0]
+
+
+def _errbuf() -> ctypes.Array:
+    return ctypes.create_string_buffer(512)
+
+
+def _gpu_count_from_nvidia_smi() -> tuple[int, str]:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0, "no nvidia-smi"
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return 0, f"nvidia-smi failed: {e}"
+    gpus = [line for line in out.stdout.splitlines() if line.startswith("GPU ")]
+    return len(gpus), "nvidia-smi" if gpus else (out.stderr.strip() or "nvidia-smi lists no GPU")
+
+
+def cuda_status() -> CudaStatus:
+    """Whether nvcc exists, whether moe.cu built, and how many GPUs the CUDA runtime sees."""
+    lib, message, path = _load()
+    if lib is None:
+        devices, why = _gpu_count_from_nvidia_smi()
+        return CudaStatus(nvcc(), False, None, devices, f"{message}; GPUs by nvidia-smi: {devices} ({why})")
+    err = _errbuf()
+    devices = lib.nemoq_moe_cuda_device_count(err, len(err))
+    why = f"{devices} GPU(s)" if devices else f"no GPU: {err.value.decode(errors='replace') or 'none found'}"
+    return CudaStatus(nvcc(), True, path, devices, f"built; {why}")
+
+
+def _token_slots(r: Routing, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token t's slots, in slot order: token_slot[token_start[t] .. token_start[t + 1]]."""
+    order = np.argsort(r.slot_token, kind="stable").astype(np.int32)
+    counts = np.bincount(r.slot_token, minlength=n_tokens)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), order
+
+
+def _call(lib, up_ptr, down_ptr, up_format, down_format, n_experts, n_ff, x, expert_ids, expert_weights,
+          up_scale, down_scale, emulate: bool) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_tokens, hidden = x.shape
+    r = route(expert_ids, expert_weights, n_experts, n_tokens)
+    token_start, token_slot = _token_slots(r, n_tokens)
+    scales = [None if s is None else np.ascontiguousarray(s, dtype=np.float32).reshape(n_experts)
+              for s in (up_scale, down_scale)]
+    out = np.empty((n_tokens, hidden), np.float32)
+    err = _errbuf()
+
+    def ptr(a):
+        return None if a is None else a.ctypes.data
+
+    code = lib.nemoq_moe_cuda_matvec(
+        up_ptr, TYPE_IDS[up_format], down_ptr, TYPE_IDS[down_format], n_experts, n_ff, hidden, ptr(x), n_tokens,
+        len(r.group_expert), ptr(r.group_expert), ptr(r.group_start), r.n_slots, ptr(r.slot_token),
+        ptr(r.slot_weight), ptr(token_start), ptr(token_slot), ptr(scales[0]), ptr(scales[1]), ptr(out),
+        int(emulate), err, len(err))
+    if code:
+        raise RuntimeError(f"nemoq CUDA MoE kernel: {err.value.decode(errors='replace')}")
+    return out
+
+
+def _check_formats(up_format: str, down_format: str) -> None:
+    for name, fmt in (("up_format", up_format), ("down_format", down_format)):
+        if fmt not in TYPE_IDS:
+            raise ValueError(f"{name} {fmt!r}: the MoE kernel reads {', '.join(MOE_FORMATS)}")
+
+
+def _require_library() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"nemoq CUDA MoE kernel unavailable: {_load()[1]}")
+    return lib
+
+
+class CudaExperts:
+    """One layer's expert stacks on the GPU; matvec as kernels_c.moe.moe_matvec. close() frees them."""
+
+    def __init__(self, up: np.ndarray, down: np.ndarray, up_format: str, down_format: str):
+        _check_formats(up_format, down_format)
+        self.lib = _require_library()
+        self.up_format, self.down_format = up_format, down_format
+        self.n_experts, self.n_ff = up.shape[:2]
+        self.hidden = down.shape[1]
+        expert_shapes(np.zeros((1, self.hidden), np.float32), up, down, up_format, down_format)
+        self._device: list[int] = []
+        try:
+            self.up_ptr, self.down_ptr = (self._upload(np.ascontiguousarray(a)) for a in (up, down))
+        except BaseException:
+            self.close()
+            raise
+
+    def _upload(self, a: np.ndarray) -> int:
+        err = _errbuf()
+        p = self.lib.nemoq_moe_cuda_upload(a.ctypes.data, a.nbytes, err, len(err))
+        if not p:
+            raise RuntimeError(f"nemoq CUDA MoE kernel: {err.value.decode(errors='replace')}")
+        self._device.append(p)
+        return p
+
+    def matvec(self, x, expert_ids, expert_weights, *, up_scale=None, down_scale=None) -> np.ndarray:
+        if np.shape(x)[-1] != self.hidden:
+            raise ValueError(f"x has {np.shape(x)[-1]} columns, the experts take {self.hidden}")
+        return _call(self.lib, self.up_ptr, self.down_ptr, self.up_format, self.down_format, self.n_experts,
+                     self.n_ff, x, expert_ids, expert_weights, up_scale, down_scale, emulate=False)
+
+    def close(self) -> None:
+        while self._device:
+            self.lib.nemoq_moe_cuda_free(self._device.pop())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def moe_matvec_cuda(x, expert_ids, expert_weights, up, down, up_format, down_format, *,
+                    up_scale=None, down_scale=None) -> np.ndarray:
+    """One call on the GPU, uploading the stacks first (use CudaExperts to upload once)."""
+    with CudaExperts(up, down, up_format, down_format) as experts:
+        return experts.matvec(x, expert_ids, expert_weights, up_scale=up_scale, down_scale=down_scale)
+
+
+def emulate_matvec(x, expert_ids, expert_weights, up, down, up_format, down_format, *,
+                   up_scale=None, down_scale=None) -> np.ndarray:
+    """moe.cu's decoding and warp arithmetic run on the CPU, lane by lane (slow; for tests)."""
+    _check_formats(up_format, down_format)
+    lib = _require_library()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    _, _, n_experts, n_ff = expert_shapes(x, up, down, up_format, down_format)
+    up, down = np.ascontiguousarray(up), np.ascontiguousarray(down)
+    return _call(lib, up.ctypes.data, down.ctypes.data, up_format, down_format, n_experts, n_ff, x,
+                 expert_ids, expert_weights, up_scale, down_scale, emulate=True)
