@@ -112,13 +112,15 @@ def test_convert_rejects_unknown_pre_tokenizer_and_accepts_pre_option(fresh_chec
     assert result.exit_code == 0, result.output
 
 
-def test_convert_warns_on_nan_and_strict_refuses(fresh_checkpoint, tmp_path):
-    name = "backbone.layers.0.mixer.out_proj.weight"
-
-    def poison(t):
+def poison(ckpt: Path, name: str, value: float, at=(0, 0)) -> None:
+    def edit(t):
         t[name] = t[name].copy()
-        t[name][0, 0] = np.nan
-    edit_shard(fresh_checkpoint, name, poison)
+        t[name][at] = value
+    edit_shard(ckpt, name, edit)
+
+
+def test_convert_warns_on_nan_and_strict_refuses(fresh_checkpoint, tmp_path):
+    poison(fresh_checkpoint, "backbone.layers.0.mixer.out_proj.weight", np.nan)
     result = run_cli("convert", fresh_checkpoint, "-o", tmp_path / "warn.gguf")
     assert result.exit_code == 0, result.output
     assert "blk.0.ssm_out.weight" in result.output and "NaN" in result.output
@@ -170,12 +172,7 @@ def test_convert_never_modifies_inputs(random_hub, tmp_path):
 
 
 def test_nan_is_found_on_the_byte_copy_path_too(fresh_checkpoint, tmp_path):
-    name = "backbone.layers.0.mixer.out_proj.weight"
-
-    def poison(t):
-        t[name] = t[name].copy()
-        t[name][3, 1] = np.inf
-    edit_shard(fresh_checkpoint, name, poison)
+    poison(fresh_checkpoint, "backbone.layers.0.mixer.out_proj.weight", np.inf, at=(3, 1))
     assert_fails(fresh_checkpoint, tmp_path, "NaN/Inf", "blk.0.ssm_out.weight", extra=("--outtype", "f32", "--strict"))
 
 
