@@ -94,8 +94,11 @@ def quantize(
                                  "per weight without reading weights or writing anything."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     split_max_size: Optional[str] = typer.Option(None, help="Split the output into files of at most this size."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Quantizer threads (default: all cores)."),
 ) -> None:
     """Quantize a checkpoint in one pass with a recipe (types per tensor, honest about bits)."""
+    from nemoq import kernels_c
+    kernels_c.THREADS = threads
     _run(_quantize, src, outfile, recipe, tensor_type, dry_run, imatrix, force=force,
          split_max_size=parse_size(split_max_size) if split_max_size else 0)
 

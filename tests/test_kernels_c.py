@@ -2,19 +2,60 @@
 
 from __future__ import annotations
 
+import functools
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from nemoq import kernels_c
-from nemoq.quant import q8_0
+from nemoq.quant.formats import FORMATS
 
+ROWS, N = 12, 1024   # 4 super-blocks or 32 blocks a row: all of numpy's paths, fast
 RNG = np.random.default_rng(1)
+
+
+def _outlier_columns() -> np.ndarray:
+    x = RNG.standard_normal((ROWS, N)).astype(np.float32)
+    x[:, RNG.choice(N, 24, replace=False)] *= 50
+    return x
+
+
+def _sparse() -> np.ndarray:
+    x = RNG.standard_normal((ROWS, N)).astype(np.float32)
+    x[:, ::3] = 0
+    x[:3, :256] = 0          # whole blocks and groups of zeros among non-zero ones
+    x[3, :512:2] = -0.0
+    return x
+
+
 INPUTS = {
-    "gaussian": RNG.standard_normal((37, 512)).astype(np.float32),
-    "heavy-tailed": RNG.standard_t(2, (37, 512)).astype(np.float32),
-    "tiny-and-zero": np.concatenate([np.zeros((3, 512), np.float32),
-                                     (RNG.standard_normal((3, 512)) * 1e-6).astype(np.float32)]),
+    "gaussian": RNG.standard_normal((ROWS, N)).astype(np.float32),
+    "heavy-tailed": RNG.standard_t(2, (ROWS, N)).astype(np.float32),
+    "outlier-columns": _outlier_columns(),
+    "zeros": np.zeros((3, N), np.float32),
+    "tiny": (RNG.standard_normal((4, N)) * 1e-6).astype(np.float32),
+    "sparse": _sparse(),
+    "positive": RNG.random((4, N)).astype(np.float32),
+    "large": (RNG.standard_normal((4, N)) * 3e3).astype(np.float32),
 }
+
+
+def _importance() -> np.ndarray:
+    w = (RNG.random(N) ** 8 * 1e3).astype(np.float32)   # spans many orders of magnitude
+    w[RNG.random(N) < 0.2] = 0                         # and ignores some columns outright
+    w[:32] = 0                                         # a whole block without weight
+    return w
+
+
+IMPORTANCE = {"none": None, "imatrix": _importance()}
+
+
+@functools.cache
+def numpy_quantize(fmt: str, case: str, imp: str) -> np.ndarray:
+    with np.errstate(over="ignore"):   # "large" overflows a float32 comparison, in C alike
+        return FORMATS[fmt].quantize(INPUTS[case], IMPORTANCE[imp])
 
 
 def test_kernels_build_here():
@@ -23,13 +64,83 @@ def test_kernels_build_here():
     assert status.library is not None and status.library.exists()
 
 
-@pytest.mark.parametrize("case", INPUTS)
+def test_every_format_has_a_kernel_with_the_numpy_layout():
+    assert set(kernels_c.KERNEL_FORMATS) == set(FORMATS)
+    for name, (block, size) in kernels_c.KERNEL_FORMATS.items():
+        assert (block, size) == (FORMATS[name].block_size, FORMATS[name].type_size)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
-def test_q8_0_kernel_equals_numpy(case, threads):
-    x = INPUTS[case]
-    ours = kernels_c.quantize_rows("q8_0", x, threads=threads)
-    np.testing.assert_array_equal(ours, q8_0.quantize(x))
-    np.testing.assert_array_equal(kernels_c.dequantize_rows("q8_0", ours, threads=threads), q8_0.dequantize(ours))
+@pytest.mark.parametrize("imp", IMPORTANCE)
+@pytest.mark.parametrize("case", INPUTS)
+@pytest.mark.parametrize("fmt", sorted(kernels_c.KERNEL_FORMATS))
+def test_kernel_equals_numpy(fmt, case, imp, threads):
+    ref = numpy_quantize(fmt, case, imp)
+    ours = kernels_c.quantize_rows(fmt, INPUTS[case], IMPORTANCE[imp], threads=threads)
+    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(kernels_c.dequantize_rows(fmt, ours, threads=threads),
+                                  FORMATS[fmt].dequantize(ours))
+
+
+@pytest.mark.parametrize("fmt", sorted(kernels_c.KERNEL_FORMATS))
+def test_short_rows_equal_numpy(fmt):
+    """Rows of 1 to 9 blocks (the C searches 8 blocks at a time, so the last lanes go unused),
+    and single rows of one block, where numpy's reductions change order unless spelt out."""
+    block = FORMATS[fmt].block_size
+    rng = np.random.default_rng(2)
+    for trial in range(36):
+        k = 1 + trial % 9
+        x = rng.standard_t(3, (1 if trial % 4 < 2 else 5, block * k)).astype(np.float32)
+        imp = None if trial % 2 else (rng.random(block * k) ** 4).astype(np.float32)
+        np.testing.assert_array_equal(kernels_c.quantize_rows(fmt, x, imp, threads=1),
+                                      FORMATS[fmt].quantize(x, imp), err_msg=f"trial {trial}")
+
+
+@pytest.mark.parametrize("fmt", sorted(kernels_c.KERNEL_FORMATS))
+def test_dequantize_any_bytes_equals_numpy(fmt):
+    """Bytes the quantizers never write (NaN scales, E8M0 255, UE4M3 codes above 0x7E) too."""
+    size = FORMATS[fmt].type_size
+    data = np.random.default_rng(3).integers(0, 256, (5, 8 * size), dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        ref = FORMATS[fmt].dequantize(data)
+    np.testing.assert_array_equal(kernels_c.dequantize_rows(fmt, data, threads=2), ref)
+
+
+def test_tables_in_the_c_source_match_the_numpy_modules():
+    from nemoq.quant.formats import iq4_nl, mxfp4, q4_0, q6_k
+
+    source = (Path(kernels_c.__file__).parent / "quants.c").read_text()
+
+    def table(name):
+        body = re.search(rf"\b{name}\[\d+\] = \{{(.*?)\}};", source, re.S).group(1)
+        return [float.fromhex(v) if "0x" in v else float(v) for v in body.replace("\n", " ").split(",")]
+
+    assert table("KVALUES_IQ4_NL") == iq4_nl.KVALUES.tolist()
+    assert table("KVALUES_FP4") == mxfp4.KVALUES.tolist()
+    for name, grid in {"MIDS_IQ4_NL": iq4_nl.GRID, "MIDS_E2M1": mxfp4.E2M1_GRID}.items():
+        mids = (grid.values[1:] + grid.values[:-1]) / 2 / grid.step
+        assert table(name) == mids.tolist(), name
+        # the count of midpoints is the table's level, cell by cell (and ties_down for E2M1)
+        cells = np.arange(grid.lo, grid.lo + len(grid.lut))
+        np.testing.assert_array_equal((mids[None, :] <= cells[:, None]).sum(axis=1), grid.lut)
+    targets = {
+        "TARGETS_Q4_0": q4_0.Q4_0.nmax * q4_0.Q4_0.search_factors,
+        "TARGETS_Q5_0": FORMATS["q5_0"].nmax * FORMATS["q5_0"].search_factors,
+        "TARGETS_IQ4_NL": [t * f for t in (iq4_nl.KVALUES[0], iq4_nl.KVALUES[-1])
+                           for f in iq4_nl.IQ4_NL.search_factors],
+        "TARGETS_Q6_K": 32 * q6_k.Q6_K.search_factors,
+    }
+    for name, values in targets.items():
+        assert table(name) == [float(v) for v in values], name
+
+
+def test_importance_is_checked():
+    x = INPUTS["gaussian"]
+    with pytest.raises(ValueError, match="importance"):
+        kernels_c.quantize_rows("q4_k", x, np.ones(N - 1, np.float32))
+    with pytest.raises(ValueError, match="multiple"):
+        kernels_c.quantize_rows("q4_k", x[:, :N - 32])
+    assert kernels_c.quantize_rows("q6_k", x[:0]).shape == (0, N // 256 * 210)
 
 
 def test_no_compiler_falls_back_with_one_warning(monkeypatch):

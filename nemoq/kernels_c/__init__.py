@@ -2,6 +2,8 @@
 
 Rows are split across threads in Python: ctypes releases the GIL for the duration of
 each foreign call, so `threads` C calls run in parallel without pthreads in the C code.
+Every kernel is bit-identical to its numpy reference in nemoq.quant.formats, with and
+without an importance vector (tests/test_kernels_c.py).
 """
 
 from __future__ import annotations
@@ -17,14 +19,29 @@ from nemoq.kernels_c.build import KernelStatus, library, status
 __all__ = ["KernelStatus", "status", "quantize_rows", "dequantize_rows", "available", "KERNEL_FORMATS"]
 
 # format name -> (block size, bytes per block): the formats with a C kernel
-KERNEL_FORMATS = {"q8_0": (32, 34)}
+KERNEL_FORMATS = {
+    "q8_0": (32, 34),
+    "q5_0": (32, 22),
+    "q4_0": (32, 18),
+    "iq4_nl": (32, 18),
+    "q4_k": (256, 144),
+    "q5_k": (256, 176),
+    "q6_k": (256, 210),
+    "mxfp4": (32, 17),
+    "nvfp4": (64, 36),
+}
 
-_ROW_KERNEL_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+# Threads for quantizing (None: all cores); `nemoq quantize --threads` sets it.
+THREADS: int | None = None
+
+# (src, dst, nrows, n_per_row[, importance or NULL])
+_DEQUANT_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+_QUANT_ARGS = _DEQUANT_ARGS + [ctypes.c_void_p]
 
 
-def _kernel(name: str):
+def _kernel(name: str, argtypes):
     fn = getattr(library(), name)
-    fn.argtypes, fn.restype = _ROW_KERNEL_ARGS, None
+    fn.argtypes, fn.restype = argtypes, None
     return fn
 
 
@@ -37,13 +54,13 @@ def _row_chunks(nrows: int, threads: int) -> list[tuple[int, int]]:
     return [(r, min(r + step, nrows)) for r in range(0, nrows, step)]
 
 
-def _run(fn, src: np.ndarray, dst: np.ndarray, n_per_row: int, threads: int | None) -> None:
+def _run(fn, src: np.ndarray, dst: np.ndarray, n_per_row: int, threads: int | None, *extra) -> None:
     threads = threads or os.cpu_count() or 1
     chunks = _row_chunks(src.shape[0], threads)
 
     def call(lo_hi):
         lo, hi = lo_hi
-        fn(src[lo:hi].ctypes.data, dst[lo:hi].ctypes.data, hi - lo, n_per_row)
+        fn(src[lo:hi].ctypes.data, dst[lo:hi].ctypes.data, hi - lo, n_per_row, *extra)
     if len(chunks) == 1:
         call(chunks[0])
         return
@@ -51,19 +68,36 @@ def _run(fn, src: np.ndarray, dst: np.ndarray, n_per_row: int, threads: int | No
         list(pool.map(call, chunks))
 
 
-def quantize_rows(fmt: str, x: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """float32 (rows, n) -> uint8 (rows, n / block * bytes) with the C kernel of `fmt`."""
+def quantize_rows(fmt: str, x: np.ndarray, importance: np.ndarray | None = None,
+                  threads: int | None = None) -> np.ndarray:
+    """float32 (rows, n) -> uint8 (rows, n / block * bytes) with the C kernel of `fmt`.
+
+    importance: one non-negative weight per column (llama.cpp's imatrix) or None; the bytes
+    equal nemoq.quant.formats.FORMATS[fmt].quantize(x, importance). Q8_0 ignores it, as ggml.
+    """
     block, size = KERNEL_FORMATS[fmt]
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-    out = np.empty((x.shape[0], x.shape[1] // block * size), dtype=np.uint8)
-    _run(_kernel(f"nemoq_quantize_{fmt}"), x, out, x.shape[1], threads)
+    n = x.shape[1]
+    if n % block:
+        raise ValueError(f"{fmt}: row length {n} is not a multiple of the block size {block}")
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32)
+        if importance.shape != (n,):
+            raise ValueError(f"{fmt}: importance has shape {importance.shape}, expected ({n},)")
+    out = np.empty((x.shape[0], n // block * size), dtype=np.uint8)
+    if x.shape[0]:
+        imp = None if importance is None else importance.ctypes.data
+        _run(_kernel(f"nemoq_quantize_{fmt}", _QUANT_ARGS), x, out, n, threads, imp)
     return out
 
 
 def dequantize_rows(fmt: str, data: np.ndarray, threads: int | None = None) -> np.ndarray:
     block, size = KERNEL_FORMATS[fmt]
     data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, data.shape[-1])
+    if data.shape[1] % size:
+        raise ValueError(f"{fmt}: {data.shape[1]} bytes per row is not a multiple of {size}")
     n = data.shape[1] // size * block
     out = np.empty((data.shape[0], n), dtype=np.float32)
-    _run(_kernel(f"nemoq_dequantize_{fmt}"), data, out, n, threads)
+    if data.shape[0]:
+        _run(_kernel(f"nemoq_dequantize_{fmt}", _DEQUANT_ARGS), data, out, n, threads)
     return out

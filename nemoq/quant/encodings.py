@@ -22,12 +22,16 @@ class BlockEncoding:
     def nbytes(self, shape: tuple[int, ...]) -> int:
         return type_nbytes(self.ggml_type, shape)
 
+    def quantize(self, x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        """float32 rows -> block bytes: the C kernel when built (same bytes), else numpy."""
+        x = x.reshape(-1, x.shape[-1])
+        if kernels_c.available(self.name):
+            return kernels_c.quantize_rows(self.name, x, importance, threads=kernels_c.THREADS)
+        return self.reference(x, importance)
+
     def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray:
         x = to_float32(rows, source_dtype)
-        if kernels_c.available(self.name):
-            return kernels_c.quantize_rows(self.name, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
-        return self.reference(x)
-
+        return self.quantize(x).reshape(*x.shape[:-1], -1)
 
     def with_importance(self, importance: np.ndarray, rows_per_matrix: int) -> "WeightedEncoding":
         return WeightedEncoding(self, importance, rows_per_matrix)
@@ -49,7 +53,7 @@ class WeightedEncoding:
 
     def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray:
         x = to_float32(rows, source_dtype).reshape(-1, rows.shape[-1])
-        quantize = FORMATS[self.base.name].quantize
+        quantize = self.base.quantize
         pieces, start = [], 0
         while start < x.shape[0]:
             matrix = min(self.row // self.rows_per_matrix, self.importance.shape[0] - 1)

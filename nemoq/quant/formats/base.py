@@ -89,7 +89,7 @@ class Format:
         errors = []
         for c in candidates:
             diff = xb - self.dequantize_blocks(c.reshape(-1, self.type_size)).reshape(xb.shape)
-            errors.append(np.einsum("...i,...i->...", wb * diff, diff))
+            errors.append((wb * diff * diff).sum(axis=-1))  # numpy's pairwise sum, whatever the platform
         pick = np.argmin(np.stack(errors), axis=0)  # (rows, n_blocks)
         stacked = np.stack([c.reshape(rows, -1, self.type_size) for c in candidates])
         best = np.take_along_axis(stacked, pick[None, :, :, None], axis=0)[0]

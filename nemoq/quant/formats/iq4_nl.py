@@ -68,7 +68,7 @@ class IQ4_NL(Format, ggml_type=GGMLQuantizationType.IQ4_NL):
         if importance is None:
             ggml_w = xt * xt
         else:
-            sigma2 = 2 * (xt * xt).sum(axis=0) / 32
+            sigma2 = 2 * dot(xt, xt) / 32
             ggml_w = groups_first(importance[None, :], 32) * np.sqrt(sigma2 + xt * xt)
         return self.pack(*scale_search(xt, ggml_w, self.ggml_scales))
 

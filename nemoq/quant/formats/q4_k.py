@@ -20,7 +20,7 @@ from nemoq.quant.formats.base import (
     Format, f16_bytes, f16_round, metric_weights, pack_nibbles, read_f16, unpack_nibbles,
 )
 from nemoq.quant.formats.search import (
-    divide, dot, full, groups_first, groups_last, make_qkx_quants, make_qp_quants, nearest_int,
+    divide, dot, full, groups_first, groups_last, make_qkx_quants, make_qp_quants, nearest_int, total,
 )
 
 
@@ -59,7 +59,7 @@ class Q4_K(Format, ggml_type=GGMLQuantizationType.Q4_K):
         xt = groups_first(x, 8, 32)
         if importance is None:
             return self.pack(*self.ggml_ref(xt))
-        sigma2 = 2 * (xt * xt).sum(axis=(0, 1)) / 256
+        sigma2 = 2 * total((xt * xt).reshape(256, *xt.shape[2:])) / 256  # value i of group g: term 8i + g
         qw = groups_first(importance[None, :], 8, 32) * np.sqrt(sigma2 + xt * xt)
         return self.pack(*self.fit(xt, qw, self.imatrix_search))
 

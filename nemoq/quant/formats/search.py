@@ -47,9 +47,22 @@ def round_clip(t: np.ndarray, lo, hi) -> np.ndarray:
     return np.clip(t, lo, hi, out=t)
 
 
+def total(a: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 (each group), added in order from +0 in a's dtype: a[0] + a[1] + ...
+
+    Spelt out because numpy's own orders depend on the layout (a reduction switches to pairwise
+    summation when the other axes have length 1) and einsum fuses multiply-adds on some
+    platforms (NEON, FMA builds); the C kernels add in exactly this order on every platform.
+    """
+    acc = np.zeros_like(a[0])
+    for v in a:
+        acc += v
+    return acc
+
+
 def dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """sum over each group of a * b."""
-    return np.einsum("i...,i...->...", a, b)
+    """sum over each group of a * b: the products rounded, then added in order (see total)."""
+    return total(a * b)
 
 
 def divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
