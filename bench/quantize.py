@@ -6,6 +6,7 @@ bits per weight, and the KL divergence of each output against the F16 model's lo
 nemoq's one pass from the checkpoint against convert + quantize.
 
     .venv/bin/python bench/quantize.py [--chunks 8] [--ctx 256] [--threads 2] [--json FILE]
+    .venv/bin/python bench/quantize.py --full-width     # speed only, on bench/convert.py's 4 GB ME* checkpoint
 """
 
 from __future__ import annotations
@@ -83,13 +84,44 @@ def kld_stats(base: list[np.ndarray], ours: list[np.ndarray]) -> dict:
     return {"kld_mean": float(kld.mean()), "kld_p99": float(np.quantile(kld, 0.99)), "top1": float(top1.mean())}
 
 
+def full_width(threads: int, recipes: list[str]) -> None:
+    """Speed and size on the full-width synthetic checkpoint (random weights: no KLD)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from synthetic import ensure_checkpoint
+    src = ensure_checkpoint(ROOT / "bench" / ".cache", "ME*")
+    with tempfile.TemporaryDirectory(dir=ROOT / "bench" / ".cache") as tmp:
+        tmp = Path(tmp)
+        f16 = tmp / "f16.gguf"
+        t0 = time.perf_counter()
+        source = open_source(src)
+        choose, ftype = float_chooser("f16", "BF16")
+        write_gguf(source, f16, choose, ftype)
+        print(f"load average {os.getloadavg()}; F16 GGUF of {src.name} written in {time.perf_counter() - t0:.1f} s")
+        for recipe in recipes:
+            ours, theirs = tmp / "nemoq.gguf", tmp / "llama.gguf"
+            a = nemoq_quantize(f16, ours, recipe)
+            b = llama_quantize(f16, theirs, LLAMA_FTYPES[recipe], threads)
+            sa, sb = read_gguf(ours), read_gguf(theirs)
+            print(f"{recipe:10s} nemoq {a:7.1f} s {sa.total_bytes / 1e9:6.2f} GB {sa.bits_per_weight:5.2f} bpw | "
+                  f"llama.cpp {b:7.1f} s {sb.total_bytes / 1e9:6.2f} GB {sb.bits_per_weight:5.2f} bpw | "
+                  f"speed {b / a:.2f}x llama.cpp's")
+            ours.unlink()
+            theirs.unlink()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full-width", action="store_true")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.full_width:
+        from nemoq import kernels_c
+        kernels_c.THREADS = args.threads
+        full_width(args.threads, ["Q8_0", "MXFP4_MOE", "Q4_K_M"])
+        return
 
     from tokenizers import Tokenizer
     ids = Tokenizer.from_file(str(MODEL / "tokenizer.json")).encode(held_out_text()).ids
