@@ -161,3 +161,12 @@ def test_info_kernels_reports_the_library():
     result = run_cli("info", "--kernels")
     assert result.exit_code == 0, result.output
     assert "built" in result.output and "q8_0" in result.output
+
+
+def test_widen_equals_numpy_for_every_half_and_bfloat16_value():
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    f16 = kernels_c.widen(bits.view(np.float16), "F16")
+    ref = bits.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(f16.view(np.uint32), ref.view(np.uint32))
+    bf16 = kernels_c.widen(bits, "BF16")
+    np.testing.assert_array_equal(bf16.view(np.uint32), bits.astype(np.uint32) << 16)

