@@ -112,6 +112,7 @@ def full_width(threads: int, recipes: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full-width", action="store_true")
+    ap.add_argument("--recipes", default="Q8_0,MXFP4_MOE,Q4_K_M", help="with --full-width")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -120,7 +121,7 @@ def main() -> None:
     if args.full_width:
         from nemoq import kernels_c
         kernels_c.THREADS = args.threads
-        full_width(args.threads, ["Q8_0", "MXFP4_MOE", "Q4_K_M"])
+        full_width(args.threads, args.recipes.split(","))
         return
 
     from tokenizers import Tokenizer
