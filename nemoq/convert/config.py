@@ -22,6 +22,12 @@ LAYER_KIND_BY_BLOCK_TYPE = {
 }
 
 
+def pattern_of(layer_kinds: tuple[str, ...]) -> str:
+    """Layer kinds as a hybrid_override_pattern string (MEM*E...)."""
+    char = {kind: c for c, kind in LAYER_KIND_BY_PATTERN_CHAR.items()}
+    return "".join(char[k] for k in layer_kinds)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: Path

@@ -116,8 +116,6 @@ class FloatEncoding:
         return source_dtype == SOURCE_OF[self.ggml_type]
 
     def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray:
-        if rows.dtype == np.float32:   # transformed values arrive as float32 whatever the source
-            source_dtype = "F32"
         if source_dtype == SOURCE_OF[self.ggml_type]:
             return rows                # same type: the bytes are copied as they are
         return self.convert(rows, source_dtype)

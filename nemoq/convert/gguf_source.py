@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 
 from nemoq.convert import mapping
+from nemoq.convert.config import pattern_of
 from nemoq.convert.plan import Plan, PlannedTensor, TensorSpec
 from nemoq.convert.safetensors_reader import TensorRef
 from nemoq.errors import NemoqError
@@ -72,6 +73,5 @@ def open_gguf_source(path: Path):
             main = f.types[0]
             sub = f.types[-1] if main == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(name, f.contents(), main, sub_type=sub)
-    pattern = "".join({"mamba": "M", "moe": "E", "attention": "*"}[k] for k in kinds)
     return Source(path, path.stem, arch, kinds, Plan(planned, "GGUF"), add_metadata,
-                  f"{len(kinds)} layers ({pattern}), from {len(contents.files)} GGUF file(s)")
+                  f"{len(kinds)} layers ({pattern_of(kinds)}), from {len(contents.files)} GGUF file(s)")

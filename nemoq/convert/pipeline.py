@@ -14,7 +14,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from nemoq.convert.config import load_config
+from nemoq.convert.config import load_config, pattern_of
 from nemoq.convert.dtypes import FLOAT_ENCODINGS, Encoding, count_non_finite
 from nemoq.convert.metadata import add_hparams, add_size_label
 from nemoq.convert.output import FileRange, StreamingGGUFWriter, atomic_outputs, check_free_space, refuse_to_clobber, split_names
@@ -80,10 +80,8 @@ def open_checkpoint_source(src: str | Path, pre: str | None = None) -> Source:
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         add_hparams(writer, config, name)
         vocab.add_to(writer)
-    pattern = config.raw.get("hybrid_override_pattern") or "".join(
-        {"mamba": "M", "moe": "E", "attention": "*"}[k] for k in config.layer_kinds)
     return Source(path, name, config.architecture, config.layer_kinds, plan, add_metadata,
-                  f"{config.n_layers} layers ({pattern}), layout {plan.layout}")
+                  f"{config.n_layers} layers ({pattern_of(config.layer_kinds)}), layout {plan.layout}")
 
 
 def open_source(src: str | Path, pre: str | None = None) -> Source:
@@ -161,10 +159,9 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
 
             def encoded_chunks():
                 for rows in prefetch.chunks():
-                    report.non_finite += count_non_finite(rows, t.source_dtype if rows.dtype != np.float32
-                                                          else "F32")
+                    report.non_finite += count_non_finite(rows, t.chunk_dtype)
                     result.bytes_read += rows.nbytes
-                    yield enc.encode(rows, t.source_dtype)
+                    yield enc.encode(rows, t.chunk_dtype)
                     if on_progress is not None:
                         on_progress(rows.nbytes)
             writer.write_tensor_chunks(copied_chunks() if copy else encoded_chunks())

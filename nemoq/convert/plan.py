@@ -63,6 +63,11 @@ class PlannedTensor:
     def source_dtype(self) -> str:
         return self.sources[0].dtype
 
+    @property
+    def chunk_dtype(self) -> str:
+        """The dtype iter_chunks yields: float32 values after a value transform, else the source's."""
+        return "F32" if self.transform.values is not None else self.source_dtype
+
     def iter_chunks(self, take_buffer: Callable[[], np.ndarray]) -> Iterator[np.ndarray]:
         """Source data in whole rows of the GGUF tensor, in order, in the storage dtype.
 

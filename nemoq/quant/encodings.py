@@ -20,7 +20,7 @@ def widen_to_float32(rows: np.ndarray, source_dtype: str) -> np.ndarray:
     """Source rows as float32: the C kernel for half precision (2x numpy's cast here), into one
     reused buffer that the caller quantizes before the next chunk arrives."""
     global _widened
-    if source_dtype not in kernels_c.WIDEN_SOURCES or rows.dtype == np.float32 or kernels_c.library() is None:
+    if source_dtype not in kernels_c.WIDEN_SOURCES or kernels_c.library() is None:
         return to_float32(rows, source_dtype)
     if _widened.size < rows.size:
         _widened = np.empty(rows.size, dtype=np.float32)
