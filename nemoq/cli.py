@@ -143,6 +143,49 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
 
 
 @app.command()
+def calibrate(
+    src: str = typer.Argument(..., help="Checkpoint folder, hub repo id, or an F32/F16/BF16 GGUF."),
+    outfile: Path = typer.Option(..., "--outfile", "-o", help="Output imatrix .gguf path (llama.cpp's format)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Calibration text: a .txt file, a .jsonl file "
+                                        "(\"text\" or \"messages\" records) or a folder of them "
+                                        "(default: the corpus nemoq ships, train split)."),
+    tokens: int = typer.Option(65536, "--tokens", min=1, help="Use at most this many tokens."),
+    ctx: int = typer.Option(512, "--ctx", min=2, help="Tokens per sequence."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda or mps."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+) -> None:
+    """Compute an importance matrix (per-column mean x^2 of every quantized matrix) for quantize --imatrix."""
+    _run(_calibrate, src, outfile, data, tokens, ctx, device, force)
+
+
+def _calibrate(src: str, outfile: Path, data: Optional[Path], tokens: int, ctx: int, device: str, force: bool) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from nemoq import report
+    from nemoq.calib.calibrate import calibrate
+    from nemoq.calib.coverage import FALLBACK, FEW_SHARE
+
+    columns = (TextColumn("[bold]calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("calibrating", total=None, rate="")
+
+        def on_start(sequences: int, layers: int) -> None:
+            console.print(f"{sequences} sequences of {ctx} tokens")
+            progress.update(task, total=layers)
+
+        def on_progress(p) -> None:
+            progress.update(task, completed=p.layers_done, rate=f"{p.tokens_per_second:,.0f} tokens/s")
+        result = calibrate(src, outfile, data=data, tokens=tokens, ctx=ctx, device=device, force=force,
+                           on_start=on_start, on_progress=on_progress)
+    report.expert_coverage(Console(), result.coverage, FEW_SHARE, FALLBACK)
+    console.print(f"{result.tokens:,} tokens on {result.device} in {result.seconds:.1f} s "
+                  f"({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s), "
+                  f"{len(result.imatrix.sums)} matrices")
+    console.print(f"[green]wrote[/] {escape(str(result.output))}")
+
+
+@app.command()
 def info(
     file: Optional[Path] = typer.Argument(None, help="A .gguf file (the first of a split set reads them all)."),
     max_tensors: int = typer.Option(0, help="Show at most this many tensors (0: all)."),

@@ -125,3 +125,30 @@ def quant_plan(console: Console, typed, summary, recipe, table: bool = True) -> 
         console.print(f"[{colour}]{summary.fallback_tensors} tensor(s) fell back to another type "
                       f"({100 * summary.fallback_share:.1f}% of the quantized weights): their rows are not a "
                       f"multiple of the wanted type's block[/]")
+
+
+def expert_coverage(console: Console, coverage, few_share: float, fallback: str) -> None:
+    """Per MoE layer: tokens per routed expert, and the experts the imatrix barely or never saw."""
+    if not coverage:
+        return
+    labels = "|".join(label for label, _ in coverage[0].buckets)
+    table = Table(title="calibration tokens per routed expert")
+    for col in ("layer", "min", "median", "max", f"experts {labels} x mean", "unseen", "few"):
+        table.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
+    for layer in coverage:
+        lo, mid, hi = layer.stats
+        table.add_row(layer.tensor.rsplit(".", 2)[0], str(lo), f"{mid:g}", str(hi),
+                      "|".join(str(n) for _, n in layer.buckets), _ids(layer.unseen), _ids(layer.few))
+    console.print(table)
+    unseen = sum(len(layer.unseen) for layer in coverage)
+    if unseen:
+        console.print(f"[yellow]{unseen} expert(s) saw no calibration token[/]: quantize uses the {fallback} "
+                      "for them (more --tokens or other --data helps)")
+    few = sum(len(layer.few) for layer in coverage)
+    if few:
+        console.print(f"{few} expert(s) saw under {few_share:g}x their layer's mean: their statistics are noisy")
+
+
+def _ids(ids: tuple[int, ...], limit: int = 6) -> str:
+    shown = ",".join(map(str, ids[:limit]))
+    return shown + (f",+{len(ids) - limit}" if len(ids) > limit else "") if ids else "-"
