@@ -95,16 +95,19 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     split_max_size: Optional[str] = typer.Option(None, help="Split the output into files of at most this size."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Quantizer threads (default: all cores)."),
+    tensor_scales: bool = typer.Option(True, "--tensor-scales/--no-tensor-scales",
+                                       help="Give NVFP4/MXFP4 matrices a per-matrix `.scale` tensor (better "
+                                       "quality; llama.cpp builds without NVFP4 support cannot load it)."),
 ) -> None:
     """Quantize a checkpoint in one pass with a recipe (types per tensor, honest about bits)."""
     from nemoq import kernels_c
     kernels_c.THREADS = threads
-    _run(_quantize, src, outfile, recipe, tensor_type, dry_run, imatrix, force=force,
+    _run(_quantize, src, outfile, recipe, tensor_type, dry_run, imatrix, tensor_scales, force=force,
          split_max_size=parse_size(split_max_size) if split_max_size else 0)
 
 
 def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: list[str], dry_run: bool,
-              imatrix_path: Optional[Path], **options) -> None:
+              imatrix_path: Optional[Path], tensor_scales: bool = True, **options) -> None:
     from nemoq import report
     from nemoq.quant.recipes import RECIPES, chooser, parse_override, plan_types, summarize
     recipe = RECIPES.get(recipe_name.upper())
@@ -119,14 +122,14 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
         from nemoq.convert.plan import tensor_specs
         from nemoq.convert.source import resolve_config
         config = load_config(resolve_config(src))
-        typed = plan_types(tensor_specs(config), recipe, config.layer_kinds, parsed)
+        typed = plan_types(tensor_specs(config), recipe, config.layer_kinds, parsed, tensor_scales)
         report.quant_plan(Console(), typed, summarize(typed), recipe)
         return
     if outfile is None:
         raise NemoqError("--outfile is required (or use --dry-run)")
     from nemoq.convert.pipeline import open_source, plan_bytes, write_gguf
     source = open_source(src)
-    typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.layer_kinds, parsed)
+    typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.layer_kinds, parsed, tensor_scales)
     imatrix = None
     if imatrix_path is not None:
         from nemoq.calib.imatrix_file import read_imatrix
@@ -183,6 +186,97 @@ def _calibrate(src: str, outfile: Path, data: Optional[Path], tokens: int, ctx: 
                   f"({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s), "
                   f"{len(result.imatrix.sums)} matrices")
     console.print(f"[green]wrote[/] {escape(str(result.output))}")
+
+
+@app.command("eval")
+def eval_command(
+    models: list[Path] = typer.Argument(..., help="The GGUF file to evaluate (with --compare: several)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="UTF-8 text to evaluate on."),
+    ctx: int = typer.Option(512, "--ctx", min=4, help="Tokens per chunk; the second half of each is scored."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Evaluate at most this many chunks."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base GGUF (e.g. the F16) for KLD, run side by side."),
+    base_logits: Optional[Path] = typer.Option(None, "--base-logits", help="A --save-logits file instead of --base."),
+    save_logits: Optional[Path] = typer.Option(None, "--save-logits", help="Save the base's top-k log-probs "
+                                               "(--base's, or the model's own without --base)."),
+    top_k: int = typer.Option(256, "--top-k", min=1, help="Log-probs kept per token by --save-logits."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Fail when worse than this --json result."),
+    tolerance: float = typer.Option(2.0, "--tolerance", min=0, help="Allowed worsening vs --baseline, "
+                                    "in combined standard errors."),
+    max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Gate: PPL(model)/PPL(base) at most."),
+    max_kld: Optional[float] = typer.Option(None, "--max-kld", help="Gate: mean KLD at most."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Gate: same top-1 token share at least."),
+    compare: bool = typer.Option(False, "--compare", help="Compare several models against --base in one table."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="With --compare: bits per weight vs KLD as a PNG."),
+    noise_floor: bool = typer.Option(False, "--noise-floor", help="Also measure the base against itself re-run."),
+    noise_floor_model: Optional[Path] = typer.Option(None, "--noise-floor-model", help="Also measure the base "
+                                                     "against this file (e.g. the BF16 of an F16 base)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="llama.cpp threads (default: all cores)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+) -> None:
+    """Perplexity, KL divergence against a base model, and a CI gate (exit 1 when it fails)."""
+    gates = {"max_ppl_ratio": max_ppl_ratio, "max_kld": max_kld, "min_top1": min_top1}
+    gated = any(v is not None for v in gates.values()) or baseline is not None
+    conflicts = (   # (wrong, what to say): usage errors, exit code 2
+        (not compare and len(models) != 1, "give one model, or several with --compare"),
+        (data is None, "--data is required"),
+        (base is not None and base_logits is not None, "--base and --base-logits exclude each other"),
+        (base_logits is not None and save_logits is not None, "--save-logits needs a base model, not --base-logits"),
+        (compare and base is None, "--compare needs --base"),
+        (compare and (base_logits or save_logits or gated), "--compare takes no --base-logits, --save-logits or gate"),
+        (plot is not None and not compare, "--plot goes with --compare"),
+        ((noise_floor or noise_floor_model) and base is None, "--noise-floor needs --base"),
+        (any(v is not None for v in gates.values()) and base is None and base_logits is None,
+         "--max-ppl-ratio, --max-kld and --min-top1 need --base or --base-logits"),
+    )
+    for wrong, message in conflicts:
+        if wrong:
+            raise typer.BadParameter(message)
+    _run(_eval, models, data, ctx, chunks, base, base_logits, save_logits, top_k, json_out, baseline, tolerance,
+         gates, compare, plot, noise_floor, noise_floor_model, threads, force)
+
+
+def _eval(models, data, ctx, chunks, base, base_logits, save_logits, top_k, json_out, baseline, tolerance, gates,
+          compare, plot, noise_floor, noise_floor_model, threads, force) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from nemoq.eval import gate, report as eval_report, results, run
+    from nemoq.eval.text import load_text
+    opts = run.RunOptions(text=load_text(data), data=data, ctx=ctx, chunks=chunks, threads=threads, top_k=top_k,
+                          force=force)
+    previous = results.read_baseline(baseline) if baseline is not None else None
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        def track(label: str, total: int):
+            task = progress.add_task(label, total=total)
+            return lambda: progress.advance(task)
+        if compare:
+            record = run.compare(models, base, opts, noise_floor_model, track=track)
+        else:
+            record = run.evaluate(models[0], opts, base=base, base_logits=base_logits, save_logits=save_logits,
+                                  noise_floor=noise_floor, noise_floor_model=noise_floor_model, track=track)
+    out = Console()
+    if compare:
+        eval_report.compare_table(out, record)
+        if plot is not None:
+            from nemoq.eval.plot import plot_compare
+            plot_compare(record, plot, force)
+            console.print(f"[green]wrote[/] {escape(str(plot))}")
+    else:
+        eval_report.eval_summary(out, record)
+        checks = gate.check_limits(record, gates)
+        if previous is not None:
+            checks += gate.check_baseline(record, previous, baseline, tolerance)
+        record = gate.with_gates(record, checks)
+        if checks:
+            eval_report.gate_table(out, checks)
+    if save_logits is not None:
+        console.print(f"[green]wrote[/] {escape(str(save_logits))}")
+    if json_out is not None:
+        results.write_json(record, json_out, force)
+        console.print(f"[green]wrote[/] {escape(str(json_out))}")
+    if not record.get("passed", True):
+        console.print("[bold red]gate failed[/]")
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -89,12 +89,33 @@ def count_non_finite(chunk: np.ndarray, source_dtype: str) -> int:
 
 
 class Encoding(Protocol):
-    """encode() may return a view of a reused buffer: write it out before the next call."""
+    """encode() may return a view of a reused buffer: write it out before the next call.
+
+    An encoding may also have `companions(tensor) -> tuple[Companion, ...]`: small tensors
+    written right after the one it encodes."""
     ggml_type: GGMLQuantizationType
 
     def nbytes(self, shape: tuple[int, ...]) -> int: ...
 
     def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A small F32 tensor that belongs to a weight, such as llama.cpp's `<name>.scale` (one
+    multiplier per matrix, applied to the matmul's output). Its values are known only once the
+    weight has been encoded, so it is declared up front and written right after the weight."""
+    name: str
+    shape: tuple[int, ...]
+    values: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * int(np.prod(self.shape))
+
+
+def companions_of(encoding, tensor) -> tuple[Companion, ...]:
+    return tuple(getattr(encoding, "companions", lambda t: ())(tensor))
 
 
 def type_nbytes(ggml_type: GGMLQuantizationType, shape: tuple[int, ...]) -> int:

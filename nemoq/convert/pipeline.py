@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 
 from nemoq.convert.config import load_config, pattern_of
-from nemoq.convert.dtypes import FLOAT_ENCODINGS, Encoding, count_non_finite
+from nemoq.convert.dtypes import FLOAT_ENCODINGS, Encoding, companions_of, count_non_finite
 from nemoq.convert.metadata import add_hparams, add_size_label
 from nemoq.convert.output import FileRange, StreamingGGUFWriter, atomic_outputs, check_free_space, refuse_to_clobber, split_names
 from nemoq.convert.plan import Plan, PlannedTensor, build_plan
@@ -120,7 +120,8 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
     for t, enc in zip(plan.tensors, encodings):
         if t.row_width % gguf.GGML_QUANT_SIZES[enc.ggml_type][0]:
             raise NemoqError(f"{t.name}: row width {t.row_width} does not fit {enc.ggml_type.name} blocks")
-    total = sum(enc.nbytes(t.shape) for t, enc in zip(plan.tensors, encodings))
+    extras = [companions_of(enc, t) for t, enc in zip(plan.tensors, encodings)]
+    total = sum(enc.nbytes(t.shape) + sum(c.nbytes for c in cs) for t, enc, cs in zip(plan.tensors, encodings, extras))
     out = Path(out).absolute()
     check_free_space(out.parent, total)
 
@@ -133,15 +134,17 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
         source.add_metadata(writer)
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for t, enc in zip(plan.tensors, encodings):
+        for t, enc, cs in zip(plan.tensors, encodings, extras):
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), enc.nbytes(t.shape), raw_dtype=enc.ggml_type)
+            for c in cs:
+                writer.add_tensor_info(c.name, c.shape, np.dtype(np.float32), c.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
         add_size_label(writer)
         final_paths = split_names(out, len(writer.tensors))
         refuse_to_clobber(final_paths, force)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t, enc, copy in zip(plan.tensors, encodings, copied):
+        for t, enc, copy, cs in zip(plan.tensors, encodings, copied, extras):
             report = TensorReport(t.name, t.shape, enc.ggml_type.name, enc.nbytes(t.shape))
 
             def copied_chunks():
@@ -171,6 +174,9 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
                     raise NemoqError(f"{message} (--strict)", t.sources[0].shard)
                 result.warnings.append(message)
             result.tensors.append(report)
+            for c in cs:
+                writer.write_tensor_chunks([np.asarray(c.values(), dtype=np.float32).reshape(c.shape)])
+                result.tensors.append(TensorReport(c.name, c.shape, "F32", c.nbytes))
         writer.close()
     result.outputs = final_paths
     result.seconds = time.perf_counter() - start

@@ -160,10 +160,14 @@ class TypedTensor:
     wanted: str           # the type the rules asked for (differs after a fallback)
     reason: str
     fallback_why: str = ""
+    scaled: bool = True   # FP4 types get a per-matrix `<name>.scale` tensor (tensor_scale.py)
 
     @property
     def nbytes(self) -> int:
-        return type_bytes(self.type, self.spec.n_elements)
+        from nemoq.quant.tensor_scale import SCALE_RULES
+        n_matrices = self.spec.shape[0] if len(self.spec.shape) == 3 else 1
+        scales = 4 * n_matrices if self.type in SCALE_RULES and self.scaled else 0   # `<name>.scale`
+        return type_bytes(self.type, self.spec.n_elements) + scales
 
     @property
     def fell_back(self) -> bool:
@@ -191,7 +195,7 @@ def _fit(type_name: str, row_width: int) -> tuple[str, str]:
 
 
 def plan_types(specs: Iterable[TensorSpec], recipe: Recipe, layer_kinds: tuple[str, ...],
-               overrides: Iterable[tuple[str, str]] = ()) -> list[TypedTensor]:
+               overrides: Iterable[tuple[str, str]] = (), tensor_scales: bool = True) -> list[TypedTensor]:
     facts = LayerFacts(layer_kinds)
     overrides = list(overrides)
     typed = []
@@ -210,7 +214,7 @@ def plan_types(specs: Iterable[TensorSpec], recipe: Recipe, layer_kinds: tuple[s
                     wanted, reason = rule.type, rule.why or rule.pattern
                     break
         final, why = _fit(wanted, spec.row_width)
-        typed.append(TypedTensor(spec, final, wanted, reason, why))
+        typed.append(TypedTensor(spec, final, wanted, reason, why, scaled=tensor_scales))
     return typed
 
 
@@ -258,11 +262,15 @@ def encoding_for(type_name: str):
 
 def chooser(typed: list[TypedTensor], imatrix=None):
     """The converter's per-tensor encoding choice, from a typing plan (and importance)."""
-    by_name = {t.spec.name: t.type for t in typed}
+    by_name = {t.spec.name: t for t in typed}
 
     def choose(planned):
-        encoding = encoding_for(by_name[planned.name])
+        from nemoq.quant.tensor_scale import SCALE_RULES, ScaledEncoding
+        typed_tensor = by_name[planned.name]
+        encoding = encoding_for(typed_tensor.type)
         importance = imatrix.importance(planned.name) if imatrix is not None else None
+        if typed_tensor.type in SCALE_RULES and typed_tensor.scaled:
+            return ScaledEncoding(encoding, planned.shape, importance)
         if importance is None or not hasattr(encoding, "with_importance"):
             return encoding
         rows_per_matrix = planned.shape[-2] if len(planned.shape) == 3 else planned.shape[0]
