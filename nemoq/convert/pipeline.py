@@ -17,6 +17,8 @@ import numpy as np
 from nemoq.convert.config import load_config, pattern_of
 from nemoq.convert.dtypes import FLOAT_ENCODINGS, Encoding, companions_of, count_non_finite
 from nemoq.convert.metadata import add_hparams, add_size_label
+from nemoq.convert.modelopt_gguf import as_stored_chooser, resolve_kept
+from nemoq.convert.modelopt_tensors import FP8, NVFP4, attach_companions
 from nemoq.convert.output import FileRange, StreamingGGUFWriter, atomic_outputs, check_free_space, refuse_to_clobber, split_names
 from nemoq.convert.plan import Plan, PlannedTensor, build_plan
 from nemoq.convert.prefetch import Prefetcher
@@ -41,6 +43,8 @@ class TensorReport:
     ggml_type: str
     nbytes: int
     non_finite: int = 0
+    note: str = ""                       # how a ModelOpt tensor was written
+    rel_rms_error: float | None = None   # set when it had to be re-quantized
 
 
 @dataclass
@@ -73,7 +77,8 @@ class Source:
 def open_checkpoint_source(src: str | Path, pre: str | None = None) -> Source:
     path = resolve_source(src)
     config = load_config(path)
-    plan = build_plan(config, open_checkpoint(path), path)
+    tensors, quantization = attach_companions(open_checkpoint(path), path)   # ModelOpt: weight + scales as one
+    plan = build_plan(config, tensors, path)
     vocab = load_vocab(path, config.vocab, pre)
     name = Path(str(src).rstrip("/")).name
 
@@ -81,7 +86,7 @@ def open_checkpoint_source(src: str | Path, pre: str | None = None) -> Source:
         add_hparams(writer, config, name)
         vocab.add_to(writer)
     return Source(path, name, config.architecture, config.layer_kinds, plan, add_metadata,
-                  f"{config.n_layers} layers ({pattern_of(config.layer_kinds)}), layout {plan.layout}")
+                  f"{config.n_layers} layers ({pattern_of(config.layer_kinds)}), layout {plan.layout}{quantization}")
 
 
 def open_source(src: str | Path, pre: str | None = None) -> Source:
@@ -94,8 +99,10 @@ def open_source(src: str | Path, pre: str | None = None) -> Source:
 
 def float_chooser(outtype: str, source_dtype: str) -> tuple[Chooser, FileType]:
     """Matrices in `outtype`, small and precision-critical tensors in F32."""
-    if outtype == "auto":  # as llama.cpp: keep bf16 sources bf16, everything else f16
-        outtype = "bf16" if source_dtype == "BF16" else "f16"
+    if outtype == "auto" and source_dtype == NVFP4:   # ModelOpt NVFP4: every tensor as stored
+        return as_stored_chooser(), FileType.MOSTLY_NVFP4
+    if outtype == "auto":  # as llama.cpp: keep bf16 sources bf16 (and FP8 ones), everything else f16
+        outtype = "bf16" if source_dtype in ("BF16", FP8) else "f16"
     matrix = FLOAT_ENCODINGS[outtype]
     f32 = FLOAT_ENCODINGS["f32"]
 
@@ -116,25 +123,26 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
                on_progress: Callable[[int], None] | None = None) -> ConvertResult:
     """Stream `source` into `out` (or its splits), each tensor encoded as `choose` says."""
     plan = source.plan
-    encodings = [choose(t) for t in plan.tensors]
-    for t, enc in zip(plan.tensors, encodings):
+    # ModelOpt NVFP4 kept as stored is then read as ggml bytes (and may bring `.scale` companions)
+    tensors, encodings = resolve_kept(plan.tensors, [choose(t) for t in plan.tensors])
+    for t, enc in zip(tensors, encodings):
         if t.row_width % gguf.GGML_QUANT_SIZES[enc.ggml_type][0]:
             raise NemoqError(f"{t.name}: row width {t.row_width} does not fit {enc.ggml_type.name} blocks")
-    extras = [companions_of(enc, t) for t, enc in zip(plan.tensors, encodings)]
-    total = sum(enc.nbytes(t.shape) + sum(c.nbytes for c in cs) for t, enc, cs in zip(plan.tensors, encodings, extras))
+    extras = [companions_of(enc, t) for t, enc in zip(tensors, encodings)]
+    total = sum(enc.nbytes(t.shape) + sum(c.nbytes for c in cs) for t, enc, cs in zip(tensors, encodings, extras))
     out = Path(out).absolute()
     check_free_space(out.parent, total)
 
     result = ConvertResult([], [], plan.layout, plan.skipped)
     start = time.perf_counter()
-    copied = [is_byte_copy(t, enc) for t, enc in zip(plan.tensors, encodings)]
-    read = [t for t, c in zip(plan.tensors, copied) if not c]
+    copied = [is_byte_copy(t, enc) for t, enc in zip(tensors, encodings)]
+    read = [t for t, c in zip(tensors, copied) if not c]
     with atomic_outputs(out, force) as tmp, Prefetcher(read, CHUNK_BYTES) as prefetch:
         writer = StreamingGGUFWriter(tmp, source.architecture, split_max_size=split_max_size)
         source.add_metadata(writer)
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for t, enc, cs in zip(plan.tensors, encodings, extras):
+        for t, enc, cs in zip(tensors, encodings, extras):
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), enc.nbytes(t.shape), raw_dtype=enc.ggml_type)
             for c in cs:
                 writer.add_tensor_info(c.name, c.shape, np.dtype(np.float32), c.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
@@ -144,7 +152,7 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t, enc, copy, cs in zip(plan.tensors, encodings, copied, extras):
+        for t, enc, copy, cs in zip(tensors, encodings, copied, extras):
             report = TensorReport(t.name, t.shape, enc.ggml_type.name, enc.nbytes(t.shape))
 
             def copied_chunks():
@@ -173,6 +181,9 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
                 if strict:
                     raise NemoqError(f"{message} (--strict)", t.sources[0].shard)
                 result.warnings.append(message)
+            report.note, report.rel_rms_error = getattr(enc, "note", ""), getattr(enc, "rel_rms_error", None)
+            if getattr(enc, "warns", False):
+                result.warnings.append(f"{t.name}: {report.note}")
             result.tensors.append(report)
             for c in cs:
                 writer.write_tensor_chunks([np.asarray(c.values(), dtype=np.float32).reshape(c.shape)])

@@ -16,6 +16,7 @@ import numpy as np
 from nemoq.convert import mapping
 from nemoq.convert.config import ModelConfig
 from nemoq.convert.mapping import Row, Transform
+from nemoq.convert.modelopt_tensors import DEQUANTIZED_ON_READ
 from nemoq.convert.safetensors_reader import TensorRef
 from nemoq.errors import NemoqError
 
@@ -65,8 +66,10 @@ class PlannedTensor:
 
     @property
     def chunk_dtype(self) -> str:
-        """The dtype iter_chunks yields: float32 values after a value transform, else the source's."""
-        return "F32" if self.transform.values is not None else self.source_dtype
+        """The dtype iter_chunks yields: float32 values after a value transform or from a ModelOpt
+        NVFP4/FP8 source (dequantized as read), else the source's."""
+        dequantized = self.source_dtype in DEQUANTIZED_ON_READ
+        return "F32" if self.transform.values is not None or dequantized else self.source_dtype
 
     def iter_chunks(self, take_buffer: Callable[[], np.ndarray]) -> Iterator[np.ndarray]:
         """Source data in whole rows of the GGUF tensor, in order, in the storage dtype.
