@@ -84,3 +84,39 @@ def test_bad_calibration_data_is_one_clear_error(case, content, message, tiny_mo
     assert "Traceback" not in result.output and not out.exists()
     if case == "short":
         assert "need at least 256" in result.output
+
+
+def llama_quantize_with(gguf_path, out, imatrix, ftype: int = 15) -> tuple[int, str]:
+    """llama.cpp's llama_model_quantize (Q4_K_M) given our statistics as llama-quantize passes them:
+    per tensor the mean x^2 (in_sum2 / counts), experts concatenated. Returns (rc, llama.cpp's log)."""
+    import ctypes
+
+    import llama_cpp
+    logs = []
+    callback = llama_cpp.llama_log_callback(lambda level, text, user: logs.append(text.decode(errors="replace")))
+    llama_cpp.llama_log_set(callback, None)
+    means = [(name, (imatrix.sums[name] / np.maximum(imatrix.counts[name], 1)[:, None]).astype(np.float32).reshape(-1))
+             for name in sorted(imatrix.sums)]
+    entries = [llama_cpp.llama_model_imatrix_data(n.encode(), m.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), m.size)
+               for n, m in means] + [llama_cpp.llama_model_imatrix_data(None, None, 0)]
+    array = (llama_cpp.llama_model_imatrix_data * len(entries))(*entries)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread, params.ftype = 2, ftype
+    params.imatrix = ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(gguf_path).encode(), str(out).encode(), ctypes.byref(params))
+    finally:
+        from llama_cpp import _logger   # llama-cpp-python's own handler, as it installs it
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    return rc, "".join(logs)
+
+
+def test_llama_cpp_quantizer_finds_our_statistics(tiny_imatrix, tiny_gguf_f32, tmp_path):
+    im = read_imatrix(tiny_imatrix[0])
+    rc, log = llama_quantize_with(tiny_gguf_f32, tmp_path / "q.gguf", im)
+    assert rc == 0, log
+    missing = sorted({line.split()[-1] for line in log.splitlines() if "did not find weights for" in line})
+    assert missing == ["token_embd.weight"]
+    im.sums["blk.0.ssm_in.weight"] = im.sums["blk.0.ssm_in.weight"][:, :-64]   # llama.cpp checks every size
+    rc, log = llama_quantize_with(tiny_gguf_f32, tmp_path / "bad.gguf", im)
+    assert rc != 0 and "imatrix size 256 is different from tensor size 320" in log
