@@ -81,7 +81,7 @@ def test_text_is_tokenized_as_llama_perplexity_does(files):
     text = load_text(files.text)
     prose = "\n\n".join(t for t in text.split("\n\n") if "<|" not in t)
     im_start, = llama_tokenize(files.f16, "<|im_start|>")
-    with LlamaModel(files.f16, ctx=128, threads=2) as model:
+    with LlamaModel(files.f16, ctx=128, threads=1) as model:
         assert not model.add_bos
         assert model.tokenize(prose).tolist() == llama_tokenize(files.f16, prose)
         tokens = model.tokenize(text)
@@ -123,7 +123,7 @@ def test_each_chunk_starts_from_a_cleared_state(files):
     from nemoq.eval.metrics import log_softmax
     tokens = llama_tokenize(files.f16, load_text(files.text))
     a, b = tokens[:128], tokens[128:256]
-    with LlamaModel(files.f16, ctx=128, threads=2) as model:
+    with LlamaModel(files.f16, ctx=128, threads=1) as model:
         first = model.scored_logprobs(a, 64)
         model.scored_logprobs(b, 64)
         again = model.scored_logprobs(a, 64)

@@ -26,8 +26,8 @@ def files(tmp_path_factory):
 
 def test_perplexity_matches_transformers(files):
     text = load_text(files.text)
-    record = evaluate(files.f16, RunOptions(text=text, data=files.text, ctx=CTX, chunks=CHUNKS, threads=2))
-    with LlamaModel(files.f16, ctx=CTX, threads=2) as model:   # tokenization: test_eval_files.py
+    record = evaluate(files.f16, RunOptions(text=text, data=files.text, ctx=CTX, chunks=CHUNKS, threads=1))
+    with LlamaModel(files.f16, ctx=CTX, threads=1) as model:   # tokenization: test_eval_files.py
         tokens = model.tokenize(text).tolist()
     nll = []
     for i in range(CHUNKS):

@@ -64,9 +64,10 @@ class LlamaModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise NemoqError("no such file", self.path)
-        try:
+        threads = threads or os.cpu_count() or 1
+        try:   # whole chunks are batches: n_threads_batch is the count that matters
             self.llm = llama_cpp.Llama(str(self.path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
-                                       verbose=False, n_threads=threads or os.cpu_count() or 1)
+                                       verbose=False, n_threads=threads, n_threads_batch=threads)
         except ValueError as e:   # llama-cpp-python's "Failed to load model from file"
             raise NemoqError(f"llama.cpp could not load this model ({e})", self.path) from None
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)

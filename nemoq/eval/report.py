@@ -58,7 +58,7 @@ def noise_floor(console: Console, rows: list[dict]) -> None:
     for col in ("against the base", "KLD mean", "KLD 99%", "KLD max", "same top-1"):
         table.add_column(col, justify="left" if col.startswith("against") else "right")
     for r in rows:
-        table.add_row(f"{r['label']} ({escape(Path(r['path']).name)})", _pm(r["kld_mean"], r["kld_stderr"], 6),
+        table.add_row(f"{r['label']}: {escape(Path(r['path']).name)}", _pm(r["kld_mean"], r["kld_stderr"], 6),
                       f"{r['kld_p99']:.6f}", f"{r['kld_max']:.6f}", f"{100 * r['top1']:.3f} %")
     console.print(table)
 
@@ -78,12 +78,12 @@ def compare_table(console: Console, record: dict) -> None:
     console.print(f"base [bold]{escape(base['path'])}[/]: PPL {_pm(base['ppl'], base['ppl_stderr'])}; "
                   f"{_data_line(record['data'])}")
     table = Table(title="models against the base")
-    for col in ("file", "size", "bpw", "PPL", "KLD mean", "KLD 99%", "same top-1"):
-        table.add_column(col, justify="left" if col == "file" else "right")
+    table.add_column("file", overflow="fold")
+    for col in ("size", "bpw", "PPL", "KLD mean", "KLD 99%", "top-1"):
+        table.add_column(col, justify="right", no_wrap=True)
     for row in record["models"]:
         m, k = row["model"], row["kld"]
         table.add_row(escape(Path(m["path"]).name), human_bytes(m["size_bytes"]), f"{m['bits_per_weight']:.2f}",
-                      _pm(m["ppl"], m["ppl_stderr"]), _pm(k["kld_mean"], k["kld_stderr"], 6),
-                      f"{k['kld_p99']:.5f}", f"{100 * k['top1']:.2f} %")
+                      f"{m['ppl']:.4f}", f"{k['kld_mean']:.6f}", f"{k['kld_p99']:.5f}", f"{100 * k['top1']:.2f}%")
     console.print(table)
     noise_floor(console, record["noise_floor"])
