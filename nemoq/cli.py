@@ -254,7 +254,7 @@ def _eval(models, data, ctx, chunks, base, base_logits, save_logits, top_k, json
         else:
             record = run.evaluate(models[0], opts, base=base, base_logits=base_logits, save_logits=save_logits,
                                   noise_floor=noise_floor, noise_floor_model=noise_floor_model, track=track)
-    out = Console()
+    out = Console(width=None if sys.stdout.isatty() else 120)   # CI logs: room for file names
     if compare:
         eval_report.compare_table(out, record)
         if plot is not None:
