@@ -109,7 +109,8 @@ def test_dequantize_any_bytes_equals_numpy(fmt):
 def test_tables_in_the_c_source_match_the_numpy_modules():
     from nemoq.quant.formats import iq4_nl, mxfp4, q4_0, q6_k
 
-    source = (Path(kernels_c.__file__).parent / "quants.c").read_text()
+    folder = Path(kernels_c.__file__).parent
+    source = "\n".join(p.read_text() for p in sorted([*folder.glob("quants*.c"), *folder.glob("*.h")]))
 
     def table(name):
         body = re.search(rf"\b{name}\[\d+\] = \{{(.*?)\}};", source, re.S).group(1)

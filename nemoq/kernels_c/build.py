@@ -23,6 +23,7 @@ from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCES = tuple(sorted(p.name for p in SOURCE_DIR.glob("*.c")))   # every C file is one library
+HEADERS = tuple(sorted(p.name for p in SOURCE_DIR.glob("*.h")))   # included by them: part of the key
 LIB_STEM = "libnemoq_kernels"
 
 # Flags per (system, machine). -march/-mcpu=native is safe: the cache key includes the CPU.
@@ -72,7 +73,8 @@ def _cpu_signature() -> str:
 
 def build_key(cc: str, cflags: list[str]) -> str:
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
+        h.update(name.encode())
         h.update((SOURCE_DIR / name).read_bytes())
     h.update(" ".join([cc, *cflags, platform.platform(), _cpu_signature()]).encode())
     return h.hexdigest()[:16]

@@ -1,0 +1,142 @@
+/* Lane vectors for the block quantizers (see quants.h): NL = 8 groups at a time. */
+#ifndef NEMOQ_LANES_H
+#define NEMOQ_LANES_H
+
+#include "quants.h"
+
+/* ---------------------------------------------------------------------------------------------
+ * Lane vectors: NL = 8 groups at a time, with the vector extensions of GCC and Clang (plain
+ * element-wise IEEE arithmetic on any target: SSE/AVX, NEON, or scalar code; no intrinsics).
+ * Rounding functions are built from exact operations: rint(v) = (|v| + 2^23) - 2^23 with v's
+ * sign for |v| < 2^23 (round to nearest even, as np.rint), v itself above.
+ * ------------------------------------------------------------------------------------------- */
+
+#if !defined(__GNUC__) && !defined(__clang__)
+#error "nemoq's quantization kernels need the vector extensions of GCC or Clang"
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"   /* wide vectors passed between static functions: no ABI at stake */
+#endif
+
+#define NL 8
+typedef float vf __attribute__((vector_size(4 * NL)));
+typedef int32_t vi __attribute__((vector_size(4 * NL)));
+/* float64 work runs on half the lanes at a time (4 doubles: one AVX register, two NEON ones) */
+typedef float vf4 __attribute__((vector_size(16)));
+typedef int32_t vi4 __attribute__((vector_size(16)));
+typedef double vd __attribute__((vector_size(32)));
+typedef int64_t vl __attribute__((vector_size(32)));
+
+static inline vf F(float s) { return (vf){s, s, s, s, s, s, s, s}; }
+static inline vd D(double s) { return (vd){s, s, s, s}; }
+static inline vi I(int32_t s) { return (vi){s, s, s, s, s, s, s, s}; }
+
+/* m ? a : b per lane; m from a comparison (all bits set or clear) */
+static inline vf sel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vd seld(vl m, vd a, vd b) { return (vd)(((vl)a & m) | ((vl)b & ~m)); }
+/* lanes 4h .. 4h + 3 as float64 (or a mask of them), and two halves back as float32 (rounded
+ * to nearest, as numpy's astype(float32)) */
+static inline vd half_d(vf x, int h) {
+    vf4 t;
+    memcpy(&t, (const char *)&x + 16 * h, sizeof t);
+    return __builtin_convertvector(t, vd);
+}
+
+static inline vl half_mask(vi m, int h) {
+    vi4 t;
+    memcpy(&t, (const char *)&m + 16 * h, sizeof t);
+    return __builtin_convertvector(t, vl);
+}
+
+static inline vf join_f(vd lo, vd hi) {
+    const vf4 a = __builtin_convertvector(lo, vf4), b = __builtin_convertvector(hi, vf4);
+    vf r;
+    memcpy(&r, &a, sizeof a);
+    memcpy((char *)&r + 16, &b, sizeof b);
+    return r;
+}
+
+static inline vf vabs(vf x) { return (vf)((vi)x & I(0x7fffffff)); }
+static inline vd vabsd(vd x) {
+    const int64_t m = 0x7fffffffffffffffLL;
+    return (vd)((vl)x & (vl){m, m, m, m});
+}
+
+static inline vf vrint(vf x) {
+    const vf a = vabs(x);
+    vf r = (a + F(0x1p23f)) - F(0x1p23f);
+    r = (vf)((vi)r | ((vi)x & I(INT32_MIN)));
+    return sel(a < F(0x1p23f), r, x);
+}
+
+static inline vd vrintd(vd x) {
+    const vd a = vabsd(x);
+    vd r = (a + D(0x1p52)) - D(0x1p52);
+    const int64_t s = INT64_MIN;
+    r = (vd)((vl)r | ((vl)x & (vl){s, s, s, s}));
+    return seld(a < D(0x1p52), r, x);
+}
+
+static inline vf vfloor(vf x) { const vf r = vrint(x); return sel(r > x, r - F(1.0f), r); }
+static inline vd vfloord(vd x) { const vd r = vrintd(x); return seld(r > x, r - D(1.0), r); }
+static inline vf vceil(vf x) { const vf r = vrint(x); return sel(r < x, r + F(1.0f), r); }
+static inline vf vtrunc(vf x) { return sel(x < F(0.0f), vceil(x), vfloor(x)); }
+
+static inline vf vsqrt(vf x) {
+    vf r;
+    for (int l = 0; l < NL; l++) r[l] = sqrtf(x[l]);
+    return r;
+}
+
+/* np.minimum / np.maximum (NaN propagates; on equality the second operand) and np.clip */
+static inline vf vmin(vf a, vf b) { return sel((a < b) | (a != a), a, b); }
+static inline vf vmax(vf a, vf b) { return sel((a > b) | (a != a), a, b); }
+static inline vf vclip(vf v, float lo, float hi) {   /* = vmin(vmax(v, lo), hi) for constant bounds */
+    v = sel(v <= F(lo), F(lo), v);
+    return sel(v >= F(hi), F(hi), v);
+}
+static inline vd vclipd(vd v, double lo, double hi) {
+    v = seld(v <= D(lo), D(lo), v);
+    return seld(v >= D(hi), D(hi), v);
+}
+
+/* search.divide: a / b where b != 0, else 0 */
+static inline vf vdiv(vf a, vf b) { return sel(b != F(0.0f), a / b, F(0.0f)); }
+
+/* search.signed_absmax per lane (first on ties) */
+static inline vf v_signed_absmax(const vf * x, int n) {
+    vf amax = vabs(x[0]), out = x[0];
+    for (int i = 1; i < n; i++) {
+        const vf a = vabs(x[i]);
+        const vi gt = a > amax;
+        amax = sel(gt, a, amax);
+        out = sel(gt, x[i], out);
+    }
+    return out;
+}
+
+/* Format.best_of's error per lane for 32-value blocks: numpy's pairwise sum (8 accumulators)
+ * of (w * diff) * diff, from the identity 0. */
+static inline vf v_error32(const vf * x, const vf * y, const vf * w) {
+    vf r[8];
+    for (int j = 0; j < 8; j++) r[j] = (w[j] * (x[j] - y[j])) * (x[j] - y[j]);
+    for (int i = 8; i < 32; i += 8) {
+        for (int j = 0; j < 8; j++) r[j] += (w[i + j] * (x[i + j] - y[i + j])) * (x[i + j] - y[i + j]);
+    }
+    return F(0.0f) + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
+}
+
+/* Blocks b0 .. b0 + NL - 1 of a row, value-major (x[i][lane]), with their weights (1 without
+ * importance); lanes past the row's nb blocks get zeros and are never written out. */
+static inline void load_blocks(const float * xr, const float * imp, int64_t b0, int64_t nb, int bs, vf * x, vf * w) {
+    for (int l = 0; l < NL; l++) {
+        const int in = b0 + l < nb;
+        for (int i = 0; i < bs; i++) {
+            x[i][l] = in ? xr[(b0 + l) * bs + i] : 0.0f;
+            w[i][l] = in && imp ? imp[(b0 + l) * bs + i] : 1.0f;
+        }
+    }
+}
+
+#endif
