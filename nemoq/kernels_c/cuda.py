@@ -60,19 +60,21 @@ def nvcc() -> str | None:
     return None
 
 
-def build_key(compiler: str, flags: list[str]) -> str:
+def build_key(compiler: str, flags: list[str], sources: tuple[Path, ...] = (SOURCE,)) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for source in sources:
+        h.update(source.read_bytes())
     h.update(" ".join([compiler, version, *flags, platform.platform()]).encode())
     return h.hexdigest()[:16]
 
 
-def _compile(compiler: str, flags: list[str], target: Path) -> None:
+def _compile(compiler: str, flags: list[str], target: Path, source: Path = SOURCE) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
     try:
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+        subprocess.run([compiler, *flags, str(source), "-o", tmp], check=True, capture_output=True, text=True,
                        timeout=BUILD_TIMEOUT_S)
         os.replace(tmp, target)   # atomic: a concurrent build never sees half a library
     finally:
@@ -91,25 +93,32 @@ _SIGNATURES = {
 }
 
 
-@lru_cache(maxsize=1)
-def _load() -> tuple[ctypes.CDLL | None, str, Path | None]:
+def build_and_load(source: Path, lib_name: str, flags: list[str], signatures: dict,
+                   includes: tuple[Path, ...] = ()) -> tuple[ctypes.CDLL | None, str, Path | None]:
+    """`source` compiled with nvcc into the per-user cache (once per sources, nvcc and flags) and
+    loaded: (library, "built", path), or (None, why not, None). `includes`: files it #includes."""
     compiler = nvcc()
     if compiler is None:
         return None, "nvcc not found (set NVCC or put it on PATH)", None
-    target = cache_dir() / f"cuda-{build_key(compiler, NVCC_FLAGS)}" / LIB_NAME
+    target = cache_dir() / f"cuda-{build_key(compiler, flags, (source, *includes))}" / lib_name
     try:
         if not target.exists():
-            _compile(compiler, NVCC_FLAGS, target)
+            _compile(compiler, flags, target, source)
         lib = ctypes.CDLL(str(target))
     except subprocess.CalledProcessError as e:
         lines = [line for line in (e.stderr or "").splitlines() if "error" in line] or (e.stderr or "").splitlines()
         return None, f"nvcc failed: {lines[0] if lines else e}", None
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"build failed: {e}", None
-    for name, (args, res) in _SIGNATURES.items():
+    for name, (args, res) in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     return lib, "built", target
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str, Path | None]:
+    return build_and_load(SOURCE, LIB_NAME, NVCC_FLAGS, _SIGNATURES)
 
 
 def library() -> ctypes.CDLL | None:
