@@ -33,10 +33,12 @@ def rel_rms(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.square(a - b).mean() / np.square(b).mean()))
 
 
-@pytest.fixture(scope="module", params=["pow2", "realistic"])
-def nvfp4_case(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(f"modelopt-{request.param}")
-    ckpt = export_modelopt(TINY_MODEL, tmp / "nvfp4", exclude=TINY_EXCLUDE, scale_2=request.param)
+@pytest.fixture(scope="module")
+def nvfp4_case(tmp_path_factory):
+    # Arbitrary weight_scale_2 (trained weights are small: even a power of two rarely folds, their
+    # block scales would underflow UE4M3), so every NVFP4 tensor comes with a `.scale`.
+    tmp = tmp_path_factory.mktemp("modelopt-nvfp4")
+    ckpt = export_modelopt(TINY_MODEL, tmp / "nvfp4", exclude=TINY_EXCLUDE)
     return convert(ckpt, tmp / "nvfp4.gguf"), write_dequantized(ckpt, tmp / "dequantized"), tmp
 
 
@@ -71,9 +73,9 @@ def test_nvfp4_file_runs_like_the_dequantized_checkpoint(nvfp4_case):
 
     exact = compare(values, reference)   # (1) the file holds the dequantized model
     assert exact["max_abs_diff"] <= 1e-3 * exact["max_abs_logit"], exact
-    if scales_of(gguf_path):             # (2) llama.cpp applies the .scale tensors
-        close, far = rel_rms(ours, values), rel_rms(unscaled, values)
-        assert close < 0.1 * far, (close, far)
+    assert scales_of(gguf_path)          # (2) llama.cpp applies the .scale tensors
+    close, far = rel_rms(ours, values), rel_rms(unscaled, values)
+    assert close < 0.1 * far, (close, far)
     # (3) within llama.cpp's Q8_0-activation noise, measured on a Q8_0 file of the same values
     q8_0 = llama_logits(convert(dequantized_ckpt, tmp / "q8_0.gguf", "--outtype", "q8_0"), ids)
     stats, floor = compare(ours, reference), rel_rms(q8_0, reference)
@@ -81,26 +83,69 @@ def test_nvfp4_file_runs_like_the_dequantized_checkpoint(nvfp4_case):
     assert stats["top1"] >= 0.95, stats
 
 
-def test_llama_cpp_does_not_load_output_scale(nvfp4_case, tmp_path):
-    """Why an NVFP4 lm_head whose scale_2 does not fold is re-quantized: this llama.cpp rejects
-    a file with output.scale (unused tensor), while it loads the layers' `.scale` tensors."""
-    from llama_cpp import Llama
-    gguf_path = nvfp4_case[0]
-    reader = gguf.GGUFReader(gguf_path)
-    writer = gguf.GGUFWriter(tmp_path / "with-output-scale.gguf", reader.fields["general.architecture"].contents())
+def rewrite_f32(src, dst, scales: dict[str, np.ndarray], fold: bool) -> None:
+    """An F32 file with `<base>.scale` tensors added, or with the weights multiplied by them."""
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
     for field in reader.fields.values():
         if field.name != "general.architecture" and not field.name.startswith("GGUF."):
             kind = field.types[0]
             writer.add_key_value(field.name, field.contents(), kind,
                                  sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
     for t in reader.tensors:
-        writer.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape, raw_dtype=t.tensor_type)
-    writer.add_tensor("output.scale", np.ones(1, dtype=np.float32))
+        values = dequantized(t)
+        scale = scales.get(t.name.removesuffix(".weight"))
+        if scale is not None and fold:
+            values = values * (scale.reshape(-1, 1, 1) if values.ndim == 3 else scale.reshape(()))
+        writer.add_tensor(t.name, values)
+        if scale is not None and not fold:
+            writer.add_tensor(t.name.removesuffix(".weight") + ".scale", scale)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    Llama(str(gguf_path), vocab_only=False, verbose=False, n_ctx=64).close()
+
+
+@pytest.fixture(scope="module")
+def random_f32(tmp_path_factory):
+    from tests.fixtures.checkpoints import write_checkpoint
+    tmp = tmp_path_factory.mktemp("scale-probe")
+    ckpt = write_checkpoint(tmp / "ckpt", dtype="float32", config_overrides={"moe_intermediate_size": 64})
+    return convert(ckpt, tmp / "f32.gguf", "--outtype", "f32")
+
+
+# One GGUF tensor of every kind modelopt_gguf.SCALE_LOADED names, in the random fixture (MEM*E).
+SCALED_KINDS = ("blk.0.ssm_in", "blk.2.ssm_out", "blk.3.attn_q", "blk.3.attn_k", "blk.3.attn_v",
+                "blk.3.attn_output", "blk.1.ffn_up_exps", "blk.4.ffn_down_exps", "blk.1.ffn_up_shexp",
+                "blk.4.ffn_down_shexp")
+
+
+def test_the_probe_covers_every_kind_nemoq_writes_scales_for():
+    from nemoq.convert.modelopt_gguf import SCALE_LOADED
+    kinds = {k for base in SCALED_KINDS for k in SCALE_LOADED
+             if gguf.TENSOR_NAMES[k].format(bid=int(base.split(".")[1])) == base}
+    assert kinds == set(SCALE_LOADED)
+
+
+@pytest.mark.parametrize("base", SCALED_KINDS)
+def test_llama_cpp_applies_a_scale_tensor_once(base, random_f32, tmp_path):
+    """What modelopt_gguf.SCALE_LOADED relies on: `<base>.scale` (per expert for stacks) acts
+    as the weight multiplied by it, once."""
+    scale = np.linspace(0.5, 2.0, 8 if base.endswith("_exps") else 1).astype(np.float32)
+    rewrite_f32(random_f32, tmp_path / "scaled.gguf", {base: scale}, fold=False)
+    rewrite_f32(random_f32, tmp_path / "folded.gguf", {base: scale}, fold=True)
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 512, 48)]
+    scaled, folded, plain = (llama_logits(p, ids) for p in (tmp_path / "scaled.gguf", tmp_path / "folded.gguf", random_f32))
+    assert np.abs(scaled - folded).max() <= 1e-3 * np.abs(folded).max()
+    assert np.abs(plain - folded).max() > 0.1 * np.abs(folded).max()   # the scale mattered
+
+
+def test_llama_cpp_does_not_load_output_scale(random_f32, tmp_path):
+    """Why an NVFP4 lm_head whose scale_2 does not fold is re-quantized: this llama.cpp rejects
+    a file with output.scale (an unused tensor)."""
+    from llama_cpp import Llama
+    rewrite_f32(random_f32, tmp_path / "with-output-scale.gguf", {"output": np.ones(1, np.float32)}, fold=False)
+    Llama(str(random_f32), verbose=False, n_ctx=64).close()
     with pytest.raises(ValueError):
         Llama(str(tmp_path / "with-output-scale.gguf"), verbose=False, n_ctx=64)
 
