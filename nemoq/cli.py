@@ -283,13 +283,17 @@ def _eval(models, data, ctx, chunks, base, base_logits, save_logits, top_k, json
 def info(
     file: Optional[Path] = typer.Argument(None, help="A .gguf file (the first of a split set reads them all)."),
     max_tensors: int = typer.Option(0, help="Show at most this many tensors (0: all)."),
-    kernels: bool = typer.Option(False, "--kernels", help="Show whether the C kernels are built, and where."),
+    kernels: bool = typer.Option(False, "--kernels",
+                                 help="Show whether the C and CUDA kernels are built (nvcc's first build takes minutes), "
+                                      "and whether a GPU is there."),
 ) -> None:
-    """Show a GGUF file's metadata and tensor table, or the state of nemoq's C kernels."""
+    """Show a GGUF file's metadata and tensor table, or the state of nemoq's C and CUDA kernels."""
     from nemoq import report
     if kernels:
         from nemoq import kernels_c
+        from nemoq.kernels_c import cuda, cuda_quant
         report.kernel_info(Console(), kernels_c.status(), kernels_c.KERNEL_FORMATS)
+        report.cuda_info(Console(), cuda.cuda_status(), cuda.MOE_FORMATS, cuda_quant.CUDA_QUANT_FORMATS)
     if file is not None:
         from nemoq.gguf_file import read_gguf
         _run(lambda: report.gguf_info(Console(), read_gguf(file), max_tensors))

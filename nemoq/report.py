@@ -108,6 +108,21 @@ def kernel_info(console: Console, status, formats) -> None:
     console.print(f"  formats:  {', '.join(formats)}")
 
 
+def cuda_info(console: Console, status, moe_formats, quant_formats) -> None:
+    """nvcc, the two CUDA libraries (MoE matvec, quantizer) and the GPUs the CUDA runtime sees."""
+    console.print(f"CUDA: nvcc {escape(status.nvcc) if status.nvcc else '[yellow]not found[/]'}, GPUs: {status.devices}")
+    if not status.devices:   # the message's last part says why the runtime (or nvidia-smi) sees none
+        console.print(f"  [yellow]{escape(status.message.split('; ', 1)[-1])}[/]")
+    rows = (("MoE matvec", status.built, status.message, status.library, moe_formats),
+            ("quantizer", status.quantizer == "built", status.quantizer, status.quantizer_library, quant_formats))
+    for name, built, message, library, formats in rows:
+        state = "[green]built[/]" if built else f"[yellow]not built[/] ({escape(message)})"
+        console.print(f"  {name}: {state}")
+        if built:
+            console.print(f"    library: {escape(str(library))}")
+        console.print(f"    formats: {', '.join(formats)}")
+
+
 def quant_plan(console: Console, typed, summary, recipe, table: bool = True) -> None:
     if table:
         t = Table(title=f"{recipe.name}: {recipe.description}")

@@ -47,6 +47,8 @@ class CudaStatus:
     library: Path | None
     devices: int              # GPUs the CUDA runtime sees (0 without a driver or GPU)
     message: str              # why not built, or why no device
+    quantizer: str = "not asked"        # quants.cu (nemoq.kernels_c.cuda_quant): "built" or why not
+    quantizer_library: Path | None = None
 
     @property
     def usable(self) -> bool:
@@ -143,15 +145,19 @@ def _gpu_count_from_nvidia_smi() -> tuple[int, str]:
 
 
 def cuda_status() -> CudaStatus:
-    """Whether nvcc exists, whether moe.cu built, and how many GPUs the CUDA runtime sees."""
+    """Whether nvcc exists, whether moe.cu and quants.cu built, and how many GPUs the CUDA runtime sees."""
+    from nemoq.kernels_c.cuda_quant import quantizer_status   # it imports this module
+    quant = quantizer_status()
+    quant_state = ("built", quant.library) if quant.built else (quant.message, None)
     lib, message, path = _load()
     if lib is None:
         devices, why = _gpu_count_from_nvidia_smi()
-        return CudaStatus(nvcc(), False, None, devices, f"{message}; GPUs by nvidia-smi: {devices} ({why})")
+        return CudaStatus(nvcc(), False, None, devices, f"{message}; GPUs by nvidia-smi: {devices} ({why})",
+                          *quant_state)
     err = _errbuf()
     devices = lib.nemoq_moe_cuda_device_count(err, len(err))
     why = f"{devices} GPU(s)" if devices else f"no GPU: {err.value.decode(errors='replace') or 'none found'}"
-    return CudaStatus(nvcc(), True, path, devices, f"built; {why}")
+    return CudaStatus(nvcc(), True, path, devices, f"built; {why}", *quant_state)
 
 
 def _token_slots(r: Routing, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
