@@ -190,7 +190,8 @@ def _calibrate(src: str, outfile: Path, data: Optional[Path], tokens: int, ctx: 
 
 @app.command("eval")
 def eval_command(
-    models: list[Path] = typer.Argument(..., help="The GGUF file to evaluate (with --compare: several)."),
+    models: list[Path] = typer.Argument(..., metavar="MODEL", help="The GGUF file to evaluate "
+                                        "(with --compare: several)."),
     data: Optional[Path] = typer.Option(None, "--data", help="UTF-8 text to evaluate on."),
     ctx: int = typer.Option(512, "--ctx", min=4, help="Tokens per chunk; the second half of each is scored."),
     chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Evaluate at most this many chunks."),
@@ -240,7 +241,9 @@ def _eval(models, data, ctx, chunks, base, base_logits, save_logits, top_k, json
           compare, plot, noise_floor, noise_floor_model, threads, force) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from nemoq.eval import gate, report as eval_report, results, run
+    from nemoq.convert.output import refuse_to_clobber
     from nemoq.eval.text import load_text
+    refuse_to_clobber([p for p in (json_out, save_logits, plot) if p is not None], force)   # before a long run
     opts = run.RunOptions(text=load_text(data), data=data, ctx=ctx, chunks=chunks, threads=threads, top_k=top_k,
                           force=force)
     previous = results.read_baseline(baseline) if baseline is not None else None
