@@ -85,10 +85,14 @@ def fold_scale_2(scale_codes: np.ndarray, scale_2: float) -> np.ndarray | None:
 def repack_nvfp4(packed: np.ndarray, scale_codes: np.ndarray) -> np.ndarray:
     """ModelOpt (rows, in/2) nibbles and (rows, in/16) scale codes -> ggml NVFP4 rows (rows, in/64*36)."""
     rows = packed.shape[0]
-    nibbles = np.empty((rows, packed.shape[1] * 2), dtype=np.uint8)
-    nibbles[:, 0::2] = packed & 0xF
-    nibbles[:, 1::2] = packed >> 4
-    groups = nibbles.reshape(rows, -1, GROUP)
-    qs = (groups[..., :8] | (groups[..., 8:] << 4)).reshape(rows, -1, 32)
+    # Per 16-value group, ModelOpt byte k holds values 2k, 2k+1; ggml byte j holds values j and
+    # j + 8, which sit in ModelOpt bytes j // 2 and 4 + j // 2, in the same nibble. Four bytes
+    # at a time (little-endian uint32s): the first and second half of each group's 8 bytes.
+    halves = np.ascontiguousarray(packed).reshape(rows, -1, 2, 4).view("<u4")[..., 0]
+    first, second = halves[..., 0], halves[..., 1]
+    even = (first & 0x0F0F0F0F) | ((second & 0x0F0F0F0F) << 4)    # ggml bytes 0, 2, 4, 6
+    odd = ((first >> 4) & 0x0F0F0F0F) | (second & 0xF0F0F0F0)     # ggml bytes 1, 3, 5, 7
+    as_bytes = [h.astype("<u4", copy=False).view(np.uint8).reshape(*h.shape, 4) for h in (even, odd)]
+    qs = np.stack(as_bytes, axis=-1).reshape(rows, -1, 32)
     scales = (scale_codes & 0x7F).reshape(rows, -1, 4)
     return np.concatenate([scales, qs], axis=-1).reshape(rows, -1)
