@@ -127,8 +127,7 @@ def test_tables_in_the_c_source_match_the_numpy_modules():
     targets = {
         "TARGETS_Q4_0": q4_0.Q4_0.nmax * q4_0.Q4_0.search_factors,
         "TARGETS_Q5_0": FORMATS["q5_0"].nmax * FORMATS["q5_0"].search_factors,
-        "TARGETS_IQ4_NL": [t * f for t in (iq4_nl.KVALUES[0], iq4_nl.KVALUES[-1])
-                           for f in iq4_nl.IQ4_NL.search_factors],
+        "TARGETS_IQ4_NL": iq4_nl.IQ4_NL.targets(),
         "TARGETS_Q6_K": 32 * q6_k.Q6_K.search_factors,
     }
     for name, values in targets.items():

@@ -78,7 +78,11 @@ static inline vd vrintd(vd x) {
     return seld(a < D(0x1p52), r, x);
 }
 
+#if defined(__AVX__) && NL == 8
+static inline vf vfloor(vf x) { return __builtin_ia32_roundps256(x, 0x09); }   /* floor, no exceptions */
+#else
 static inline vf vfloor(vf x) { const vf r = vrint(x); return sel(r > x, r - F(1.0f), r); }
+#endif
 static inline vd vfloord(vd x) { const vd r = vrintd(x); return seld(r > x, r - D(1.0), r); }
 static inline vf vceil(vf x) { const vf r = vrint(x); return sel(r < x, r + F(1.0f), r); }
 static inline vf vtrunc(vf x) { return sel(x < F(0.0f), vceil(x), vfloor(x)); }
@@ -87,6 +91,17 @@ static inline vf vsqrt(vf x) {
     vf r;
     for (int l = 0; l < NL; l++) r[l] = sqrtf(x[l]);
     return r;
+}
+
+/* table[i] per lane (i in range) */
+static inline vf lookup(const float * table, vi i) {
+#if defined(__AVX2__) && NL == 8
+    return __builtin_ia32_gathersiv8sf(F(0.0f), table, i, (vf)I(-1), 4);
+#else
+    vf r;
+    for (int l = 0; l < NL; l++) r[l] = table[i[l]];
+    return r;
+#endif
 }
 
 /* np.minimum / np.maximum (NaN propagates; on equality the second operand) and np.clip */

@@ -5,47 +5,52 @@
 static const float KVALUES_IQ4_NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 static const float MIDS_IQ4_NL[15] = {-231, -187, -148, -114, -84, -57, -32, -9, 14, 38, 63, 91, 122, 158, 202};
 
-/* KVALUES ends * search_factors of iq4_nl.py, as exact hex literals */
-static const double TARGETS_IQ4_NL[16] = {
-    -0x1.afccccccccccdp+6, -0x1.f7bfc04ebf601p+6, -0x1.25d7e33a18130p+7, -0x1.56ce21201f7cap+7,
-    -0x1.8fece6441b7abp+7, -0x1.d29033593c44ap+7, -0x1.102702c6775a2p+8, -0x1.3d80000000000p+8,
-    0x1.8033333333333p+6, 0x1.c037b733eccc7p+6, 0x1.05737d9472251p+7, 0x1.31040140dd871p+7,
-    0x1.63d6d0e9f42abp+7, 0x1.9f219075b299dp+7, 0x1.e44d7bde27093p+7, 0x1.1a80000000000p+8
+/* IQ4_NL.targets(): float32, as exact hex literals */
+static const float TARGETS_IQ4_NL[16] = {
+    -0x1.afccccp+6, -0x1.f7bfc0p+6, -0x1.25d7e4p+7, -0x1.56ce22p+7,
+    -0x1.8fece6p+7, -0x1.d29034p+7, -0x1.102702p+8, -0x1.3d8000p+8,
+    0x1.803334p+6, 0x1.c037b8p+6, 0x1.05737ep+7, 0x1.310402p+7,
+    0x1.63d6d0p+7, 0x1.9f2190p+7, 0x1.e44d7cp+7, 0x1.1a8000p+8
 };
 
-/* iq4_nl.GRID: index = #mids <= K with K = floor(2 v); the level itself is KVALUES[0] plus the
- * steps passed (integers, exact). */
-static inline vf iq4nl_index(vf K) {
-    vf c = F(0.0f);
-    for (int k = 0; k < 15; k++) c += sel(K >= F(MIDS_IQ4_NL[k]), F(1.0f), F(0.0f));
-    return c;
-}
+/* iq4_nl.GRID as tables over the cells K = floor(2 v) in [-1024, 1023] (row K + 1024): the
+ * nearest level and its index (#mids <= K, as GRID.lut). Beyond the outer mids every cell has
+ * the end level, so clipping v to the table changes nothing. Built once, when the library loads. */
+#define IQ4NL_ROWS 2048
+static float IQ4NL_LEVEL[IQ4NL_ROWS], IQ4NL_INDEX[IQ4NL_ROWS];
 
-static inline vf iq4nl_value(vf K) {
-    vf v = F(KVALUES_IQ4_NL[0]);
-    for (int k = 0; k < 15; k++) {
-        v += sel(K >= F(MIDS_IQ4_NL[k]), F(KVALUES_IQ4_NL[k + 1] - KVALUES_IQ4_NL[k]), F(0.0f));
+__attribute__((constructor)) static void iq4nl_tables(void) {
+    for (int r = 0; r < IQ4NL_ROWS; r++) {
+        int n = 0;
+        for (int k = 0; k < 15; k++) n += (float)(r - IQ4NL_ROWS / 2) >= MIDS_IQ4_NL[k];
+        IQ4NL_LEVEL[r] = KVALUES_IQ4_NL[n];
+        IQ4NL_INDEX[r] = (float)n;
     }
-    return v;
 }
 
-/* floor(2 v) of the float64 path, for iq4nl_value: clipped to the table's range (exact, and it
- * changes no count) so that it is exact in float32 too. */
-static inline vd iq4nl_cell_d(vd v) { return vclipd(vfloord(v * D(2.0)), -256.0, 256.0); }
-
-static inline vf iq4nl_kvalue(vf idx) {
-    vf v;
-    for (int l = 0; l < NL; l++) v[l] = KVALUES_IQ4_NL[(int)idx[l]];
-    return v;
+/* The row of 2 v where |2 v| < 1024 is known, as in the scale searches (|id * x| <= |target|);
+ * the mask only keeps a stray NaN inside the table. */
+static inline vi iq4nl_row_near(vf v2) {
+    return (__builtin_convertvector(vfloor(v2), vi) + I(IQ4NL_ROWS / 2)) & I(IQ4NL_ROWS - 1);
 }
 
-/* refine_on_grid for IQ4_NL, whose search gives a float32 d. */
+/* The row of any 2 v (NaN: the first row, as the comparisons of GRID give) */
+static inline vi iq4nl_row(vf v2) {
+    v2 = sel(v2 > F(-1024.0f), v2, F(-1024.0f));
+    return iq4nl_row_near(sel(v2 < F(1023.0f), v2, F(1023.0f)));
+}
+
+static inline vf iq4nl_level(vf v2) { return lookup(IQ4NL_LEVEL, iq4nl_row(v2)); }
+static inline vf iq4nl_index(vf v2) { return lookup(IQ4NL_INDEX, iq4nl_row(v2)); }
+
+/* refine_on_grid: two rounds of (nearest levels for d, least-squares d for them), d rounded to
+ * half, nearest indices for it. Returns the half-rounded d. */
 static vf v_refine_iq4_nl(const vf * x, const vf * w, vf d, vf * idx) {
     for (int it = 0; it < 2; it++) {
         const vf inv = vdiv(F(1.0f), d);
         vf sxq = F(0.0f), sqq = F(0.0f);
         for (int i = 0; i < 32; i++) {
-            const vf q = iq4nl_value(vfloor(x[i] * inv * F(2.0f)));
+            const vf q = iq4nl_level(x[i] * inv * F(2.0f));
             sxq += (w[i] * x[i]) * q;
             sqq += (w[i] * q) * q;
         }
@@ -55,58 +60,23 @@ static vf v_refine_iq4_nl(const vf * x, const vf * w, vf d, vf * idx) {
     vf dh;
     for (int l = 0; l < NL; l++) dh[l] = f16_round(d[l]);
     const vf inv = vdiv(F(1.0f), dh);
-    for (int i = 0; i < 32; i++) idx[i] = iq4nl_index(vfloor(x[i] * inv * F(2.0f)));
+    for (int i = 0; i < 32; i++) idx[i] = iq4nl_index(x[i] * inv * F(2.0f));
     return dh;
 }
 
-/* iq4_nl.scale_search with ggml's inverse scales (float32): 1 / (max / 127), then (t - 127) / max
- * for t in -7..7. Returns d; idx gets the nearest indices for it. */
-static vf v_iq4_nl_search_ggml(const vf * x, const vf * w, vf * idx) {
+/* iq4_nl.scale_search: for each inverse scale ids[k] (per lane), the nearest levels of id * x
+ * and their least-squares d; the first is taken, later ones when their fit is better (as ggml).
+ * Returns d, 0 for the zero blocks. (2 id) * x is 2 (id * x) but where id * x is subnormal, and
+ * there both are in cells -1 or 0, which share a level. */
+static vf v_iq4_nl_scale_search(const vf * x, const vf * w, const vf * ids, int n, vi zero) {
     vf wx[32];
     for (int i = 0; i < 32; i++) wx[i] = w[i] * x[i];
-    vf max = v_signed_absmax(x, 32);
-    const vi zero = vabs(max) < F(GROUP_MAX_EPS);
-    max = sel(zero, F(1.0f), max);
     vf d = F(0.0f), best = F(0.0f);
-    for (int k = 0; k < 16; k++) {
-        const vf id = k == 0 ? F(1.0f) / (max / F(127.0f)) : F((float)(k - 8 - 127)) / max;
+    for (int k = 0; k < n; k++) {
+        const vf id2 = ids[k] * F(2.0f);
         vf sumqx = F(0.0f), sumq2 = F(0.0f);
         for (int i = 0; i < 32; i++) {
-            const vf q = iq4nl_value(vfloor(id * x[i] * F(2.0f)));
-            sumqx += wx[i] * q;
-            sumq2 += (w[i] * q) * q;
-        }
-        const vi pos = sumq2 > F(0.0f);
-        const vf this_d = sel(pos, sumqx / sumq2, F(0.0f));
-        const vi take = k == 0 ? I(-1) : pos & (sumqx * sumqx > best * sumq2);
-        d = sel(take, this_d, d);
-        best = sel(take, this_d * sumqx, best);
-    }
-    d = sel(zero, F(0.0f), d);
-    const vf inv = vdiv(F(1.0f), d);
-    for (int i = 0; i < 32; i++) idx[i] = iq4nl_index(vfloor(x[i] * inv * F(2.0f)));
-    return d;
-}
-
-/* The same with our float64 targets t / max (t = KVALUES ends times the search factors). */
-static vf v_iq4_nl_search_ours(const vf * x, const vf * w) {
-    vf wx[32];
-    vd xd[2][32];
-    for (int i = 0; i < 32; i++) {
-        wx[i] = w[i] * x[i];
-        xd[0][i] = half_d(x[i], 0);
-        xd[1][i] = half_d(x[i], 1);
-    }
-    vf maxf = v_signed_absmax(x, 32);
-    const vi zero = vabs(maxf) < F(GROUP_MAX_EPS);
-    maxf = sel(zero, F(1.0f), maxf);
-    const vd max0 = half_d(maxf, 0), max1 = half_d(maxf, 1);
-    vf d = F(0.0f), best = F(0.0f);
-    for (int k = 0; k < 16; k++) {
-        const vd id0 = D(TARGETS_IQ4_NL[k]) / max0, id1 = D(TARGETS_IQ4_NL[k]) / max1;
-        vf sumqx = F(0.0f), sumq2 = F(0.0f);
-        for (int i = 0; i < 32; i++) {
-            const vf q = iq4nl_value(join_f(iq4nl_cell_d(id0 * xd[0][i]), iq4nl_cell_d(id1 * xd[1][i])));
+            const vf q = lookup(IQ4NL_LEVEL, iq4nl_row_near(id2 * x[i]));
             sumqx += wx[i] * q;
             sumq2 += (w[i] * q) * q;
         }
@@ -117,6 +87,25 @@ static vf v_iq4_nl_search_ours(const vf * x, const vf * w) {
         best = sel(take, this_d * sumqx, best);
     }
     return sel(zero, F(0.0f), d);
+}
+
+/* ggml's inverse scales: 1 / (max / 127), then (t - 127) / max for t in -7..7; idx gets the
+ * nearest indices for the d found. */
+static vf v_iq4_nl_search_ggml(const vf * x, const vf * w, vf max, vi zero, vf * idx) {
+    vf ids[16];
+    ids[0] = F(1.0f) / (max / F(127.0f));
+    for (int k = 1; k < 16; k++) ids[k] = F((float)(k - 8 - 127)) / max;
+    const vf d = v_iq4_nl_scale_search(x, w, ids, 16, zero);
+    const vf inv = vdiv(F(1.0f), d);
+    for (int i = 0; i < 32; i++) idx[i] = iq4nl_index(x[i] * inv * F(2.0f));
+    return d;
+}
+
+/* ours: t / max for IQ4_NL.targets() */
+static vf v_iq4_nl_search_ours(const vf * x, const vf * w, vf max, vi zero) {
+    vf ids[16];
+    for (int k = 0; k < 16; k++) ids[k] = F(TARGETS_IQ4_NL[k]) / max;
+    return v_iq4_nl_scale_search(x, w, ids, 16, zero);
 }
 
 static void pack_iq4_nl(uint8_t * o, float d, const vf * idx, int l) {
@@ -149,15 +138,18 @@ void nemoq_quantize_iq4_nl(const float * x, uint8_t * out, int64_t nrows, int64_
                 sigma2 = (F(2.0f) * sigma2) / F(32.0f);
                 for (int i = 0; i < 32; i++) gw[i] = wt[i] * vsqrt(sigma2 + xt[i] * xt[i]);
             }
-            const vf dg = v_iq4_nl_search_ggml(xt, gw, ig);
+            const vf max = v_signed_absmax(xt, 32);
+            const vi zero = vabs(max) < F(GROUP_MAX_EPS);
+            const vf max1 = sel(zero, F(1.0f), max);
+            const vf dg = v_iq4_nl_search_ggml(xt, gw, max1, zero, ig);
             /* ours */
-            const vf dh = v_refine_iq4_nl(xt, wt, v_iq4_nl_search_ours(xt, wt), io);
+            const vf dh = v_refine_iq4_nl(xt, wt, v_iq4_nl_search_ours(xt, wt, max1, zero), io);
             /* best_of */
             vf dgh;
             for (int l = 0; l < NL; l++) dgh[l] = f16_round(dg[l]);
-            for (int i = 0; i < 32; i++) y[i] = dgh * iq4nl_kvalue(ig[i]);
+            for (int i = 0; i < 32; i++) y[i] = dgh * lookup(KVALUES_IQ4_NL, __builtin_convertvector(ig[i], vi));
             const vf eg = v_error32(xt, y, wt);
-            for (int i = 0; i < 32; i++) y[i] = dh * iq4nl_kvalue(io[i]);
+            for (int i = 0; i < 32; i++) y[i] = dh * lookup(KVALUES_IQ4_NL, __builtin_convertvector(io[i], vi));
             const vf eo = v_error32(xt, y, wt);
             for (int l = 0; l < NL && b0 + l < nb; l++) {
                 const float err[2] = {eg[l], eo[l]};

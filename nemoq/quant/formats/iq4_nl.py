@@ -55,12 +55,17 @@ class IQ4_NL(Format, ggml_type=GGMLQuantizationType.IQ4_NL):
     # ours: the largest value mapped to either end of the table, times these factors
     search_factors = np.geomspace(0.85, 2.5, 8)
 
+    @classmethod
+    def targets(cls) -> list[np.float32]:
+        """Our search's targets t (inverse scales t / max), float32 so that the search stays in
+        float32 as ggml's does (float64 targets would promote it, and halve the C kernel's lanes)."""
+        return [np.float32(t * f) for t in (KVALUES[0], KVALUES[-1]) for f in cls.search_factors]
+
     def quantize_rows(self, x, importance=None):
         xt = groups_first(x, 32)
         w = metric_weights(x, importance)
         wt = full(groups_first(w, 32), xt.shape)
-        targets = [t * f for t in (KVALUES[0], KVALUES[-1]) for f in self.search_factors]
-        d, _ = scale_search(xt, wt, [lambda m, t=t: t / m for t in targets])
+        d, _ = scale_search(xt, wt, [lambda m, t=t: t / m for t in self.targets()])
         return self.best_of(x, w, self.ggml_rows(x, importance), self.pack(*refine_on_grid(xt, wt, d, GRID)))
 
     def ggml_rows(self, x, importance=None):
