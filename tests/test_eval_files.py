@@ -129,3 +129,14 @@ def test_each_chunk_starts_from_a_cleared_state(files):
         again = model.scored_logprobs(a, 64)
     np.testing.assert_array_equal(first, again)
     np.testing.assert_allclose(first, log_softmax(llama_logits(files.f16, a)[64:127]), atol=1e-4)
+
+
+def test_eval_package_needs_no_torch():
+    """DESIGN.md: eval/ runs on machines without torch (importing every module pulls none in)."""
+    import subprocess
+    import sys
+    code = ("import importlib, pkgutil, sys, nemoq.eval\n"
+            "for m in pkgutil.iter_modules(nemoq.eval.__path__): importlib.import_module('nemoq.eval.' + m.name)\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

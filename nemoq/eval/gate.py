@@ -71,7 +71,9 @@ def check_baseline(record: dict, baseline: dict, baseline_path: Path, sigmas: fl
     rows = BASELINE_KLD if both_kld else BASELINE_PPL
     checks = []
     for label, section, key, se_key, rule in rows:
-        new, old = record[section], baseline[section]
+        new, old = record[section], baseline.get(section) or {}
+        if key not in old or se_key not in old:
+            raise NemoqError(f"the baseline has no {section}.{key} / {section}.{se_key}", baseline_path)
         tolerance = sigmas * math.hypot(new[se_key], old[se_key]) + ABS_SLACK
         limit = old[key] + tolerance if rule == "<=" else old[key] - tolerance
         checks.append(Check(label, new[key], limit, _passes(new[key], limit, rule), rule))
