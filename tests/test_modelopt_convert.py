@@ -157,3 +157,19 @@ def test_fp8_to_q8_0_is_ggmls_q8_0_of_the_dequantized_values(tmp_path):
         assert raw[name].tensor_type == gguf.GGMLQuantizationType.Q8_0, name
         want = gguf.quants.quantize(oracle(state, modules), gguf.GGMLQuantizationType.Q8_0)
         np.testing.assert_array_equal(np.asarray(raw[name].data).reshape(want.shape), want, err_msg=name)
+
+
+def test_mixed_precision_keeps_nvfp4_and_writes_fp8_as_bf16(tmp_path):
+    # As NVIDIA's larger Nemotron releases: routed experts NVFP4, shared experts and Mamba FP8.
+    ckpt = write_modelopt_checkpoint(tmp_path / "ckpt", algo="MIXED_PRECISION")
+    result = convert_auto(ckpt, tmp_path / "out.gguf")
+    tensors, state = read_gguf(tmp_path / "out.gguf"), read_safetensors(ckpt)
+    for name, modules in quantized_sources().items():
+        want = oracle(state, modules)
+        if "_exps" in name:
+            assert tensors[name][0] == "NVFP4", name
+            np.testing.assert_array_equal(with_scale(tensors, name), want, err_msg=name)
+        else:
+            assert tensors[name][0] == "BF16", name
+            np.testing.assert_array_equal(tensors[name][1], torch.from_numpy(want).bfloat16().float().numpy())
+    assert not result.warnings, result.warnings

@@ -88,6 +88,10 @@ def read_quant_config(model_dir: Path) -> QuantConfig | None:
         if unknown:
             raise NemoqError(f"quantized_layers use quant_algo {', '.join(unknown)}; nemoq reads "
                              f"{', '.join(ALGORITHMS)}", path)
+        groups = {v.get("group_size") for v in layers.values() if isinstance(v, dict) and v.get("quant_algo") == "NVFP4"}
+        if groups - {None, NVFP4_GROUP}:
+            raise NemoqError(f"NVFP4 group_size {sorted(groups - {None, NVFP4_GROUP})[0]} in quantized_layers: "
+                             f"GGUF's NVFP4 needs groups of {NVFP4_GROUP}", path)
     elif algo not in ALGORITHMS:
         raise NemoqError(f"unsupported quant_algo {algo!r}; nemoq reads {', '.join([*ALGORITHMS, MIXED])}", path)
     group_size = section.get("group_size")
