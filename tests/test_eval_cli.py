@@ -102,3 +102,14 @@ def test_compare_prints_one_table_and_writes_a_plot(files, tmp_path):
     assert record["format"] == "nemoq.eval.compare" and record["noise_floor"][0]["kld_mean"] == 0.0
     assert 0 < q4["kld"]["kld_mean"] < damaged["kld"]["kld_mean"]
     assert q4["model"]["bits_per_weight"] < damaged["model"]["bits_per_weight"]
+
+
+def test_saved_base_logits_drive_the_gate_and_say_they_approximate(files, tmp_path):
+    saved = tmp_path / "f16.npz"
+    first = nemoq_eval(files, files.f16, "--save-logits", saved)
+    assert first.exit_code == 0 and saved.is_file(), first.output
+    again = nemoq_eval(files, files.f16, "--save-logits", saved)
+    assert again.exit_code == 1 and "--force" in again.output      # never clobbered silently
+    result = nemoq_eval(files, files.damaged, "--base-logits", saved, "--max-kld", "0.001")
+    assert result.exit_code == 1, result.output
+    assert "top-256 logits file" in result.output and "FAIL" in result.output

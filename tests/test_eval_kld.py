@@ -143,3 +143,31 @@ def test_noise_floor_rerun_is_zero_and_other_precision_is_small(files, opts, q4_
     print(f"noise floor: re-run {rerun['kld_mean']:.3g}, F32 vs F16 {f32['kld_mean']:.3g} (p99 {f32['kld_p99']:.3g})")
     assert rerun["kld_mean"] == 0.0 and rerun["top1"] == 1.0
     assert 0.0 < f32["kld_mean"] < record["kld"]["kld_mean"] / 10
+
+
+@pytest.fixture(scope="module")
+def bos_model(files, tmp_path_factory):
+    """The F16 with add_bos_token set (flipped in place in a copy, as gguf_set_metadata.py does)."""
+    import shutil
+    import gguf
+    path = tmp_path_factory.mktemp("bos") / "tiny-f16-bos.gguf"
+    shutil.copyfile(files.f16, path)
+    reader = gguf.GGUFReader(path, "r+")
+    field = reader.fields["tokenizer.ggml.add_bos_token"]
+    field.parts[field.data[0]][0] = 1
+    del reader
+    return path
+
+
+def test_a_model_that_adds_bos_gets_bos_at_every_chunk_start(bos_model, opts):
+    from nemoq.eval.metrics import target_nll
+    record = evaluate(bos_model, opts)
+    assert record["data"]["bos_per_chunk"]
+    with LlamaModel(bos_model, CTX, threads=1) as model:
+        tokens, bos = model.tokenize(opts.text).tolist(), model.llm.token_bos()
+    assert tokens[0] == bos                 # the text itself starts with BOS once
+    nll = []
+    for i in range(CHUNKS):
+        ids = [bos] + tokens[i * CTX + 1:(i + 1) * CTX]   # llama-perplexity: first token replaced by BOS
+        nll.append(target_nll(log_softmax(llama_logits(bos_model, ids)[FIRST:CTX - 1]), np.array(ids[FIRST + 1:])))
+    assert record["model"]["ln_ppl"] == pytest.approx(np.concatenate(nll).mean(), rel=1e-5)
