@@ -1,11 +1,12 @@
-// Block quantizers on an NVIDIA GPU for NVFP4, Q8_0, Q4_K and Q5_K: the CUDA twin of quants.c,
-// bit for bit (Python side: nemoq/kernels_c/cuda_quant.py; numpy references: nemoq/quant/formats/).
+// Block quantizers on an NVIDIA GPU for NVFP4, Q8_0, Q4_K and Q5_K: the CUDA twin of the C kernels
+// (quants_fp4.c, quants_legacy.c, quants_k.c), bit for bit (Python side: cuda_quant.py; numpy
+// references: nemoq/quant/formats/).
 //
 // One thread per unit: a Q8_0 block (32 values), an NVFP4 group (16 values of a 64-value block;
 // the 4 threads of a block write disjoint bytes) or a K super-block (256 values). Each thread runs
-// quants.c's per-lane arithmetic as plain scalar code: same candidates, same order of sums from
+// the C kernels' per-lane arithmetic as plain scalar code: same candidates, same order of sums from
 // +0, same tie rules, float32 where the C is float32 (no float64 in these formats). Built with
-// -fmad=false (no fused multiply-adds, like quants.c's -ffp-contract=off), IEEE division and
+// -fmad=false (no fused multiply-adds, like the C kernels' -ffp-contract=off), IEEE division and
 // square roots (nvcc's defaults), denormals kept.
 //
 // The per-unit code is __host__ __device__: nemoq_quant_cuda_rows(..., emulate = 1, ...) runs the
@@ -63,7 +64,7 @@ HD uint32_t as_bits(float f) {
 #endif
 }
 
-// IEEE half <-> float, round to nearest even (quants.c's fp32_to_fp16 / fp16_to_fp32).
+// IEEE half <-> float, round to nearest even (the C kernels' fp32_to_fp16 / fp16_to_fp32).
 HD uint16_t fp32_to_fp16(float f) {
     const uint32_t x = as_bits(f);
     const uint32_t sign = (x >> 16) & 0x8000u;
@@ -115,7 +116,7 @@ HD float get_f16(const uint8_t * p) { return fp16_to_fp32((uint16_t)(p[0] | (p[1
 // np.minimum / np.maximum: NaN propagates, on equality the second operand comes back.
 HD float np_minf(float a, float b) { return (a < b || a != a) ? a : b; }
 HD float np_maxf(float a, float b) { return (a > b || a != a) ? a : b; }
-// quants.c's vclip (constant bounds): a bound replaces a value equal to it, so -0 becomes +0.
+// lanes.h's vclip (constant bounds): a bound replaces a value equal to it, so -0 becomes +0.
 HD float clip(float v, float lo, float hi) {
     v = v <= lo ? lo : v;
     return v >= hi ? hi : v;
@@ -447,7 +448,7 @@ HD void pack_k(uint8_t * o, const KQuant & k) {
         }
 }
 
-// Value 32g + l of a packed super-block (quants.c's dequant_block_q4_k / q5_k).
+// Value 32g + l of a packed super-block (quants_k.c's dequant_block_q4_k / q5_k).
 template <int T>
 HD float dequant_k(const uint8_t * b, int g, int l) {
     const uint8_t * s = b + 4;
