@@ -96,7 +96,12 @@ static inline vf vsqrt(vf x) {
 /* table[i] per lane (i in range) */
 static inline vf lookup(const float * table, vi i) {
 #if defined(__AVX2__) && NL == 8
-    return __builtin_ia32_gathersiv8sf(F(0.0f), table, i, (vf)I(-1), 4);
+    /* in asm, so that the result register starts from a fresh zero: GCC's builtin reuses the
+     * last gather's register, and then each gather waits for the one before */
+    vf r = F(0.0f);
+    vi m = I(-1);
+    __asm__("vgatherdps %[m], (%[t], %[i], 4), %[r]" : [r] "+x"(r), [m] "+x"(m) : [t] "r"(table), [i] "x"(i) : "memory");
+    return r;
 #else
     vf r;
     for (int l = 0; l < NL; l++) r[l] = table[i[l]];

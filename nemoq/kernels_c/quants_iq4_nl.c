@@ -5,7 +5,10 @@
 static const float KVALUES_IQ4_NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 static const float MIDS_IQ4_NL[15] = {-231, -187, -148, -114, -84, -57, -32, -9, 14, 38, 63, 91, 122, 158, 202};
 
-/* IQ4_NL.targets(): float32, as exact hex literals */
+/* IQ4_NL.targets(): float32, as exact hex literals; 8 factors at each end of the table, of
+ * which the first PLAIN_FACTORS without importance */
+#define FACTORS 8
+#define PLAIN_FACTORS 3
 static const float TARGETS_IQ4_NL[16] = {
     -0x1.afccccp+6, -0x1.f7bfc0p+6, -0x1.25d7e4p+7, -0x1.56ce22p+7,
     -0x1.8fece6p+7, -0x1.d29034p+7, -0x1.102702p+8, -0x1.3d8000p+8,
@@ -101,11 +104,14 @@ static vf v_iq4_nl_search_ggml(const vf * x, const vf * w, vf max, vi zero, vf *
     return d;
 }
 
-/* ours: t / max for IQ4_NL.targets() */
-static vf v_iq4_nl_search_ours(const vf * x, const vf * w, vf max, vi zero) {
-    vf ids[16];
-    for (int k = 0; k < 16; k++) ids[k] = F(TARGETS_IQ4_NL[k]) / max;
-    return v_iq4_nl_scale_search(x, w, ids, 16, zero);
+/* ours: t / max for IQ4_NL.targets(weighted) */
+static vf v_iq4_nl_search_ours(const vf * x, const vf * w, vf max, vi zero, int weighted) {
+    const int nf = weighted ? FACTORS : PLAIN_FACTORS;
+    vf ids[2 * FACTORS];
+    for (int end = 0; end < 2; end++) {
+        for (int f = 0; f < nf; f++) ids[end * nf + f] = F(TARGETS_IQ4_NL[end * FACTORS + f]) / max;
+    }
+    return v_iq4_nl_scale_search(x, w, ids, 2 * nf, zero);
 }
 
 static void pack_iq4_nl(uint8_t * o, float d, const vf * idx, int l) {
@@ -143,7 +149,7 @@ void nemoq_quantize_iq4_nl(const float * x, uint8_t * out, int64_t nrows, int64_
             const vf max1 = sel(zero, F(1.0f), max);
             const vf dg = v_iq4_nl_search_ggml(xt, gw, max1, zero, ig);
             /* ours */
-            const vf dh = v_refine_iq4_nl(xt, wt, v_iq4_nl_search_ours(xt, wt, max1, zero), io);
+            const vf dh = v_refine_iq4_nl(xt, wt, v_iq4_nl_search_ours(xt, wt, max1, zero, importance != NULL), io);
             /* best_of */
             vf dgh;
             for (int l = 0; l < NL; l++) dgh[l] = f16_round(dg[l]);

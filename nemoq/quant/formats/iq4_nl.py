@@ -54,18 +54,23 @@ class IQ4_NL(Format, ggml_type=GGMLQuantizationType.IQ4_NL):
     ggml_scales = [lambda m: 1 / (m / 127)] + [lambda m, t=t: (t - 127) / m for t in range(-7, 8)]
     # ours: the largest value mapped to either end of the table, times these factors
     search_factors = np.geomspace(0.85, 2.5, 8)
+    # Without importance only the first three ever won on real weights (clipping the largest
+    # value costs too much when every value weighs the same), so the others are not tried.
+    plain_factors = 3
 
     @classmethod
-    def targets(cls) -> list[np.float32]:
+    def targets(cls, weighted: bool = True) -> list[np.float32]:
         """Our search's targets t (inverse scales t / max), float32 so that the search stays in
         float32 as ggml's does (float64 targets would promote it, and halve the C kernel's lanes)."""
-        return [np.float32(t * f) for t in (KVALUES[0], KVALUES[-1]) for f in cls.search_factors]
+        factors = cls.search_factors if weighted else cls.search_factors[:cls.plain_factors]
+        return [np.float32(t * f) for t in (KVALUES[0], KVALUES[-1]) for f in factors]
 
     def quantize_rows(self, x, importance=None):
         xt = groups_first(x, 32)
         w = metric_weights(x, importance)
         wt = full(groups_first(w, 32), xt.shape)
-        d, _ = scale_search(xt, wt, [lambda m, t=t: t / m for t in self.targets()])
+        targets = self.targets(weighted=importance is not None)
+        d, _ = scale_search(xt, wt, [lambda m, t=t: t / m for t in targets])
         return self.best_of(x, w, self.ggml_rows(x, importance), self.pack(*refine_on_grid(xt, wt, d, GRID)))
 
     def ggml_rows(self, x, importance=None):
