@@ -106,12 +106,16 @@ def rewrite_f32(src, dst, scales: dict[str, np.ndarray], fold: bool) -> None:
     writer.close()
 
 
+PROBE_IDS = [int(i) for i in np.random.default_rng(0).integers(3, 512, 48)]
+
+
 @pytest.fixture(scope="module")
 def random_f32(tmp_path_factory):
     from tests.fixtures.checkpoints import write_checkpoint
     tmp = tmp_path_factory.mktemp("scale-probe")
     ckpt = write_checkpoint(tmp / "ckpt", dtype="float32", config_overrides={"moe_intermediate_size": 64})
-    return convert(ckpt, tmp / "f32.gguf", "--outtype", "f32")
+    path = convert(ckpt, tmp / "f32.gguf", "--outtype", "f32")
+    return path, llama_logits(path, PROBE_IDS)
 
 
 # One GGUF tensor of every kind modelopt_gguf.SCALE_LOADED names, in the random fixture (MEM*E).
@@ -131,11 +135,11 @@ def test_the_probe_covers_every_kind_nemoq_writes_scales_for():
 def test_llama_cpp_applies_a_scale_tensor_once(base, random_f32, tmp_path):
     """What modelopt_gguf.SCALE_LOADED relies on: `<base>.scale` (per expert for stacks) acts
     as the weight multiplied by it, once."""
+    f32, plain = random_f32
     scale = np.linspace(0.5, 2.0, 8 if base.endswith("_exps") else 1).astype(np.float32)
-    rewrite_f32(random_f32, tmp_path / "scaled.gguf", {base: scale}, fold=False)
-    rewrite_f32(random_f32, tmp_path / "folded.gguf", {base: scale}, fold=True)
-    ids = [int(i) for i in np.random.default_rng(0).integers(3, 512, 48)]
-    scaled, folded, plain = (llama_logits(p, ids) for p in (tmp_path / "scaled.gguf", tmp_path / "folded.gguf", random_f32))
+    rewrite_f32(f32, tmp_path / "scaled.gguf", {base: scale}, fold=False)
+    rewrite_f32(f32, tmp_path / "folded.gguf", {base: scale}, fold=True)
+    scaled, folded = (llama_logits(p, PROBE_IDS) for p in (tmp_path / "scaled.gguf", tmp_path / "folded.gguf"))
     assert np.abs(scaled - folded).max() <= 1e-3 * np.abs(folded).max()
     assert np.abs(plain - folded).max() > 0.1 * np.abs(folded).max()   # the scale mattered
 
@@ -144,8 +148,9 @@ def test_llama_cpp_does_not_load_output_scale(random_f32, tmp_path):
     """Why an NVFP4 lm_head whose scale_2 does not fold is re-quantized: this llama.cpp rejects
     a file with output.scale (an unused tensor)."""
     from llama_cpp import Llama
-    rewrite_f32(random_f32, tmp_path / "with-output-scale.gguf", {"output": np.ones(1, np.float32)}, fold=False)
-    Llama(str(random_f32), verbose=False, n_ctx=64).close()
+    f32 = random_f32[0]
+    rewrite_f32(f32, tmp_path / "with-output-scale.gguf", {"output": np.ones(1, np.float32)}, fold=False)
+    Llama(str(f32), verbose=False, n_ctx=64).close()
     with pytest.raises(ValueError):
         Llama(str(tmp_path / "with-output-scale.gguf"), verbose=False, n_ctx=64)
 
