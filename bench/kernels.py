@@ -19,8 +19,9 @@
    - the CUDA quantizer on one expert matrix per format, input float32 GB/s: kernel only, and
      with the host<->device copies, against the C quantizer on all cores; bytes compared with C.
 Expert stacks are rows of a quantized pool drawn at random (so 128 distinct experts exist in
-memory, no row pattern helps the kernel). One command, well under 3 minutes on an H100 once nvcc
-has built the three libraries (about a minute, in parallel).
+memory, no row pattern helps the kernel). nvcc builds for the GPU's own architecture (from
+nvidia-smi, unless NEMOQ_CUDA_ARCH is set). One command, well under 3 minutes on an H100 once
+nvcc has built the three libraries (a minute or two, in parallel).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import ctypes
 import json
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +40,20 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+def _native_arch() -> str | None:
+    """sm_XY of GPU 0 from nvidia-smi, so that nvcc builds for it (no PTX JIT at load)."""
+    try:
+        cap = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return f"sm_{cap[0].replace('.', '')}" if cap and cap[0].replace(".", "").isdigit() else None
+
+
+if "NEMOQ_CUDA_ARCH" not in os.environ and _native_arch():   # read when nemoq.kernels_c.cuda is imported
+    os.environ["NEMOQ_CUDA_ARCH"] = _native_arch()
 
 from nemoq.kernels_c import dequantize_rows, quantize_rows  # noqa: E402
 from nemoq.kernels_c import cuda, cuda_quant  # noqa: E402
@@ -205,7 +221,8 @@ def quantizer_rows(iters: int, rng) -> list[dict]:
                 want = quantize_rows(fmt, x, importance, threads=threads)
                 c_best = min(c_best, time.perf_counter() - t)
             rows.append({"format": fmt, "shape": list(x.shape), "importance": importance is not None,
-                         "gpu_kernel_gb_per_s": x.nbytes / kernel / GB, "gpu_with_copies_gb_per_s": x.nbytes / wall / GB,
+                         "gpu_kernel_gb_per_s": x.nbytes / kernel / GB,
+                         "gpu_with_copies_gb_per_s": x.nbytes / wall / GB,
                          "c_gb_per_s": x.nbytes / c_best / GB, "c_threads": threads,
                          "ok": bool(np.array_equal(got, want))})
     return rows
@@ -264,7 +281,8 @@ def main() -> int:
                      ("x torch", "speedup_vs_torch", ".1f"), ("rel err", "rel_error_vs_c", ".1e"), ("ok", "ok", "")])
         result["quantizer"] = quant = quantizer_rows(args.iters, rng)
         print_table("CUDA quantizer vs C (input float32 GB/s)", quant,
-                    [("format", "format", ""), ("imatrix", "importance", ""), ("GPU kernel", "gpu_kernel_gb_per_s", ".2f"),
+                    [("format", "format", ""), ("imatrix", "importance", ""),
+                     ("GPU kernel", "gpu_kernel_gb_per_s", ".2f"),
                      ("GPU + copies", "gpu_with_copies_gb_per_s", ".2f"), ("C", "c_gb_per_s", ".3f"),
                      ("C threads", "c_threads", "d"), ("bytes == C", "ok", "")])
         ok = ok and all(r["ok"] for r in moe + quant)

@@ -110,7 +110,8 @@ def kernel_info(console: Console, status, formats) -> None:
 
 def cuda_info(console: Console, status, moe_formats, quant_formats) -> None:
     """nvcc, the two CUDA libraries (MoE matvec, quantizer) and the GPUs the CUDA runtime sees."""
-    console.print(f"CUDA: nvcc {escape(status.nvcc) if status.nvcc else '[yellow]not found[/]'}, GPUs: {status.devices}")
+    compiler = escape(status.nvcc) if status.nvcc else "[yellow]not found[/]"
+    console.print(f"CUDA: nvcc {compiler}, GPUs: {status.devices}")
     if not status.devices:   # the message's last part says why the runtime (or nvidia-smi) sees none
         console.print(f"  [yellow]{escape(status.message.split('; ', 1)[-1])}[/]")
     rows = (("MoE matvec", status.built, status.message, status.library, moe_formats),
