@@ -244,6 +244,9 @@ def _eval(models, data, ctx, chunks, base, base_logits, save_logits, top_k, json
     from nemoq.convert.output import refuse_to_clobber
     from nemoq.eval.text import load_text
     refuse_to_clobber([p for p in (json_out, save_logits, plot) if p is not None], force)   # before a long run
+    if plot is not None:
+        from nemoq.eval.plot import pyplot
+        pyplot()
     opts = run.RunOptions(text=load_text(data), data=data, ctx=ctx, chunks=chunks, threads=threads, top_k=top_k,
                           force=force)
     previous = results.read_baseline(baseline) if baseline is not None else None

@@ -7,14 +7,20 @@ from pathlib import Path
 from nemoq.errors import NemoqError
 
 
-def plot_compare(record: dict, out: Path, force: bool) -> None:
+def pyplot():
+    """matplotlib's pyplot without a display, or a clear error (checked before a long run)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise NemoqError("--plot needs matplotlib: pip install 'nemoq[plot]'") from None
+    return plt
+
+
+def plot_compare(record: dict, out: Path, force: bool) -> None:
     from nemoq.convert.output import atomic_outputs
+    plt = pyplot()
     rows = record["models"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
