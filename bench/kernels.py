@@ -253,8 +253,9 @@ def main() -> int:
     result: dict = {"build_seconds": time.perf_counter() - t0}
     status = cuda.cuda_status()
     if not status.built or status.quantizer != "built":
-        print(f"CUDA sources not built: {status.message}; quantizer: {status.quantizer}")
-        return 0 if status.nvcc is None else 1
+        print(f"no CUDA GPU: nothing to measure (CUDA sources not built: {status.message}; "
+              f"quantizer: {status.quantizer})")
+        return 0 if status.nvcc is None else 1   # no nvcc is expected; a failed build is not
     result["cpu_checks"] = checks = cpu_checks(rng)
     print_table("CPU checks (the .cu code run on the CPU)", checks, [("check", "check", ""), ("ok", "ok", ""),
                                                                       ("detail", "detail", "")])
