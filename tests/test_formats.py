@@ -184,3 +184,19 @@ def test_quantize_keeps_leading_dims_and_checks_its_input(name):
         fmt.quantize(x, np.ones(256, np.float32))
     with pytest.raises(ValueError, match="importance"):
         fmt.quantize(x, -np.ones(512, np.float32))
+
+
+@pytest.mark.parametrize("case", ["real-weights", "gaussian"])
+def test_iq4_nl_plain_search_skips_only_factors_that_never_win(case):
+    """Without importance IQ4_NL tries only the first search factors; the others must not have
+    lowered the error (they never won on real weights)."""
+    from nemoq.quant.formats.iq4_nl import IQ4_NL
+
+    x = case_matrix(case, 32)
+    everything = IQ4_NL()
+    everything.plain_factors = len(IQ4_NL.search_factors)
+    fmt = FORMATS["iq4_nl"]
+    ones = np.ones(x.shape[1], np.float32)
+    kept = weighted_error(x, fmt.dequantize(fmt.quantize(x)), ones)
+    full_search = weighted_error(x, fmt.dequantize(everything.quantize(x)), ones)
+    assert kept <= full_search * (1 + SLACK)

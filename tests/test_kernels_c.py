@@ -127,7 +127,7 @@ def test_tables_in_the_c_source_match_the_numpy_modules():
     targets = {
         "TARGETS_Q4_0": q4_0.Q4_0.nmax * q4_0.Q4_0.search_factors,
         "TARGETS_Q5_0": FORMATS["q5_0"].nmax * FORMATS["q5_0"].search_factors,
-        "TARGETS_IQ4_NL": iq4_nl.IQ4_NL.targets(),
+        "TARGETS_IQ4_NL": iq4_nl.IQ4_NL().targets(),
         "TARGETS_Q6_K": 32 * q6_k.Q6_K.search_factors,
     }
     for name, values in targets.items():
@@ -170,3 +170,17 @@ def test_widen_equals_numpy_for_every_half_and_bfloat16_value():
     np.testing.assert_array_equal(f16.view(np.uint32), ref.view(np.uint32))
     bf16 = kernels_c.widen(bits, "BF16")
     np.testing.assert_array_equal(bf16.view(np.uint32), bits.astype(np.uint32) << 16)
+
+
+def test_iq4_nl_every_table_cell_equals_numpy():
+    """IQ4_NL looks its levels up in a table of cells floor(2 v); blocks whose values sweep the
+    whole range relative to their largest (and far past the table in the refits) hit every cell."""
+    rng = np.random.default_rng(4)
+    sweep = np.linspace(-1, 1, 31, dtype=np.float32)
+    x = np.concatenate([sweep[None, :] * rng.uniform(0.5, 2, (256, 1)).astype(np.float32),
+                        rng.standard_normal((256, 1)).astype(np.float32)], axis=1)   # 32 per block
+    x[::7, 5] = 1e4                                                                  # lone outliers
+    x = x.reshape(16, -1)
+    for imp in (None, (rng.random(x.shape[1]) ** 4).astype(np.float32)):
+        np.testing.assert_array_equal(kernels_c.quantize_rows("iq4_nl", x, imp, threads=1),
+                                      FORMATS["iq4_nl"].quantize(x, imp))

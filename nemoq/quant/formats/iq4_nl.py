@@ -58,11 +58,10 @@ class IQ4_NL(Format, ggml_type=GGMLQuantizationType.IQ4_NL):
     # value costs too much when every value weighs the same), so the others are not tried.
     plain_factors = 3
 
-    @classmethod
-    def targets(cls, weighted: bool = True) -> list[np.float32]:
+    def targets(self, weighted: bool = True) -> list[np.float32]:
         """Our search's targets t (inverse scales t / max), float32 so that the search stays in
         float32 as ggml's does (float64 targets would promote it, and halve the C kernel's lanes)."""
-        factors = cls.search_factors if weighted else cls.search_factors[:cls.plain_factors]
+        factors = self.search_factors if weighted else self.search_factors[:self.plain_factors]
         return [np.float32(t * f) for t in (KVALUES[0], KVALUES[-1]) for f in factors]
 
     def quantize_rows(self, x, importance=None):
