@@ -81,7 +81,7 @@ def test_quantized_tiny_model_runs_in_llama_cpp(recipe, tiny_model, tiny_gguf_f3
     import numpy as np
 
     from nemoq.gguf_file import read_gguf
-    from nemoq.quant.tensor_scale import SCALE_RULES, scale_name
+    from nemoq.quant.tensor_scale import scale_name, takes_scale
     from tests.oracles import llama_logits
     out = tmp_path / f"{recipe}.gguf"
     result = run_cli("quantize", tiny_model, "-o", out, "--recipe", recipe)
@@ -89,7 +89,7 @@ def test_quantized_tiny_model_runs_in_llama_cpp(recipe, tiny_model, tiny_gguf_f3
     contents = read_gguf(out)
     typed = plan_types(tensor_specs(load_config(tiny_model)), RECIPES[recipe], load_config(tiny_model).layer_kinds)
     expected = {t.spec.name: t.type.upper() for t in typed}
-    expected.update({scale_name(t.spec.name): "F32" for t in typed if t.type in SCALE_RULES})
+    expected.update({scale_name(t.spec.name): "F32" for t in typed if takes_scale(t.spec, t.type)})
     assert {t.name: t.type_name for t in contents.tensors} == expected
     ids = [1] + list(range(20, 84))
     base, ours = llama_logits(tiny_gguf_f32, ids), llama_logits(out, ids)

@@ -129,3 +129,18 @@ def test_dry_run_counts_the_scale_bytes(tiny_model):
                    if s.name in {t.spec.name for t in plan_types(tensor_specs(config), RECIPES["NVFP4"],
                                                                     config.layer_kinds) if t.type == "nvfp4"})
     assert with_scales.total_bytes - without.total_bytes == 4 * n_scales > 0
+
+
+def test_output_and_embeddings_in_fp4_get_no_scale_and_still_load(tiny_model, tmp_path):
+    """llama.cpp refuses `output.scale` and ignores a `token_embd.scale`: those stay plain blocks."""
+    from nemoq.gguf_file import read_gguf
+    from tests.oracles import llama_logits
+    out = tmp_path / "fp4-head.gguf"
+    result = run_cli("quantize", tiny_model, "-o", out, "--recipe", "NVFP4",
+                     "--tensor-type", "^output\\.weight|token_embd=nvfp4")
+    assert result.exit_code == 0, result.output
+    types = {t.name: t.type_name for t in read_gguf(out).tensors}
+    assert types["output.weight"] == types["token_embd.weight"] == "NVFP4"
+    assert "output.scale" not in types and "token_embd.scale" not in types
+    assert "blk.1.ffn_up_exps.scale" in types
+    assert np.isfinite(llama_logits(out, [1, 20, 21, 22])).all()

@@ -111,6 +111,11 @@ TAIL_ROWS = (
 MODEL_PREFIXES = ("backbone", "model")
 EXPERT_LAYOUTS = {"per-expert": PER_EXPERT_ROWS, "fused": FUSED_EXPERT_ROWS}
 
+# GGUF weights whose `<name>.scale` (one multiplier per matrix) llama.cpp loads and applies to
+# the matmul output, checked against llama-cpp-python; `output.scale` makes it refuse the file.
+SCALE_LOADED = frozenset({MT.SSM_IN, MT.SSM_OUT, MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V, MT.ATTN_OUT,
+                          MT.FFN_UP_EXP, MT.FFN_DOWN_EXP, MT.FFN_UP_SHEXP, MT.FFN_DOWN_SHEXP})
+
 # Tensors of the multi-token-prediction head: skipped on purpose and reported.
 SKIPPED_PREFIXES = ("mtp.",)
 

@@ -30,14 +30,12 @@ from gguf import GGMLQuantizationType
 
 from nemoq.convert import modelopt_codec as codec
 from nemoq.convert.dtypes import FLOAT_ENCODINGS, Companion, Encoding, type_nbytes
+from nemoq.convert.mapping import SCALE_LOADED
 from nemoq.convert.modelopt_tensors import FP8, NVFP4
 from nemoq.convert.plan import PlannedTensor
 
 T = GGMLQuantizationType
 
-# GGUF tensors whose `<name>.scale` llama.cpp loads and applies (checked against llama-cpp-python).
-SCALE_LOADED = frozenset({MT.SSM_IN, MT.SSM_OUT, MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V, MT.ATTN_OUT,
-                          MT.FFN_UP_EXP, MT.FFN_DOWN_EXP, MT.FFN_UP_SHEXP, MT.FFN_DOWN_SHEXP})
 STORED_FLOAT = {"F32": "f32", "F64": "f32", "F16": "f16", "BF16": "bf16"}
 
 

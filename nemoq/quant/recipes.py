@@ -164,9 +164,9 @@ class TypedTensor:
 
     @property
     def nbytes(self) -> int:
-        from nemoq.quant.tensor_scale import SCALE_RULES
+        from nemoq.quant.tensor_scale import takes_scale
         n_matrices = self.spec.shape[0] if len(self.spec.shape) == 3 else 1
-        scales = 4 * n_matrices if self.type in SCALE_RULES and self.scaled else 0   # `<name>.scale`
+        scales = 4 * n_matrices if self.scaled and takes_scale(self.spec, self.type) else 0   # `<name>.scale`
         return type_bytes(self.type, self.spec.n_elements) + scales
 
     @property
@@ -265,11 +265,11 @@ def chooser(typed: list[TypedTensor], imatrix=None):
     by_name = {t.spec.name: t for t in typed}
 
     def choose(planned):
-        from nemoq.quant.tensor_scale import SCALE_RULES, ScaledEncoding
+        from nemoq.quant.tensor_scale import ScaledEncoding, takes_scale
         typed_tensor = by_name[planned.name]
         encoding = encoding_for(typed_tensor.type)
         importance = imatrix.importance(planned.name) if imatrix is not None else None
-        if typed_tensor.type in SCALE_RULES and typed_tensor.scaled:
+        if typed_tensor.scaled and takes_scale(typed_tensor.spec, typed_tensor.type):
             return ScaledEncoding(encoding, planned.shape, importance)
         if importance is None or not hasattr(encoding, "with_importance"):
             return encoding

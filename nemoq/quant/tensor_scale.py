@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nemoq.convert.dtypes import Companion
+from nemoq.convert.mapping import SCALE_LOADED
 from nemoq.quant.encodings import BlockEncoding, widen_to_float32
 
 
@@ -43,6 +44,12 @@ SCALE_RULES = {
     "mxfp4": ScaleRule(6.0, factors=16),
 }
 SAMPLE_ROWS = 64
+
+
+def takes_scale(spec, type_name: str) -> bool:
+    """A format with a scale rule, on a weight whose `.scale` llama.cpp applies (not the
+    embeddings or the output head: llama.cpp refuses a file with `output.scale`)."""
+    return type_name in SCALE_RULES and spec.row.tensor in SCALE_LOADED
 
 
 def scale_name(weight_name: str) -> str:
