@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from nemoq.convert.pipeline import float_chooser, open_source, write_gguf  # noqa: E402
 from nemoq.gguf_file import read_gguf  # noqa: E402
+from nemoq.calib.imatrix_file import read_imatrix  # noqa: E402
 from nemoq.quant.recipes import RECIPES, chooser, plan_types  # noqa: E402
 
 MODEL = ROOT / "tests" / "data" / "nemotron-tiny"
@@ -40,11 +41,46 @@ def held_out_text() -> str:
     return "\n\n".join(load_texts("val"))
 
 
-def nemoq_quantize(src: Path, out: Path, recipe: str) -> float:
+def nemoq_quantize(src: Path, out: Path, recipe: str, imatrix: Path | None = None) -> float:
     start = time.perf_counter()
     source = open_source(src)
     typed = plan_types([t.spec for t in source.plan.tensors], RECIPES[recipe], source.layer_kinds)
-    write_gguf(source, out, chooser(typed), RECIPES[recipe].file_type, force=True)
+    weights = read_imatrix(imatrix) if imatrix else None
+    write_gguf(source, out, chooser(typed, weights), RECIPES[recipe].file_type, force=True)
+    return time.perf_counter() - start
+
+
+def ggml_fp4_quantize(src: Path, out: Path, recipe: str) -> float:
+    """nemoq's recipe, but its NVFP4/MXFP4 tensors made by ggml's own quantizer
+    (ggml_quantize_chunk: round to nearest, no per-matrix scale), for llama_model_quantize
+    refuses NVFP4 output."""
+    from gguf import GGMLQuantizationType
+
+    from nemoq.quant import encodings
+    from tests.ggml_oracle import ggml_quantize
+    nemoq_own = encodings.BlockEncoding.quantize
+
+    def quantize(self, x, importance=None):
+        if self.name in ("nvfp4", "mxfp4"):
+            return ggml_quantize(x.reshape(-1, x.shape[-1]), GGMLQuantizationType[self.name.upper()])
+        return nemoq_own(self, x, importance)
+    encodings.BlockEncoding.quantize = quantize
+    try:
+        start = time.perf_counter()
+        source = open_source(src)
+        typed = plan_types([t.spec for t in source.plan.tensors], RECIPES[recipe], source.layer_kinds,
+                           tensor_scales=False)
+        write_gguf(source, out, chooser(typed), RECIPES[recipe].file_type, force=True)
+        return time.perf_counter() - start
+    finally:
+        encodings.BlockEncoding.quantize = nemoq_own
+
+
+def calibrate(out: Path) -> float:
+    """nemoq calibrate on the corpus' training split (the default data); KLD uses the held-out split."""
+    from nemoq.calib.calibrate import calibrate as run
+    start = time.perf_counter()
+    run(MODEL, out)
     return time.perf_counter() - start
 
 
@@ -57,6 +93,27 @@ def llama_quantize(src: Path, out: Path, ftype: int, threads: int) -> float:
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize returned {rc}")
     return time.perf_counter() - start
+
+
+def variants(f16: Path, imatrix: Path, threads: int):
+    """(label, make(out) -> seconds) for every file the table compares."""
+    for recipe, llama_ftype in LLAMA_FTYPES.items():
+        yield f"nemoq {recipe}", lambda out, r=recipe: nemoq_quantize(f16, out, r)
+        if llama_ftype is not None:
+            yield f"llama.cpp {recipe}", lambda out, t=llama_ftype: llama_quantize(f16, out, t, threads)
+        if recipe in ("NVFP4", "MXFP4_MOE"):
+            yield f"ggml-fp4 {recipe}", lambda out, r=recipe: ggml_fp4_quantize(f16, out, r)
+        if recipe in IMATRIX_RECIPES:
+            yield f"nemoq {recipe} +imatrix", lambda out, r=recipe: nemoq_quantize(f16, out, r, imatrix)
+
+
+# (ours, theirs) pairs whose ratios are printed
+RATIOS = [(f"nemoq {r}", f"llama.cpp {r}") for r, t in LLAMA_FTYPES.items() if t is not None] + [
+    ("nemoq Q4_K_M +imatrix", "llama.cpp Q4_K_M"), ("nemoq Q4_K_M +imatrix", "nemoq Q4_K_M"),
+    ("nemoq NVFP4", "ggml-fp4 NVFP4"), ("nemoq NVFP4 +imatrix", "ggml-fp4 NVFP4"),
+    ("nemoq MXFP4_MOE +imatrix", "llama.cpp MXFP4_MOE"), ("nemoq NQ4 +imatrix", "llama.cpp Q4_K_M"),
+]
+IMATRIX_RECIPES = ("Q4_K_M", "MXFP4_MOE", "NQ4", "NVFP4")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -113,7 +170,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full-width", action="store_true")
     ap.add_argument("--recipes", default="Q8_0,MXFP4_MOE,Q4_K_M", help="with --full-width")
-    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--chunks", type=int, default=44, help="at most (the held-out split has 44 of 256)")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--json", type=Path)
@@ -139,19 +196,16 @@ def main() -> None:
         write_gguf(source, f16, choose, ftype)
         convert_s = time.perf_counter() - t0
         base = chunk_logprobs(f16, chunks)
+        imatrix = tmp / "imatrix.gguf"
+        calibrate_s = calibrate(imatrix)
         rows, figures = [], {}
-        for recipe, llama_ftype in LLAMA_FTYPES.items():
-            for tool in ("nemoq", "llama.cpp"):
-                if tool == "llama.cpp" and llama_ftype is None:
-                    continue
-                out = tmp / f"{tool}-{recipe}.gguf"
-                seconds = (nemoq_quantize(f16, out, recipe) if tool == "nemoq"
-                           else llama_quantize(f16, out, llama_ftype, args.threads))
-                contents = read_gguf(out)
-                stats = kld_stats(base, chunk_logprobs(out, chunks))
-                figures[f"{tool} {recipe}"] = dict(seconds=seconds, bytes=contents.total_bytes,
-                                                   bpw=contents.bits_per_weight, **stats)
-                rows.append((f"{tool} {recipe}", seconds, contents.total_bytes, contents.bits_per_weight, stats))
+        for label, make in variants(f16, imatrix, args.threads):
+            out = tmp / f"{label.replace(' ', '-')}.gguf"
+            seconds = make(out)
+            contents = read_gguf(out)
+            stats = kld_stats(base, chunk_logprobs(out, chunks))
+            figures[label] = dict(seconds=seconds, bytes=contents.total_bytes, bpw=contents.bits_per_weight, **stats)
+            rows.append((label, seconds, contents.total_bytes, contents.bits_per_weight, stats))
         one_pass = nemoq_quantize(MODEL, tmp / "one-pass.gguf", "Q4_K_M")
         two_step = convert_s + figures["nemoq Q4_K_M"]["seconds"]
 
@@ -159,11 +213,11 @@ def main() -> None:
     for name, seconds, nbytes, bpw, s in rows:
         print(f"{name:22s} {seconds:8.2f} {nbytes:10,d} {bpw:6.2f} {s['kld_mean']:9.5f} {s['kld_p99']:8.4f} "
               f"{s['top1']:6.3f}")
-    for recipe, ftype in LLAMA_FTYPES.items():
-        if ftype is not None:
-            a, b = figures[f"nemoq {recipe}"], figures[f"llama.cpp {recipe}"]
-            print(f"{recipe}: nemoq/llama.cpp time {a['seconds'] / b['seconds']:.2f}x, size "
-                  f"{a['bytes'] / b['bytes']:.2f}x, KLD {a['kld_mean'] / max(b['kld_mean'], 1e-12):.2f}x")
+    for ours, theirs in RATIOS:
+        a, b = figures[ours], figures[theirs]
+        print(f"{ours} / {theirs}: time {a['seconds'] / b['seconds']:.2f}x, size "
+              f"{a['bytes'] / b['bytes']:.2f}x, KLD {a['kld_mean'] / max(b['kld_mean'], 1e-12):.2f}x")
+    print(f"calibration (default corpus, train split): {calibrate_s:.1f} s")
     print(f"one pass checkpoint -> Q4_K_M {one_pass:.2f} s vs convert + quantize {two_step:.2f} s "
           f"({two_step / one_pass:.2f}x faster)")
     if args.json:
