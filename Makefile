@@ -18,10 +18,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+RECIPES := Q8_0 Q4_K_M NVFP4 NQ4
+
+# The whole path on the bundled trained model: convert, calibrate, quantize, evaluate.
 demo: $(STAMP)
 	mkdir -p $(DEMO)
-	$(BIN)/nemoq convert $(MODEL) -o $(DEMO)/nemotron-tiny-bf16.gguf --outtype bf16 --force
-	$(BIN)/nemoq info $(DEMO)/nemotron-tiny-bf16.gguf
+	$(BIN)/nemoq convert $(MODEL) -o $(DEMO)/tiny-F16.gguf --outtype f16 --force
+	$(BIN)/nemoq info $(DEMO)/tiny-F16.gguf --max-tensors 12
+	$(BIN)/nemoq calibrate $(MODEL) -o $(DEMO)/imatrix.gguf --force
+	for r in $(RECIPES); do \
+	  $(BIN)/nemoq quantize $(MODEL) -o $(DEMO)/tiny-$$r.gguf --recipe $$r --imatrix $(DEMO)/imatrix.gguf --force || exit 1; \
+	done
+	$(BIN)/python -c "from tests.fixtures.corpus import load_texts; print('\n\n'.join(load_texts('val')))" > $(DEMO)/held-out.txt
+	$(BIN)/nemoq eval --compare $(foreach r,$(RECIPES),$(DEMO)/tiny-$(r).gguf) --base $(DEMO)/tiny-F16.gguf \
+	  --data $(DEMO)/held-out.txt --ctx 256 --plot $(DEMO)/bpw-vs-kld.png --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

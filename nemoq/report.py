@@ -134,8 +134,9 @@ def quant_plan(console: Console, typed, summary, recipe, table: bool = True) -> 
             t.add_row(x.spec.name, " x ".join(map(str, reversed(x.spec.shape))), kind, f"{x.nbytes:,}",
                       escape(x.fallback_why or x.reason))
         console.print(t)
-    console.print(f"[bold]{recipe.name}[/]: {summary.n_elements:,} weights, {human_bytes(summary.total_bytes)} "
-                  f"({summary.total_bytes / 1e9:.2f} GB), [bold]{summary.bits_per_weight:.2f} bits per weight[/]")
+    decimal = f" ({summary.total_bytes / 1e9:.2f} GB)" if summary.total_bytes >= 1e8 else ""   # as hubs list sizes
+    console.print(f"[bold]{recipe.name}[/]: {summary.n_elements:,} weights, {human_bytes(summary.total_bytes)}"
+                  f"{decimal}, [bold]{summary.bits_per_weight:.2f} bits per weight[/]")
     if summary.fallback_tensors:
         colour = "bold yellow" if summary.fallback_share > 0.10 else "yellow"
         console.print(f"[{colour}]{summary.fallback_tensors} tensor(s) fell back to another type "
