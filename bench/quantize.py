@@ -157,12 +157,16 @@ def full_width(threads: int, recipes: list[str]) -> None:
         for recipe in recipes:
             ours, theirs = tmp / "nemoq.gguf", tmp / "llama.gguf"
             a = nemoq_quantize(f16, ours, recipe)
-            b = llama_quantize(f16, theirs, LLAMA_FTYPES[recipe], threads)
-            sa, sb = read_gguf(ours), read_gguf(theirs)
-            print(f"{recipe:10s} nemoq {a:7.1f} s {sa.total_bytes / 1e9:6.2f} GB {sa.bits_per_weight:5.2f} bpw | "
-                  f"llama.cpp {b:7.1f} s {sb.total_bytes / 1e9:6.2f} GB {sb.bits_per_weight:5.2f} bpw | "
-                  f"speed {b / a:.2f}x llama.cpp's")
+            sa = read_gguf(ours)
+            line = f"{recipe:10s} nemoq {a:7.1f} s {sa.total_bytes / 1e9:6.2f} GB {sa.bits_per_weight:5.2f} bpw"
             ours.unlink()
+            if LLAMA_FTYPES.get(recipe) is None:   # llama_model_quantize cannot make it
+                print(f"{line} | llama.cpp cannot write {recipe}")
+                continue
+            b = llama_quantize(f16, theirs, LLAMA_FTYPES[recipe], threads)
+            sb = read_gguf(theirs)
+            print(f"{line} | llama.cpp {b:7.1f} s {sb.total_bytes / 1e9:6.2f} GB {sb.bits_per_weight:5.2f} bpw | "
+                  f"speed {b / a:.2f}x llama.cpp's")
             theirs.unlink()
 
 

@@ -37,13 +37,14 @@ class ScaleRule:
 # trained fixture ModelOpt's exact amax scale lowered the weights' squared error by 6% but
 # raised KLD by 8%; the power of two lowered both).
 # MXFP4: E8M0 block scales are powers of two, so only a scale's position inside an octave
-# changes the grid; 16 positions are tried per matrix (on sample rows) and the one with the
-# lowest weighted error kept (KLD 0.74x ggml's MXFP4 on the trained fixture, vs 0.94x without).
+# changes the grid; 8 positions are tried per matrix (on sample rows) and the one with the
+# lowest weighted error kept (KLD 0.75x ggml's MXFP4 on the trained fixture, vs 0.94x without;
+# 16 positions gave 0.74x for twice the search time).
 SCALE_RULES = {
     "nvfp4": ScaleRule(6.0 * 448.0, power_of_two=True),
-    "mxfp4": ScaleRule(6.0, factors=16),
+    "mxfp4": ScaleRule(6.0, factors=8),
 }
-SAMPLE_ROWS = 64
+SAMPLE_ROWS = 64   # 16 or 32 sample rows chose worse scales (KLD 0.83x / 0.77x)
 
 
 def takes_scale(spec, type_name: str) -> bool:
@@ -106,7 +107,7 @@ class ScaledEncoding:
             importance = self.importance[min(m, self.importance.shape[0] - 1)]
         scale = best_scale(self.base, self._pending, importance, self.rule)
         self.scales[m] = scale
-        out = self.base.quantize(self._pending / scale, importance)
+        out = self.base.quantize(np.divide(self._pending, scale, out=self._pending), importance)
         self._matrix, self._filled = m + 1, 0
         if self._matrix == self.n_matrices:
             self._pending = None
@@ -123,12 +124,13 @@ def best_scale(base: BlockEncoding, x: np.ndarray, importance: np.ndarray | None
         return start
     rows = x[:: max(1, x.shape[0] // SAMPLE_ROWS)]
     w = np.ones(x.shape[-1], np.float32) if importance is None else importance
-    errors = []
-    for k in range(rule.factors):
-        scale = np.float32(start * 2.0 ** (-k / rule.factors))
-        y = dequantize(base.name, base.quantize(rows / scale, importance)) * scale
-        errors.append(float((np.square(y - rows) * w).sum()))
-    return np.float32(start * 2.0 ** (-int(np.argmin(errors)) / rule.factors))
+    scales = (start * 2.0 ** (-np.arange(rule.factors) / rule.factors)).astype(np.float32)
+    # every candidate in one quantizer call: (factors * rows, n) rows
+    scaled = rows[None, :, :] / scales[:, None, None]
+    values = dequantize(base.name, base.quantize(scaled.reshape(-1, x.shape[-1]), importance))
+    diff = values.reshape(scaled.shape) * scales[:, None, None] - rows[None]
+    errors = np.einsum("fij,fij->fj", diff, diff) @ w
+    return scales[int(np.argmin(errors))]
 
 
 def dequantize(fmt: str, blocks: np.ndarray) -> np.ndarray:
