@@ -6,7 +6,7 @@
     y = experts.matvec(x, expert_ids, expert_weights)   # (T, H) float32, as kernels_c.moe.moe_matvec
 
 The library is cached per user like the C kernels (nemoq.kernels_c.build.cache_dir()), keyed by
-a hash of moe.cu, nvcc's version and the flags; it links the CUDA runtime statically, so it
+a hash of moe.cu (and the files it includes), nvcc's version and the flags; it links the CUDA runtime statically, so it
 loads (and reports "no GPU") on machines without a driver. `emulate_matvec` runs moe.cu's own
 decoding and per-lane arithmetic on the CPU, which tests the CUDA code where no GPU is present.
 """
@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +32,7 @@ from nemoq.kernels_c.moe import MOE_FORMATS, TYPE_IDS, Routing, route
 from nemoq.quant.moe_reference import expert_shapes
 
 SOURCE = Path(__file__).resolve().parent / "moe.cu"
+KERNELS_DIR = SOURCE.parent
 LIB_NAME = "libnemoq_moe_cuda.so"
 # compute_80 PTX rides along with the sm_80 binary, so newer GPUs (sm_90 and up) JIT it at load.
 # One architecture keeps the build under a minute; NEMOQ_CUDA_ARCH=sm_90 (say) builds for another.
@@ -60,6 +62,24 @@ def nvcc() -> str | None:
         if candidate and shutil.which(candidate):
             return shutil.which(candidate)
     return None
+
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
+
+
+def compiled_files(source: Path) -> tuple[Path, ...]:
+    """`source` and every file it #includes in quotes, transitively (found beside the including file,
+    else in nemoq/kernels_c): all that a build reads, so all of it goes into the build key."""
+    found: list[Path] = []
+    pending = [source]
+    while pending:
+        path = pending.pop()
+        if path in found:
+            continue
+        found.append(path)
+        for name in _LOCAL_INCLUDE.findall(path.read_text()):
+            pending += [d / name for d in (path.parent, KERNELS_DIR) if (d / name).is_file()][:1]
+    return tuple(found)
 
 
 def build_key(compiler: str, flags: list[str], sources: tuple[Path, ...] = (SOURCE,)) -> str:
@@ -98,11 +118,13 @@ _SIGNATURES = {
 def build_and_load(source: Path, lib_name: str, flags: list[str], signatures: dict,
                    includes: tuple[Path, ...] = ()) -> tuple[ctypes.CDLL | None, str, Path | None]:
     """`source` compiled with nvcc into the per-user cache (once per sources, nvcc and flags) and
-    loaded: (library, "built", path), or (None, why not, None). `includes`: files it #includes."""
+    loaded: (library, "built", path), or (None, why not, None). The build key hashes `source`, the
+    files it #includes (compiled_files) and `includes`: any other file the build depends on."""
     compiler = nvcc()
     if compiler is None:
         return None, "nvcc not found (set NVCC or put it on PATH)", None
-    target = cache_dir() / f"cuda-{build_key(compiler, flags, (source, *includes))}" / lib_name
+    files = tuple(dict.fromkeys((*compiled_files(source), *includes)))
+    target = cache_dir() / f"cuda-{build_key(compiler, flags, files)}" / lib_name
     try:
         if not target.exists():
             _compile(compiler, flags, target, source)

@@ -23,7 +23,6 @@ import numpy as np
 from nemoq.kernels_c.cuda import NVCC_FLAGS, build_and_load
 
 SOURCE = Path(__file__).resolve().parent / "quants.cu"
-HEADERS = tuple(SOURCE.parent / name for name in ("quants_common.cuh", "quants_k.cuh"))   # part of the build key
 LIB_NAME = "libnemoq_quant_cuda.so"
 # No fused multiply-adds on the device, none contracted on the host (the emulation's compiler).
 FLAGS = [*NVCC_FLAGS, "-fmad=false", "-Xcompiler", "-ffp-contract=off"]
@@ -62,7 +61,7 @@ class QuantizerStatus:
 
 @lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str, Path | None]:
-    return build_and_load(SOURCE, LIB_NAME, FLAGS, _SIGNATURES, includes=HEADERS)
+    return build_and_load(SOURCE, LIB_NAME, FLAGS, _SIGNATURES)
 
 
 def library() -> ctypes.CDLL | None:

@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "scalar_common.h"
+
 #if defined(__AVX2__) && !defined(NEMOQ_MOE_PORTABLE)
 #include <immintrin.h>
 #define MOE_AVX2 1
@@ -39,27 +41,16 @@ enum {  /* ggml type ids (gguf-py GGMLQuantizationType) */
 #define MAX_VECS 4   /* vectors dotted with one decoded block at a time */
 #define MAX_BLOCK 256
 
-/* ---- scalars stored in the blocks ---- */
+/* ---- scalars stored in the blocks (the rest: scalar_common.h) ---- */
 
-static inline float bits_to_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-
-/* IEEE half: shift into a float's exponent and mantissa, then 2^112 rebiases normals and
- * subnormals alike (exactly); inf and nan keep an all-ones exponent. */
+/* A block's half scale: F16C where the CPU has it, else the shared branch-free decode (the same
+ * value). */
 static inline float half_to_float(const uint8_t * p) {
-    const uint32_t h = (uint32_t)p[0] | (uint32_t)p[1] << 8;
 #if MOE_AVX2 && defined(__F16C__)
-    return _cvtsh_ss((unsigned short)h);
+    return _cvtsh_ss((unsigned short)((uint32_t)p[0] | (uint32_t)p[1] << 8));
 #else
-    const uint32_t em = h & 0x7fffu;
-    float f = bits_to_float(em << 13) * 0x1p112f;
-    if (em >= 0x7c00u) f = bits_to_float(0x7f800000u | em << 13);
-    return (h & 0x8000u) ? -f : f;
+    return get_f16_rebias(p);
 #endif
-}
-
-/* Half the E8M0 scale, 2^(e - 128), as ggml_e8m0_to_fp32_half (denormal for e < 2). */
-static inline float e8m0_half(uint8_t e) {
-    return bits_to_float(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23);
 }
 
 /* Four UE4M3 scales, halved (for the doubled E2M1 table, as ggml), as
@@ -77,11 +68,7 @@ static inline void ue4m3_half_x4(const uint8_t * codes, float * d) {
     const __m128 v = _mm_blendv_ps(normal, sub, _mm_castsi128_ps(is_sub));
     _mm_storeu_ps(d, _mm_andnot_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(c, _mm_set1_epi32(0x7f))), v));
 #else
-    for (int g = 0; g < 4; g++) {
-        const uint32_t exp = (codes[g] >> 3) & 0xfu, man = codes[g] & 7u;
-        d[g] = codes[g] == 0x7f ? 0.0f
-             : exp == 0 ? (float)man * 0x1p-10f : bits_to_float((exp + 119u) << 23 | man << 20);
-    }
+    for (int g = 0; g < 4; g++) d[g] = ue4m3_half(codes[g]);
 #endif
 }
 

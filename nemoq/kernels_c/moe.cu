@@ -21,6 +21,9 @@
 #include <cstring>
 #include <vector>
 
+#include "cuda_host.cuh"
+#include "scalar_common.h"
+
 namespace {
 
 enum : int {  // ggml type ids (gguf-py GGMLQuantizationType)
@@ -48,17 +51,7 @@ __host__ __device__ inline int64_t row_bytes(int64_t n) { return n / Block<T>::s
 // Calls f.template operator()<T>() for the format with ggml type id `type`; false if unknown.
 template <typename F>
 bool with_format(int type, F && f) {
-    switch (type) {
-        case Q8_0: f.template operator()<Q8_0>(); return true;
-        case Q5_0: f.template operator()<Q5_0>(); return true;
-        case IQ4_NL: f.template operator()<IQ4_NL>(); return true;
-        case MXFP4: f.template operator()<MXFP4>(); return true;
-        case NVFP4: f.template operator()<NVFP4>(); return true;
-        case Q4_K: f.template operator()<Q4_K>(); return true;
-        case Q5_K: f.template operator()<Q5_K>(); return true;
-        case Q6_K: f.template operator()<Q6_K>(); return true;
-        default: return false;
-    }
+    return with_type<Q8_0, Q5_0, IQ4_NL, MXFP4, NVFP4, Q4_K, Q5_K, Q6_K>(type, f);
 }
 
 int block_size(int type) {
@@ -67,35 +60,7 @@ int block_size(int type) {
     return size;
 }
 
-// ---- scalars stored in the blocks ----
-
-__host__ __device__ inline float as_float(uint32_t u) {
-#ifdef __CUDA_ARCH__
-    return __uint_as_float(u);
-#else
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-#endif
-}
-
-__host__ __device__ inline float half_to_float(const uint8_t * p) {
-    const uint32_t h = (uint32_t)p[0] | (uint32_t)p[1] << 8;
-    const uint32_t em = h & 0x7fffu;
-    float f = as_float(em << 13) * 5.192296858534828e33f;  // 2^112 rebiases normals and subnormals
-    if (em >= 0x7c00u) f = as_float(0x7f800000u | em << 13);
-    return (h & 0x8000u) ? -f : f;
-}
-
-__host__ __device__ inline float e8m0_half(uint8_t e) {  // 2^(e - 128), as ggml_e8m0_to_fp32_half
-    return as_float(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23);
-}
-
-__host__ __device__ inline float ue4m3_half(uint8_t code) {  // half the UE4M3 scale, as nvfp4.py
-    const uint32_t exp = (code >> 3) & 0xfu, man = code & 7u;
-    if (code == 0x7f) return 0.0f;
-    return exp == 0 ? (float)man * 0.0009765625f : as_float((exp + 119u) << 23 | man << 20);
-}
+// ---- scalars stored in the blocks (the rest: scalar_common.h, shared with the C kernels) ----
 
 __host__ __device__ inline float e2m1_x2(int nibble) {  // ggml's kvalues_mxfp4
     const int m = nibble & 7;
@@ -118,11 +83,11 @@ template <int T>
 __host__ __device__ inline void decode_chunk(const uint8_t * row, int64_t c, float * v) {
     if constexpr (T == Q8_0) {
         const uint8_t * b = row + c * Block<T>::bytes;
-        const float d = half_to_float(b);
+        const float d = get_f16_rebias(b);
         for (int j = 0; j < 32; j++) v[j] = d * (float)(int8_t)b[2 + j];
     } else if constexpr (T == Q5_0) {
         const uint8_t * b = row + c * Block<T>::bytes;
-        const float d = half_to_float(b);
+        const float d = get_f16_rebias(b);
         const uint32_t qh = (uint32_t)b[2] | (uint32_t)b[3] << 8 | (uint32_t)b[4] << 16 | (uint32_t)b[5] << 24;
         for (int j = 0; j < 16; j++) {
             v[j] = d * (float)((int)((b[6 + j] & 15) | ((qh >> j) & 1) << 4) - 16);
@@ -130,7 +95,7 @@ __host__ __device__ inline void decode_chunk(const uint8_t * row, int64_t c, flo
         }
     } else if constexpr (T == IQ4_NL) {
         const uint8_t * b = row + c * Block<T>::bytes;
-        const float d = half_to_float(b);
+        const float d = get_f16_rebias(b);
         for (int j = 0; j < 16; j++) {
             v[j] = d * iq4nl(b[2 + j] & 15);
             v[j + 16] = d * iq4nl(b[2 + j] >> 4);
@@ -159,7 +124,7 @@ __host__ __device__ inline void decode_chunk(const uint8_t * row, int64_t c, flo
         const uint8_t * s = b + 4;
         const int sc = g < 4 ? s[g] & 63 : (s[g + 4] & 15) | (s[g - 4] >> 6) << 4;
         const int m = g < 4 ? s[g + 4] & 63 : (s[g + 4] >> 4) | (s[g] >> 6) << 4;
-        const float dd = half_to_float(b) * (float)sc, dm = half_to_float(b + 2) * (float)m;
+        const float dd = get_f16_rebias(b) * (float)sc, dm = get_f16_rebias(b + 2) * (float)m;
         const uint8_t * qs = b + (T == Q4_K ? 16 : 48) + 32 * (g / 2);
         for (int l = 0; l < 32; l++) {
             int q = (qs[l] >> (4 * (g % 2))) & 15;
@@ -172,7 +137,7 @@ __host__ __device__ inline void decode_chunk(const uint8_t * row, int64_t c, flo
         const int h = (int)(c % 8) / 4, k = (int)(c % 4);
         const uint8_t * lo = b + 64 * h + 32 * (k % 2);
         const uint8_t * qh = b + 128 + 32 * h;
-        const float d = half_to_float(b + 208);
+        const float d = get_f16_rebias(b + 208);
         for (int l = 0; l < 32; l++) {
             const int q = (((lo[l] >> (4 * (k / 2))) & 15) | ((qh[l] >> (2 * k)) & 3) << 4) - 32;
             v[l] = d * (float)(int8_t)b[192 + 8 * h + 2 * k + l / 16] * (float)q;
@@ -294,16 +259,86 @@ void rows_emulated(const uint8_t * stack, int64_t rows, int64_t n, const float *
     }
 }
 
-// ---- device memory ----
+// ---- the GPU run: the host arrays on the device, then the three kernels ----
 
-void set_error(char * err, int errlen, const char * what, cudaError_t e) {
-    if (err && errlen > 0) std::snprintf(err, (size_t)errlen, "%s: %s", what, cudaGetErrorString(e));
+// Both formats known, each block dividing the rows it is read from.
+bool formats_fit(int up_type, int down_type, int64_t hidden, int64_t n_ff) {
+    const int up_block = block_size(up_type), down_block = block_size(down_type);
+    return up_block && down_block && hidden % up_block == 0 && n_ff % down_block == 0;
 }
 
-struct DeviceBuffer {  // freed when it goes out of scope
-    void * p = nullptr;
-    ~DeviceBuffer() { if (p) cudaFree(p); }
+struct HostCall {  // one call's shapes and host arrays, as nemoq_moe_cuda_matvec takes them
+    int64_t n_experts, n_ff, hidden, n_tokens, n_groups, n_slots;
+    const float * x;
+    const int32_t * group_expert;
+    const int64_t * group_start;
+    const int32_t * slot_token;
+    const float * slot_weight;
+    const int64_t * token_start;
+    const int32_t * token_slot;
+    const float * up_scale;    // (E,) or null
+    const float * down_scale;  // (E,) or null
 };
+
+struct DeviceCall {  // the same arrays on the device, and the intermediate and final results
+    DeviceBuffer x, group_expert, group_start, slot_token, slot_weight, token_start, token_slot, up_scale, down_scale;
+    DeviceBuffer h, part, out;
+};
+
+// Copies c's arrays into d and allocates d's results; false, with a message in err, on failure.
+bool to_device(const HostCall & c, DeviceCall & d, char * err, int errlen) {
+    struct Copy { DeviceBuffer * dst; const void * src; size_t bytes; };
+    const Copy copies[] = {
+        {&d.x, c.x, sizeof(float) * (size_t)(c.n_tokens * c.hidden)},
+        {&d.group_expert, c.group_expert, sizeof(int32_t) * (size_t)c.n_groups},
+        {&d.group_start, c.group_start, sizeof(int64_t) * (size_t)(c.n_groups + 1)},
+        {&d.slot_token, c.slot_token, sizeof(int32_t) * (size_t)c.n_slots},
+        {&d.slot_weight, c.slot_weight, sizeof(float) * (size_t)c.n_slots},
+        {&d.token_start, c.token_start, sizeof(int64_t) * (size_t)(c.n_tokens + 1)},
+        {&d.token_slot, c.token_slot, sizeof(int32_t) * (size_t)c.n_slots},
+        {&d.up_scale, c.up_scale, c.up_scale ? sizeof(float) * (size_t)c.n_experts : 0},
+        {&d.down_scale, c.down_scale, c.down_scale ? sizeof(float) * (size_t)c.n_experts : 0},
+    };
+    cudaError_t e = cudaSuccess;
+    for (const Copy & copy : copies) {
+        if (!copy.bytes) continue;
+        if ((e = cudaMalloc(&copy.dst->p, copy.bytes)) != cudaSuccess ||
+            (e = cudaMemcpy(copy.dst->p, copy.src, copy.bytes, cudaMemcpyHostToDevice)) != cudaSuccess) {
+            set_error(err, errlen, "copy to device", e);
+            return false;
+        }
+    }
+    if ((e = cudaMalloc(&d.h.p, sizeof(float) * (size_t)(c.n_slots * c.n_ff) + 1)) != cudaSuccess ||
+        (e = cudaMalloc(&d.part.p, sizeof(float) * (size_t)(c.n_slots * c.hidden) + 1)) != cudaSuccess ||
+        (e = cudaMalloc(&d.out.p, sizeof(float) * (size_t)(c.n_tokens * c.hidden))) != cudaSuccess) {
+        set_error(err, errlen, "cudaMalloc", e);
+        return false;
+    }
+    return true;
+}
+
+// up, down and gather into d.out, queued on the default stream; up / down: the stacks on the device.
+void launch(const HostCall & c, const DeviceCall & d, const void * up, int up_type, const void * down, int down_type) {
+    const Groups g{(const int32_t *)d.group_expert.p, (const int64_t *)d.group_start.p, (const int32_t *)d.slot_token.p,
+                   (const float *)d.slot_weight.p};
+    if (c.n_groups > 0) {
+        const dim3 block(WARP * WARPS_PER_BLOCK);
+        with_format(up_type, [&]<int T>() {
+            const dim3 grid((unsigned)((c.n_ff + WARPS_PER_BLOCK - 1) / WARPS_PER_BLOCK), (unsigned)c.n_groups);
+            rows_kernel<T, false><<<grid, block>>>((const uint8_t *)up, c.n_ff, c.hidden, (const float *)d.x.p, g,
+                                                   (const float *)d.up_scale.p, (float *)d.h.p);
+        });
+        with_format(down_type, [&]<int T>() {
+            const dim3 grid((unsigned)((c.hidden + WARPS_PER_BLOCK - 1) / WARPS_PER_BLOCK), (unsigned)c.n_groups);
+            rows_kernel<T, true><<<grid, block>>>((const uint8_t *)down, c.hidden, c.n_ff, (const float *)d.h.p, g,
+                                                  (const float *)d.down_scale.p, (float *)d.part.p);
+        });
+    }
+    const int64_t n_out = c.n_tokens * c.hidden;
+    gather_kernel<<<(unsigned)((n_out + 255) / 256), 256>>>((const float *)d.part.p, c.hidden, c.n_tokens,
+                                                             (const int64_t *)d.token_start.p,
+                                                             (const int32_t *)d.token_slot.p, (float *)d.out.p);
+}
 
 }  // namespace
 
@@ -314,15 +349,7 @@ extern "C" {
 int nemoq_moe_cuda_supports(int type) { return block_size(type) > 0; }
 
 // Number of usable GPUs; 0 with the reason in err when there is none (or no driver).
-int nemoq_moe_cuda_device_count(char * err, int errlen) {
-    int n = 0;
-    const cudaError_t e = cudaGetDeviceCount(&n);
-    if (e != cudaSuccess) {
-        set_error(err, errlen, "cudaGetDeviceCount", e);
-        return 0;
-    }
-    return n;
-}
+int nemoq_moe_cuda_device_count(char * err, int errlen) { return device_count(err, errlen); }
 
 // Copies `bytes` bytes to a new device allocation; NULL (and err) on failure.
 void * nemoq_moe_cuda_upload(const void * host, int64_t bytes, char * err, int errlen) {
@@ -349,8 +376,7 @@ int nemoq_moe_cuda_matvec(const void * up, int up_type, const void * down, int d
                           const int64_t * token_start, const int32_t * token_slot,
                           const float * up_scale, const float * down_scale, float * out,
                           int emulate, char * err, int errlen) {
-    const int up_block = block_size(up_type), down_block = block_size(down_type);
-    if (!up_block || !down_block || hidden % up_block || n_ff % down_block) {
+    if (!formats_fit(up_type, down_type, hidden, n_ff)) {
         if (err && errlen > 0) std::snprintf(err, (size_t)errlen, "unsupported formats %d / %d for widths %lld / %lld",
                                              up_type, down_type, (long long)hidden, (long long)n_ff);
         return -1;
@@ -373,56 +399,15 @@ int nemoq_moe_cuda_matvec(const void * up, int up_type, const void * down, int d
         return 0;
     }
 
-    // Device copies of the small arrays, and the two intermediate buffers.
-    DeviceBuffer d_x, d_ge, d_gs, d_st, d_sw, d_ts, d_tsl, d_us, d_ds, d_h, d_part, d_out;
-    struct Copy { DeviceBuffer * dst; const void * src; size_t bytes; };
-    const Copy copies[] = {
-        {&d_x, x, sizeof(float) * (size_t)(n_tokens * hidden)},
-        {&d_ge, group_expert, sizeof(int32_t) * (size_t)n_groups},
-        {&d_gs, group_start, sizeof(int64_t) * (size_t)(n_groups + 1)},
-        {&d_st, slot_token, sizeof(int32_t) * (size_t)n_slots},
-        {&d_sw, slot_weight, sizeof(float) * (size_t)n_slots},
-        {&d_ts, token_start, sizeof(int64_t) * (size_t)(n_tokens + 1)},
-        {&d_tsl, token_slot, sizeof(int32_t) * (size_t)n_slots},
-        {&d_us, up_scale, up_scale ? sizeof(float) * (size_t)n_experts : 0},
-        {&d_ds, down_scale, down_scale ? sizeof(float) * (size_t)n_experts : 0},
-    };
-    cudaError_t e = cudaSuccess;
-    for (const Copy & c : copies) {
-        if (!c.bytes) continue;
-        if ((e = cudaMalloc(&c.dst->p, c.bytes)) != cudaSuccess ||
-            (e = cudaMemcpy(c.dst->p, c.src, c.bytes, cudaMemcpyHostToDevice)) != cudaSuccess) {
-            set_error(err, errlen, "copy to device", e);
-            return -1;
-        }
-    }
-    const size_t out_bytes = sizeof(float) * (size_t)(n_tokens * hidden);
-    if ((e = cudaMalloc(&d_h.p, sizeof(float) * (size_t)(n_slots * n_ff) + 1)) != cudaSuccess ||
-        (e = cudaMalloc(&d_part.p, sizeof(float) * (size_t)(n_slots * hidden) + 1)) != cudaSuccess ||
-        (e = cudaMalloc(&d_out.p, out_bytes)) != cudaSuccess) {
-        set_error(err, errlen, "cudaMalloc", e);
-        return -1;
-    }
-    const Groups g{(const int32_t *)d_ge.p, (const int64_t *)d_gs.p, (const int32_t *)d_st.p, (const float *)d_sw.p};
-    if (n_groups > 0) {
-        const dim3 block(WARP * WARPS_PER_BLOCK);
-        with_format(up_type, [&]<int T>() {
-            const dim3 grid((unsigned)((n_ff + WARPS_PER_BLOCK - 1) / WARPS_PER_BLOCK), (unsigned)n_groups);
-            rows_kernel<T, false><<<grid, block>>>((const uint8_t *)up, n_ff, hidden, (const float *)d_x.p, g,
-                                                   (const float *)d_us.p, (float *)d_h.p);
-        });
-        with_format(down_type, [&]<int T>() {
-            const dim3 grid((unsigned)((hidden + WARPS_PER_BLOCK - 1) / WARPS_PER_BLOCK), (unsigned)n_groups);
-            rows_kernel<T, true><<<grid, block>>>((const uint8_t *)down, hidden, n_ff, (const float *)d_h.p, g,
-                                                  (const float *)d_ds.p, (float *)d_part.p);
-        });
-    }
-    const int64_t n_out = n_tokens * hidden;
-    gather_kernel<<<(unsigned)((n_out + 255) / 256), 256>>>((const float *)d_part.p, hidden, n_tokens,
-                                                             (const int64_t *)d_ts.p, (const int32_t *)d_tsl.p,
-                                                             (float *)d_out.p);
+    const HostCall c{n_experts, n_ff, hidden, n_tokens, n_groups, n_slots, x, group_expert, group_start,
+                     slot_token, slot_weight, token_start, token_slot, up_scale, down_scale};
+    DeviceCall d;
+    if (!to_device(c, d, err, errlen)) return -1;
+    launch(c, d, up, up_type, down, down_type);
+    cudaError_t e;
     if ((e = cudaGetLastError()) != cudaSuccess || (e = cudaDeviceSynchronize()) != cudaSuccess ||
-        (e = cudaMemcpy(out, d_out.p, out_bytes, cudaMemcpyDeviceToHost)) != cudaSuccess) {
+        (e = cudaMemcpy(out, d.out.p, sizeof(float) * (size_t)(n_tokens * hidden), cudaMemcpyDeviceToHost)) !=
+            cudaSuccess) {
         set_error(err, errlen, "kernel", e);
         return -1;
     }

@@ -13,6 +13,7 @@
 // same source on the CPU, so tests compare it with the C kernels where no GPU is present.
 #include <cstdio>
 
+#include "cuda_host.cuh"
 #include "quants_common.cuh"
 #include "quants_k.cuh"
 
@@ -20,13 +21,7 @@ namespace {
 
 template <typename F>
 bool with_format(int type, F && f) {
-    switch (type) {
-        case Q8_0: f.template operator()<Q8_0>(); return true;
-        case NVFP4: f.template operator()<NVFP4>(); return true;
-        case Q4_K: f.template operator()<Q4_K>(); return true;
-        case Q5_K: f.template operator()<Q5_K>(); return true;
-        default: return false;
-    }
+    return with_type<Q8_0, NVFP4, Q4_K, Q5_K>(type, f);
 }
 
 // ---- Q8_0 (ggml's quantize_row_q8_0_ref; importance ignored, as ggml) ----
@@ -40,28 +35,7 @@ HD void quantize_unit_q8_0(const float * x, Weights, uint8_t * o) {
     for (int j = 0; j < 32; j++) o[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);  // ties away, as ggml
 }
 
-// ---- NVFP4 (nvfp4.py): one group of 16 E2M1 values with a UE4M3 scale ----
-
-HD float ue4m3(int code) {  // nvfp4.UE4M3: 0 and 0x7F mean zero
-    const uint32_t exp = (code >> 3) & 0xF, man = code & 7;
-    if (code == 0 || code == 0x7F) return 0.0f;
-    return exp == 0 ? (float)man * 0.001953125f : as_float((exp + 120u) << 23 | man << 20);
-}
-
-HD int fp32_to_ue4m3(float x) {  // round to nearest on 3 mantissa bits, saturating to 0x7E
-    if (!(x > 0.0f)) return 0;
-    x = np_minf(x, 448.0f);
-    const uint32_t bits = as_bits(x);
-    const int exp = (int)((bits >> 23) & 0xFF) - 127 + 7;
-    int man = (int)(((bits >> 20) & 7) + ((bits >> 19) & 1));
-    if (exp <= 0) {
-        const int64_t sub = (int64_t)(x * 512.0f + 0.5f);
-        return sub < 0 ? 0 : (sub > 7 ? 7 : (int)sub);
-    }
-    int rexp = exp;
-    if (man > 7) { rexp = exp + 1; man = 0; }
-    return rexp >= 15 ? 0x7E : (rexp << 3) | man;
-}
+// ---- NVFP4 (nvfp4.py): one group of 16 E2M1 values with a UE4M3 scale (scalar_common.h) ----
 
 // mxfp4.E2M1_GRID with ties down: the index of the nearest magnitude is #mids < ceil(4 v).
 HD int e2m1_index(float v) {
@@ -141,23 +115,6 @@ __global__ void quantize_kernel(const float * x, uint8_t * out, int64_t n, const
     if (u < units) quantize_unit<T>(x, out, n, importance, u);
 }
 
-void set_error(char * err, int errlen, const char * what, cudaError_t e) {
-    if (err && errlen > 0) std::snprintf(err, (size_t)errlen, "%s: %s", what, cudaGetErrorString(e));
-}
-
-struct DeviceBuffer {  // freed when it goes out of scope
-    void * p = nullptr;
-    ~DeviceBuffer() { if (p) cudaFree(p); }
-};
-
-struct Events {  // a timed kernel launch
-    cudaEvent_t start = nullptr, stop = nullptr;
-    ~Events() {
-        if (start) cudaEventDestroy(start);
-        if (stop) cudaEventDestroy(stop);
-    }
-};
-
 }  // namespace
 
 // ---- the C interface (ctypes); 0 on success, else -1 with a message in err ----
@@ -170,15 +127,7 @@ int nemoq_quant_cuda_supports(int type) {
     return values > 0;
 }
 
-int nemoq_quant_cuda_device_count(char * err, int errlen) {
-    int n = 0;
-    const cudaError_t e = cudaGetDeviceCount(&n);
-    if (e != cudaSuccess) {
-        set_error(err, errlen, "cudaGetDeviceCount", e);
-        return 0;
-    }
-    return n;
-}
+int nemoq_quant_cuda_device_count(char * err, int errlen) { return device_count(err, errlen); }
 
 // out (nrows, n / block * bytes) = the rows of x (nrows, n) quantized to ggml type `type`;
 // importance: n weights or NULL. All pointers are host memory. emulate: run the same per-unit
@@ -215,8 +164,8 @@ int nemoq_quant_cuda_rows(int type, const float * x, uint8_t * out, int64_t nrow
         set_error(err, errlen, "copy to device", e);
         return -1;
     }
-    Events ev;
-    if ((e = cudaEventCreate(&ev.start)) != cudaSuccess || (e = cudaEventCreate(&ev.stop)) != cudaSuccess) {
+    Timer ev;
+    if ((e = ev.create()) != cudaSuccess) {
         set_error(err, errlen, "cudaEventCreate", e);
         return -1;
     }

@@ -38,10 +38,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "scalar_common.h"   /* half floats, FP4 scales, np_minf / np_maxf / divf */
+
 #define QK8_0 32
 #define QK4_0 32
 #define QK_K 256
-#define GROUP_MAX_EPS 1e-15f
 
 /* weights of 1: the error measure without importance */
 #define ONES8 1, 1, 1, 1, 1, 1, 1, 1
@@ -50,34 +51,8 @@ static const float ONES[256] = {ONES64, ONES64, ONES64, ONES64};
 
 
 /* ---------------------------------------------------------------------------------------------
- * Half precision and small helpers
+ * Small helpers (half floats and the other scalars shared with the CUDA kernels: scalar_common.h)
  * ------------------------------------------------------------------------------------------- */
-
-/* IEEE half <-> float, round to nearest even (what numpy's astype(float16) does). */
-static inline uint16_t fp32_to_fp16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    const uint32_t sign = (x >> 16) & 0x8000u;
-    uint32_t mant = x & 0x7fffffu;
-    int32_t exp = (int32_t)((x >> 23) & 0xff);
-    if (exp == 0xff) return (uint16_t)(sign | 0x7c00u | (mant ? 0x200u : 0));
-    exp -= 127 - 15;
-    if (exp >= 0x1f) return (uint16_t)(sign | 0x7c00u);
-    if (exp <= 0) {
-        if (exp < -10) return (uint16_t)sign;
-        mant |= 0x800000u;
-        const uint32_t shift = (uint32_t)(14 - exp);
-        uint32_t half = mant >> shift;
-        const uint32_t rem = mant & ((1u << shift) - 1);
-        const uint32_t mid = 1u << (shift - 1);
-        if (rem > mid || (rem == mid && (half & 1))) half++;
-        return (uint16_t)(sign | half);
-    }
-    uint32_t half = ((uint32_t)exp << 10) | (mant >> 13);
-    const uint32_t rem = mant & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (half & 1))) half++;
-    return (uint16_t)(sign | half);
-}
 
 /* IEEE double -> half in one rounding (numpy's float64.astype(float16); not via float32). */
 static inline uint16_t fp64_to_fp16(double f) {
@@ -105,42 +80,11 @@ static inline uint16_t fp64_to_fp16(double f) {
     return (uint16_t)(sign | half);
 }
 
-static inline float fp16_to_fp32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ffu, x;
-    if (exp == 0x1f) x = sign | 0x7f800000u | (mant << 13);
-    else if (exp) x = sign | ((exp + 112) << 23) | (mant << 13);
-    else if (!mant) x = sign;
-    else {  /* subnormal half: normalise */
-        exp = 113;
-        while (!(mant & 0x400u)) { mant <<= 1; exp--; }
-        x = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
-    }
-    float f;
-    memcpy(&f, &x, 4);
-    return f;
-}
-
-static inline float f16_round(float f) { return fp16_to_fp32(fp32_to_fp16(f)); }
-
-static inline void put_f16(uint8_t * p, float f) {
-    const uint16_t h = fp32_to_fp16(f);
-    p[0] = (uint8_t)(h & 0xff);
-    p[1] = (uint8_t)(h >> 8);
-}
-
-static inline float get_f16(const uint8_t * p) { return fp16_to_fp32((uint16_t)(p[0] | (p[1] << 8))); }
-
 /* C's roundf: ties away from zero, as ggml. */
 static inline float round_half_away(float x) { return roundf(x); }
 
-/* np.minimum / np.maximum: NaN propagates, and on equality the second operand comes back. */
-static inline float np_minf(float a, float b) { return (a < b || a != a) ? a : b; }
-static inline float np_maxf(float a, float b) { return (a > b || a != a) ? a : b; }
+/* np.clip: np.minimum(np.maximum(v, lo), hi) */
 static inline float clipf(float v, float lo, float hi) { return np_minf(np_maxf(v, lo), hi); }
-
-/* search.divide: a / b where b != 0, else 0 (float32 operands). */
-static inline float divf(float a, float b) { return b != 0.0f ? a / b : 0.0f; }
 
 /* search.signed_absmax of a float or double array: the value of largest magnitude, with its
  * sign (first on ties). */

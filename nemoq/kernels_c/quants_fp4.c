@@ -62,14 +62,6 @@ static void v_e2m1_encode(int n, const vf * x, vf scale, vf * nib) {
  * MXFP4 (mxfp4.py): 32 E2M1 values and an E8M0 exponent
  * ------------------------------------------------------------------------------------------- */
 
-/* e8m0_half: 2^(e - 128) from bits, as ggml_e8m0_to_fp32_half. */
-static inline float e8m0_half(uint8_t e) {
-    const uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 void nemoq_quantize_mxfp4(const float * x, uint8_t * out, int64_t nrows, int64_t n_per_row,
                           const float * importance) {
     static const int steps[4] = {0, -2, -1, 1};   /* exponents tried, relative to ggml's */
@@ -117,30 +109,6 @@ DEQUANT_ROWS(mxfp4, 32, 17, dequant_block_mxfp4)
  * consecutive groups of a row.
  * ------------------------------------------------------------------------------------------- */
 
-/* The scale of a UE4M3 code, as nvfp4.UE4M3 (0 and 0x7F mean zero). */
-static inline float ue4m3(uint8_t code) {
-    const int exp = (code >> 3) & 0xF, man = code & 7;
-    if (code == 0 || code == 0x7F) return 0.0f;
-    return exp == 0 ? ldexpf((float)man, -9) : ldexpf(1.0f + (float)man / 8.0f, exp - 7);
-}
-
-/* fp32_to_ue4m3: round to nearest on 3 mantissa bits, saturating to 0x7E. */
-static int fp32_to_ue4m3(float x) {
-    if (!(x > 0.0f)) return 0;
-    x = np_minf(x, 448.0f);
-    uint32_t bits;
-    memcpy(&bits, &x, 4);
-    const int exp = (int)((bits >> 23) & 0xFF) - 127 + 7;
-    int man = (int)(((bits >> 20) & 7) + ((bits >> 19) & 1));
-    if (exp <= 0) {
-        const int64_t sub = (int64_t)(x * 512.0f + 0.5f);
-        return sub < 0 ? 0 : (sub > 7 ? 7 : (int)sub);
-    }
-    int rexp = exp;
-    if (man > 7) { rexp = exp + 1; man = 0; }
-    return rexp >= 15 ? 0x7E : (rexp << 3) | man;
-}
-
 void nemoq_quantize_nvfp4(const float * x, uint8_t * out, int64_t nrows, int64_t n_per_row,
                           const float * importance) {
     static const int steps[10] = {0, -8, -7, -6, -5, -4, -3, -2, -1, 1};   /* codes tried, relative to ggml's */
@@ -182,7 +150,7 @@ void nemoq_quantize_nvfp4(const float * x, uint8_t * out, int64_t nrows, int64_t
 
 static void dequant_block_nvfp4(const uint8_t * b, float * y) {
     for (int g = 0; g < 4; g++) {
-        const float d = ue4m3(b[g]) / 2.0f;
+        const float d = ue4m3_half(b[g]);
         for (int j = 0; j < 8; j++) {
             y[16 * g + j] = d * KVALUES_FP4[b[4 + 8 * g + j] & 0x0F];
             y[16 * g + j + 8] = d * KVALUES_FP4[b[4 + 8 * g + j] >> 4];

@@ -2,13 +2,12 @@
 // (quants_k.c) per-lane arithmetic as scalar code, group after group.
 #pragma once
 
+#include "qp_quants.h"
 #include "quants_common.cuh"
 
 namespace {
 
 // ---- Q4_K and Q5_K (q4_k.py, q5_k.py): 8 groups of 32 levels in [0, nmax], 6-bit scales ----
-
-constexpr float GROUP_MAX_EPS = 1e-15f;
 
 // make_qkx_quants for one group of 32: x ~ scale * L - min, L in [0, nmax]; returns the scale,
 // writes -min (the stored min) and L.
@@ -59,64 +58,6 @@ HD float make_qkx_quants(int nmax, float rmin, float rdelta, int nstep, const fl
     if (flat) for (int i = 0; i < 32; i++) L[i] = 0.0f;
     *the_min = -mn;
     return flat ? 0.0f : scale;
-}
-
-// make_qp_quants: the 8 group scales (or mins) as levels in [0, nmax] times one scale.
-HD float make_qp_quants(const float * x, const float * w, int n, int nmax, float * L) {
-    float max = x[0];
-    for (int i = 1; i < n; i++) max = np_maxf(max, x[i]);
-    const bool zero = max < GROUP_MAX_EPS;
-    if (zero) max = 1.0f;
-    const float fnmax = (float)nmax;
-    float iscale = fnmax / max, best = 0.0f;
-    {
-        const float scale = 1.0f / iscale;
-        for (int i = 0; i < n; i++) {
-            const float diff = x[i] - scale * rintf(iscale * x[i]);
-            best += (w[i] * diff) * diff;
-        }
-    }
-    for (int step = -4; step <= 4; step++) {
-        if (step == 0) continue;
-        const float is = (0.1f * (float)step + fnmax) / max;
-        const float scale = 1.0f / is;
-        float err = 0.0f;
-        for (int i = 0; i < n; i++) {
-            const float diff = x[i] - scale * np_minf(fnmax, rintf(is * x[i]));
-            err += (w[i] * diff) * diff;
-        }
-        if (err < best) {
-            best = err;
-            iscale = is;
-        }
-    }
-    float sumlx = 0.0f, suml2 = 0.0f;
-    for (int i = 0; i < n; i++) L[i] = np_minf(fnmax, rintf(iscale * x[i]));
-    for (int i = 0; i < n; i++) sumlx += (w[i] * x[i]) * L[i];
-    for (int i = 0; i < n; i++) suml2 += (w[i] * L[i]) * L[i];
-    for (int pass = 0; pass < 5; pass++) {
-        bool changed = false;
-        for (int i = 0; i < n; i++) {
-            const float wi = w[i], xi = x[i], li = L[i];
-            const float slx_rest = sumlx - (wi * xi) * li;
-            const float sl2_rest = suml2 - (wi * li) * li;
-            const float new_l = np_minf(fnmax, rintf((xi * sl2_rest) / slx_rest));
-            const float slx = slx_rest + (wi * xi) * new_l;
-            const float sl2 = sl2_rest + (wi * new_l) * new_l;
-            if (slx_rest > 0.0f && sl2_rest > 0.0f && new_l != li && (slx * slx) * suml2 > (sumlx * sumlx) * sl2) {
-                L[i] = new_l;
-                sumlx = slx;
-                suml2 = sl2;
-                changed = true;
-            }
-        }
-        if (!changed) break;
-    }
-    if (zero) {
-        for (int i = 0; i < n; i++) L[i] = 0.0f;
-        return 0.0f;
-    }
-    return divf(sumlx, suml2);
 }
 
 struct KQuant {  // one super-block: value 32g + i is level L[32g + i] of group g

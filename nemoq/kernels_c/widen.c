@@ -3,22 +3,10 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    const uint32_t em = h & 0x7fffu;
-    uint32_t bits = em << 13;
-    float f;
-    memcpy(&f, &bits, 4);
-    f *= 0x1p112f;                       /* rebias the exponent; exact, subnormals included */
-    memcpy(&bits, &f, 4);
-    if (em >= 0x7c00u) bits = (em << 13) | 0x7f800000u;   /* inf and NaN keep their payload */
-    bits |= sign;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+#include "scalar_common.h"
 
 void nemoq_widen_f16(const uint16_t * src, float * dst, int64_t n) {
-    for (int64_t i = 0; i < n; i++) dst[i] = half_to_float(src[i]);
+    for (int64_t i = 0; i < n; i++) dst[i] = fp16_to_fp32_rebias(src[i]);
 }
 
 void nemoq_widen_bf16(const uint16_t * src, float * dst, int64_t n) {
