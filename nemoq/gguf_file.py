@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 
 from nemoq.errors import NemoqError
 
@@ -69,6 +70,25 @@ def field_value(f: gguf.ReaderField) -> Any:
     return f.contents()
 
 
+class FastGGUFReader(gguf.GGUFReader):
+    """gguf-py's reader, parsing the metadata through a plain ndarray view of its memory map.
+
+    The reader slices its np.memmap twice per string; with 131072 tokens and their merges that
+    is ~800k memmap slices, ~10 s of numpy subclass overhead. A plain view of the same mapping
+    gives the same arrays (same bytes, same mapping) in a fraction of the time."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+        dtype = np.dtype(dtype)
+        count = int(count)
+        arr = plain[offset:offset + dtype.itemsize * count].view(dtype)[:count]
+        order = self.byte_order if override_order is None else override_order
+        return arr if order in ("I", "<") and arr.dtype.byteorder in "=<|" else \
+            arr.view(arr.dtype.newbyteorder(order))
+
+
 def read_gguf(path: Path) -> GGUFContents:
     path = Path(path)
     if not path.is_file():
@@ -79,7 +99,7 @@ def read_gguf(path: Path) -> GGUFContents:
     readers = []
     for f in files:
         try:
-            reader = gguf.GGUFReader(f)
+            reader = FastGGUFReader(f)
         except (ValueError, OSError) as e:
             raise NemoqError(f"not a readable GGUF file ({e})", f) from None
         readers.append(reader)
