@@ -64,8 +64,18 @@ def _run(fn, src: np.ndarray, dst: np.ndarray, n_per_row: int, threads: int | No
     if len(chunks) == 1:
         call(chunks[0])
         return
-    with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
-        list(pool.map(call, chunks))
+    list(_pool(len(chunks)).map(call, chunks))
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One long-lived pool (a new one per call costs thread starts on every 64 MB chunk)."""
+    global _POOL
+    if _POOL is None or _POOL._max_workers < workers:
+        _POOL = ThreadPoolExecutor(max_workers=max(workers, os.cpu_count() or 1), thread_name_prefix="nemoq-kernel")
+    return _POOL
 
 
 def quantize_rows(fmt: str, x: np.ndarray, importance: np.ndarray | None = None,
