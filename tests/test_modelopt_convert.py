@@ -173,3 +173,22 @@ def test_mixed_precision_keeps_nvfp4_and_writes_fp8_as_bf16(tmp_path):
             assert tensors[name][0] == "BF16", name
             np.testing.assert_array_equal(tensors[name][1], torch.from_numpy(want).bfloat16().float().numpy())
     assert not result.warnings, result.warnings
+
+
+@pytest.mark.parametrize("outtype", ["auto", "f32", "q8_0"])
+def test_progress_counts_the_source_bytes_once(outtype, tmp_path):
+    # Dequantized NVFP4 rows are float32 (~7x the packed bytes): progress must still add up to
+    # plan_bytes, the total the bar is given, and so must the bytes the summary says were read.
+    from nemoq.convert.pipeline import plan_bytes
+    from nemoq.quant.recipes import RECIPES, chooser, plan_types
+    ckpt = write_modelopt_checkpoint(tmp_path / "ckpt")
+    source = open_checkpoint_source(ckpt)
+    if outtype == "q8_0":
+        recipe = RECIPES["Q8_0"]
+        typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.layer_kinds)
+        choose, file_type = chooser(typed), recipe.file_type
+    else:
+        choose, file_type = float_chooser(outtype, dominant_dtype(source.plan))
+    advanced: list[int] = []
+    result = write_gguf(source, tmp_path / "out.gguf", choose, file_type, on_progress=advanced.append)
+    assert sum(advanced) == plan_bytes(source.plan) == result.bytes_read

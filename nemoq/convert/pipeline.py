@@ -169,12 +169,14 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
                                 on_progress(nbytes)
 
             def encoded_chunks():
+                source_bytes = SourceBytes(t)
                 for rows in prefetch.chunks():
+                    nbytes = source_bytes.of(rows)
                     report.non_finite += count_non_finite(rows, t.chunk_dtype)
-                    result.bytes_read += rows.nbytes
+                    result.bytes_read += nbytes
                     yield enc.encode(rows, t.chunk_dtype)
                     if on_progress is not None:
-                        on_progress(rows.nbytes)
+                        on_progress(nbytes)
             writer.write_tensor_chunks(copied_chunks() if copy else encoded_chunks())
             if report.non_finite:
                 message = f"{t.name}: {report.non_finite} NaN/Inf value(s) in {t.sources[0].name}"
@@ -202,3 +204,20 @@ def is_byte_copy(t: PlannedTensor, enc: Encoding) -> bool:
 def plan_bytes(plan: Plan) -> int:
     """Source bytes the conversion will read (for progress bars)."""
     return sum(s.nbytes for t in plan.tensors for s in t.sources)
+
+
+class SourceBytes:
+    """The source bytes a chunk of a tensor's rows stands for, so that progress counts what
+    plan_bytes counts whatever the chunk holds (dequantized NVFP4 rows are float32, ~7x the
+    packed bytes read). Over a whole tensor the chunks add up to its source bytes exactly."""
+
+    def __init__(self, t: PlannedTensor):
+        self.total, self.rows = sum(s.nbytes for s in t.sources), t.n_elements // t.row_width
+        self.done_rows = self.done_bytes = 0
+
+    def of(self, chunk: np.ndarray) -> int:
+        """`chunk`: whole GGUF rows, one per row of its first axis."""
+        self.done_rows += chunk.shape[0]
+        nbytes = self.total * self.done_rows // self.rows - self.done_bytes
+        self.done_bytes += nbytes
+        return nbytes
