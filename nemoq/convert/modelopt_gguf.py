@@ -17,6 +17,10 @@ For each NVFP4 tensor, the first of these that applies:
 
 A row width that is not a multiple of 64 (GGUF's NVFP4 block) cannot be NVFP4 at all: the
 tensor is dequantized and written as BF16, and the summary says so.
+
+`nemoq quantize` with any recipe does the same for the tensors the recipe wants as NVFP4
+(`keep_stored_nvfp4`), except that the recipe's own quantizer replaces step 3, and that with
+--no-tensor-scales only step 1 keeps the stored blocks.
 """
 
 from __future__ import annotations
@@ -57,7 +61,28 @@ class KeptNVFP4:
         return rows
 
 
-KEEP_NVFP4 = KeptNVFP4()   # what the chooser answers; resolve_kept decides how, tensor by tensor
+@dataclass(frozen=True)
+class KeepStored:
+    """A chooser's answer for a ModelOpt NVFP4 tensor that is to stay NVFP4: resolve_kept decides
+    how (fold, or `.scale` where allowed), tensor by tensor, or hands the tensor to `fallback`."""
+    fallback: Encoding | None = None   # None: RequantizedNVFP4 (nemoq convert, error reported)
+    scale_tensors: bool = True         # weight_scale_2 may go to a `<name>.scale` tensor
+    ggml_type = T.NVFP4
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return type_nbytes(T.NVFP4, shape)
+
+
+KEEP_NVFP4 = KeepStored()   # nemoq convert --outtype auto
+
+
+def keep_stored_nvfp4(t: PlannedTensor, wanted: Encoding, scale_tensors: bool = True) -> Encoding:
+    """For recipes (nemoq quantize): a tensor the recipe wants as NVFP4 that the checkpoint stores
+    as ModelOpt NVFP4 keeps NVIDIA's blocks, with `wanted` (quantizing the dequantized values)
+    only where they cannot be kept exactly; every other tensor gets `wanted`."""
+    if t.source_dtype == NVFP4 and wanted.ggml_type == T.NVFP4:
+        return KeepStored(wanted, scale_tensors)
+    return wanted
 
 
 @dataclass(frozen=True)
@@ -139,7 +164,7 @@ def _vector(name: str, values: list[float]) -> Companion:
     return Companion(name, array.shape, lambda: array)
 
 
-def _kept(t: PlannedTensor) -> tuple[PlannedTensor, Encoding]:
+def _kept(t: PlannedTensor, keep: KeepStored) -> tuple[PlannedTensor, Encoding]:
     if t.row_width % codec.GGML_BLOCK:
         return t, Noted(FLOAT_ENCODINGS["bf16"], f"row width {t.row_width} is not a multiple of "
                         f"{codec.GGML_BLOCK} (GGUF's NVFP4 block): dequantized to BF16")
@@ -153,20 +178,27 @@ def _kept(t: PlannedTensor) -> tuple[PlannedTensor, Encoding]:
         note = "NVFP4 as stored, weight_scale_2 folded exactly into the block scales"
         return RepackedTensor(t.spec, t.sources, tuple(folds)), KeptNVFP4(note)
     base = t.name.removesuffix(".weight")
-    if t.spec.row.tensor in SCALE_LOADED:
+    if keep.scale_tensors and t.spec.row.tensor in SCALE_LOADED:
         scales = [_vector(f"{base}.scale", scale_2)]
         inputs = [s.input_scale_value for s in t.sources]
         if any(v != 1.0 for v in inputs):
             scales.append(_vector(f"{base}.input_scale", inputs))
         kept = KeptNVFP4(f"NVFP4 as stored, weight_scale_2 in {base}.scale", tuple(scales))
         return RepackedTensor(t.spec, t.sources, (None,) * len(t.sources)), kept
+    if keep.fallback is not None:
+        return t, keep.fallback
     return t, RequantizedNVFP4(f"weight_scale_2 does not fold exactly into UE4M3 scales and "
                                f"llama.cpp does not load {base}.scale")
 
 
 def resolve_kept(tensors: Sequence[PlannedTensor], encodings: Sequence[Encoding]
                  ) -> tuple[list[PlannedTensor], list[Encoding]]:
-    """Resolve KEEP_NVFP4 tensor by tensor (reads the block scales, 1/8 of the NVFP4 bytes); a
+    """Resolve KeepStored tensor by tensor (reads the block scales, 1/8 of the NVFP4 bytes); a
     kept tensor is then read as ggml NVFP4 bytes. Every other tensor passes through."""
-    pairs = [_kept(t) if enc is KEEP_NVFP4 else (t, enc) for t, enc in zip(tensors, encodings)]
+    pairs = [_kept(t, enc) if isinstance(enc, KeepStored) else (t, enc) for t, enc in zip(tensors, encodings)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def kept_as_stored(reports) -> list[str]:
+    """The written tensors (ConvertResult.tensors) that hold the checkpoint's NVFP4 blocks."""
+    return [r.name for r in reports if r.note.startswith(KeptNVFP4.note)]

@@ -265,16 +265,18 @@ def chooser(typed: list[TypedTensor], imatrix=None):
     by_name = {t.spec.name: t for t in typed}
 
     def choose(planned):
+        from nemoq.convert.modelopt_gguf import keep_stored_nvfp4
         from nemoq.quant.tensor_scale import ScaledEncoding, takes_scale
         typed_tensor = by_name[planned.name]
         encoding = encoding_for(typed_tensor.type)
         importance = imatrix.importance(planned.name) if imatrix is not None else None
         if typed_tensor.scaled and takes_scale(typed_tensor.spec, typed_tensor.type):
-            return ScaledEncoding(encoding, planned.shape, importance)
-        if importance is None or not hasattr(encoding, "with_importance"):
-            return encoding
-        rows_per_matrix = planned.shape[-2] if len(planned.shape) == 3 else planned.shape[0]
-        return encoding.with_importance(importance, rows_per_matrix)
+            encoding = ScaledEncoding(encoding, planned.shape, importance)
+        elif importance is not None and hasattr(encoding, "with_importance"):
+            rows_per_matrix = planned.shape[-2] if len(planned.shape) == 3 else planned.shape[0]
+            encoding = encoding.with_importance(importance, rows_per_matrix)
+        # NVFP4 wanted from a ModelOpt NVFP4 tensor: NVIDIA's blocks are kept, not re-quantized
+        return keep_stored_nvfp4(planned, encoding, scale_tensors=typed_tensor.scaled)
     return choose
 
 
