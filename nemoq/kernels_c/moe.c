@@ -16,17 +16,16 @@
  *   nemoq_moe_down  rows [r0, r1) of H:  out[token(s), r] += w_s * scale_e * down_e[r] . hidden[s]
  * A thread owns its output rows, so results do not depend on the number of threads.
  *
- * Portable C11. The small helpers that decode and dot (nibble table lookup, int8-by-float group
- * dot, scale conversions) also have an AVX2 version, used where the compiler targets AVX2,
- * because compilers do not vectorise the plain C well; -DNEMOQ_MOE_PORTABLE forces the plain C
- * (what other CPUs run; the tests build and check both). */
+ * Portable C11. Where the compiler targets AVX2 (with FMA and F16C) the row dot products come
+ * from moe_avx2.h instead, which decodes each block straight into float registers, because
+ * compilers do not vectorise the plain C well; -DNEMOQ_MOE_PORTABLE forces the plain C (what
+ * other CPUs run; the tests build and check both). */
 #include <stdint.h>
 #include <string.h>
 
 #include "scalar_common.h"
 
-#if defined(__AVX2__) && !defined(NEMOQ_MOE_PORTABLE)
-#include <immintrin.h>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(NEMOQ_MOE_PORTABLE)
 #define MOE_AVX2 1
 #else
 #define MOE_AVX2 0
@@ -37,44 +36,19 @@ enum {  /* ggml type ids (gguf-py GGMLQuantizationType) */
     FMT_IQ4_NL = 20, FMT_MXFP4 = 39, FMT_NVFP4 = 40,
 };
 
-#define LANES 16     /* partial sums per dot product: two AVX2 / four NEON registers */
 #define MAX_VECS 4   /* vectors dotted with one decoded block at a time */
-#define MAX_BLOCK 256
-
-/* ---- scalars stored in the blocks (the rest: scalar_common.h) ---- */
-
-/* A block's half scale: F16C where the CPU has it, else the shared branch-free decode (the same
- * value). */
-static inline float half_to_float(const uint8_t * p) {
-#if MOE_AVX2 && defined(__F16C__)
-    return _cvtsh_ss((unsigned short)((uint32_t)p[0] | (uint32_t)p[1] << 8));
-#else
-    return get_f16_rebias(p);
-#endif
-}
-
-/* Four UE4M3 scales, halved (for the doubled E2M1 table, as ggml), as
- * nemoq/quant/formats/nvfp4.py decodes them: 4 exponent bits (bias 7) and 3 mantissa bits in
- * the low 7 bits (the top bit is ignored); codes 0 and 0x7F are zero. */
-static inline void ue4m3_half_x4(const uint8_t * codes, float * d) {
-#if MOE_AVX2
-    int32_t word;
-    memcpy(&word, codes, 4);
-    const __m128i c = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(word));
-    const __m128 normal = _mm_castsi128_ps(_mm_add_epi32(_mm_slli_epi32(_mm_and_si128(c, _mm_set1_epi32(0x7f)), 20),
-                                                         _mm_set1_epi32(119 << 23)));
-    const __m128 sub = _mm_mul_ps(_mm_cvtepi32_ps(_mm_and_si128(c, _mm_set1_epi32(7))), _mm_set1_ps(0x1p-10f));
-    const __m128i is_sub = _mm_cmpeq_epi32(_mm_and_si128(c, _mm_set1_epi32(0x78)), _mm_setzero_si128());
-    const __m128 v = _mm_blendv_ps(normal, sub, _mm_castsi128_ps(is_sub));
-    _mm_storeu_ps(d, _mm_andnot_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(c, _mm_set1_epi32(0x7f))), v));
-#else
-    for (int g = 0; g < 4; g++) d[g] = ue4m3_half(codes[g]);
-#endif
-}
 
 /* E2M1 doubled to integers (ggml's kvalues_mxfp4) and IQ4_NL's non-linear levels. */
 static const int8_t E2M1_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 static const int8_t IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+#if MOE_AVX2
+#include "moe_avx2.h"   /* row_dot_<format>: blocks decoded in float registers */
+#else  /* the plain C: a block decoded to int8 levels on the stack, then dotted */
+
+#define LANES 16     /* partial sums per dot product: two AVX2 / four NEON registers */
+#define MAX_BLOCK 256
+
 static const int8_t Q4_LEVELS[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
 /* A decoded block: value j = d[j / group] * qp[j] - m[j / 32] (m only for Q4_K and Q5_K); qp
@@ -88,72 +62,46 @@ typedef struct {
 
 /* 16 bytes of nibble pairs -> 32 levels table[nibble]. interleave 16 (Q4_0-like blocks): value
  * i is the low nibble of byte i, value i + 16 its high nibble; interleave 8 (NVFP4): the same
- * within each half of 8 bytes. Written with one store, so the loads that follow are forwarded. */
+ * within each half of 8 bytes. */
 static inline void lut32(const int8_t * table, const uint8_t * b, int interleave, int8_t * out) {
-#if MOE_AVX2
-    const __m128i t = _mm_loadu_si128((const __m128i *)table), mask = _mm_set1_epi8(15);
-    const __m128i v = _mm_loadu_si128((const __m128i *)b);
-    const __m128i lo = _mm_shuffle_epi8(t, _mm_and_si128(v, mask));
-    const __m128i hi = _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16(v, 4), mask));
-    const __m256i q = interleave == 16 ? _mm256_set_m128i(hi, lo)
-                                       : _mm256_set_m128i(_mm_unpackhi_epi64(lo, hi), _mm_unpacklo_epi64(lo, hi));
-    _mm256_storeu_si256((__m256i *)out, q);
-#else
     for (int part = 0; part < 16 / interleave; part++, b += interleave, out += 2 * interleave)
         for (int j = 0; j < interleave; j++) {
             out[j] = table[b[j] & 15];
             out[interleave + j] = table[b[j] >> 4];
         }
-#endif
 }
 
 /* 32 bytes -> lo[l] = b[l] & 15, hi[l] = b[l] >> 4. */
 static inline void split_nibbles32(const uint8_t * b, int8_t * lo, int8_t * hi) {
-#if MOE_AVX2
-    const __m256i v = _mm256_loadu_si256((const __m256i *)b), mask = _mm256_set1_epi8(15);
-    _mm256_storeu_si256((__m256i *)lo, _mm256_and_si256(v, mask));
-    _mm256_storeu_si256((__m256i *)hi, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
-#else
     for (int l = 0; l < 32; l++) {
         lo[l] = (int8_t)(b[l] & 15);
         hi[l] = (int8_t)(b[l] >> 4);
     }
-#endif
 }
 
 /* The 32 bits of 4 little-endian bytes -> bits[j] = 16 * (bit j), the fifth bit of a level. */
 static inline void expand_bits32(const uint8_t * b, int8_t * bits) {
-#if MOE_AVX2
-    uint32_t word;
-    memcpy(&word, b, 4);  /* x86 is little-endian */
-    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)word), _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-    const __m256i select = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
-    _mm256_storeu_si256((__m256i *)bits, _mm256_and_si256(set, _mm256_set1_epi8(16)));
-#else
     for (int j = 0; j < 32; j++) bits[j] = (int8_t)(((b[j / 8] >> (j % 8)) & 1) << 4);
-#endif
 }
 
 /* ---- one block -> levels (layouts: nemoq/quant/formats/<format>.py) ---- */
 
 static inline void decode_q8_0(const uint8_t * b, levels * L) {
-    L->d[0] = half_to_float(b);
+    L->d[0] = get_f16_rebias(b);
     L->qp = (const int8_t *)(b + 2);
 }
 
 /* Q5_0: byte j of qs holds the low 4 bits of values j and j + 16; bit j of qh the fifth of value j. */
 static inline void decode_q5_0(const uint8_t * b, levels * L) {
     int8_t high[32];
-    L->d[0] = half_to_float(b);
+    L->d[0] = get_f16_rebias(b);
     expand_bits32(b + 2, high);
     lut32(Q4_LEVELS, b + 6, 16, L->q);
     for (int j = 0; j < 32; j++) L->q[j] = (int8_t)(L->q[j] + high[j] - 16);
 }
 
 static inline void decode_iq4_nl(const uint8_t * b, levels * L) {
-    L->d[0] = half_to_float(b);
+    L->d[0] = get_f16_rebias(b);
     lut32(IQ4NL, b + 2, 16, L->q);
 }
 
@@ -164,7 +112,7 @@ static inline void decode_mxfp4(const uint8_t * b, levels * L) {
 
 /* Group g's 8 bytes hold its values 0-7 (low nibbles) and 8-15 (high nibbles). */
 static inline void decode_nvfp4(const uint8_t * b, levels * L) {
-    ue4m3_half_x4(b, L->d);
+    for (int g = 0; g < 4; g++) L->d[g] = ue4m3_half(b[g]);  /* halved, for the doubled E2M1 table */
     lut32(E2M1_X2, b + 4, 8, L->q);
     lut32(E2M1_X2, b + 20, 8, L->q + 32);
 }
@@ -173,7 +121,7 @@ static inline void decode_nvfp4(const uint8_t * b, levels * L) {
  * 32 values takes the low (h = 0) or high nibble of bytes 32c..32c+31, and for Q5_K bit g of
  * qh[l] as its fifth bit. */
 static inline void decode_k_4_5(const uint8_t * b, const uint8_t * qh, const uint8_t * qs, levels * L) {
-    const float d = half_to_float(b), dmin = half_to_float(b + 2);
+    const float d = get_f16_rebias(b), dmin = get_f16_rebias(b + 2);
     const uint8_t * s = b + 4;
     for (int g = 0; g < 8; g++) {
         const int sc = g < 4 ? s[g] & 63 : (s[g + 4] & 15) | (s[g - 4] >> 6) << 4;
@@ -199,7 +147,7 @@ static inline void decode_q5_k(const uint8_t * b, levels * L) { decode_k_4_5(b, 
  * byte for k >= 2), its top two bits in qh[32h + l] at bit 2k, and scale sc[(128h + 32k + l) / 16]. */
 static inline void decode_q6_k(const uint8_t * b, levels * L) {
     const uint8_t * ql = b, * qh = b + 128;
-    const float d = half_to_float(b + 208);
+    const float d = get_f16_rebias(b + 208);
     for (int g = 0; g < 16; g++) L->d[g] = d * (float)(int8_t)b[192 + g];
     for (int h = 0; h < 2; h++) {
         int8_t * q = L->q + 128 * h;  /* low nibbles of k = 0, 1, 2, 3 at q + 32k */
@@ -213,53 +161,9 @@ static inline void decode_q6_k(const uint8_t * b, levels * L) {
 
 /* ---- dot products of decoded blocks with float vectors ---- */
 
-#if MOE_AVX2
-/* a * b + c: fused where the CPU has FMA (one rounding instead of two) */
-static inline __m256 madd(__m256 a, __m256 b, __m256 c) {
-#ifdef __FMA__
-    return _mm256_fmadd_ps(a, b, c);
-#else
-    return _mm256_add_ps(_mm256_mul_ps(a, b), c);
-#endif
-}
-#endif
-
 /* acc[l] += d * sum_i q[16 i + l] x[16 i + l] for one group of 16 * n16 values, and with
- * mins acc[l] -= m * sum_i x[16 i + l]. in_block: q is the block in memory (Q8_0), not levels
- * the decoder has just stored, which decides the cheaper way to load them. */
-static inline void dot_group(const int8_t * restrict q, const float * restrict x, int n16, int in_block,
-                             float d, int has_min, float m, float * restrict acc) {
-#if MOE_AVX2
-    __m256 t0 = _mm256_setzero_ps(), t1 = t0, s0 = t0, s1 = t0;
-    for (int i = 0; i < n16; i++) {
-        const __m256 x0 = _mm256_loadu_ps(x + 16 * i), x1 = _mm256_loadu_ps(x + 16 * i + 8);
-        __m128i q8a, q8b;
-        if (in_block) {  /* levels in the block itself: two 8-byte loads */
-            q8a = _mm_loadl_epi64((const __m128i *)(q + 16 * i));
-            q8b = _mm_loadl_epi64((const __m128i *)(q + 16 * i + 8));
-        } else {         /* levels just stored by the decoder: one load inside that store */
-            q8a = _mm_loadu_si128((const __m128i *)(q + 16 * i));
-            q8b = _mm_srli_si128(q8a, 8);
-        }
-        const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8a));
-        const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8b));
-        t0 = i ? madd(q0, x0, t0) : _mm256_mul_ps(q0, x0);
-        t1 = i ? madd(q1, x1, t1) : _mm256_mul_ps(q1, x1);
-        if (has_min) {
-            s0 = i ? _mm256_add_ps(s0, x0) : x0;
-            s1 = i ? _mm256_add_ps(s1, x1) : x1;
-        }
-    }
-    __m256 a0 = madd(_mm256_set1_ps(d), t0, _mm256_loadu_ps(acc));
-    __m256 a1 = madd(_mm256_set1_ps(d), t1, _mm256_loadu_ps(acc + 8));
-    if (has_min) {
-        a0 = madd(_mm256_set1_ps(-m), s0, a0);
-        a1 = madd(_mm256_set1_ps(-m), s1, a1);
-    }
-    _mm256_storeu_ps(acc, a0);
-    _mm256_storeu_ps(acc + 8, a1);
-#else
-    (void)in_block;
+ * mins acc[l] -= m * sum_i x[16 i + l]. */
+static inline void dot_group(const int8_t * restrict q, const float * restrict x, int n16, float d, int has_min, float m, float * restrict acc) {
     float t[LANES] = {0}, s[LANES] = {0};
     for (int i = 0; i < n16; i++)
         for (int l = 0; l < LANES; l++) t[l] += (float)q[16 * i + l] * x[16 * i + l];
@@ -267,13 +171,11 @@ static inline void dot_group(const int8_t * restrict q, const float * restrict x
         for (int i = 0; i < n16; i++)
             for (int l = 0; l < LANES; l++) s[l] += x[16 * i + l];
     for (int l = 0; l < LANES; l++) acc[l] += d * t[l] - m * s[l];
-#endif
 }
 
-static inline void dot_levels(const levels * restrict L, int qk, int group, int has_min, int in_block,
-                              const float * restrict x, float * restrict acc) {
+static inline void dot_levels(const levels * restrict L, int qk, int group, int has_min, const float * restrict x, float * restrict acc) {
     for (int g = 0; g < qk / group; g++)
-        dot_group(L->qp + g * group, x + g * group, group / 16, in_block, L->d[g], has_min,
+        dot_group(L->qp + g * group, x + g * group, group / 16, L->d[g], has_min,
                   has_min ? L->m[g] : 0.0f, acc);
 }
 
@@ -286,7 +188,7 @@ static inline float sum_lanes(float * acc) {
 /* out[v] = row . xs[v] for nvec <= MAX_VECS vectors of n values; each block is decoded once.
  * One vector (a lone token per expert, the common case) gets its own loop so that the partial
  * sums can stay in registers. */
-#define DEFINE_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN, IN_BLOCK)                              \
+#define DEFINE_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN)                                        \
     static void row_dot_##NAME(const uint8_t * restrict row, int64_t n,                       \
                                const float * const * xs, int nvec, float * out) {             \
         levels L;                                                                              \
@@ -296,7 +198,7 @@ static inline float sum_lanes(float * acc) {
             float acc[LANES] = {0};                                                            \
             for (int64_t b = 0; b < nb; b++) {                                                \
                 decode_##NAME(row + b * BYTES, &L);                                            \
-                dot_levels(&L, QK, GROUP, HAS_MIN, IN_BLOCK, xs[0] + b * QK, acc);             \
+                dot_levels(&L, QK, GROUP, HAS_MIN, xs[0] + b * QK, acc);             \
             }                                                                                  \
             out[0] = sum_lanes(acc);                                                           \
             return;                                                                            \
@@ -305,20 +207,22 @@ static inline float sum_lanes(float * acc) {
         for (int64_t b = 0; b < nb; b++) {                                                    \
             decode_##NAME(row + b * BYTES, &L);                                                \
             for (int v = 0; v < nvec; v++)                                                     \
-                dot_levels(&L, QK, GROUP, HAS_MIN, IN_BLOCK, xs[v] + b * QK, acc[v]);          \
+                dot_levels(&L, QK, GROUP, HAS_MIN, xs[v] + b * QK, acc[v]);          \
         }                                                                                      \
         for (int v = 0; v < nvec; v++) out[v] = sum_lanes(acc[v]);                            \
     }
 
-/* name, values and bytes per block, values per scale, mins?, levels read in place? */
-DEFINE_ROW_DOT(q8_0, 32, 34, 32, 0, 1)
-DEFINE_ROW_DOT(q5_0, 32, 22, 32, 0, 0)
-DEFINE_ROW_DOT(iq4_nl, 32, 18, 32, 0, 0)
-DEFINE_ROW_DOT(mxfp4, 32, 17, 32, 0, 0)
-DEFINE_ROW_DOT(nvfp4, 64, 36, 16, 0, 0)
-DEFINE_ROW_DOT(q4_k, 256, 144, 32, 1, 0)
-DEFINE_ROW_DOT(q5_k, 256, 176, 32, 1, 0)
-DEFINE_ROW_DOT(q6_k, 256, 210, 16, 0, 0)
+#endif
+
+/* name, values and bytes per block, values per scale, mins? */
+DEFINE_ROW_DOT(q8_0, 32, 34, 32, 0)
+DEFINE_ROW_DOT(q5_0, 32, 22, 32, 0)
+DEFINE_ROW_DOT(iq4_nl, 32, 18, 32, 0)
+DEFINE_ROW_DOT(mxfp4, 32, 17, 32, 0)
+DEFINE_ROW_DOT(nvfp4, 64, 36, 16, 0)
+DEFINE_ROW_DOT(q4_k, 256, 144, 32, 1)
+DEFINE_ROW_DOT(q5_k, 256, 176, 32, 1)
+DEFINE_ROW_DOT(q6_k, 256, 210, 16, 0)
 
 typedef void (*row_dot_fn)(const uint8_t *, int64_t, const float * const *, int, float *);
 
