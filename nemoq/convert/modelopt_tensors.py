@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from nemoq.convert import mapping
 from nemoq.convert import modelopt_codec as codec
 from nemoq.convert.dtypes import to_float32
 from nemoq.convert.modelopt_config import QuantConfig, read_quant_config
@@ -31,6 +32,12 @@ DEQUANTIZED_ON_READ = (NVFP4, FP8)
 COMPANIONS = (".weight_scale", ".weight_scale_2", ".input_scale")
 KV_CACHE_SCALES = (".k_scale", ".v_scale")   # FP8 KV-cache calibration: llama.cpp has no use for them
 CHUNK_VALUES = 1 << 24                        # dequantized rows per chunk: 64 MiB of float32
+# transformers-5 fused expert stack -> the hub's per-expert name ("mixer.experts.up_proj" ->
+# "mixer.experts.{xid}.up_proj.weight"), from the mapping tables (same order in both)
+FUSED_TO_PER_EXPERT = {f.source: p.source for f, p in zip(mapping.FUSED_EXPERT_ROWS, mapping.PER_EXPERT_ROWS)}
+# A fused weight `<w>` has no `.weight` suffix; ModelOpt names its companions `<w>_weight_scale`
+# (its fused-experts export), and `<w>.weight_scale` is read too.
+FUSED_COMPANION_JOINS = ("_", ".")
 
 
 def _read(ref: TensorRef, start: int = 0, count: int | None = None) -> np.ndarray:
@@ -145,12 +152,52 @@ def _quantized_ref(module: str, algo: str, tensors: dict[str, TensorRef], q: Qua
                         tensors.get(module + ".input_scale"))
 
 
+def _expert_slice(ref: TensorRef, k: int, n_experts: int) -> TensorRef:
+    """Expert k of a stacked tensor (its first axis), read in place; a tensor without that axis
+    (a scalar input_scale) is shared by every expert."""
+    if not ref.shape or ref.shape[0] != n_experts:
+        return ref
+    size = ref.nbytes // n_experts
+    return TensorRef(f"{ref.name}[{k}]", ref.shard, ref.dtype, ref.shape[1:], ref.offset + k * size, size)
+
+
+def split_fused_experts(tensors: dict[str, TensorRef]) -> tuple[dict[str, TensorRef], int]:
+    """A ModelOpt export in the transformers-5 fused layout, seen as ModelOpt's own per-expert
+    split writes it: `<p>.experts.up_proj` (E, out, in/2) with `<p>.experts.up_proj_weight_scale`
+    (E, out, in/16), `..._weight_scale_2` (E,) and `..._input_scale` becomes
+    `<p>.experts.K.up_proj.weight` / `.weight_scale` / `.weight_scale_2` / `.input_scale` for each
+    expert K, as views of the stacked bytes (nothing is read). Also returns how many stacks."""
+    out = dict(tensors)
+    n_stacks = 0
+    for name, ref in tensors.items():
+        fused = next((f for f in FUSED_TO_PER_EXPERT if name.endswith("." + f)), None)
+        if fused is None:
+            continue
+        if len(ref.shape) != 3:
+            raise NemoqError(f"fused expert stack {name} has shape {list(ref.shape)}; expected 3-D "
+                             "(experts, out, in)", ref.shard)
+        parts = {".weight": ref}
+        for suffix in COMPANIONS:
+            companion = next((tensors[c] for j in FUSED_COMPANION_JOINS if (c := name + j + suffix[1:]) in tensors), None)
+            if companion is not None:
+                parts[suffix] = companion
+                del out[companion.name]
+        del out[name]
+        template = name.removesuffix(fused) + FUSED_TO_PER_EXPERT[fused].removesuffix(".weight")
+        for k in range(ref.shape[0]):
+            for suffix, part in parts.items():
+                out[template.format(xid=k) + suffix] = _expert_slice(part, k, ref.shape[0])
+        n_stacks += 1
+    return out, n_stacks
+
+
 def attach_companions(tensors: dict[str, TensorRef], model_dir: Path) -> tuple[dict, str]:
     """Source tensors with each quantized weight's group replaced by one QuantizedRef, and a line
     describing the quantization ("" for an unquantized checkpoint)."""
     q = read_quant_config(model_dir)
     if q is None:
         return tensors, ""
+    tensors, n_stacks = split_fused_experts(tensors)
     out: dict = {}
     for name, ref in tensors.items():
         if name.endswith(COMPANIONS + KV_CACHE_SCALES):
@@ -173,6 +220,7 @@ def attach_companions(tensors: dict[str, TensorRef], model_dir: Path) -> tuple[d
         raise NemoqError(f"{orphans[0]} belongs to no weight ({len(orphans)} such tensor(s))", tensors[orphans[0]].shard)
     kv = sum(n.endswith(KV_CACHE_SCALES) for n in tensors)
     note = f"; {q.describe()}" + (f", {kv} KV-cache scale(s) not used by llama.cpp" if kv else "")
+    note += f", {n_stacks} fused expert stack(s) read per expert" if n_stacks else ""
     return out, note
 
 
