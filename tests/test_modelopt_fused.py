@@ -31,8 +31,11 @@ def assert_same_tensors(ours: dict, hub: dict, skip: tuple[str, ...] = ()) -> No
 def test_transformers5_nvfp4_export_gives_the_hub_exports_tensors(scale_2, fused, tmp_path):
     hub = write_modelopt_checkpoint(tmp_path / "hub", scale_2=scale_2)
     ckpt = to_transformers_layout(hub, tmp_path / "t5", fused=fused)
+    state = read_safetensors(ckpt)
     if fused:
-        assert read_safetensors(ckpt)["model.layers.1.mixer.experts.up_proj_weight_scale_2"].shape == (N_EXPERTS,)
+        assert state["model.layers.1.mixer.experts.up_proj_weight_scale_2"].shape == (N_EXPERTS,)
+    else:
+        assert "model.layers.1.mixer.experts.7.up_proj.weight_scale_2" in state
     ours = raw(convert(ckpt, tmp_path / "t5.gguf"))
     assert_same_tensors(ours, raw(convert(hub, tmp_path / "hub.gguf")))
 
@@ -49,6 +52,16 @@ def test_fused_stacks_with_one_shared_input_scale(tmp_path):
             assert shared.dim() == 0
             np.testing.assert_array_equal(ours[f"blk.{i}.ffn_{proj}_exps.input_scale"][1],
                                           np.full(N_EXPERTS, shared.item(), np.float32))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_transformers5_mixed_precision_export_gives_the_hub_exports_tensors(fused, tmp_path):
+    # quantized_layers names each fused stack once (`...experts.up_proj`), or each expert.
+    hub = write_modelopt_checkpoint(tmp_path / "hub", algo="MIXED_PRECISION")
+    ckpt = to_transformers_layout(hub, tmp_path / "t5", fused=fused)
+    ours = raw(convert(ckpt, tmp_path / "t5.gguf"))
+    assert ours["blk.1.ffn_up_exps.weight"][0] == "NVFP4" and ours["blk.1.ffn_up_shexp.weight"][0] == "BF16"
+    assert_same_tensors(ours, raw(convert(hub, tmp_path / "hub.gguf")))
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -11,6 +11,7 @@ default for NVFP4 checkpoints, see modelopt_gguf.py).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -211,7 +212,7 @@ def attach_companions(tensors: dict[str, TensorRef], model_dir: Path) -> tuple[d
         if q.is_excluded(module):
             raise NemoqError(f"{module} is excluded from quantization in {q.path.name} but has a weight_scale",
                              tensors[module + ".weight_scale"].shard)
-        algo = q.algo_for(module)
+        algo = q.algo_for(module) or q.algo_for(_stack_of(module))
         if algo is None:
             raise NemoqError(f"{module} has a weight_scale but no entry in quantized_layers", q.path)
         out[name] = _quantized_ref(module, algo, tensors, q)
@@ -222,6 +223,11 @@ def attach_companions(tensors: dict[str, TensorRef], model_dir: Path) -> tuple[d
     note = f"; {q.describe()}" + (f", {kv} KV-cache scale(s) not used by llama.cpp" if kv else "")
     note += f", {n_stacks} fused expert stack(s) read per expert" if n_stacks else ""
     return out, note
+
+
+def _stack_of(module: str) -> str:
+    """`...experts.K.up_proj` -> `...experts.up_proj`: how quantized_layers may name a fused stack."""
+    return re.sub(r"\.experts\.\d+\.", ".experts.", module)
 
 
 def _module_of(name: str) -> str:
