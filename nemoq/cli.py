@@ -143,6 +143,11 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
         result = write_gguf(source, outfile, chooser(typed, imatrix), recipe.file_type, on_progress=advance, **options)
     report.quant_plan(Console(), typed, summarize(typed), recipe, table=False)
     report.conversion_summary(console, result, [])
+    from nemoq.convert.modelopt_gguf import kept_as_stored
+    kept = kept_as_stored(result.tensors)
+    if kept:
+        console.print(f"kept {len(kept)} ModelOpt NVFP4 tensor(s) as the checkpoint stores them "
+                      f"(e.g. {escape(kept[0])})")
 
 
 @app.command()

@@ -32,6 +32,7 @@ def raw(path) -> dict[str, tuple[str, np.ndarray]]:
 def quantize(ckpt, out, *extra):
     result = run_cli("quantize", ckpt, "-o", out, "--recipe", "NVFP4", *extra)
     assert result.exit_code == 0, result.output
+    assert "ModelOpt NVFP4 tensor(s) as the checkpoint stores them" in " ".join(result.output.split())
     return out
 
 
