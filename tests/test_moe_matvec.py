@@ -258,3 +258,34 @@ def test_cuda_kernel_matches_float64_oracle(pair, n_tokens, k):
     with cuda.CudaExperts(up, down, *pair) as gpu:
         y = gpu.matvec(x, ids, w)
     assert rel_error(y, moe_matvec_oracle(x, ids, w, up, down, *pair)) <= TOLERANCE
+
+
+# ---- scale bytes of every kind, through the AVX2 and the portable builds ----
+
+SCALE_BYTES = {"nvfp4": (36, slice(0, 4)), "q4_k": (144, slice(4, 16)), "q5_k": (176, slice(4, 16))}
+
+
+def with_random_scales(stack: np.ndarray, fmt: str, seed: int) -> np.ndarray:
+    """A copy of `stack` whose blocks' scale bytes are random (every UE4M3 code, subnormal ones
+    and 0x7F included; every packed 6-bit k-quant scale and min)."""
+    block_bytes, where = SCALE_BYTES[fmt]
+    blocks = stack.copy().reshape(-1, block_bytes)
+    rng = np.random.default_rng(seed)
+    blocks[:, where] = rng.integers(0, 256, (len(blocks), where.stop - where.start), dtype=np.uint8)
+    if fmt == "nvfp4":   # and each of the 128 codes (top bit ignored) at least once
+        codes = blocks[:, where].reshape(-1)
+        codes[:256] = np.arange(256, dtype=np.uint8)
+        blocks[:, where] = codes.reshape(len(blocks), -1)
+    return blocks.reshape(stack.shape)
+
+
+@pytest.mark.parametrize("build_kind", ["native", "portable"])
+@pytest.mark.parametrize("fmt", sorted(SCALE_BYTES))
+def test_every_scale_code_matches_oracle(portable_library, monkeypatch, build_kind, fmt):
+    if build_kind == "portable":
+        monkeypatch.setattr(moe, "_functions", lambda: moe._bind(portable_library))
+    pair = (fmt, fmt)
+    up, down, hidden = experts(pair)
+    up, down = with_random_scales(up, fmt, 11), with_random_scales(down, fmt, 12)
+    x, (ids, w) = tokens(3, hidden), routing(3, 6)
+    assert rel_error(moe_matvec(x, ids, w, up, down, *pair), moe_matvec_oracle(x, ids, w, up, down, *pair)) <= TOLERANCE

@@ -21,6 +21,7 @@
  * compilers do not vectorise the plain C well; -DNEMOQ_MOE_PORTABLE forces the plain C (what
  * other CPUs run; the tests build and check both). */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "scalar_common.h"
@@ -163,7 +164,8 @@ static inline void decode_q6_k(const uint8_t * b, levels * L) {
 
 /* acc[l] += d * sum_i q[16 i + l] x[16 i + l] for one group of 16 * n16 values, and with
  * mins acc[l] -= m * sum_i x[16 i + l]. */
-static inline void dot_group(const int8_t * restrict q, const float * restrict x, int n16, float d, int has_min, float m, float * restrict acc) {
+static inline void dot_group(const int8_t * restrict q, const float * restrict x, int n16, float d,
+                             int has_min, float m, float * restrict acc) {
     float t[LANES] = {0}, s[LANES] = {0};
     for (int i = 0; i < n16; i++)
         for (int l = 0; l < LANES; l++) t[l] += (float)q[16 * i + l] * x[16 * i + l];
@@ -173,7 +175,8 @@ static inline void dot_group(const int8_t * restrict q, const float * restrict x
     for (int l = 0; l < LANES; l++) acc[l] += d * t[l] - m * s[l];
 }
 
-static inline void dot_levels(const levels * restrict L, int qk, int group, int has_min, const float * restrict x, float * restrict acc) {
+static inline void dot_levels(const levels * restrict L, int qk, int group, int has_min, const float * restrict x,
+                              float * restrict acc) {
     for (int g = 0; g < qk / group; g++)
         dot_group(L->qp + g * group, x + g * group, group / 16, L->d[g], has_min,
                   has_min ? L->m[g] : 0.0f, acc);
@@ -189,8 +192,9 @@ static inline float sum_lanes(float * acc) {
  * One vector (a lone token per expert, the common case) gets its own loop so that the partial
  * sums can stay in registers. */
 #define DEFINE_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN)                                        \
-    static void row_dot_##NAME(const uint8_t * restrict row, int64_t n,                       \
-                               const float * const * xs, int nvec, float * out) {             \
+    static void row_dot_##NAME(const uint8_t * restrict row, int64_t n, const float * const * xs, \
+                               const float * const * sums, int nvec, float * out) {           \
+        (void)sums;  /* the mins' sums of x are summed with the dot here */                    \
         levels L;                                                                              \
         L.qp = L.q;                                                                            \
         const int64_t nb = n / QK;                                                            \
@@ -224,20 +228,22 @@ DEFINE_ROW_DOT(q4_k, 256, 144, 32, 1)
 DEFINE_ROW_DOT(q5_k, 256, 176, 32, 1)
 DEFINE_ROW_DOT(q6_k, 256, 210, 16, 0)
 
-typedef void (*row_dot_fn)(const uint8_t *, int64_t, const float * const *, int, float *);
+/* (row, n, vectors, their sums of each 32 values (formats with mins) or NULL, nvec, out) */
+typedef void (*row_dot_fn)(const uint8_t *, int64_t, const float * const *, const float * const *, int, float *);
 
 typedef struct {
     int type;
     int block;
     int bytes;
+    int has_min;
     row_dot_fn dot;
 } format_info;
 
 static const format_info FORMATS[] = {
-    {FMT_Q8_0, 32, 34, row_dot_q8_0},     {FMT_Q5_0, 32, 22, row_dot_q5_0},
-    {FMT_IQ4_NL, 32, 18, row_dot_iq4_nl}, {FMT_MXFP4, 32, 17, row_dot_mxfp4},
-    {FMT_NVFP4, 64, 36, row_dot_nvfp4},   {FMT_Q4_K, 256, 144, row_dot_q4_k},
-    {FMT_Q5_K, 256, 176, row_dot_q5_k},   {FMT_Q6_K, 256, 210, row_dot_q6_k},
+    {FMT_Q8_0, 32, 34, 0, row_dot_q8_0},     {FMT_Q5_0, 32, 22, 0, row_dot_q5_0},
+    {FMT_IQ4_NL, 32, 18, 0, row_dot_iq4_nl}, {FMT_MXFP4, 32, 17, 0, row_dot_mxfp4},
+    {FMT_NVFP4, 64, 36, 0, row_dot_nvfp4},   {FMT_Q4_K, 256, 144, 1, row_dot_q4_k},
+    {FMT_Q5_K, 256, 176, 1, row_dot_q5_k},   {FMT_Q6_K, 256, 210, 0, row_dot_q6_k},
 };
 
 static const format_info * find_format(int type, int64_t n) {
@@ -249,10 +255,37 @@ static const format_info * find_format(int type, int64_t n) {
 /* 1 if this library can read `type` (a ggml type id), else 0. */
 int nemoq_moe_supports(int type) { return find_format(type, 0) != NULL; }
 
+/* For a format with mins: the sums of each 32 values of every slot's vector (slot s's vector at
+ * base + row_of[s] * n, or base + s * n where row_of is NULL), malloc'ed; NULL otherwise, and
+ * *failed = 1 when the allocation fails. */
+static float * slot_sums(const format_info * f, const float * base, int64_t n, int64_t n_slots,
+                         const int32_t * row_of, int * failed) {
+    *failed = 0;
+    if (!f->has_min) return NULL;
+    float * sums = malloc(sizeof(float) * (size_t)(n_slots * (n / 32)) + 1);
+    if (!sums) {
+        *failed = 1;
+        return NULL;
+    }
+    for (int64_t s = 0; s < n_slots; s++) {
+        const float * x = base + (row_of ? row_of[s] : s) * n;
+        for (int64_t g = 0; g < n / 32; g++) {
+            float t = 0.0f;
+            for (int l = 0; l < 32; l++) t += x[32 * g + l];
+            sums[s * (n / 32) + g] = t;
+        }
+    }
+    return sums;
+}
+
+/* The group sums of slot s, or NULL. */
+static inline const float * sums_of(const float * sums, int64_t s, int64_t n) { return sums ? sums + s * (n / 32) : NULL; }
+
 /* ---- the two phases ----
  * groups: n_groups distinct experts group_expert[g] with slots group_start[g] .. group_start[g+1]-1;
  * slot s belongs to token slot_token[s] with router weight slot_weight[s]. expert_scale: (E,) or NULL.
- * Return 0, or -1 for a format this library does not read (or one whose block does not divide n). */
+ * Return 0, or -1 for a format this library does not read (or one whose block does not divide n),
+ * -2 when scratch memory cannot be allocated. */
 
 int nemoq_moe_up(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, const float * x,
                  int64_t n_groups, const int32_t * group_expert, const int64_t * group_start,
@@ -261,6 +294,9 @@ int nemoq_moe_up(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, con
     const format_info * f = find_format(type, hidden);
     if (!f) return -1;
     const int64_t row_bytes = hidden / f->block * f->bytes;
+    int failed;
+    float * sums = slot_sums(f, x, hidden, group_start[n_groups], slot_token, &failed);
+    if (failed) return -2;
     for (int64_t g = 0; g < n_groups; g++) {
         const int64_t e = group_expert[g];
         const float scale = expert_scale ? expert_scale[e] : 1.0f;
@@ -268,10 +304,13 @@ int nemoq_moe_up(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, con
             const uint8_t * row = up + (e * n_ff + r) * row_bytes;
             for (int64_t s0 = group_start[g]; s0 < group_start[g + 1]; s0 += MAX_VECS) {
                 const int nvec = (int)(group_start[g + 1] - s0 < MAX_VECS ? group_start[g + 1] - s0 : MAX_VECS);
-                const float * xs[MAX_VECS];
+                const float * xs[MAX_VECS], * xsums[MAX_VECS];
                 float dots[MAX_VECS];
-                for (int v = 0; v < nvec; v++) xs[v] = x + (int64_t)slot_token[s0 + v] * hidden;
-                f->dot(row, hidden, xs, nvec, dots);
+                for (int v = 0; v < nvec; v++) {
+                    xs[v] = x + (int64_t)slot_token[s0 + v] * hidden;
+                    xsums[v] = sums_of(sums, s0 + v, hidden);
+                }
+                f->dot(row, hidden, xs, xsums, nvec, dots);
                 for (int v = 0; v < nvec; v++) {
                     const float a = dots[v] * scale;
                     h[(s0 + v) * n_ff + r] = a > 0.0f ? a * a : 0.0f;
@@ -279,6 +318,7 @@ int nemoq_moe_up(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, con
             }
         }
     }
+    free(sums);
     return 0;
 }
 
@@ -289,6 +329,9 @@ int nemoq_moe_down(const uint8_t * down, int type, int64_t hidden, int64_t n_ff,
     const format_info * f = find_format(type, n_ff);
     if (!f) return -1;
     const int64_t row_bytes = n_ff / f->block * f->bytes;
+    int failed;
+    float * sums = slot_sums(f, h, n_ff, group_start[n_groups], NULL, &failed);
+    if (failed) return -2;
     for (int64_t g = 0; g < n_groups; g++) {
         const int64_t e = group_expert[g];
         const float scale = expert_scale ? expert_scale[e] : 1.0f;
@@ -296,14 +339,18 @@ int nemoq_moe_down(const uint8_t * down, int type, int64_t hidden, int64_t n_ff,
             const uint8_t * row = down + (e * hidden + r) * row_bytes;
             for (int64_t s0 = group_start[g]; s0 < group_start[g + 1]; s0 += MAX_VECS) {
                 const int nvec = (int)(group_start[g + 1] - s0 < MAX_VECS ? group_start[g + 1] - s0 : MAX_VECS);
-                const float * hs[MAX_VECS];
+                const float * hs[MAX_VECS], * hsums[MAX_VECS];
                 float dots[MAX_VECS];
-                for (int v = 0; v < nvec; v++) hs[v] = h + (s0 + v) * n_ff;
-                f->dot(row, n_ff, hs, nvec, dots);
+                for (int v = 0; v < nvec; v++) {
+                    hs[v] = h + (s0 + v) * n_ff;
+                    hsums[v] = sums_of(sums, s0 + v, n_ff);
+                }
+                f->dot(row, n_ff, hs, hsums, nvec, dots);
                 for (int v = 0; v < nvec; v++)
                     out[(int64_t)slot_token[s0 + v] * hidden + r] += slot_weight[s0 + v] * (dots[v] * scale);
             }
         }
     }
+    free(sums);
     return 0;
 }

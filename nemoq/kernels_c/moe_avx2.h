@@ -2,14 +2,22 @@
  *
  * out[v] = row . xs[v] for nvec <= MAX_VECS float vectors, each block decoded once, straight
  * into float registers: a block is read as parts of 32 values (a whole Q8_0 / Q5_0 / IQ4_NL /
- * MXFP4 block, half an NVFP4 block, an eighth of a k-quant super-block), the part's levels
- * looked up with byte shuffles (4-bit codes) or masked out, widened to int32, converted, and
- * dotted 8 lanes at a time; the group scale multiplies the group's partial sum once, and the
- * k-quants' mins multiply the group's sum of x. Nothing goes through memory but the block and
- * x, so the loop is bound by shuffles and conversions (about 3 per 8 values) instead of the
- * stores and reloads of the plain C. Two running sums per vector (even / odd parts, or the two
- * 16-value groups of a part) so that consecutive fused multiply-adds do not wait on each other.
- * Float32 throughout, as the plain C; only the order of the additions differs. */
+ * MXFP4 block, half an NVFP4 block, an eighth of a k-quant super-block) and turned into four
+ * vectors of 8 floats, dotted with x; the group scale multiplies the group's partial sum once.
+ * Nothing goes through memory but the block and x, so the loop is bound by shuffles and
+ * conversions, about 2.5 vector operations per 8 values besides the multiply-add:
+ *   - 4-bit codes (Q5_0, IQ4_NL, MXFP4, NVFP4): 16 code bytes loaded into both 128-bit halves,
+ *     nibbles looked up with one byte shuffle each, then one more in-lane shuffle per 8 values
+ *     puts each level in the top byte of a 32-bit lane (widening and sign extension in one
+ *     operation, instead of a sign extension and a move between halves); the levels come out
+ *     times 2^24, which the block scale absorbs (TOP8_SCALE);
+ *   - Q4_K / Q5_K: the mins term -m_g * sum(x in group g) uses sums of x per 32 values computed
+ *     once per call (moe.c), one multiply-add per super-block instead of adds per group;
+ *   - Q8_0, Q4_K, Q6_K, Q5_K: levels sign- or zero-extended straight from the block or a register.
+ * Two running sums per vector (even / odd parts, or the two 16-value groups of a part) so that
+ * consecutive fused multiply-adds do not wait on each other. Float32 throughout, as the plain
+ * C, fused multiply-adds, and a different order of additions: not bit for bit the plain C's
+ * result, both within the tests' 1e-5 of float64. */
 #ifndef NEMOQ_MOE_AVX2_H
 #define NEMOQ_MOE_AVX2_H
 
@@ -32,7 +40,9 @@ MOE_INLINE void widen32(__m256i q, __m256 * out) {
 }
 
 /* 8 bytes at p -> 8 int32 lanes, zero-extended. */
-MOE_INLINE __m256i bytes8_u32(const uint8_t * p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+MOE_INLINE __m256i bytes8_u32(const uint8_t * p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
 
 /* 16 bytes of nibble pairs -> table[low nibble], table[high nibble], each 16 levels repeated in
  * both 128-bit halves (for top8). */
@@ -49,7 +59,8 @@ MOE_INLINE void lut_nibbles(const int8_t * table, const uint8_t * b, __m256i * l
  * and sign-extends at once; the caller folds 2^-24 into the scale. */
 #define TOP8 -1, -1, -1
 MOE_INLINE __m256 top8(__m256i levels, int i) {
-    const __m256i control = i ? _mm256_setr_epi8(TOP8, 8, TOP8, 9, TOP8, 10, TOP8, 11, TOP8, 12, TOP8, 13, TOP8, 14, TOP8, 15)
+    const __m256i control = i ? _mm256_setr_epi8(TOP8, 8, TOP8, 9, TOP8, 10, TOP8, 11,    /* low half */
+                                                 TOP8, 12, TOP8, 13, TOP8, 14, TOP8, 15)  /* high half */
                               : _mm256_setr_epi8(TOP8, 0, TOP8, 1, TOP8, 2, TOP8, 3, TOP8, 4, TOP8, 5, TOP8, 6, TOP8, 7);
     return _mm256_cvtepi32_ps(_mm256_shuffle_epi8(levels, control));
 }
@@ -76,17 +87,18 @@ MOE_INLINE float half_f16c(const uint8_t * p) {
     return _cvtsh_ss((unsigned short)((uint32_t)p[0] | (uint32_t)p[1] << 8));
 }
 
-/* Four UE4M3 codes -> their scales halved (scalar_common.h's ue4m3_half), four lanes at once. */
-MOE_INLINE void ue4m3_half_x4(const uint8_t * codes, float * d) {
+/* Four UE4M3 codes -> their scales halved (scalar_common.h's ue4m3_half) times 2^-24 (top8):
+ * exponent and mantissa shifted into a float's and rebiased, or for exponent 0 the mantissa
+ * times 2^-34 (no subnormal floats on the way: they are slow); code 0x7F (not 0xFF) is zero. */
+MOE_INLINE void ue4m3_half_top8_x4(const uint8_t * codes, float * d) {
     int32_t word;
     memcpy(&word, codes, 4);
-    const __m128i c = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(word));
-    const __m128 normal = _mm_castsi128_ps(_mm_add_epi32(_mm_slli_epi32(_mm_and_si128(c, _mm_set1_epi32(0x7f)), 20),
-                                                         _mm_set1_epi32(119 << 23)));
-    const __m128 sub = _mm_mul_ps(_mm_cvtepi32_ps(_mm_and_si128(c, _mm_set1_epi32(7))), _mm_set1_ps(0x1p-10f));
-    const __m128i is_sub = _mm_cmpeq_epi32(_mm_and_si128(c, _mm_set1_epi32(0x78)), _mm_setzero_si128());
+    const __m128i raw = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(word)), c = _mm_and_si128(raw, _mm_set1_epi32(0x7f));
+    const __m128 normal = _mm_castsi128_ps(_mm_add_epi32(_mm_slli_epi32(c, 20), _mm_set1_epi32((119 - 24) << 23)));
+    const __m128 sub = _mm_mul_ps(_mm_cvtepi32_ps(_mm_and_si128(c, _mm_set1_epi32(7))), _mm_set1_ps(0x1p-34f));
+    const __m128i is_sub = _mm_cmpgt_epi32(_mm_set1_epi32(8), c);
     const __m128 v = _mm_blendv_ps(normal, sub, _mm_castsi128_ps(is_sub));
-    _mm_storeu_ps(d, _mm_andnot_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(c, _mm_set1_epi32(0x7f))), v));
+    _mm_storeu_ps(d, _mm_andnot_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(raw, _mm_set1_epi32(0x7f))), v));
 }
 
 /* ---- per format: scales_<f>(block, d, m) once per block, part_<f>(block, p, q) per 32 values:
@@ -99,16 +111,16 @@ MOE_INLINE void scales_top8(const uint8_t * b, float * d, float * m) { (void)m; 
 #define scales_q5_0 scales_top8
 #define scales_iq4_nl scales_top8
 
-MOE_INLINE void scales_mxfp4(const uint8_t * b, float * d, float * m) { (void)m; d[0] = e8m0_half(b[0]) * TOP8_SCALE; }
-MOE_INLINE void scales_nvfp4(const uint8_t * b, float * d, float * m) {
+MOE_INLINE void scales_mxfp4(const uint8_t * b, float * d, float * m) {
     (void)m;
-    ue4m3_half_x4(b, d);
-    _mm_storeu_ps(d, _mm_mul_ps(_mm_loadu_ps(d), _mm_set1_ps(TOP8_SCALE)));
+    d[0] = e8m0_half(b[0]) * TOP8_SCALE;
 }
+MOE_INLINE void scales_nvfp4(const uint8_t * b, float * d, float * m) { (void)m; ue4m3_half_top8_x4(b, d); }
 
 MOE_INLINE void part_q8_0(const uint8_t * b, int p, __m256 * q) {
     (void)p;
-    for (int i = 0; i < 4; i++) q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * i))));
+    for (int i = 0; i < 4; i++)
+        q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * i))));
 }
 
 /* Q5_0: low 4 bits of values j and j + 16 in qs[j], the fifth of value j in bit j of qh. */
@@ -144,16 +156,22 @@ MOE_INLINE void part_nvfp4(const uint8_t * b, int p, __m256 * q) {
     q[0] = top8(lo, 0), q[1] = top8(hi, 0), q[2] = top8(lo, 1), q[3] = top8(hi, 1);
 }
 
-/* Q4_K / Q5_K: eight 6-bit scales and mins in 12 bytes (as the plain C decodes them). */
+/* Q4_K / Q5_K: eight 6-bit scales and mins in 12 bytes, unpacked four at a time in 32-bit words
+ * (as ggml does) into scales 0-7 in bytes 0-7 and mins 0-7 in bytes 8-15. */
 MOE_INLINE void scales_k_4_5(const uint8_t * b, float * d, float * m) {
-    const float dd = half_f16c(b), dmin = half_f16c(b + 2);
-    const uint8_t * s = b + 4;
-    for (int g = 0; g < 8; g++) {
-        const int sc = g < 4 ? s[g] & 63 : (s[g + 4] & 15) | (s[g - 4] >> 6) << 4;
-        const int mn = g < 4 ? s[g + 4] & 63 : (s[g + 4] >> 4) | (s[g] >> 6) << 4;
-        d[g] = dd * (float)sc;
-        m[g] = dmin * (float)mn;
-    }
+    uint32_t u[4];
+    memcpy(u, b + 4, 12);
+    const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, top2 = 0x03030303;
+    u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & top2) << 4);
+    const uint32_t mins_low = u[1] & low6;
+    u[1] = (u[2] & low4) | (((u[0] >> 6) & top2) << 4);
+    u[2] = mins_low;
+    u[0] &= low6;
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)u);
+    _mm256_storeu_ps(d, _mm256_mul_ps(_mm256_set1_ps(half_f16c(b)),
+                                      _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes))));
+    _mm256_storeu_ps(m, _mm256_mul_ps(_mm256_set1_ps(half_f16c(b + 2)),
+                                      _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(bytes, bytes)))));
 }
 #define scales_q4_k scales_k_4_5
 #define scales_q5_k scales_k_4_5
@@ -180,7 +198,8 @@ MOE_INLINE void scales_q6_k(const uint8_t * b, float * d, float * m) {
     const __m256 dd = _mm256_set1_ps(half_f16c(b + 208));
     const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
     _mm256_storeu_ps(d, _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
-    _mm256_storeu_ps(d + 8, _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(sc, sc)))));
+    const __m128i sc_high = _mm_unpackhi_epi64(sc, sc);
+    _mm256_storeu_ps(d + 8, _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc_high))));
 }
 
 /* Q6_K part p = 4h + k: low nibbles in ql[64h + 32(k % 2) ..] (high halves for k >= 2), top two
@@ -202,63 +221,67 @@ MOE_INLINE float hsum256(__m256 v) {
 }
 
 /* acc[v][0..1] += block . x[v] (x[v] at this block's values); GROUP 32 parts alternate their
- * running sum starting at `slot`, GROUP 16 parts use both; mins go to macc[v]. */
-#define DEFINE_BLOCK_DOT(NAME, QK, GROUP, HAS_MIN)                                                    \
-    MOE_INLINE void block_dot_##NAME(const uint8_t * blk, const float * const * xs, int64_t off,       \
-                                     const int nvec, int slot, __m256 (*acc)[2], __m256 * macc) {     \
-        float d[QK / GROUP], m[HAS_MIN ? QK / GROUP : 1];                                             \
-        scales_##NAME(blk, d, m);                                                                      \
-        _Pragma("GCC unroll 8") for (int p = 0; p < QK / 32; p++) {                                  \
-            __m256 q[4];                                                                               \
-            part_##NAME(blk, p, q);                                                                    \
-            for (int v = 0; v < nvec; v++) {                                                           \
-                const float * x = xs[v] + off + 32 * p;                                               \
-                const __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);                    \
-                const __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);              \
-                if (GROUP == 32) {                                                                     \
-                    __m256 t = _mm256_fmadd_ps(q[1], x1, _mm256_mul_ps(q[0], x0));                    \
-                    t = _mm256_fmadd_ps(q[3], x3, _mm256_fmadd_ps(q[2], x2, t));                      \
-                    const int s = (slot + p) & 1;                                                     \
-                    acc[v][s] = _mm256_fmadd_ps(_mm256_set1_ps(d[p]), t, acc[v][s]);                  \
-                    if (HAS_MIN)                                                                       \
-                        macc[v] = _mm256_fnmadd_ps(_mm256_set1_ps(m[p]),                               \
-                                                   _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)), macc[v]); \
-                } else {                                                                               \
-                    const __m256 t0 = _mm256_fmadd_ps(q[1], x1, _mm256_mul_ps(q[0], x0));             \
-                    const __m256 t1 = _mm256_fmadd_ps(q[3], x3, _mm256_mul_ps(q[2], x2));             \
-                    acc[v][0] = _mm256_fmadd_ps(_mm256_set1_ps(d[2 * p]), t0, acc[v][0]);             \
-                    acc[v][1] = _mm256_fmadd_ps(_mm256_set1_ps(d[2 * p + 1]), t1, acc[v][1]);         \
-                }                                                                                      \
-            }                                                                                          \
-        }                                                                                              \
+ * running sum starting at `slot`, GROUP 16 parts use both; the mins (8 groups of 32 per block)
+ * against the sums of x[v]'s groups of 32, computed once per call, go to the same running sums
+ * (so that they cancel block by block, not at the end). */
+#define DEFINE_BLOCK_DOT(NAME, QK, GROUP, HAS_MIN)                                                            \
+    MOE_INLINE void block_dot_##NAME(const uint8_t * blk, const float * const * xs,                           \
+                                     const float * const * sums, int64_t off, const int nvec,                 \
+                                     int slot, __m256 (*acc)[2]) {                                            \
+        float d[QK / GROUP], m[HAS_MIN ? 8 : 1];                                                              \
+        scales_##NAME(blk, d, m);                                                                             \
+        if (HAS_MIN)                                                                                          \
+            for (int v = 0; v < nvec; v++)                                                                    \
+                acc[v][slot] = _mm256_fnmadd_ps(_mm256_loadu_ps(m), _mm256_loadu_ps(sums[v] + off / 32),     \
+                                                acc[v][slot]);                                                \
+        _Pragma("GCC unroll 8") for (int p = 0; p < QK / 32; p++) {                                           \
+            __m256 q[4];                                                                                      \
+            part_##NAME(blk, p, q);                                                                           \
+            for (int v = 0; v < nvec; v++) {                                                                  \
+                const float * x = xs[v] + off + 32 * p;                                                       \
+                const __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);                            \
+                const __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);                      \
+                if (GROUP == 32) {                                                                            \
+                    __m256 t = _mm256_fmadd_ps(q[1], x1, _mm256_mul_ps(q[0], x0));                            \
+                    t = _mm256_fmadd_ps(q[3], x3, _mm256_fmadd_ps(q[2], x2, t));                              \
+                    const int s = (slot + p) & 1;                                                             \
+                    acc[v][s] = _mm256_fmadd_ps(_mm256_set1_ps(d[p]), t, acc[v][s]);                          \
+                } else {                                                                                      \
+                    const __m256 t0 = _mm256_fmadd_ps(q[1], x1, _mm256_mul_ps(q[0], x0));                     \
+                    const __m256 t1 = _mm256_fmadd_ps(q[3], x3, _mm256_mul_ps(q[2], x2));                     \
+                    acc[v][0] = _mm256_fmadd_ps(_mm256_set1_ps(d[2 * p]), t0, acc[v][0]);                     \
+                    acc[v][1] = _mm256_fmadd_ps(_mm256_set1_ps(d[2 * p + 1]), t1, acc[v][1]);                 \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
     }
 
 /* Blocks in pairs, so that one-part blocks alternate their running sums too; one copy of the loop
  * per vector count, so the sums stay in registers. */
-#define DEFINE_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN)                                                \
-    DEFINE_BLOCK_DOT(NAME, QK, GROUP, HAS_MIN)                                                          \
-    MOE_INLINE void row_dot_##NAME##_n(const uint8_t * restrict row, int64_t n, const float * const * xs, \
-                                       const int nvec, float * out) {                                  \
-        __m256 acc[MAX_VECS][2], macc[MAX_VECS];                                                        \
-        for (int v = 0; v < nvec; v++) acc[v][0] = acc[v][1] = macc[v] = _mm256_setzero_ps();          \
-        const int64_t nb = n / QK;                                                                      \
-        int64_t b = 0;                                                                                  \
-        for (; b + 1 < nb; b += 2) {                                                                    \
-            block_dot_##NAME(row + b * BYTES, xs, b * QK, nvec, 0, acc, macc);                          \
-            block_dot_##NAME(row + (b + 1) * BYTES, xs, (b + 1) * QK, nvec, 1, acc, macc);              \
-        }                                                                                               \
-        if (b < nb) block_dot_##NAME(row + b * BYTES, xs, b * QK, nvec, 0, acc, macc);                  \
-        for (int v = 0; v < nvec; v++)                                                                  \
-            out[v] = hsum256(_mm256_add_ps(_mm256_add_ps(acc[v][0], acc[v][1]), macc[v]));             \
-    }                                                                                                   \
-    static void row_dot_##NAME(const uint8_t * restrict row, int64_t n, const float * const * xs,       \
-                               int nvec, float * out) {                                                 \
-        switch (nvec) {                                                                                 \
-        case 1: row_dot_##NAME##_n(row, n, xs, 1, out); break;                                          \
-        case 2: row_dot_##NAME##_n(row, n, xs, 2, out); break;                                          \
-        case 3: row_dot_##NAME##_n(row, n, xs, 3, out); break;                                          \
-        default: row_dot_##NAME##_n(row, n, xs, 4, out); break;                                         \
-        }                                                                                               \
+#define DEFINE_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN)                                                       \
+    DEFINE_BLOCK_DOT(NAME, QK, GROUP, HAS_MIN)                                                                \
+    MOE_INLINE void row_dot_##NAME##_n(const uint8_t * restrict row, int64_t n, const float * const * xs,     \
+                                       const float * const * sums, const int nvec, float * out) {             \
+        __m256 acc[MAX_VECS][2];                                                                              \
+        for (int v = 0; v < nvec; v++) acc[v][0] = acc[v][1] = _mm256_setzero_ps();                           \
+        const int64_t nb = n / QK;                                                                            \
+        int64_t b = 0;                                                                                        \
+        for (; b + 1 < nb; b += 2) {                                                                          \
+            block_dot_##NAME(row + b * BYTES, xs, sums, b * QK, nvec, 0, acc);                                \
+            block_dot_##NAME(row + (b + 1) * BYTES, xs, sums, (b + 1) * QK, nvec, 1, acc);                    \
+        }                                                                                                     \
+        if (b < nb) block_dot_##NAME(row + b * BYTES, xs, sums, b * QK, nvec, 0, acc);                        \
+        for (int v = 0; v < nvec; v++)                                                                        \
+            out[v] = hsum256(_mm256_add_ps(acc[v][0], acc[v][1]));                                            \
+    }                                                                                                         \
+    static void row_dot_##NAME(const uint8_t * restrict row, int64_t n, const float * const * xs,             \
+                               const float * const * sums, int nvec, float * out) {                           \
+        switch (nvec) {                                                                                       \
+        case 1: row_dot_##NAME##_n(row, n, xs, sums, 1, out); break;                                          \
+        case 2: row_dot_##NAME##_n(row, n, xs, sums, 2, out); break;                                          \
+        case 3: row_dot_##NAME##_n(row, n, xs, sums, 3, out); break;                                          \
+        default: row_dot_##NAME##_n(row, n, xs, sums, 4, out); break;                                         \
+        }                                                                                                     \
     }
 
 #endif
