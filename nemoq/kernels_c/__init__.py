@@ -78,6 +78,20 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _POOL
 
 
+def quantizer_inputs(fmt: str, block: int, x: np.ndarray, importance: np.ndarray | None):
+    """Rows as contiguous float32 (rows, n) and the importance as float32 (n,), checked."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = x.reshape(-1, x.shape[-1])
+    n = x.shape[1]
+    if n % block:
+        raise ValueError(f"{fmt}: row length {n} is not a multiple of the block size {block}")
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32)
+        if importance.shape != (n,):
+            raise ValueError(f"{fmt}: importance has shape {importance.shape}, expected ({n},)")
+    return x, importance
+
+
 def quantize_rows(fmt: str, x: np.ndarray, importance: np.ndarray | None = None,
                   threads: int | None = None) -> np.ndarray:
     """float32 (rows, n) -> uint8 (rows, n / block * bytes) with the C kernel of `fmt`.
@@ -86,14 +100,8 @@ def quantize_rows(fmt: str, x: np.ndarray, importance: np.ndarray | None = None,
     equal nemoq.quant.formats.FORMATS[fmt].quantize(x, importance). Q8_0 ignores it, as ggml.
     """
     block, size = KERNEL_FORMATS[fmt]
-    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    x, importance = quantizer_inputs(fmt, block, x, importance)
     n = x.shape[1]
-    if n % block:
-        raise ValueError(f"{fmt}: row length {n} is not a multiple of the block size {block}")
-    if importance is not None:
-        importance = np.ascontiguousarray(importance, dtype=np.float32)
-        if importance.shape != (n,):
-            raise ValueError(f"{fmt}: importance has shape {importance.shape}, expected ({n},)")
     out = np.empty((x.shape[0], n // block * size), dtype=np.uint8)
     if x.shape[0]:
         imp = None if importance is None else importance.ctypes.data

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nemoq.kernels_c import quantizer_inputs
 from nemoq.kernels_c.cuda import NVCC_FLAGS, build_and_load
 
 SOURCE = Path(__file__).resolve().parent / "quants.cu"
@@ -83,15 +84,8 @@ def _quantize(fmt: str, x, importance, emulate: bool) -> tuple[np.ndarray, float
     if fmt not in CUDA_QUANT_FORMATS:
         raise ValueError(f"{fmt!r}: the CUDA quantizer handles {', '.join(CUDA_QUANT_FORMATS)}")
     type_id, block, size = CUDA_QUANT_FORMATS[fmt]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    x = x.reshape(-1, x.shape[-1])
+    x, importance = quantizer_inputs(fmt, block, x, importance)
     n = x.shape[1]
-    if n % block:
-        raise ValueError(f"{fmt}: row length {n} is not a multiple of the block size {block}")
-    if importance is not None:
-        importance = np.ascontiguousarray(importance, dtype=np.float32)
-        if importance.shape != (n,):
-            raise ValueError(f"{fmt}: importance has shape {importance.shape}, expected ({n},)")
     lib = library()
     if lib is None:
         raise CudaUnavailable(f"nemoq CUDA quantizer unavailable: {_load()[1]}")
