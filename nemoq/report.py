@@ -148,10 +148,11 @@ def expert_coverage(console: Console, coverage, few_share: float, fallback: str)
     """Per MoE layer: tokens per routed expert, and the experts the imatrix barely or never saw."""
     if not coverage:
         return
-    labels = "|".join(label for label, _ in coverage[0].buckets)
-    table = Table(title="calibration tokens per routed expert")
-    for col in ("layer", "min", "median", "max", f"experts {labels} x mean", "unseen", "few"):
-        table.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
+    labels = " | ".join(label for label, _ in coverage[0].buckets)
+    table = Table(title="calibration tokens per routed expert",
+                  caption=f"histogram: experts with {labels} x mean tokens")
+    for col in ("layer", "min", "median", "max", "histogram", "unseen", "few"):
+        table.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True, min_width=len(col))
     for layer in coverage:
         lo, mid, hi = layer.stats
         table.add_row(layer.tensor.rsplit(".", 2)[0], str(lo), f"{mid:g}", str(hi),
