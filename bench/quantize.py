@@ -41,10 +41,12 @@ def held_out_text() -> str:
     return "\n\n".join(load_texts("val"))
 
 
-def nemoq_quantize(src: Path, out: Path, recipe: str, imatrix: Path | None = None) -> float:
+def nemoq_quantize(src: Path, out: Path, recipe: str, imatrix: Path | None = None,
+                   tensor_scales: bool = True) -> float:
     start = time.perf_counter()
     source = open_source(src)
-    typed = plan_types([t.spec for t in source.plan.tensors], RECIPES[recipe], source.layer_kinds)
+    typed = plan_types([t.spec for t in source.plan.tensors], RECIPES[recipe], source.layer_kinds,
+                       tensor_scales=tensor_scales)
     weights = read_imatrix(imatrix) if imatrix else None
     write_gguf(source, out, chooser(typed, weights), RECIPES[recipe].file_type, force=True)
     return time.perf_counter() - start
@@ -66,12 +68,7 @@ def ggml_fp4_quantize(src: Path, out: Path, recipe: str) -> float:
         return nemoq_own(self, x, importance)
     encodings.BlockEncoding.quantize = quantize
     try:
-        start = time.perf_counter()
-        source = open_source(src)
-        typed = plan_types([t.spec for t in source.plan.tensors], RECIPES[recipe], source.layer_kinds,
-                           tensor_scales=False)
-        write_gguf(source, out, chooser(typed), RECIPES[recipe].file_type, force=True)
-        return time.perf_counter() - start
+        return nemoq_quantize(src, out, recipe, tensor_scales=False)
     finally:
         encodings.BlockEncoding.quantize = nemoq_own
 

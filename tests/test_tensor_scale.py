@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nemoq.quant.encodings import BLOCK_ENCODINGS
-from nemoq.quant.tensor_scale import SCALE_RULES, ScaledEncoding, best_scale, dequantize, matrix_scale
+from nemoq.quant.tensor_scale import SCALE_RULES, ScaledEncoding, best_scale, matrix_scale
 from tests.conftest import run_cli
 from tests.gguf_edit import dequantized, rewrite_gguf
 
@@ -44,7 +44,7 @@ def test_each_matrix_is_quantized_divided_by_its_own_scale(fmt):
     for e in range(3):
         expected = base.quantize(x[e] / scales[e])
         np.testing.assert_array_equal(data.reshape(3, 32, -1)[e], expected)
-        y = dequantize(fmt, data.reshape(3, 32, -1)[e]) * scales[e]
+        y = BLOCK_ENCODINGS[fmt].dequantize(data.reshape(3, 32, -1)[e]) * scales[e]
         assert np.abs(y - x[e]).max() <= 0.5 * np.abs(x[e]).max()
 
 
@@ -61,9 +61,9 @@ def test_nvfp4_with_small_weights_is_more_accurate_with_a_tensor_scale():
     # |w| ~ 0.01: without a tensor scale, max/6 per block is an E4M3 subnormal (< 2^-6)
     x = experts(n=1, rows=64, cols=256, std=0.002)[0]
     base = BLOCK_ENCODINGS["nvfp4"]
-    plain = np.square(dequantize("nvfp4", base.quantize(x)) - x).sum()
+    plain = np.square(base.dequantize(base.quantize(x)) - x).sum()
     data, scales = encode_in_chunks("nvfp4", x[None], 64)
-    scaled = np.square(dequantize("nvfp4", data) * scales[0] - x).sum()
+    scaled = np.square(base.dequantize(data) * scales[0] - x).sum()
     assert scaled < 0.7 * plain
 
 
@@ -74,7 +74,7 @@ def test_mxfp4_scale_search_is_no_worse_than_the_octave_start():
     base, rule = BLOCK_ENCODINGS["mxfp4"], SCALE_RULES["mxfp4"]
 
     def error(scale):
-        return float((np.square(dequantize("mxfp4", base.quantize(x / scale, w)) * scale - x) * w).sum())
+        return float((np.square(base.dequantize(base.quantize(x / scale, w)) * scale - x) * w).sum())
     chosen = best_scale(base, x, w, rule)
     candidates = [matrix_scale(x, rule.full_scale) * 2.0 ** (-k / rule.factors) for k in range(rule.factors)]
     assert error(chosen) == pytest.approx(min(error(np.float32(c)) for c in candidates))

@@ -21,6 +21,11 @@ from nemoq.convert.safetensors_reader import TensorRef
 from nemoq.errors import NemoqError
 
 
+def matrices_in(shape: tuple[int, ...]) -> int:
+    """How many matrices a tensor holds: one per expert for an (E, out, in) stack, else one."""
+    return shape[0] if len(shape) == 3 else 1
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """What config.json says one GGUF tensor is: enough to plan types and sizes without weights."""
@@ -40,6 +45,10 @@ class TensorSpec:
     @property
     def row_width(self) -> int:
         return self.shape[-1]
+
+    @property
+    def n_matrices(self) -> int:
+        return matrices_in(self.shape)
 
 
 @dataclass(frozen=True)

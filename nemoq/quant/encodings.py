@@ -43,6 +43,12 @@ class BlockEncoding:
             return kernels_c.quantize_rows(self.name, x, importance, threads=kernels_c.THREADS)
         return self.reference(x, importance)
 
+    def dequantize(self, blocks: np.ndarray) -> np.ndarray:
+        """Block bytes -> float32 rows: the C kernel when built (same values), else numpy."""
+        if kernels_c.available(self.name):
+            return kernels_c.dequantize_rows(self.name, blocks)
+        return FORMATS[self.name].dequantize(blocks)
+
     def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray:
         x = widen_to_float32(rows, source_dtype)
         return self.quantize(x).reshape(*x.shape[:-1], -1)

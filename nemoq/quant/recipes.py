@@ -165,8 +165,7 @@ class TypedTensor:
     @property
     def nbytes(self) -> int:
         from nemoq.quant.tensor_scale import takes_scale
-        n_matrices = self.spec.shape[0] if len(self.spec.shape) == 3 else 1
-        scales = 4 * n_matrices if self.scaled and takes_scale(self.spec, self.type) else 0   # `<name>.scale`
+        scales = 4 * self.spec.n_matrices if self.scaled and takes_scale(self.spec, self.type) else 0  # `.scale`
         return type_bytes(self.type, self.spec.n_elements) + scales
 
     @property
@@ -273,8 +272,7 @@ def chooser(typed: list[TypedTensor], imatrix=None):
         if typed_tensor.scaled and takes_scale(typed_tensor.spec, typed_tensor.type):
             encoding = ScaledEncoding(encoding, planned.shape, importance)
         elif importance is not None and hasattr(encoding, "with_importance"):
-            rows_per_matrix = planned.shape[-2] if len(planned.shape) == 3 else planned.shape[0]
-            encoding = encoding.with_importance(importance, rows_per_matrix)
+            encoding = encoding.with_importance(importance, rows_per_matrix=planned.shape[-2])
         # NVFP4 wanted from a ModelOpt NVFP4 tensor: NVIDIA's blocks are kept, not re-quantized
         return keep_stored_nvfp4(planned, encoding, scale_tensors=typed_tensor.scaled)
     return choose
@@ -288,7 +286,7 @@ def check_imatrix(typed: list[TypedTensor], imatrix, path) -> list[str]:
         spec = specs.get(name)
         if spec is None:
             raise NemoqError(f"imatrix does not match the model: it has {name}, the model does not", path)
-        n_mat = spec.shape[0] if len(spec.shape) == 3 else 1
+        n_mat = spec.n_matrices
         if sums.shape[-1] != spec.row_width or sums.shape[0] not in (1, n_mat):
             raise NemoqError(f"imatrix does not match the model: {name} has {sums.shape[0]} x {sums.shape[-1]} "
                              f"statistics, the model's tensor needs {n_mat} x {spec.row_width}", path)

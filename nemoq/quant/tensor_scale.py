@@ -21,6 +21,7 @@ import numpy as np
 
 from nemoq.convert.dtypes import Companion
 from nemoq.convert.mapping import SCALE_LOADED
+from nemoq.convert.plan import matrices_in
 from nemoq.quant.encodings import BlockEncoding, widen_to_float32
 
 
@@ -72,7 +73,7 @@ class ScaledEncoding:
         self.base, self.ggml_type = base, base.ggml_type
         self.rule = SCALE_RULES[base.name]
         self.rows_per_matrix = shape[-2]
-        self.n_matrices = shape[0] if len(shape) == 3 else 1
+        self.n_matrices = matrices_in(shape)
         self.importance = None if importance is None else importance.reshape(-1, importance.shape[-1])
         self.scales = np.ones(self.n_matrices, dtype=np.float32)
         self._width = shape[-1]
@@ -115,7 +116,6 @@ class ScaledEncoding:
         return out
 
 
-
 def best_scale(base: BlockEncoding, x: np.ndarray, importance: np.ndarray | None, rule: ScaleRule) -> np.float32:
     """The rule's candidate scale with the lowest (importance-)weighted error on sample rows."""
     start = matrix_scale(x, rule.full_scale)
@@ -128,15 +128,7 @@ def best_scale(base: BlockEncoding, x: np.ndarray, importance: np.ndarray | None
     scales = (start * 2.0 ** (-np.arange(rule.factors) / rule.factors)).astype(np.float32)
     # every candidate in one quantizer call: (factors * rows, n) rows
     scaled = rows[None, :, :] / scales[:, None, None]
-    values = dequantize(base.name, base.quantize(scaled.reshape(-1, x.shape[-1]), importance))
+    values = base.dequantize(base.quantize(scaled.reshape(-1, x.shape[-1]), importance))
     diff = values.reshape(scaled.shape) * scales[:, None, None] - rows[None]
     errors = np.einsum("fij,fij->fj", diff, diff) @ w
     return scales[int(np.argmin(errors))]
-
-
-def dequantize(fmt: str, blocks: np.ndarray) -> np.ndarray:
-    from nemoq import kernels_c
-    from nemoq.quant.formats import FORMATS
-    if kernels_c.available(fmt):
-        return kernels_c.dequantize_rows(fmt, blocks)
-    return FORMATS[fmt].dequantize(blocks)
