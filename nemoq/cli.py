@@ -106,6 +106,12 @@ def quantize(
          split_max_size=parse_size(split_max_size) if split_max_size else 0)
 
 
+def _alternatives(typed, specs, layer_kinds) -> list[tuple[str, float]]:
+    """The recipes to suggest when most of the weights fell back (none otherwise)."""
+    from nemoq.quant.recipes import recipes_that_fit, summarize
+    return recipes_that_fit(specs, layer_kinds) if summarize(typed).warn_fallbacks else []
+
+
 def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: list[str], dry_run: bool,
               imatrix_path: Optional[Path], tensor_scales: bool = True, **options) -> None:
     from nemoq import report
@@ -122,8 +128,10 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
         from nemoq.convert.plan import tensor_specs
         from nemoq.convert.source import resolve_config
         config = load_config(resolve_config(src))
-        typed = plan_types(tensor_specs(config), recipe, config.layer_kinds, parsed, tensor_scales)
-        report.quant_plan(Console(), typed, summarize(typed), recipe)
+        specs = tensor_specs(config)
+        typed = plan_types(specs, recipe, config.layer_kinds, parsed, tensor_scales)
+        report.quant_plan(Console(), typed, summarize(typed), recipe,
+                          alternatives=_alternatives(typed, specs, config.layer_kinds))
         return
     if outfile is None:
         raise NemoqError("--outfile is required (or use --dry-run)")
@@ -141,7 +149,8 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
                           f"(e.g. {escape(uncovered[0])}): quantized without importance")
     with report.byte_progress(console, "quantizing", plan_bytes(source.plan)) as advance:
         result = write_gguf(source, outfile, chooser(typed, imatrix), recipe.file_type, on_progress=advance, **options)
-    report.quant_plan(Console(), typed, summarize(typed), recipe, table=False)
+    report.quant_plan(Console(), typed, summarize(typed), recipe, table=False,
+                      alternatives=_alternatives(typed, [t.spec for t in source.plan.tensors], source.layer_kinds))
     report.conversion_summary(console, result, [])
     from nemoq.convert.modelopt_gguf import kept_as_stored
     kept = kept_as_stored(result.tensors)

@@ -124,7 +124,7 @@ def cuda_info(console: Console, status, moe_formats, quant_formats) -> None:
         console.print(f"    formats: {', '.join(formats)}")
 
 
-def quant_plan(console: Console, typed, summary, recipe, table: bool = True) -> None:
+def quant_plan(console: Console, typed, summary, recipe, table: bool = True, alternatives=()) -> None:
     if table:
         t = Table(title=f"{recipe.name}: {recipe.description}")
         for col in ("tensor", "shape (ne)", "type", "bytes", "why"):
@@ -138,10 +138,16 @@ def quant_plan(console: Console, typed, summary, recipe, table: bool = True) -> 
     console.print(f"[bold]{recipe.name}[/]: {summary.n_elements:,} weights, {human_bytes(summary.total_bytes)}"
                   f"{decimal}, [bold]{summary.bits_per_weight:.2f} bits per weight[/]")
     if summary.fallback_tensors:
-        colour = "bold yellow" if summary.fallback_share > 0.10 else "yellow"
+        colour = "bold yellow" if summary.warn_fallbacks else "yellow"
         console.print(f"[{colour}]{summary.fallback_tensors} tensor(s) fell back to another type "
                       f"({100 * summary.fallback_share:.1f}% of the quantized weights): their rows are not a "
                       f"multiple of the wanted type's block[/]")
+    if summary.warn_fallbacks:
+        console.print(f"[bold yellow]{recipe.name}'s types would make {summary.wanted_bits_per_weight:.2f} bits "
+                      f"per weight; with the fallbacks this file has {summary.bits_per_weight:.2f}.[/]")
+        if alternatives:
+            listed = ", ".join(f"{name} ({bpw:.2f} bpw)" for name, bpw in alternatives)
+            console.print(f"[yellow]Recipes whose formats fit this model's widths: {listed}[/]")
 
 
 def expert_coverage(console: Console, coverage, few_share: float, fallback: str) -> None:

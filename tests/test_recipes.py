@@ -69,6 +69,17 @@ def test_dry_run_prints_plan_without_weights_or_output(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_recipe_that_mostly_falls_back_says_what_it_costs_and_what_fits():
+    output = " ".join(run_cli("quantize", REAL, "--recipe", "Q4_K_M", "--dry-run").output.split())
+    summary = summarize(typed_for(load_config(REAL), "Q4_K_M"))
+    assert summary.wanted_bits_per_weight < 5.1 and summary.bits_per_weight > 6.1   # llama.cpp's 24.5 GB file
+    assert f"would make {summary.wanted_bits_per_weight:.2f} bits per weight" in output
+    assert f"this file has {summary.bits_per_weight:.2f}" in output
+    assert "NQ4 (4.69 bpw)" in output and "Q4_K_S" not in output.split("fit this model's widths")[1]
+    output = run_cli("quantize", REAL, "--recipe", "NQ4", "--dry-run").output
+    assert "fell back" not in output and "fit this model" not in output
+
+
 def test_unknown_recipe_and_bad_override_are_clear_errors():
     result = run_cli("quantize", REAL, "--recipe", "Q3_XYZ", "--dry-run")
     assert result.exit_code == 1 and "unknown recipe" in result.output and "NQ4" in result.output
@@ -122,3 +133,47 @@ def test_quantize_refuses_an_already_quantized_gguf(tiny_model, tmp_path):
     result = run_cli("quantize", q, "-o", tmp_path / "again.gguf", "--recipe", "NQ4")
     assert result.exit_code == 1 and "already quantized" in result.output
     assert not (tmp_path / "again.gguf").exists()
+
+
+# llama.cpp's recipes (the ones llama_model_quantize writes): nemoq types every tensor as
+# llama.cpp does, on the trained model (8 experts: llama.cpp's 8-expert attention rules) and on
+# a random one with 16 experts, five attention layers (its use_more_bits counts attention
+# layers for attn_v) and 256-wide rows where the k-quants fit.
+LLAMA_RECIPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "IQ4_NL", "MXFP4_MOE")
+# nemoq has no Q5_1, llama.cpp's fallback for Q5_K rows that are not a multiple of 256
+NO_Q5_1 = {"Q5_1": "Q5_0"}
+
+
+@pytest.fixture(scope="module")
+def wide_attention_gguf(tmp_path_factory):
+    from tests.conftest import convert
+    from tests.fixtures.checkpoints import write_checkpoint
+    root = tmp_path_factory.mktemp("wide-attention")
+    model = write_checkpoint(root / "model", dtype="float32", config_overrides=dict(
+        hybrid_override_pattern="M*E*M*E*M*E", hidden_size=256, n_routed_experts=16,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32, moe_intermediate_size=96,
+        moe_shared_expert_intermediate_size=128))
+    return model, convert(model, root / "f32.gguf", "--outtype", "f32")
+
+
+def llama_types(src, out, ftype: int) -> dict[str, str]:
+    import ctypes
+
+    import llama_cpp
+
+    from nemoq.gguf_file import read_gguf
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread, params.ftype = 2, ftype
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    return {t.name: NO_Q5_1.get(t.type_name, t.type_name) for t in read_gguf(out).tensors}
+
+
+@pytest.mark.parametrize("recipe", LLAMA_RECIPES)
+def test_llama_cpp_recipes_type_every_tensor_as_llama_cpp(recipe, tiny_model, tiny_gguf_f32,
+                                                          wide_attention_gguf, tmp_path):
+    for model, f32 in ((tiny_model, tiny_gguf_f32), wide_attention_gguf):
+        config = load_config(model)
+        ours = {t.spec.name: t.type.upper()
+                for t in plan_types(tensor_specs(config), RECIPES[recipe], config.layer_kinds)}
+        theirs = llama_types(f32, tmp_path / f"{recipe}.gguf", RECIPES[recipe].file_type.value)
+        assert ours == theirs, {k: (v, theirs.get(k)) for k, v in ours.items() if theirs.get(k) != v}

@@ -29,10 +29,12 @@ def type_bytes(type_name: str, n_elements: int) -> int:
     return n_elements // block * size
 
 
-# When a type's block does not divide the row width: the next format to try, and why it is
-# the honest choice (about the same bits per weight, a 32- or 64-value block).
+# When a type's block does not divide the row width: the next format to try. For the types of
+# llama.cpp's recipes this is llama.cpp's own table (tensor_type_fallback), so a recipe with
+# its name makes the same file and the two compare tensor for tensor; the plan says how many
+# weights fell back and what that costs in bits. nemoq has no Q5_1, llama.cpp's choice for Q5_K.
 FALLBACKS = {
-    "q4_k": "iq4_nl",   # 4.5 bpw either way (llama.cpp's own choice, q5_0, costs 5.5)
+    "q4_k": "q5_0",     # 4.5 -> 5.5 bpw (for a 4-bit file at these widths: IQ4_NL, NQ4)
     "q5_k": "q5_0",     # 5.5 bpw either way
     "q6_k": "q8_0",     # no 32-block 6-bit format; 8.5 bpw
     "iq4_nl": "q8_0",
@@ -44,17 +46,39 @@ FALLBACKS = {
 }
 
 
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth, and every third one between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
 @dataclass(frozen=True)
 class LayerFacts:
-    """What layer predicates may ask about the model."""
+    """What rule predicates may ask about the model."""
     layer_kinds: tuple[str, ...]
+    n_experts: int = 0
+
+    @classmethod
+    def from_specs(cls, specs: list[TensorSpec], layer_kinds: tuple[str, ...]) -> "LayerFacts":
+        shapes = {s.name.split(".", 2)[-1]: s.shape for s in specs if s.layer is not None}
+        return cls(layer_kinds, shapes.get("ffn_up_exps.weight", (0,))[0])
 
     def more_bits(self, layer: int | None) -> bool:
-        """llama.cpp's use_more_bits: the first and last eighth, and every third layer between."""
-        if layer is None:
-            return False
-        n = len(self.layer_kinds)
-        return layer < n // 8 or layer >= 7 * n // 8 or (layer - n // 8) % 3 == 2
+        """use_more_bits over all layers (llama.cpp's ffn_down rule: the block index)."""
+        return layer is not None and use_more_bits(layer, len(self.layer_kinds))
+
+    def _attention_ordinal(self, layer: int | None) -> int | None:
+        if layer is None or self.layer_kinds[layer] != "attention":
+            return None
+        return self.layer_kinds[:layer].count("attention")
+
+    def more_bits_attention(self, layer: int | None) -> bool:
+        """use_more_bits over the attention layers (llama.cpp's attn_v rule counts attn_v tensors)."""
+        i = self._attention_ordinal(layer)
+        return i is not None and use_more_bits(i, self.layer_kinds.count("attention"))
+
+    def first_four_attention(self, layer: int | None) -> bool:
+        i = self._attention_ordinal(layer)
+        return i is not None and i < 4
 
     def next_to_attention(self, layer: int | None) -> bool:
         """A Mamba layer whose nearest mixer neighbour (skipping MoE layers) is attention."""
@@ -75,8 +99,13 @@ class LayerFacts:
 PREDICATES: dict[str, Callable[[LayerFacts, int | None], bool]] = {
     "always": lambda facts, layer: True,
     "more_bits": LayerFacts.more_bits,
+    "more_bits_attention": LayerFacts.more_bits_attention,
+    "first_four_attention": LayerFacts.first_four_attention,
     "next_to_attention": LayerFacts.next_to_attention,
     "first_eighth": LayerFacts.first_eighth,
+    # llama.cpp's rules for 8-expert models (written for Mixtral; they apply to any n_expert == 8,
+    # the tiny test model included, not to Nemotron 3 Nano's 128)
+    "eight_experts": lambda facts, layer: facts.n_experts == 8,
 }
 
 
@@ -101,28 +130,38 @@ EXPERTS = r"ffn_(up|down)_exps"
 MAMBA = r"ssm_(in|out)"
 ATTENTION = r"attn_(q|k|v|output)\.weight"
 
+# llama.cpp's rules shared by its recipes (llama_tensor_get_type): the output projection in
+# Q6_K, and for 8-expert models attention K/V in Q8_0 and (4-bit mixes) attention output in Q5_K.
+OUTPUT_Q6_K = Rule(r"^output\.weight", "q6_k", why="output projection")
+EIGHT_EXPERT_KV = (Rule(r"attn_[kv]\.weight", "q8_0", "eight_experts", "llama.cpp: attention K/V of 8-expert models"),)
+EIGHT_EXPERT_OUT = Rule(r"attn_output\.weight", "q5_k", "eight_experts", "llama.cpp: attention output of 8-expert models")
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("F32", "f32", FT.ALL_F32, description="no quantization"),
     Recipe("F16", "f16", FT.MOSTLY_F16, description="16-bit floats"),
     Recipe("BF16", "bf16", FT.MOSTLY_BF16, description="bfloat16, a byte copy of a BF16 checkpoint"),
     Recipe("Q8_0", "q8_0", FT.MOSTLY_Q8_0, description="8-bit, near-lossless"),
-    Recipe("Q6_K", "q6_k", FT.MOSTLY_Q6_K, description="6-bit k-quant (rows not a multiple of 256 fall back)"),
+    Recipe("Q6_K", "q6_k", FT.MOSTLY_Q6_K, EIGHT_EXPERT_KV,
+           "6-bit k-quant (rows not a multiple of 256 fall back)"),
     Recipe("Q5_K_M", "q5_k", FT.MOSTLY_Q5_K_M, (
-        Rule(r"^output\.weight", "q6_k", why="output projection"),
-        Rule(r"attn_v\.weight", "q6_k", "more_bits", "llama.cpp's use_more_bits layers"),
+        OUTPUT_Q6_K, *EIGHT_EXPERT_KV,
+        Rule(r"attn_v\.weight", "q6_k", "more_bits_attention", "llama.cpp's use_more_bits attention layers"),
         Rule(r"ffn_down", "q6_k", "more_bits", "llama.cpp's use_more_bits layers"),
     ), "5-bit k-quant mix"),
     Recipe("Q4_K_M", "q4_k", FT.MOSTLY_Q4_K_M, (
-        Rule(r"^output\.weight", "q6_k", why="output projection"),
-        Rule(r"attn_v\.weight", "q6_k", "more_bits", "llama.cpp's use_more_bits layers"),
+        OUTPUT_Q6_K, *EIGHT_EXPERT_KV, EIGHT_EXPERT_OUT,
+        Rule(r"attn_v\.weight", "q6_k", "more_bits_attention", "llama.cpp's use_more_bits attention layers"),
         Rule(r"ffn_down", "q6_k", "more_bits", "llama.cpp's use_more_bits layers"),
     ), "4-bit k-quant mix"),
     Recipe("Q4_K_S", "q4_k", FT.MOSTLY_Q4_K_S, (
-        Rule(r"^output\.weight", "q6_k", why="output projection"),
+        OUTPUT_Q6_K, *EIGHT_EXPERT_KV, EIGHT_EXPERT_OUT,
+        Rule(r"attn_v\.weight", "q5_k", "first_four_attention", "the first four attention layers"),
         Rule(r"ffn_down", "q5_k", "first_eighth", "first eighth of the layers"),
     ), "4-bit k-quant, smaller"),
     Recipe("IQ4_NL", "iq4_nl", FT.MOSTLY_IQ4_NL, (
-        Rule(r"^output\.weight", "q8_0", why="output projection"),
+        OUTPUT_Q6_K, *EIGHT_EXPERT_KV, EIGHT_EXPERT_OUT,
+        # (llama.cpp's attn_v rule for 4+ query heads per KV head reads layer 0's head counts:
+        # a Mamba layer in this architecture, so it never applies)
     ), "4.5-bit non-linear, 32-value blocks (fits every width)"),
     Recipe("MXFP4_MOE", "q8_0", FT.MOSTLY_MXFP4_MOE, (
         Rule(EXPERTS, "mxfp4", why="routed experts in MXFP4, the rest Q8_0 (as llama.cpp)"),
@@ -195,7 +234,8 @@ def _fit(type_name: str, row_width: int) -> tuple[str, str]:
 
 def plan_types(specs: Iterable[TensorSpec], recipe: Recipe, layer_kinds: tuple[str, ...],
                overrides: Iterable[tuple[str, str]] = (), tensor_scales: bool = True) -> list[TypedTensor]:
-    facts = LayerFacts(layer_kinds)
+    specs = list(specs)
+    facts = LayerFacts.from_specs(specs, layer_kinds)
     overrides = list(overrides)
     typed = []
     for spec in specs:
@@ -224,10 +264,19 @@ class PlanSummary:
     fallback_tensors: int
     fallback_elements: int
     quantizable_elements: int
+    wanted_bytes: int      # what the recipe's types would take if every block divided its rows
 
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.total_bytes / max(self.n_elements, 1)
+
+    @property
+    def wanted_bits_per_weight(self) -> float:
+        return 8 * self.wanted_bytes / max(self.n_elements, 1)
+
+    @property
+    def warn_fallbacks(self) -> bool:
+        return self.fallback_share > FALLBACK_WARNING_SHARE
 
     @property
     def fallback_share(self) -> float:
@@ -246,7 +295,22 @@ def summarize(typed: list[TypedTensor]) -> PlanSummary:
         fallback_tensors=len(fallbacks),
         fallback_elements=sum(t.spec.n_elements for t in fallbacks),
         quantizable_elements=sum(t.spec.n_elements for t in quantizable),
+        wanted_bytes=sum(t.nbytes - type_bytes(t.type, t.spec.n_elements) + type_bytes(t.wanted, t.spec.n_elements)
+                         for t in typed),
     )
+
+
+def recipes_that_fit(specs: list[TensorSpec], layer_kinds: tuple[str, ...]) -> list[tuple[str, float]]:
+    """(recipe, bits per weight) of the quantizing recipes whose formats fit this model's widths (no
+    fallback warning), smallest first."""
+    fits = []
+    for recipe in RECIPES.values():
+        if recipe.base in ("f32", "f16", "bf16"):
+            continue
+        summary = summarize(plan_types(specs, recipe, layer_kinds))
+        if not summary.warn_fallbacks:
+            fits.append((recipe.name, summary.bits_per_weight))
+    return sorted(fits, key=lambda fit: fit[1])
 
 
 def encoding_for(type_name: str):
