@@ -14,6 +14,13 @@ per thread run: the up phase splits the I rows of every routed expert into `thre
 the down phase the H output rows, with a join between. Each thread reads its slice of each
 expert once, for all tokens routed to it, and owns its output rows, so the result does not
 depend on `threads`. ctypes releases the GIL for each call.
+
+activations="q8_0" (default "f32") computes what llama.cpp's CPU backend computes: x, and each
+slot's hidden vector after the up phase, are rounded to Q8_0 (ggml's quantize_row_q8_0_ref) once
+per call, and the row dots are integer dot products per 32 values times the two block scales
+(moe_q8.c): faster, and equal to llama.cpp's numerics rather than to float32 x. `moe_hidden` and
+`moe_down` run one phase each (the up phase's hidden vectors, or the down phase fed with given
+ones), for tests and inspection.
 """
 
 from __future__ import annotations
@@ -28,9 +35,9 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq.kernels_c.build import library
-from nemoq.quant.moe_reference import expert_shapes, moe_matvec_reference
+from nemoq.quant.moe_reference import ACTIVATIONS, expert_shapes, moe_matvec_reference, row_bytes
 
-__all__ = ["MOE_FORMATS", "Routing", "route", "moe_matvec", "available"]
+__all__ = ["ACTIVATIONS", "MOE_FORMATS", "Routing", "route", "moe_matvec", "moe_hidden", "moe_down", "available"]
 
 # The block formats the kernel reads, by name; C knows them by ggml type id.
 MOE_FORMATS = ("q8_0", "q5_0", "iq4_nl", "mxfp4", "nvfp4", "q4_k", "q5_k", "q6_k")
@@ -44,13 +51,24 @@ _SIGNATURES = {
     "nemoq_moe_up": ([_p, ctypes.c_int, _i64, _i64, _p, _i64, _p, _p, _p, _p, _p, _i64, _i64], ctypes.c_int),
     # down, type, hidden, n_ff, h, n_groups, group_expert, group_start, slot_token, slot_weight, scale, out, r0, r1
     "nemoq_moe_down": ([_p, ctypes.c_int, _i64, _i64, _p, _i64, _p, _p, _p, _p, _p, _p, _i64, _i64], ctypes.c_int),
+    # x, rows, n, q, d, ds
+    "nemoq_q8_quantize": ([_p, _i64, _i64, _p, _p, _p], None),
+    # up, type, n_ff, hidden, xq, xd, xds, n_groups, group_expert, group_start, slot_token, scale, h, r0, r1
+    "nemoq_moe_q8_up": ([_p, ctypes.c_int, _i64, _i64, _p, _p, _p, _i64, _p, _p, _p, _p, _p, _i64, _i64], ctypes.c_int),
+    # down, type, hidden, n_ff, hq, hd, hds, n_groups, group_expert, group_start, slot_token, slot_weight, scale,
+    # dots, out, r0, r1
+    "nemoq_moe_q8_down": ([_p, ctypes.c_int, _i64, _i64, _p, _p, _p, _i64, _p, _p, _p, _p, _p, _p, _p, _i64, _i64],
+                          ctypes.c_int),
 }
 
 
 def _bind(lib: ctypes.CDLL) -> dict:
+    """The functions `lib` has (a library built from moe.c alone lacks moe_q8.c's)."""
     fns = {}
     for name, (args, res) in _SIGNATURES.items():
-        fn = getattr(lib, name)
+        fn = getattr(lib, name, None)
+        if fn is None:
+            continue
         fn.argtypes, fn.restype = args, res
         fns[name] = fn
     return fns
@@ -74,6 +92,7 @@ class Routing:
     group_start: np.ndarray    # int64 (G + 1,)
     slot_token: np.ndarray     # int32 (S,)
     slot_weight: np.ndarray    # float32 (S,)
+    slot_index: np.ndarray     # int64 (S,): t * k + j for the slot of expert_ids[t, j]
 
     @property
     def n_slots(self) -> int:
@@ -96,7 +115,8 @@ def route(expert_ids, expert_weights, n_experts: int, n_tokens: int) -> Routing:
     order = np.argsort(experts, kind="stable")
     group_expert, counts = np.unique(experts[order], return_counts=True)
     return Routing(group_expert.astype(np.int32), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                   np.ascontiguousarray(tokens[order]), np.ascontiguousarray(weights[order]))
+                   np.ascontiguousarray(tokens[order]), np.ascontiguousarray(weights[order]),
+                   np.flatnonzero(keep)[order].astype(np.int64))
 
 
 @lru_cache(maxsize=4)
@@ -120,45 +140,152 @@ def _scale(scale, n_experts: int, name: str):
     return s, s.ctypes.data
 
 
+def _check_formats(activations: str, **formats: str) -> None:
+    for name, fmt in formats.items():
+        if fmt not in TYPE_IDS:
+            raise ValueError(f"{name} {fmt!r}: the MoE kernel reads {', '.join(MOE_FORMATS)}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations {activations!r}: expected one of {', '.join(ACTIVATIONS)}")
+
+
+def _stack(stack: np.ndarray, fmt: str, width: int, name: str) -> tuple[int, int]:
+    """(experts, rows) of a uint8 stack of rows of `width` values in `fmt`."""
+    if stack.dtype != np.uint8 or stack.ndim != 3 or stack.shape[2] != row_bytes(fmt, width):
+        raise ValueError(f"{name}: expected uint8 (experts, rows, {row_bytes(fmt, width)}) for rows of {width} "
+                         f"{fmt} values, got {stack.dtype} {stack.shape}")
+    if not stack.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (a GGUF tensor or memmap of it is)")
+    return stack.shape[0], stack.shape[1]
+
+
+def _library(activations: str) -> dict:
+    fns = _functions()
+    if fns is None or (activations == "q8_0" and "nemoq_moe_q8_up" not in fns):
+        raise RuntimeError("nemoq_moe: the C kernels are unavailable")
+    return fns
+
+
+def _run(phase, n_rows: int, threads: int, what: str) -> None:
+    """phase((r0, r1)) over n_rows rows split across threads; each returns 0 or a C error code."""
+    ranges = _ranges(n_rows, threads)
+    codes = [phase(ranges[0])] if len(ranges) == 1 else list(_pool(threads).map(phase, ranges))
+    if any(codes):
+        raise RuntimeError(f"nemoq_moe: the C kernel refused {what} (code {codes})")
+
+
+def _q8(fns: dict, v: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(rows, n) float32 -> Q8_0 as the C kernels read it: q int8 (rows, n), block scales d and
+    d * sum(q) float32 (rows, n / 32)."""
+    rows, n = v.shape
+    q, d, ds = np.empty((rows, n), np.int8), np.empty((rows, n // 32), np.float32), np.empty((rows, n // 32), np.float32)
+    fns["nemoq_q8_quantize"](v.ctypes.data, rows, n, q.ctypes.data, d.ctypes.data, ds.ctypes.data)
+    return q, d, ds
+
+
+def _groups(r: Routing) -> tuple:
+    return len(r.group_expert), r.group_expert.ctypes.data, r.group_start.ctypes.data, r.slot_token.ctypes.data
+
+
+def _up_phase(fns, x, r: Routing, up, fmt: str, scale_ptr, threads: int, activations: str) -> np.ndarray:
+    """(S, I) float32: every slot's hidden vector relu(scale * up_e @ x_token)^2."""
+    hidden, n_ff = x.shape[1], up.shape[1]
+    h = np.empty((r.n_slots, n_ff), np.float32)
+    if activations == "f32":
+        def rows(rr):
+            return fns["nemoq_moe_up"](up.ctypes.data, TYPE_IDS[fmt], n_ff, hidden, x.ctypes.data, *_groups(r),
+                                       scale_ptr, h.ctypes.data, *rr)
+    else:
+        xq = _q8(fns, x)
+
+        def rows(rr):
+            return fns["nemoq_moe_q8_up"](up.ctypes.data, TYPE_IDS[fmt], n_ff, hidden, *(a.ctypes.data for a in xq),
+                                          *_groups(r), scale_ptr, h.ctypes.data, *rr)
+    _run(rows, n_ff, threads, f"up {fmt}")
+    return h
+
+
+def _down_phase(fns, h, r: Routing, n_tokens: int, down, fmt: str, scale_ptr, threads: int,
+                activations: str) -> np.ndarray:
+    """(T, H) float32: out[token(s)] += w_s * scale * down_e @ h[s] over the slots."""
+    hidden, n_ff = down.shape[1], h.shape[1]
+    out = np.zeros((n_tokens, hidden), np.float32)
+    if activations == "f32":
+        def rows(rr):
+            return fns["nemoq_moe_down"](down.ctypes.data, TYPE_IDS[fmt], hidden, n_ff, h.ctypes.data, *_groups(r),
+                                         r.slot_weight.ctypes.data, scale_ptr, out.ctypes.data, *rr)
+    else:
+        hq, dots = _q8(fns, h), np.empty((r.n_slots, hidden), np.float32)
+
+        def rows(rr):
+            return fns["nemoq_moe_q8_down"](down.ctypes.data, TYPE_IDS[fmt], hidden, n_ff,
+                                            *(a.ctypes.data for a in hq), *_groups(r), r.slot_weight.ctypes.data,
+                                            scale_ptr, dots.ctypes.data, out.ctypes.data, *rr)
+    _run(rows, hidden, threads, f"down {fmt}")
+    return out
+
+
+def _threads(threads: int | None) -> int:
+    return max(1, threads or os.cpu_count() or 1)
+
+
 def moe_matvec(x, expert_ids, expert_weights, up, down, up_format: str, down_format: str, *,
-               up_scale=None, down_scale=None, threads: int | None = None) -> np.ndarray:
+               up_scale=None, down_scale=None, threads: int | None = None, activations: str = "f32") -> np.ndarray:
     """(T, H) float32: sum_j w_j * down[e_j] @ relu(up_scale[e_j] * up[e_j] @ x_t)^2 * down_scale[e_j].
 
     See the module docstring for the arguments. Falls back to the numpy reference (with one
     warning) when the C kernels cannot be built.
     """
-    for name, fmt in (("up_format", up_format), ("down_format", down_format)):
-        if fmt not in TYPE_IDS:
-            raise ValueError(f"{name} {fmt!r}: the MoE kernel reads {', '.join(MOE_FORMATS)}")
+    _check_formats(activations, up_format=up_format, down_format=down_format)
     x = np.ascontiguousarray(x, dtype=np.float32)
     n_tokens, hidden, n_experts, n_ff = expert_shapes(x, up, down, up_format, down_format)
     fns = _functions()
     if fns is None:
         return moe_matvec_reference(x, expert_ids, expert_weights, up, down, up_format, down_format,
-                                    up_scale, down_scale)
-    if not (up.flags.c_contiguous and down.flags.c_contiguous):
-        raise ValueError("up and down must be C-contiguous (a GGUF tensor or memmap of it is)")
+                                    up_scale, down_scale, activations)
+    fns = _library(activations)
+    _stack(up, up_format, hidden, "up")
+    _stack(down, down_format, n_ff, "down")
     r = route(expert_ids, expert_weights, n_experts, n_tokens)
+    if r.n_slots == 0:
+        return np.zeros((n_tokens, hidden), np.float32)
     up_s, up_s_ptr = _scale(up_scale, n_experts, "up_scale")
     down_s, down_s_ptr = _scale(down_scale, n_experts, "down_scale")
-    h = np.empty((r.n_slots, n_ff), np.float32)
-    out = np.zeros((n_tokens, hidden), np.float32)
+    h = _up_phase(fns, x, r, up, up_format, up_s_ptr, _threads(threads), activations)
+    return _down_phase(fns, h, r, n_tokens, down, down_format, down_s_ptr, _threads(threads), activations)
+
+
+def moe_hidden(x, expert_ids, expert_weights, up, up_format: str, *, up_scale=None, threads: int | None = None,
+               activations: str = "f32") -> np.ndarray:
+    """(T, k, I) float32: the up phase alone, hidden[t, j] = relu(up_scale[e] * up[e] @ x_t)^2 for
+    e = expert_ids[t, j] (zeros where the weight is 0: that slot is skipped). C kernels only."""
+    _check_formats(activations, up_format=up_format)
+    fns = _library(activations)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"x must be (tokens, hidden), got shape {x.shape}")
+    n_experts, n_ff = _stack(up, up_format, x.shape[1], "up")
+    r = route(expert_ids, expert_weights, n_experts, len(x))
+    up_s, up_s_ptr = _scale(up_scale, n_experts, "up_scale")
+    out = np.zeros((len(x) * np.shape(expert_ids)[1], n_ff), np.float32)
+    if r.n_slots:
+        out[r.slot_index] = _up_phase(fns, x, r, up, up_format, up_s_ptr, _threads(threads), activations)
+    return out.reshape(len(x), -1, n_ff)
+
+
+def moe_down(hidden, expert_ids, expert_weights, down, down_format: str, *, down_scale=None,
+             threads: int | None = None, activations: str = "f32") -> np.ndarray:
+    """(T, H) float32: the down phase alone, sum_j w_j * down_scale[e] * down[e] @ hidden[t, j] for
+    given hidden vectors (T, k, I) (rounded to Q8_0 first for activations="q8_0"). C kernels only."""
+    _check_formats(activations, down_format=down_format)
+    fns = _library(activations)
+    hidden = np.asarray(hidden, dtype=np.float32)
+    if hidden.ndim != 3 or hidden.shape[:2] != np.shape(expert_ids):
+        raise ValueError(f"hidden must be (tokens, k, I) for expert_ids {np.shape(expert_ids)}, got {hidden.shape}")
+    n_tokens, n_ff = hidden.shape[0], hidden.shape[2]
+    n_experts, width = _stack(down, down_format, n_ff, "down")
+    r = route(expert_ids, expert_weights, n_experts, n_tokens)
+    down_s, down_s_ptr = _scale(down_scale, n_experts, "down_scale")
     if r.n_slots == 0:
-        return out
-    groups = (len(r.group_expert), r.group_expert.ctypes.data, r.group_start.ctypes.data, r.slot_token.ctypes.data)
-
-    def up_rows(rows):
-        return fns["nemoq_moe_up"](up.ctypes.data, TYPE_IDS[up_format], n_ff, hidden, x.ctypes.data,
-                                   *groups, up_s_ptr, h.ctypes.data, *rows)
-
-    def down_rows(rows):
-        return fns["nemoq_moe_down"](down.ctypes.data, TYPE_IDS[down_format], hidden, n_ff, h.ctypes.data,
-                                     *groups, r.slot_weight.ctypes.data, down_s_ptr, out.ctypes.data, *rows)
-
-    threads = max(1, threads or os.cpu_count() or 1)
-    for phase, n_rows in ((up_rows, n_ff), (down_rows, hidden)):
-        ranges = _ranges(n_rows, threads)
-        codes = [phase(ranges[0])] if len(ranges) == 1 else list(_pool(threads).map(phase, ranges))
-        if any(codes):
-            raise RuntimeError(f"nemoq_moe: the C kernel refused {up_format}/{down_format} (code {codes})")
-    return out
+        return np.zeros((n_tokens, width), np.float32)
+    h = np.ascontiguousarray(hidden.reshape(-1, n_ff)[r.slot_index])
+    return _down_phase(fns, h, r, n_tokens, down, down_format, down_s_ptr, _threads(threads), activations)

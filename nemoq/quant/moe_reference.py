@@ -13,7 +13,12 @@ output (llama.cpp's `<name>.scale` vector beside NVFP4 stacks converted from Mod
 
 `moe_matvec_reference` is the readable definition (float32 math, one expert dequantized at a
 time, as the C kernel computes); `moe_matvec_oracle` is the float64 dequantize-then-matmul
-the kernels are tested against.
+the kernels are tested against, and `moe_up_oracle` / `moe_down_oracle` its two halves.
+
+activations="q8_0" is llama.cpp's CPU numerics: each vector a matrix multiplies (x for the up
+phase, each slot's hidden vector relu(...)^2 for the down phase) is first rounded to Q8_0
+(ggml's quantize_row_q8_0_ref, per 32 values: `quantize_activations`); "f32" (the default)
+uses it as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 
 from nemoq.quant.formats import FORMATS
+
+ACTIVATIONS = ("f32", "q8_0")   # what the matrices multiply: the float32 vector or its Q8_0 rounding
 
 
 def row_bytes(fmt: str, n: int) -> int:
@@ -48,8 +55,24 @@ def expert_shapes(x: np.ndarray, up: np.ndarray, down: np.ndarray, up_format: st
     return n_tokens, hidden, n_experts, n_ff
 
 
+def quantize_activations(v, activations: str) -> np.ndarray:
+    """float32 (..., n): the vectors as the matrices see them: unchanged for "f32"; for "q8_0"
+    Q8_0-quantized per 32 values (bit for bit ggml's) and dequantized."""
+    v = np.asarray(v, dtype=np.float32)
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations {activations!r}: expected one of {', '.join(ACTIVATIONS)}")
+    if activations == "f32":
+        return v
+    q8 = FORMATS["q8_0"]
+    return q8.dequantize(q8.quantize(v.reshape(-1, v.shape[-1]))).reshape(v.shape)
+
+
+def _expert_scale(scale, e) -> np.float32:
+    return np.float32(1 if scale is None else scale[e])
+
+
 def moe_matvec_reference(x, expert_ids, expert_weights, up, down, up_format, down_format,
-                         up_scale=None, down_scale=None) -> np.ndarray:
+                         up_scale=None, down_scale=None, activations="f32") -> np.ndarray:
     """(T, H) float32: the routed-expert output of each token, in float32 like the kernels.
 
     x: (T, H) float32; expert_ids: (T, k) int; expert_weights: (T, k) float32;
@@ -60,30 +83,54 @@ def moe_matvec_reference(x, expert_ids, expert_weights, up, down, up_format, dow
     n_tokens, hidden, n_experts, n_ff = expert_shapes(x, up, down, up_format, down_format)
     out = np.zeros((n_tokens, hidden), np.float32)
     for t in range(n_tokens):
+        xt = quantize_activations(x[t], activations)
         for e, w in zip(expert_ids[t], np.float32(expert_weights[t])):
             if w == 0:
                 continue
             up_e = FORMATS[up_format].dequantize(up[e])        # (I, H)
             down_e = FORMATS[down_format].dequantize(down[e])  # (H, I)
-            h = up_e @ x[t] * np.float32(1 if up_scale is None else up_scale[e])
-            h = np.maximum(h, 0) ** 2
-            out[t] += w * (down_e @ h) * np.float32(1 if down_scale is None else down_scale[e])
+            h = np.maximum(up_e @ xt * _expert_scale(up_scale, e), 0) ** 2
+            out[t] += w * (down_e @ quantize_activations(h, activations)) * _expert_scale(down_scale, e)
+    return out
+
+
+def _dequantized(stack, fmt: str, expert_ids) -> dict:
+    return {e: FORMATS[fmt].dequantize(stack[e]).astype(np.float64) for e in np.unique(np.asarray(expert_ids))}
+
+
+def moe_up_oracle(x, expert_ids, up, up_format, up_scale=None, activations="f32") -> np.ndarray:
+    """(T, k, I) float64: each slot's hidden vector relu(up_scale[e] * up[e] @ x_t)^2, with x
+    (rounded to Q8_0 for activations="q8_0") and the dequantized stack in float64."""
+    x = quantize_activations(x, activations).astype(np.float64)
+    up_f = _dequantized(up, up_format, expert_ids)
+    return np.stack([np.stack([np.maximum(up_f[e] @ x[t] * (1.0 if up_scale is None else up_scale[e]), 0) ** 2
+                               for e in expert_ids[t]]) for t in range(len(x))])
+
+
+def moe_down_oracle(h, expert_ids, expert_weights, down, down_format, down_scale=None,
+                    activations="f32") -> np.ndarray:
+    """(T, H) float64: sum_j w_j * down_scale[e_j] * down[e_j] @ h[t, j]: the hidden vectors as
+    given (T, k, I), or for activations="q8_0" taken as float32 and rounded to Q8_0."""
+    if activations == "f32":
+        h = np.asarray(h, dtype=np.float64)
+    else:
+        h = quantize_activations(np.asarray(h, dtype=np.float32), activations).astype(np.float64)
+    down_f = _dequantized(down, down_format, expert_ids)
+    out = np.zeros((h.shape[0], down.shape[1]), np.float64)
+    for t in range(h.shape[0]):
+        for j, (e, w) in enumerate(zip(expert_ids[t], np.asarray(expert_weights[t], np.float64))):
+            out[t] += w * (down_f[e] @ h[t, j]) * (1.0 if down_scale is None else down_scale[e])
     return out
 
 
 def moe_matvec_oracle(x, expert_ids, expert_weights, up, down, up_format, down_format,
-                      up_scale=None, down_scale=None) -> np.ndarray:
-    """(T, H) float64: the same sum with both stacks dequantized and every product in float64."""
-    x = np.asarray(x, dtype=np.float64)
-    n_tokens, hidden, n_experts, n_ff = expert_shapes(x, up, down, up_format, down_format)
-    used = np.unique(np.asarray(expert_ids))
-    up_f = {e: FORMATS[up_format].dequantize(up[e]).astype(np.float64) for e in used}
-    down_f = {e: FORMATS[down_format].dequantize(down[e]).astype(np.float64) for e in used}
-    up_s = np.ones(n_experts) if up_scale is None else np.asarray(up_scale, np.float64)
-    down_s = np.ones(n_experts) if down_scale is None else np.asarray(down_scale, np.float64)
-    out = np.zeros((n_tokens, hidden), np.float64)
-    for t in range(n_tokens):
-        for e, w in zip(expert_ids[t], np.asarray(expert_weights[t], np.float64)):
-            h = np.maximum(up_f[e] @ x[t] * up_s[e], 0) ** 2
-            out[t] += w * (down_f[e] @ h) * down_s[e]
-    return out
+                      up_scale=None, down_scale=None, activations="f32") -> np.ndarray:
+    """(T, H) float64: the same sum with both stacks dequantized and every product in float64.
+
+    With activations="f32" the hidden vectors stay float64; with "q8_0" the oracle rounds its
+    own hidden vectors (as float32) to Q8_0, as the kernel rounds the ones it computed: where a
+    value sits on a rounding tie the two roundings may differ by one step (see tests/test_moe_q8.py).
+    """
+    expert_shapes(np.asarray(x), up, down, up_format, down_format)
+    h = moe_up_oracle(x, expert_ids, up, up_format, up_scale, activations)
+    return moe_down_oracle(h, expert_ids, expert_weights, down, down_format, down_scale, activations)

@@ -1,0 +1,189 @@
+/* moe.c's routed experts with the activations quantized to Q8_0, as llama.cpp's CPU backend
+ * computes a quantized matmul:
+ *
+ *     y_t = sum_j  w_j * down[e_j] @ Q8_0(relu(up[e_j] @ Q8_0(x_t))^2)
+ *
+ * numpy reference: nemoq/quant/moe_reference.py (activations="q8_0"); ctypes wrapper:
+ * nemoq/kernels_c/moe.py. Each vector (a token's x for the up phase, a slot's hidden vector for
+ * the down phase) is quantized once per call by nemoq_q8_quantize, which is ggml's
+ * quantize_row_q8_0_ref: per 32 values d = max|x| / 127, q = roundf(x / d), d rounded to f16 (the
+ * value used as the scale). A row dot is then, per group of 32 (or 16) values, an integer dot
+ * product of the weight levels with q, exact in int32, times one float scale:
+ *     acc += (d_w_group * d_x_block) * sum_j level_j q_j
+ * and for Q4_K / Q5_K the mins:  acc -= m_group * (d_x_block * sum of q in the block), the last
+ * factor precomputed per block (ds). Only float rounding of the scales and of the running sum
+ * separates the result from the float64 oracle on the same quantized values.
+ *
+ * Phases, threads and groups as in moe.c: the caller quantizes x, runs nemoq_moe_q8_up on row
+ * ranges, quantizes the hidden vectors, runs nemoq_moe_q8_down on row ranges. The AVX2 row dots
+ * (ggml's maddubs / madd) are in moe_q8_avx2.h; -DNEMOQ_MOE_PORTABLE forces the plain C below,
+ * which gives the same integer sums, so the two builds differ only in float rounding. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "moe_levels.h"   /* type ids, level tables, MOE_AVX2, plain-C block decoders */
+
+#define Q8_MAX_VECS 4   /* vectors dotted with one decoded block at a time */
+
+/* One quantized vector of n values: q[n] int8, d[n / 32] the f16-rounded block scales as floats,
+ * ds[n / 32] = d * (sum of the block's q), for the k-quant mins. */
+typedef struct {
+    const int8_t * q;
+    const float * d;
+    const float * ds;
+} q8_vec;
+
+/* rows vectors of n values (n a multiple of 32) -> Q8_0, bit for bit ggml's quantize_row_q8_0_ref. */
+void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int8_t * q, float * d, float * ds) {
+    for (int64_t b = 0; b < rows * (n / 32); b++) {
+        const float * xb = x + 32 * b;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float scale = amax / 127.0f, inv = scale ? 1.0f / scale : 0.0f;
+        int32_t sum = 0;
+        for (int j = 0; j < 32; j++) {
+            q[32 * b + j] = (int8_t)roundf(xb[j] * inv);
+            sum += q[32 * b + j];
+        }
+        d[b] = fp16_to_fp32(fp32_to_fp16(scale));
+        ds[b] = d[b] * (float)sum;   /* exact: 11 + 12 significant bits */
+    }
+}
+
+#if MOE_AVX2
+#include "moe_q8_avx2.h"   /* q8_row_dot_<format>: maddubs / madd on 32 levels at a time */
+#else
+
+static inline int32_t int_dot(const int8_t * restrict w, const int8_t * restrict x, int n) {
+    int32_t s = 0;
+    for (int j = 0; j < n; j++) s += (int32_t)w[j] * x[j];
+    return s;
+}
+
+/* One decoded block (values off .. off + qk - 1 of the row) . x. */
+static inline float block_dot(const levels * restrict L, int qk, int group, int has_min, const q8_vec * x,
+                              int64_t off) {
+    float acc = 0.0f;
+    for (int g = 0; g < qk / group; g++)
+        acc += (L->d[g] * x->d[(off + g * group) / 32]) * (float)int_dot(L->qp + g * group, x->q + off + g * group, group);
+    if (has_min)
+        for (int g = 0; g < qk / 32; g++) acc -= L->m[g] * x->ds[off / 32 + g];
+    return acc;
+}
+
+#define DEFINE_Q8_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN)                                               \
+    static void q8_row_dot_##NAME(const uint8_t * restrict row, int64_t n, const q8_vec * xs, int nvec, \
+                                  float * out) {                                                        \
+        levels L;                                                                                       \
+        L.qp = L.q;                                                                                     \
+        float acc[Q8_MAX_VECS] = {0};                                                                   \
+        for (int64_t b = 0; b < n / QK; b++) {                                                          \
+            decode_##NAME(row + b * BYTES, &L);                                                         \
+            for (int v = 0; v < nvec; v++) acc[v] += block_dot(&L, QK, GROUP, HAS_MIN, &xs[v], b * QK); \
+        }                                                                                               \
+        for (int v = 0; v < nvec; v++) out[v] = acc[v];                                                 \
+    }
+
+#endif
+
+/* name, values and bytes per block, values per scale, mins? (as moe.c) */
+DEFINE_Q8_ROW_DOT(q8_0, 32, 34, 32, 0)
+DEFINE_Q8_ROW_DOT(q5_0, 32, 22, 32, 0)
+DEFINE_Q8_ROW_DOT(iq4_nl, 32, 18, 32, 0)
+DEFINE_Q8_ROW_DOT(mxfp4, 32, 17, 32, 0)
+DEFINE_Q8_ROW_DOT(nvfp4, 64, 36, 16, 0)
+DEFINE_Q8_ROW_DOT(q4_k, 256, 144, 32, 1)
+DEFINE_Q8_ROW_DOT(q5_k, 256, 176, 32, 1)
+DEFINE_Q8_ROW_DOT(q6_k, 256, 210, 16, 0)
+
+typedef void (*q8_row_dot_fn)(const uint8_t *, int64_t, const q8_vec *, int, float *);
+
+typedef struct {
+    int type;
+    int block;
+    int bytes;
+    q8_row_dot_fn dot;
+} q8_format;
+
+static const q8_format Q8_FORMATS[] = {
+    {FMT_Q8_0, 32, 34, q8_row_dot_q8_0},     {FMT_Q5_0, 32, 22, q8_row_dot_q5_0},
+    {FMT_IQ4_NL, 32, 18, q8_row_dot_iq4_nl}, {FMT_MXFP4, 32, 17, q8_row_dot_mxfp4},
+    {FMT_NVFP4, 64, 36, q8_row_dot_nvfp4},   {FMT_Q4_K, 256, 144, q8_row_dot_q4_k},
+    {FMT_Q5_K, 256, 176, q8_row_dot_q5_k},   {FMT_Q6_K, 256, 210, q8_row_dot_q6_k},
+};
+
+static const q8_format * find_q8_format(int type, int64_t n) {
+    if (n % 32) return NULL;   /* the activations' blocks */
+    for (size_t i = 0; i < sizeof Q8_FORMATS / sizeof Q8_FORMATS[0]; i++)
+        if (Q8_FORMATS[i].type == type) return n % Q8_FORMATS[i].block ? NULL : &Q8_FORMATS[i];
+    return NULL;
+}
+
+static inline q8_vec vec_at(const int8_t * q, const float * d, const float * ds, int64_t i, int64_t n) {
+    return (q8_vec){q + i * n, d + i * (n / 32), ds + i * (n / 32)};
+}
+
+/* For every group g (expert group_expert[g], slots group_start[g] .. group_start[g+1]-1) and rows
+ * [r0, r1) of its matrix in `stack` (rows of n values): dots[s * stride + r] = row r . vector
+ * vec_of[s] (or s where vec_of is NULL) times the expert's scale. A row is read once per call. */
+static int rows_dot(const uint8_t * stack, int type, int64_t rows, int64_t n, const int8_t * q, const float * d,
+                    const float * ds, int64_t n_groups, const int32_t * group_expert, const int64_t * group_start,
+                    const int32_t * vec_of, const float * expert_scale, int64_t r0, int64_t r1,
+                    float * dots, int64_t stride) {
+    const q8_format * f = find_q8_format(type, n);
+    if (!f) return -1;
+    const int64_t row_bytes = n / f->block * f->bytes;
+    for (int64_t g = 0; g < n_groups; g++) {
+        const int64_t e = group_expert[g];
+        const float scale = expert_scale ? expert_scale[e] : 1.0f;
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t * row = stack + (e * rows + r) * row_bytes;
+            for (int64_t s0 = group_start[g]; s0 < group_start[g + 1]; s0 += Q8_MAX_VECS) {
+                const int64_t left = group_start[g + 1] - s0;
+                const int nvec = (int)(left < Q8_MAX_VECS ? left : Q8_MAX_VECS);
+                q8_vec xs[Q8_MAX_VECS];
+                float out[Q8_MAX_VECS];
+                for (int v = 0; v < nvec; v++) xs[v] = vec_at(q, d, ds, vec_of ? vec_of[s0 + v] : s0 + v, n);
+                f->dot(row, n, xs, nvec, out);
+                for (int v = 0; v < nvec; v++) dots[(s0 + v) * stride + r] = out[v] * scale;
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---- the two phases (arguments as moe.c's, x and h given as their Q8_0 quantization) ----
+ * Return 0, or -1 for a format this library does not read or a width it does not divide. */
+
+/* rows [r0, r1) of I:  h[s, r] = relu(scale_e * up_e[r] . xq[token(s)])^2 */
+int nemoq_moe_q8_up(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, const int8_t * xq,
+                    const float * xd, const float * xds, int64_t n_groups, const int32_t * group_expert,
+                    const int64_t * group_start, const int32_t * slot_token, const float * expert_scale,
+                    float * h, int64_t r0, int64_t r1) {
+    const int rc = rows_dot(up, type, n_ff, hidden, xq, xd, xds, n_groups, group_expert, group_start, slot_token,
+                            expert_scale, r0, r1, h, n_ff);
+    if (rc) return rc;
+    for (int64_t s = 0; s < group_start[n_groups]; s++)
+        for (int64_t r = r0; r < r1; r++) {
+            const float a = h[s * n_ff + r];
+            h[s * n_ff + r] = a > 0.0f ? a * a : 0.0f;
+        }
+    return 0;
+}
+
+/* rows [r0, r1) of H:  out[token(s), r] += w_s * (scale_e * down_e[r] . hq[s]); dots: scratch of
+ * (slots, hidden) floats, of which this call uses its rows. */
+int nemoq_moe_q8_down(const uint8_t * down, int type, int64_t hidden, int64_t n_ff, const int8_t * hq,
+                      const float * hd, const float * hds, int64_t n_groups, const int32_t * group_expert,
+                      const int64_t * group_start, const int32_t * slot_token, const float * slot_weight,
+                      const float * expert_scale, float * dots, float * out, int64_t r0, int64_t r1) {
+    const int rc = rows_dot(down, type, hidden, n_ff, hq, hd, hds, n_groups, group_expert, group_start, NULL,
+                            expert_scale, r0, r1, dots, hidden);
+    if (rc) return rc;
+    for (int64_t s = 0; s < group_start[n_groups]; s++)   /* slots in expert order, as moe.c adds them */
+        for (int64_t r = r0; r < r1; r++)
+            out[(int64_t)slot_token[s] * hidden + r] += slot_weight[s] * dots[s * hidden + r];
+    return 0;
+}

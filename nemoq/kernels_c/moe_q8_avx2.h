@@ -1,0 +1,154 @@
+/* The row dot products of moe_q8.c for CPUs with AVX2 (and FMA, F16C): included by moe_q8.c only.
+ *
+ * ggml's way: a block is read as parts of 32 values, each turned into 32 int8 levels in one
+ * register (4-bit codes: 16 bytes, the high nibbles shifted into the upper 128 bits, one byte
+ * shuffle through the level table), then multiplied with 32 int8 activations:
+ *   maddubs(|w|, sign(x, w))   16 int16: sums of 2 products (|w| <= 128, |x| <= 127: at most
+ *                              2 * 128 * 127 = 32512, no saturation, even for a Q8_0 level -128,
+ *                              which is why the sign goes onto x and not onto w)
+ *   madd(.., ones)             8 int32 lanes, lane i the sum of products 4i .. 4i + 3
+ *   cvt, fma                   times the part's scale(s) d_w * d_x into a float running sum.
+ * Formats with levels >= 0 (Q4_K, Q5_K) skip the two sign operations. 16-value groups (NVFP4,
+ * Q6_K) take lanes 0-3 and 4-7 from their two groups, so a scale vector of two halves does; the
+ * NVFP4 part's 64-bit quarters are reordered once so that each group's values share a half.
+ * Per 32 values that is about 12 vector operations (IQ4_NL: load, shift, insert, and, shuffle,
+ * 2 signs, x load, maddubs, madd, cvt, fma) plus the block scale. Building blocks (scales of
+ * the k-quants and NVFP4, bit and nibble unpacking) are moe_avx2.h's. */
+#ifndef NEMOQ_MOE_Q8_AVX2_H
+#define NEMOQ_MOE_Q8_AVX2_H
+
+#include <immintrin.h>
+
+#include "moe_avx2.h"
+
+/* ---- per format: q8_scales_<f>(block, d, m) once per block: group scales (and Q4_K / Q5_K
+ * mins) as floats; q8_part_<f>(block, p): 32 int8 levels of values 32p .. 32p + 31, in order
+ * (NVFP4: reordered to it) ---- */
+
+/* 16 code bytes -> 32 codes: low nibbles in bytes 0-15, high nibbles in 16-31 (ggml's bytes_from_nibbles_32). */
+MOE_INLINE __m256i codes32(const uint8_t * b) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)b);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+}
+
+MOE_INLINE __m256i lookup32(const int8_t * table, __m256i codes) {
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)table)), codes);
+}
+
+MOE_INLINE void q8_scales_f16(const uint8_t * b, float * d, float * m) { (void)m; d[0] = half_f16c(b); }
+#define q8_scales_q8_0 q8_scales_f16
+#define q8_scales_q5_0 q8_scales_f16
+#define q8_scales_iq4_nl q8_scales_f16
+MOE_INLINE void q8_scales_mxfp4(const uint8_t * b, float * d, float * m) { (void)m; d[0] = e8m0_half(b[0]); }
+MOE_INLINE void q8_scales_nvfp4(const uint8_t * b, float * d, float * m) {
+    (void)m;
+    ue4m3_half_top8_x4(b, d);   /* times 2^-24, undone exactly */
+    _mm_storeu_ps(d, _mm_mul_ps(_mm_loadu_ps(d), _mm_set1_ps(0x1p24f)));
+}
+#define q8_scales_q4_k scales_k_4_5
+#define q8_scales_q5_k scales_k_4_5
+#define q8_scales_q6_k scales_q6_k
+
+MOE_INLINE __m256i q8_part_q8_0(const uint8_t * b, int p) { (void)p; return _mm256_loadu_si256((const __m256i *)(b + 2)); }
+
+/* Q5_0: (nibble | 16 * fifth bit) - 16; expand_bits32 puts bit j of qh at byte j as 16. */
+MOE_INLINE __m256i q8_part_q5_0(const uint8_t * b, int p) {
+    (void)p;
+    return _mm256_sub_epi8(_mm256_or_si256(codes32(b + 6), expand_bits32(b + 2)), _mm256_set1_epi8(16));
+}
+
+MOE_INLINE __m256i q8_part_iq4_nl(const uint8_t * b, int p) { (void)p; return lookup32(IQ4NL, codes32(b + 2)); }
+MOE_INLINE __m256i q8_part_mxfp4(const uint8_t * b, int p) { (void)p; return lookup32(E2M1_X2, codes32(b + 1)); }
+
+/* NVFP4 part p = groups 2p, 2p + 1 (8 bytes each, values 0-7 low nibbles, 8-15 high): the codes
+ * come as [A 0-7, B 0-7 | A 8-15, B 8-15]; quarters 0, 2, 1, 3 put them in order. */
+MOE_INLINE __m256i q8_part_nvfp4(const uint8_t * b, int p) {
+    return _mm256_permute4x64_epi64(lookup32(E2M1_X2, codes32(b + 4 + 16 * p)), 0xD8);
+}
+
+/* Q4_K group p: the low (p even) or high nibbles of qs[32 (p / 2) ..]. */
+MOE_INLINE __m256i q8_part_q4_k(const uint8_t * b, int p) { return nibbles32(b + 16 + 32 * (p / 2), p % 2); }
+
+/* Q5_K group p: as Q4_K (qs at b + 48), and bit p of qh[l] as the fifth bit of value l. */
+MOE_INLINE __m256i q8_part_q5_k(const uint8_t * b, int p) {
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+    const __m256i fifth = _mm256_and_si256(_mm256_srli_epi16(qh, p), _mm256_set1_epi8(1));
+    return _mm256_or_si256(nibbles32(b + 48 + 32 * (p / 2), p % 2), _mm256_slli_epi16(fifth, 4));
+}
+
+/* Q6_K part p = 4h + k: low nibbles in ql[64h + 32(k % 2) ..] (high halves for k >= 2), top two
+ * bits at bit 2k of qh[32h ..], minus 32. */
+MOE_INLINE __m256i q8_part_q6_k(const uint8_t * b, int p) {
+    const int h = p / 4, k = p % 4;
+    const __m256i low = nibbles32(b + 64 * h + 32 * (k % 2), k >= 2);
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+    const __m256i top = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), _mm256_set1_epi8(3)), 4);
+    return _mm256_sub_epi8(_mm256_or_si256(low, top), _mm256_set1_epi8(32));
+}
+
+/* ---- the dot products ---- */
+
+/* 8 int32 lanes: lane i = sum of w_j x_j over j = 4i .. 4i + 3, exact. aw = |w| (SIGNED) or w. */
+MOE_INLINE __m256i int_dot32(__m256i aw, __m256i w, __m256i x, int is_signed) {
+    const __m256i p16 = _mm256_maddubs_epi16(aw, is_signed ? _mm256_sign_epi8(x, w) : x);
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+/* acc[v][.] += block . x[v] for the block at values off ..; 32-value parts alternate their
+ * running sum starting at `slot`, 16-value groups use both (group 2p's lanes and 2p + 1's are
+ * scaled by one vector); the mins go against ds, one multiply-add per super-block. */
+#define DEFINE_Q8_BLOCK_DOT(NAME, QK, GROUP, HAS_MIN, SIGNED)                                                    \
+    MOE_INLINE void q8_block_dot_##NAME(const uint8_t * blk, const q8_vec * xs, int64_t off, const int nvec,    \
+                                        int slot, __m256 (*acc)[2]) {                                            \
+        float d[QK / GROUP], m[HAS_MIN ? 8 : 1];                                                                 \
+        q8_scales_##NAME(blk, d, m);                                                                             \
+        if (HAS_MIN)                                                                                             \
+            for (int v = 0; v < nvec; v++)                                                                       \
+                acc[v][slot] = _mm256_fnmadd_ps(_mm256_loadu_ps(m), _mm256_loadu_ps(xs[v].ds + off / 32),       \
+                                                acc[v][slot]);                                                   \
+        _Pragma("GCC unroll 8") for (int p = 0; p < QK / 32; p++) {                                              \
+            const __m256i w = q8_part_##NAME(blk, p);                                                            \
+            const __m256i aw = SIGNED ? _mm256_sign_epi8(w, w) : w;                                              \
+            const __m256 dw = GROUP == 32 ? _mm256_set1_ps(d[p])                                                 \
+                                          : _mm256_set_m128(_mm_set1_ps(d[2 * p + 1]), _mm_set1_ps(d[2 * p]));   \
+            for (int v = 0; v < nvec; v++) {                                                                     \
+                const int64_t at = off + 32 * p;                                                                 \
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xs[v].q + at));                           \
+                const __m256 dot = _mm256_cvtepi32_ps(int_dot32(aw, w, x, SIGNED));                              \
+                const int s = (slot + p) & 1;                                                                    \
+                acc[v][s] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xs[v].d[at / 32])), dot, acc[v][s]); \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+
+/* Blocks in pairs, so that one-part blocks alternate their running sums too; one copy of the loop
+ * per vector count, so the sums stay in registers. */
+#define DEFINE_Q8_ROW_DOT_SIGNED(NAME, QK, BYTES, GROUP, HAS_MIN, SIGNED)                                        \
+    DEFINE_Q8_BLOCK_DOT(NAME, QK, GROUP, HAS_MIN, SIGNED)                                                        \
+    MOE_INLINE void q8_row_dot_##NAME##_n(const uint8_t * restrict row, int64_t n, const q8_vec * xs,            \
+                                          const int nvec, float * out) {                                         \
+        __m256 acc[Q8_MAX_VECS][2];                                                                              \
+        for (int v = 0; v < nvec; v++) acc[v][0] = acc[v][1] = _mm256_setzero_ps();                              \
+        const int64_t nb = n / QK;                                                                               \
+        int64_t b = 0;                                                                                           \
+        for (; b + 1 < nb; b += 2) {                                                                             \
+            q8_block_dot_##NAME(row + b * BYTES, xs, b * QK, nvec, 0, acc);                                      \
+            q8_block_dot_##NAME(row + (b + 1) * BYTES, xs, (b + 1) * QK, nvec, 1, acc);                          \
+        }                                                                                                        \
+        if (b < nb) q8_block_dot_##NAME(row + b * BYTES, xs, b * QK, nvec, 0, acc);                              \
+        for (int v = 0; v < nvec; v++) out[v] = hsum256(_mm256_add_ps(acc[v][0], acc[v][1]));                    \
+    }                                                                                                            \
+    static void q8_row_dot_##NAME(const uint8_t * restrict row, int64_t n, const q8_vec * xs, int nvec,          \
+                                  float * out) {                                                                 \
+        switch (nvec) {                                                                                          \
+        case 1: q8_row_dot_##NAME##_n(row, n, xs, 1, out); break;                                                \
+        case 2: q8_row_dot_##NAME##_n(row, n, xs, 2, out); break;                                                \
+        case 3: q8_row_dot_##NAME##_n(row, n, xs, 3, out); break;                                                \
+        default: q8_row_dot_##NAME##_n(row, n, xs, 4, out); break;                                               \
+        }                                                                                                        \
+    }
+
+/* moe_q8.c's table says which formats have levels >= 0 (no sign operations): the k-quants with mins. */
+#define DEFINE_Q8_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN) DEFINE_Q8_ROW_DOT_SIGNED(NAME, QK, BYTES, GROUP, HAS_MIN, !(HAS_MIN))
+
+#endif
