@@ -42,8 +42,7 @@ MOE_INLINE void q8_scales_f16(const uint8_t * b, float * d, float * m) { (void)m
 MOE_INLINE void q8_scales_mxfp4(const uint8_t * b, float * d, float * m) { (void)m; d[0] = e8m0_half(b[0]); }
 MOE_INLINE void q8_scales_nvfp4(const uint8_t * b, float * d, float * m) {
     (void)m;
-    ue4m3_half_top8_x4(b, d);   /* times 2^-24, undone exactly */
-    _mm_storeu_ps(d, _mm_mul_ps(_mm_loadu_ps(d), _mm_set1_ps(0x1p24f)));
+    ue4m3_half_top8_x4(b, d);   /* times 2^-24: lane_scales_nvfp4 undoes it (exact) */
 }
 #define q8_scales_q4_k scales_k_4_5
 #define q8_scales_q5_k scales_k_4_5
@@ -86,37 +85,87 @@ MOE_INLINE __m256i q8_part_q6_k(const uint8_t * b, int p) {
     return _mm256_sub_epi8(_mm256_or_si256(low, top), _mm256_set1_epi8(32));
 }
 
+/* ---- combined scales d_w * d_x: per block and vector, lane_scales_<kind>(d, dx at the block, C);
+ * per part p, part_scale_<kind>(C, p): the 8 lanes' scales (a group's lanes share one) ---- */
+
+/* one 32-value block: Q8_0, Q5_0, IQ4_NL, MXFP4 */
+MOE_INLINE void lane_scales_b32(const float * d, const float * dx, __m256 * C) { C[0] = _mm256_set1_ps(d[0] * dx[0]); }
+MOE_INLINE __m256 part_scale_b32(const __m256 * C, int p) { (void)p; return C[0]; }
+
+/* eight groups of 32 (Q4_K, Q5_K): all eight products at once, group p broadcast to the lanes */
+MOE_INLINE void lane_scales_g32(const float * d, const float * dx, __m256 * C) {
+    C[0] = _mm256_mul_ps(_mm256_loadu_ps(d), _mm256_loadu_ps(dx));
+}
+MOE_INLINE __m256 part_scale_g32(const __m256 * C, int p) { return _mm256_permutevar8x32_ps(C[0], _mm256_set1_epi32(p)); }
+
+/* groups of 16 (NVFP4: 4, Q6_K: 16 per block): group g takes dx[g / 2]; part p's lanes 0-3 are
+ * group 2p's, lanes 4-7 group 2p + 1's */
+MOE_INLINE void lane_scales_nvfp4(const float * d, const float * dx, __m256 * C) {
+    const __m128 x2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)dx));   /* dx[0], dx[1] */
+    const __m128 d4 = _mm_mul_ps(_mm_loadu_ps(d), _mm_set1_ps(0x1p24f));   /* q8_scales_nvfp4's 2^-24 */
+    C[0] = _mm256_castps128_ps256(_mm_mul_ps(d4, _mm_unpacklo_ps(x2, x2)));
+}
+MOE_INLINE void lane_scales_q6_k(const float * d, const float * dx, __m256 * C) {
+    const __m256 x8 = _mm256_loadu_ps(dx);
+    C[0] = _mm256_mul_ps(_mm256_loadu_ps(d), _mm256_permutevar8x32_ps(x8, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
+    C[1] = _mm256_mul_ps(_mm256_loadu_ps(d + 8), _mm256_permutevar8x32_ps(x8, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
+}
+MOE_INLINE __m256 part_scale_g16(const __m256 * C, int p) {
+    const int j = 2 * (p % 4);
+    return _mm256_permutevar8x32_ps(C[p / 4], _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1));
+}
+
+#define q8_lanes_q8_0 b32
+#define q8_lanes_q5_0 b32
+#define q8_lanes_iq4_nl b32
+#define q8_lanes_mxfp4 b32
+#define q8_lanes_q4_k g32
+#define q8_lanes_q5_k g32
+#define lane_scales_q8_0 lane_scales_b32
+#define lane_scales_q5_0 lane_scales_b32
+#define lane_scales_iq4_nl lane_scales_b32
+#define lane_scales_mxfp4 lane_scales_b32
+#define lane_scales_q4_k lane_scales_g32
+#define lane_scales_q5_k lane_scales_g32
+#define part_scale_q8_0 part_scale_b32
+#define part_scale_q5_0 part_scale_b32
+#define part_scale_iq4_nl part_scale_b32
+#define part_scale_mxfp4 part_scale_b32
+#define part_scale_q4_k part_scale_g32
+#define part_scale_q5_k part_scale_g32
+#define part_scale_nvfp4 part_scale_g16
+#define part_scale_q6_k part_scale_g16
+
 /* ---- the dot products ---- */
 
-/* 8 int32 lanes: lane i = sum of w_j x_j over j = 4i .. 4i + 3, exact. aw = |w| (SIGNED) or w. */
+/* 8 int32 lanes: lane i = sum of w_j x_j over j = 4i .. 4i + 3, exact. aw = |w| (signed) or w. */
 MOE_INLINE __m256i int_dot32(__m256i aw, __m256i w, __m256i x, int is_signed) {
     const __m256i p16 = _mm256_maddubs_epi16(aw, is_signed ? _mm256_sign_epi8(x, w) : x);
     return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
 
-/* acc[v][.] += block . x[v] for the block at values off ..; 32-value parts alternate their
- * running sum starting at `slot`, 16-value groups use both (group 2p's lanes and 2p + 1's are
- * scaled by one vector); the mins go against ds, one multiply-add per super-block. */
+/* acc[v][.] += block . x[v] for the block at values off ..; parts alternate their running sum
+ * starting at `slot`; the mins go against ds, one multiply-add per super-block. */
 #define DEFINE_Q8_BLOCK_DOT(NAME, QK, GROUP, HAS_MIN, SIGNED)                                                    \
     MOE_INLINE void q8_block_dot_##NAME(const uint8_t * blk, const q8_vec * xs, int64_t off, const int nvec,    \
                                         int slot, __m256 (*acc)[2]) {                                            \
         float d[QK / GROUP], m[HAS_MIN ? 8 : 1];                                                                 \
+        __m256 C[Q8_MAX_VECS][2];                                                                                \
         q8_scales_##NAME(blk, d, m);                                                                             \
-        if (HAS_MIN)                                                                                             \
-            for (int v = 0; v < nvec; v++)                                                                       \
+        for (int v = 0; v < nvec; v++) {                                                                         \
+            lane_scales_##NAME(d, xs[v].d + off / 32, C[v]);                                                     \
+            if (HAS_MIN)                                                                                         \
                 acc[v][slot] = _mm256_fnmadd_ps(_mm256_loadu_ps(m), _mm256_loadu_ps(xs[v].ds + off / 32),       \
                                                 acc[v][slot]);                                                   \
+        }                                                                                                        \
         _Pragma("GCC unroll 8") for (int p = 0; p < QK / 32; p++) {                                              \
             const __m256i w = q8_part_##NAME(blk, p);                                                            \
             const __m256i aw = SIGNED ? _mm256_sign_epi8(w, w) : w;                                              \
-            const __m256 dw = GROUP == 32 ? _mm256_set1_ps(d[p])                                                 \
-                                          : _mm256_set_m128(_mm_set1_ps(d[2 * p + 1]), _mm_set1_ps(d[2 * p]));   \
             for (int v = 0; v < nvec; v++) {                                                                     \
-                const int64_t at = off + 32 * p;                                                                 \
-                const __m256i x = _mm256_loadu_si256((const __m256i *)(xs[v].q + at));                           \
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xs[v].q + off + 32 * p));                 \
                 const __m256 dot = _mm256_cvtepi32_ps(int_dot32(aw, w, x, SIGNED));                              \
                 const int s = (slot + p) & 1;                                                                    \
-                acc[v][s] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xs[v].d[at / 32])), dot, acc[v][s]); \
+                acc[v][s] = _mm256_fmadd_ps(part_scale_##NAME(C[v], p), dot, acc[v][s]);                         \
             }                                                                                                    \
         }                                                                                                        \
     }

@@ -1,0 +1,209 @@
+"""moe_matvec(activations="q8_0"): llama.cpp's CPU numerics, checked against float64 oracles.
+
+The activations (x for the up phase, each slot's hidden vector for the down phase) are rounded
+to Q8_0 by the kernel; the oracles round the same vectors with nemoq's numpy Q8_0 (equal to
+ggml's, checked here through libggml too) and multiply the dequantized stacks in float64.
+
+- Up phase and down phase (fed with given hidden vectors) alone: within 1e-5 of the oracle, as
+  the float32 mode. Only the float rounding of the block scales and running sums differs.
+- Whole call: the kernel rounds the hidden vectors it computed in float32, the oracle its own
+  float64 ones (as float32); where a value sits within float32 noise of a Q8_0 rounding tie
+  (or a block's f16 scale of an f16 tie) the two round differently, by one step. So y may
+  differ by exactly what those different roundings of h make through the down matrices:
+  the test computes that bound from the kernel's own hidden vectors (moe_hidden), checks that
+  few values are concerned, and checks y against oracle + bound.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+
+from nemoq.kernels_c import build, moe
+from nemoq.kernels_c.moe import moe_down, moe_hidden, moe_matvec
+from nemoq.quant.formats import FORMATS
+from nemoq.quant.moe_reference import (moe_down_oracle, moe_matvec_oracle, moe_matvec_reference, moe_up_oracle,
+                                       quantize_activations)
+from tests.ggml_oracle import ggml_quantize
+from tests.test_moe_matvec import (N_EXPERTS, RECIPE_PAIRS, TOLERANCE, experts, rel_error, routing, tokens,
+                                   with_random_scales)
+
+Q8 = "q8_0"
+pytestmark = pytest.mark.skipif(not moe.available(), reason="C kernels unavailable")
+
+
+def q8_blocks(fns: dict, x: np.ndarray) -> np.ndarray:
+    """The kernel's quantization of x (rows, n) as ggml Q8_0 blocks: f16 d, 32 int8 q."""
+    q, d, _ = moe._q8(fns, np.ascontiguousarray(x, dtype=np.float32))
+    d16 = d.astype(np.float16)
+    assert np.array_equal(d16.astype(np.float32), d)   # the scale the kernel uses is the f16 one
+    blocks = np.concatenate([d16.reshape(-1, 1).view(np.uint8), q.reshape(-1, 32).view(np.uint8)], axis=1)
+    return blocks.reshape(len(x), -1)
+
+
+def awkward_rows(n: int = 256) -> np.ndarray:
+    """Rows with exact rounding ties (max 127 -> d = 1, values k + 0.5), zeros, huge and tiny values."""
+    rng = np.random.default_rng(4)
+    ties = rng.integers(-126, 126, (2, n)) + np.float32(0.5)
+    ties[:, ::32] = 127
+    return np.concatenate([ties, np.zeros((1, n)), rng.standard_normal((4, n)) * [[1], [1e-3], [3e4], [1e-6]],
+                           rng.standard_t(2, (3, n))]).astype(np.float32)
+
+
+def test_activations_quantize_as_ggml():
+    x = awkward_rows()
+    ours = q8_blocks(moe._functions(), x)
+    np.testing.assert_array_equal(ours, FORMATS[Q8].quantize(x))
+    np.testing.assert_array_equal(ours, ggml_quantize(x, GGMLQuantizationType.Q8_0))
+    np.testing.assert_array_equal(quantize_activations(x, Q8), FORMATS[Q8].dequantize(ours))
+
+
+def weight_rows(up: np.ndarray, down: np.ndarray, pair, ids) -> tuple[dict, dict]:
+    return ({e: FORMATS[pair[0]].dequantize(up[e]).astype(np.float64) for e in np.unique(ids)},
+            {e: FORMATS[pair[1]].dequantize(down[e]).astype(np.float64) for e in np.unique(ids)})
+
+
+def tie_flip_bound(h_kernel, h_oracle, ids, w, down_f) -> tuple[np.ndarray, float]:
+    """(T, H): |y| the different Q8_0 roundings of the two hidden vectors can make, and the share
+    of hidden values they round differently."""
+    diff = np.abs(quantize_activations(h_kernel, Q8).astype(np.float64)
+                  - quantize_activations(h_oracle.astype(np.float32), Q8))
+    bound = np.stack([sum(abs(wj) * (np.abs(down_f[e]) @ diff[t, j]) for j, (e, wj) in enumerate(zip(ids[t], w[t])))
+                      for t in range(len(ids))])
+    return bound, float((diff > 0).mean())
+
+
+def check_against_oracles(pair, n_tokens: int, k: int, threads: int = 2, up=None, down=None, x_scale=1.0):
+    if up is None:
+        up, down, _ = experts(pair)
+    hidden = down.shape[1]
+    x, (ids, w) = tokens(n_tokens, hidden) * np.float32(x_scale), routing(n_tokens, k)
+    h_oracle = moe_up_oracle(x, ids, up, pair[0], activations=Q8)
+    h = moe_hidden(x, ids, w, up, pair[0], threads=threads, activations=Q8)
+    assert rel_error(h, h_oracle) <= TOLERANCE                                   # up phase
+    y_down = moe_down(h_oracle, ids, w, down, pair[1], threads=threads, activations=Q8)
+    assert rel_error(y_down, moe_down_oracle(h_oracle, ids, w, down, pair[1], activations=Q8)) <= TOLERANCE
+    y = moe_matvec(x, ids, w, up, down, *pair, threads=threads, activations=Q8)  # whole call
+    ref = moe_matvec_oracle(x, ids, w, up, down, *pair, activations=Q8)
+    bound, flipped = tie_flip_bound(h, h_oracle, ids, w, weight_rows(up, down, pair, ids)[1])
+    assert flipped <= 1e-2
+    assert np.all(np.abs(y - ref) <= TOLERANCE * np.abs(ref).max() + bound)
+    return y, ref
+
+
+@pytest.mark.parametrize("n_tokens,k", [(1, 6), (16, 6), (3, 2)])
+@pytest.mark.parametrize("pair", RECIPE_PAIRS, ids="/".join)
+def test_q8_activations_match_float64_oracle(pair, n_tokens, k):
+    y, ref = check_against_oracles(pair, n_tokens, k)
+    up, down, hidden = experts(pair)
+    x, (ids, w) = tokens(n_tokens, hidden), routing(n_tokens, k)
+    assert rel_error(y, moe_matvec_oracle(x, ids, w, up, down, *pair)) > 1e-4   # not the float32 mode
+
+
+def test_q8_0_levels_of_minus_128():
+    """Q8_0 weights may hold -128 (not ggml's quantizer, but a valid byte): |w| = 128 is fine as
+    maddubs' unsigned operand; with the sign moved onto w instead it would wrap."""
+    up, down, _ = experts((Q8, Q8))
+    rng = np.random.default_rng(6)
+    up, down = up.copy(), down.copy()
+    for stack in (up, down):
+        blocks = stack.reshape(-1, 34)
+        blocks[:, 2:] = rng.choice(np.array([-128, -127, 127, 0, 5], np.int8), blocks[:, 2:].shape).view(np.uint8)
+    check_against_oracles((Q8, Q8), 4, 6, up=up, down=down)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "q4_k", "q5_k"])
+def test_every_scale_code(fmt):
+    """Random scale bytes make weights up to ~1000x larger: x is scaled down so that the hidden
+    vectors stay within Q8_0's range (block scale max|h| / 127 must fit an f16, as in ggml)."""
+    up, down, _ = experts((fmt, fmt))
+    check_against_oracles((fmt, fmt), 3, 6, up=with_random_scales(up, fmt, 11), down=with_random_scales(down, fmt, 12),
+                          x_scale=1e-2)
+
+
+def test_threads_do_not_change_the_result():
+    for pair in (("q4_k", "q6_k"), ("nvfp4", "nvfp4"), ("iq4_nl", "q8_0")):
+        up, down, hidden = experts(pair)
+        x, (ids, w) = tokens(5, hidden), routing(5, 6)
+        y1 = moe_matvec(x, ids, w, up, down, *pair, threads=1, activations=Q8)
+        for threads in (2, 3, 7):
+            np.testing.assert_array_equal(moe_matvec(x, ids, w, up, down, *pair, threads=threads, activations=Q8), y1)
+
+
+def test_zero_tokens_and_zero_weights():
+    pair = ("mxfp4", "mxfp4")
+    up, down, hidden = experts(pair)
+    x, (ids, w) = tokens(4, hidden), routing(4, 3)
+    x[1] = 0
+    w[2, :] = 0
+    y = moe_matvec(x, ids, w, up, down, *pair, activations=Q8)
+    assert not y[1].any() and not y[2].any()
+    assert not moe_hidden(x, ids, w, up, "mxfp4", activations=Q8)[2].any()
+
+
+def test_rejects_unknown_activations():
+    up, down, hidden = experts((Q8, Q8))
+    x, (ids, w) = tokens(2, hidden), routing(2, 2)
+    with pytest.raises(ValueError, match="activations"):
+        moe_matvec(x, ids, w, up, down, Q8, Q8, activations="q4_0")
+    with pytest.raises(ValueError, match="hidden must be"):
+        moe_down(np.zeros((2, 3, 5), np.float32), ids, w, down, Q8, activations=Q8)
+
+
+def test_without_the_c_library_falls_back_to_numpy(monkeypatch):
+    pair = ("iq4_nl", "q5_0")
+    up, down, hidden = experts(pair)
+    x, (ids, w) = tokens(2, hidden), routing(2, 2)
+    monkeypatch.setattr(moe, "_functions", lambda: None)
+    y = moe_matvec(x, ids, w, up, down, *pair, activations=Q8)
+    np.testing.assert_array_equal(y, moe_matvec_reference(x, ids, w, up, down, *pair, activations=Q8))
+    assert rel_error(y, moe_matvec_oracle(x, ids, w, up, down, *pair, activations=Q8)) <= 1e-3
+
+
+# ---- the plain C (-DNEMOQ_MOE_PORTABLE): same oracles, and the AVX2 build's results ----
+
+@pytest.fixture(scope="module")
+def portable_functions(tmp_path_factory):
+    cc = build.compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    target = tmp_path_factory.mktemp("portable") / "libmoe_q8_portable.so"
+    sources = [str(build.SOURCE_DIR / name) for name in ("moe.c", "moe_q8.c")]
+    subprocess.run([cc, *build.flags(), "-DNEMOQ_MOE_PORTABLE", *sources, "-o", str(target), "-lm"],
+                   check=True, capture_output=True)
+    return moe._bind(ctypes.CDLL(str(target)))
+
+
+@pytest.mark.parametrize("pair", [("q8_0", "q5_0"), ("iq4_nl", "mxfp4"), ("nvfp4", "nvfp4"), ("q4_k", "q5_k"),
+                                  ("q6_k", "q6_k")], ids="/".join)
+def test_portable_c_matches_oracle_and_avx2(portable_functions, monkeypatch, pair):
+    up, down, hidden = experts(pair)
+    x, (ids, w) = tokens(16, hidden), routing(16, 6)
+    h_native = moe_hidden(x, ids, w, up, pair[0], activations=Q8)
+    y_native = moe_down(h_native, ids, w, down, pair[1], activations=Q8)
+    monkeypatch.setattr(moe, "_functions", lambda: portable_functions)
+    check_against_oracles(pair, 16, 6)
+    h = moe_hidden(x, ids, w, up, pair[0], activations=Q8)
+    assert rel_error(h, h_native) <= 1e-6                     # same integer sums, other float order
+    assert rel_error(moe_down(h_native, ids, w, down, pair[1], activations=Q8), y_native) <= 1e-6
+
+
+def test_q8_0_weights_with_minus_128_in_the_portable_build(portable_functions, monkeypatch):
+    monkeypatch.setattr(moe, "_functions", lambda: portable_functions)
+    test_q8_0_levels_of_minus_128()
+
+
+def test_scales_apply_per_expert():
+    pair = ("nvfp4", "nvfp4")
+    up, down, hidden = experts(pair)
+    x, (ids, w) = tokens(3, hidden), routing(3, 6)
+    rng = np.random.default_rng(9)
+    up_scale, down_scale = rng.uniform(0.5, 2, N_EXPERTS), rng.uniform(0.5, 2, N_EXPERTS)
+    h = moe_hidden(x, ids, w, up, "nvfp4", up_scale=up_scale, activations=Q8)
+    assert rel_error(h, moe_up_oracle(x, ids, up, "nvfp4", up_scale, activations=Q8)) <= TOLERANCE
+    y = moe_down(h, ids, w, down, "nvfp4", down_scale=down_scale, activations=Q8)
+    assert rel_error(y, moe_down_oracle(h, ids, w, down, "nvfp4", down_scale, activations=Q8)) <= TOLERANCE
