@@ -1,6 +1,6 @@
 """Benchmark the C MoE kernel (nemoq.kernels_c.moe.moe_matvec) against this machine's memory bandwidth.
 
-    .venv/bin/python bench/moe_matvec.py [--formats q8_0,nvfp4] [--experts 32] [--repeat 15]
+    .venv/bin/python bench/moe_matvec.py [--formats q8_0,nvfp4] [--experts 32] [--repeat 15] [--activations f32,q8_0]
 
 For one token (T = 1) routed to k = 6 of E experts, the kernel reads 6 up and 6 down matrices
 in a block format; what counts is how fast it streams those bytes. The script:
@@ -10,7 +10,11 @@ in a block format; what counts is how fast it streams those bytes. The script:
    k-quants need multiples of 256, so Q4_K / Q5_K / Q6_K use H = 2560, I = 1792 stand-ins),
    copies it to E experts (E * 2 matrices, far larger than the CPU caches), and times calls with
    6 fresh random experts each, on one thread and on all cores;
-3. prints bytes of expert weights read per second, its ratio to the bandwidth (target >= 60%),
+3. prints bytes of expert weights read per second, its ratio to the 1-thread copy bandwidth
+   (target >= 60%), one row per activations mode ("f32": exact; "q8_0": x and the hidden
+   vectors rounded to Q8_0 and integer dot products, llama.cpp's CPU numerics), the relative
+   error against the numpy reference of the same mode (for q8_0 mostly Q8_0 rounding flips of
+   the hidden vectors: float32 in a different order),
    and for comparison torch's dequantize-then-matmul of the same 6 experts (nemoq's numpy
    dequantizer, then torch.matmul in float32) and torch.matmul alone on experts dequantized
    beforehand (4 bytes per weight read);
@@ -31,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from nemoq.kernels_c.moe import MOE_FORMATS, available, moe_matvec
+from nemoq.kernels_c.moe import ACTIVATIONS, MOE_FORMATS, available, moe_matvec
 from nemoq.quant.formats import FORMATS
 from nemoq.quant.moe_reference import moe_matvec_reference
 
@@ -98,6 +102,7 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(MOE_FORMATS))
     parser.add_argument("--experts", type=int, default=32, help="experts per stack (default 32)")
     parser.add_argument("--repeat", type=int, default=15, help="timed calls per case; the best counts")
+    parser.add_argument("--activations", default=",".join(ACTIVATIONS), help="modes to time, one row each")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
     args = parser.parse_args()
     if not available():
@@ -107,15 +112,16 @@ def main() -> None:
           f"load average before: {tuple(round(v, 2) for v in os.getloadavg())}")
     bw1 = copy_bandwidth(threads=1)
     bwn = copy_bandwidth(threads=cores) if cores > 1 else bw1
-    bandwidth = max(bw1, bwn)
+    bandwidth = bw1
     print(f"memory bandwidth (numpy copy of 1 GB, best of 3, 2 x bytes / s): "
-          f"{bw1 / GB:.1f} GB/s on 1 thread, {bwn / GB:.1f} GB/s on {cores}; ratios below use {bandwidth / GB:.1f}")
+          f"{bw1 / GB:.1f} GB/s on 1 thread, {bwn / GB:.1f} GB/s on {cores}; ratios below use the 1-thread "
+          f"{bandwidth / GB:.1f}")
     gpu = cuda_status() if cuda_status else None
     print(f"CUDA: {gpu.message if gpu else 'nemoq.kernels_c.cuda unavailable'}")
     use_gpu = bool(gpu and gpu.usable)
     print(f"T = 1 token, k = {TOP_K} of E = {args.experts} experts; best of {args.repeat} calls\n")
 
-    header = (f"{'format':7} {'H x I':>11} {'MB/call':>8} | {'C 1 thr':>8} {'GB/s':>6} {'ratio':>6} | "
+    header = (f"{'format':7} {'acts':4} {'H x I':>11} {'MB/call':>8} | {'C 1 thr':>8} {'GB/s':>6} {'ratio':>6} | "
               f"{'C ' + str(cores) + ' thr':>8} {'GB/s':>6} {'ratio':>6} | {'torch deq+mm':>12} {'torch f32 mm':>12} | "
               f"{'rel.err':>8}" + (f" | {'GPU':>8} {'GB/s':>7}" if use_gpu else ""))
     print(header)
@@ -126,13 +132,6 @@ def main() -> None:
         x = rng.standard_normal((1, hidden)).astype(np.float32)
         w = np.full((1, TOP_K), 2.5 / TOP_K, np.float32)
         nbytes = TOP_K * (up[0].nbytes + down[0].nbytes)
-        t1 = time_calls(lambda ids: moe_matvec(x, ids, w, up, down, fmt, fmt, threads=1), args.experts,
-                        args.repeat, rng)
-        tn = time_calls(lambda ids: moe_matvec(x, ids, w, up, down, fmt, fmt, threads=cores), args.experts,
-                        args.repeat, rng)
-        ids = rng.choice(args.experts, TOP_K, replace=False)[None].astype(np.int32)
-        ref = moe_matvec_reference(x, ids, w, up, down, fmt, fmt)
-        err = np.abs(moe_matvec(x, ids, w, up, down, fmt, fmt) - ref).max() / np.abs(ref).max()
         torch_cols = ""
         if not args.no_torch:
             import torch
@@ -149,10 +148,18 @@ def main() -> None:
             with CudaExperts(up, down, fmt, fmt) as experts:
                 t_gpu = time_calls(lambda ids: experts.matvec(x, ids, w), args.experts, args.repeat, rng)
             gpu_cols = f" | {t_gpu * 1e3:5.2f} ms {nbytes / t_gpu / GB:7.1f}"
-        print(f"{fmt:7} {f'{hidden}x{n_ff}':>11} {nbytes / 1e6:8.1f} | {t1 * 1e3:5.1f} ms {nbytes / t1 / GB:6.2f} "
-              f"{nbytes / t1 / bandwidth:6.0%} | {tn * 1e3:5.1f} ms {nbytes / tn / GB:6.2f} "
-              f"{nbytes / tn / bandwidth:6.0%} | "
-              f"{torch_cols:>25} | {err:8.1e}{gpu_cols}", flush=True)
+        for acts in args.activations.split(","):
+            def call(ids, threads, acts=acts):
+                return moe_matvec(x, ids, w, up, down, fmt, fmt, threads=threads, activations=acts)
+            t1 = time_calls(lambda ids: call(ids, 1), args.experts, args.repeat, rng)
+            tn = time_calls(lambda ids: call(ids, cores), args.experts, args.repeat, rng)
+            ids = rng.choice(args.experts, TOP_K, replace=False)[None].astype(np.int32)
+            ref = moe_matvec_reference(x, ids, w, up, down, fmt, fmt, activations=acts)
+            err = np.abs(call(ids, cores) - ref).max() / np.abs(ref).max()
+            print(f"{fmt:7} {acts:4} {f'{hidden}x{n_ff}':>11} {nbytes / 1e6:8.1f} | {t1 * 1e3:5.1f} ms "
+                  f"{nbytes / t1 / GB:6.2f} {nbytes / t1 / bandwidth:6.0%} | {tn * 1e3:5.1f} ms {nbytes / tn / GB:6.2f} "
+                  f"{nbytes / tn / bandwidth:6.0%} | {torch_cols:>25} | {err:8.1e}{gpu_cols}", flush=True)
+            torch_cols = gpu_cols = ""   # once per format
         del up, down
     print(f"\nload average after: {tuple(round(v, 2) for v in os.getloadavg())}; torch threads: ", end="")
     try:
