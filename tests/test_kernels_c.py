@@ -30,6 +30,14 @@ def _sparse() -> np.ndarray:
     return x
 
 
+def _half_way() -> np.ndarray:
+    """Blocks of 32 whose largest |x| is 127 and the rest k + 1/2: Q8_0's x / d lands exactly
+    half-way between levels (rounded away from zero, as C's roundf)."""
+    x = RNG.choice(np.arange(-127, 127) + np.float32(0.5), (4, N)).astype(np.float32)
+    x[:, ::32] = RNG.choice([-127.0, 127.0], (4, N // 32))
+    return x
+
+
 INPUTS = {
     "gaussian": RNG.standard_normal((ROWS, N)).astype(np.float32),
     "heavy-tailed": RNG.standard_t(2, (ROWS, N)).astype(np.float32),
@@ -39,6 +47,7 @@ INPUTS = {
     "sparse": _sparse(),
     "positive": RNG.random((4, N)).astype(np.float32),
     "large": (RNG.standard_normal((4, N)) * 3e3).astype(np.float32),
+    "half-way": _half_way(),
 }
 
 

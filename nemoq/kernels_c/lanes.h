@@ -147,15 +147,45 @@ static inline vf v_error32(const vf * x, const vf * y, const vf * w) {
     return F(0.0f) + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
 }
 
+/* rows[l][j] -> out[j][l] for an 8 x 8 tile: three rounds of two-input shuffles, which
+ * compilers turn into unpack / shuffle / lane-permute instructions. */
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+static inline void transpose8(const vf * r, vf * out) {
+    vf t[8], u[8];
+    for (int k = 0; k < 8; k += 2) {
+        t[k] = SHUF(r[k], r[k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[k + 1] = SHUF(r[k], r[k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int k = 0; k < 8; k += 4)
+        for (int h = 0; h < 2; h++) {
+            u[k + 2 * h] = SHUF(t[k + h], t[k + 2 + h], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[k + 2 * h + 1] = SHUF(t[k + h], t[k + 2 + h], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    for (int k = 0; k < 4; k++) {
+        out[k] = SHUF(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        out[k + 4] = SHUF(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+#undef SHUF
+
+/* Values i0 .. i0 + 7 of blocks b0 .. b0 + NL - 1 of a row as 8 value-major vectors; lanes past
+ * the row's nb blocks get `pad`. */
+static inline void load_tile(const float * xr, int64_t b0, int64_t nb, int bs, int i0, float pad, vf * out) {
+    vf rows[NL];
+    for (int l = 0; l < NL; l++) {
+        if (b0 + l < nb) memcpy(&rows[l], xr + (b0 + l) * bs + i0, sizeof rows[l]);
+        else rows[l] = F(pad);
+    }
+    transpose8(rows, out);
+}
+
 /* Blocks b0 .. b0 + NL - 1 of a row, value-major (x[i][lane]), with their weights (1 without
  * importance); lanes past the row's nb blocks get zeros and are never written out. */
 static inline void load_blocks(const float * xr, const float * imp, int64_t b0, int64_t nb, int bs, vf * x, vf * w) {
-    for (int l = 0; l < NL; l++) {
-        const int in = b0 + l < nb;
-        for (int i = 0; i < bs; i++) {
-            x[i][l] = in ? xr[(b0 + l) * bs + i] : 0.0f;
-            w[i][l] = in && imp ? imp[(b0 + l) * bs + i] : 1.0f;
-        }
+    for (int i0 = 0; i0 < bs; i0 += 8) {
+        load_tile(xr, b0, nb, bs, i0, 0.0f, x + i0);
+        if (imp) load_tile(imp, b0, nb, bs, i0, 1.0f, w + i0);
+        else for (int j = 0; j < 8; j++) w[i0 + j] = F(1.0f);
     }
 }
 

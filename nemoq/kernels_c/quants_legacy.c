@@ -1,13 +1,14 @@
 /* The 32-value block formats with a linear grid: Q8_0, Q4_0 and Q5_0 (q8_0.py, q4_0.py, q5_0.py). */
 #include "qx_search.h"
 
-/* nmax * search_factors of q4_0.py / q5_0.py, as exact hex literals */
-static const double TARGETS_Q4_0[12] = {
+/* nmax * search_factors of q4_0.py / q5_0.py: the float64 products as hex literals, rounded to
+ * float32 (numpy's astype) by the declaration */
+static const float TARGETS_Q4_0[12] = {
     0x1.b333333333333p+2, 0x1.e00b73de1d44dp+2, 0x1.08c15688bb8e3p+3, 0x1.24096258bcca8p+3,
     0x1.4221181b4c0f6p+3, 0x1.6352a0030b42bp+3, 0x1.87efc677a41e4p+3, 0x1.b052c5a912ae6p+3,
     0x1.dcdf23e8584a2p+3, 0x1.07015474c2245p+4, 0x1.221b3625bad22p+4, 0x1.4000000000000p+4
 };
-static const double TARGETS_Q5_0[12] = {
+static const float TARGETS_Q5_0[12] = {
     0x1.b333333333333p+3, 0x1.e00b73de1d44dp+3, 0x1.08c15688bb8e3p+4, 0x1.24096258bcca8p+4,
     0x1.4221181b4c0f6p+4, 0x1.6352a0030b42bp+4, 0x1.87efc677a41e4p+4, 0x1.b052c5a912ae6p+4,
     0x1.dcdf23e8584a2p+4, 0x1.07015474c2245p+5, 0x1.221b3625bad22p+5, 0x1.4000000000000p+5
@@ -17,6 +18,14 @@ static const double TARGETS_Q5_0[12] = {
  * Q8_0 (ggml's quantize_row_q8_0_ref; importance ignored, as ggml)
  * ------------------------------------------------------------------------------------------- */
 
+/* roundf(q) (ties away from zero) as int32 per lane, for |q| < 2^31: truncate, then one step
+ * away from zero where the exact remainder is at least a half. */
+static inline vi round_half_away_lanes(vf q) {
+    const vi t = __builtin_convertvector(q, vi);
+    const vi up = vabs(q - __builtin_convertvector(t, vf)) >= F(0.5f);
+    return t + (up & ((q < F(0.0f)) | I(1)));
+}
+
 void nemoq_quantize_q8_0(const float * x, uint8_t * out, int64_t nrows, int64_t n_per_row,
                          const float * importance) {
     (void)importance;
@@ -25,13 +34,25 @@ void nemoq_quantize_q8_0(const float * x, uint8_t * out, int64_t nrows, int64_t 
         const float * xr = x + r * n_per_row;
         uint8_t * o = out + r * nb * (2 + QK8_0);
         for (int64_t b = 0; b < nb; b++, o += 2 + QK8_0) {
-            const float * xb = xr + b * QK8_0;
-            float amax = 0.0f;
-            for (int j = 0; j < QK8_0; j++) amax = fmaxf(amax, fabsf(xb[j]));
+            vf xb[QK8_0 / NL];
+            memcpy(xb, xr + b * QK8_0, sizeof xb);
+            /* max |x| on the bits, monotonic for |x| (a NaN cannot get here: inputs are scanned) */
+            vi m = (vi)vabs(xb[0]);
+            for (int k = 1; k < QK8_0 / NL; k++) {
+                const vi a = (vi)vabs(xb[k]);
+                m = (vi)sel(a > m, (vf)a, (vf)m);
+            }
+            int32_t abits = 0;
+            for (int l = 0; l < NL; l++) abits = m[l] > abits ? m[l] : abits;
+            float amax;
+            memcpy(&amax, &abits, 4);
             const float d = amax / 127.0f;
             const float id = d != 0.0f ? 1.0f / d : 0.0f;
             put_f16(o, d);
-            for (int j = 0; j < QK8_0; j++) o[2 + j] = (uint8_t)(int8_t)round_half_away(xb[j] * id);
+            for (int k = 0; k < QK8_0 / NL; k++) {
+                const vi q = round_half_away_lanes(xb[k] * F(id));
+                for (int l = 0; l < NL; l++) o[2 + NL * k + l] = (uint8_t)(int8_t)q[l];
+            }
         }
     }
 }
@@ -61,16 +82,13 @@ static inline vf int_grid_index(vf v, float nmax) {
     return sel(t < F(2.0f * nmax - 1.0f), t, F(2.0f * nmax - 1.0f));
 }
 
-/* refine_on_grid for Q4_0 / Q5_0 (integer grid) from the float64 d of the search: two rounds of
+/* refine_on_grid for Q4_0 / Q5_0 (integer grid) from the scale of the search: two rounds of
  * (nearest levels for d, least-squares d for them), d rounded to half, nearest levels for it.
- * numpy keeps d float64 until the half rounding (np.where(fit != 0, fit, d) with float64 d), so
- * 1 / d is a float64 division rounded to float32, and d goes to half in one rounding.
  * Returns the half-rounded d; idx gets the level indices (level + nmax). */
-static vf v_refine_int_grid(int nmax, const vf * x, const vf * w, double * d, vf * idx) {
+static vf v_refine_int_grid(int nmax, const vf * x, const vf * w, vf d, vf * idx) {
     const float fn = (float)nmax;
     for (int it = 0; it < 2; it++) {
-        vf inv;
-        for (int l = 0; l < NL; l++) inv[l] = d[l] != 0.0 ? (float)(1.0 / d[l]) : 0.0f;
+        const vf inv = vdiv(F(1.0f), d);
         vf sxq = F(0.0f), sqq = F(0.0f);
         for (int i = 0; i < 32; i++) {
             const vf q = int_grid_index(x[i] * inv, fn) - F(fn);
@@ -78,10 +96,10 @@ static vf v_refine_int_grid(int nmax, const vf * x, const vf * w, double * d, vf
             sqq += (w[i] * q) * q;
         }
         const vf fit = sel(sqq != F(0.0f), sxq / sqq, F(0.0f));
-        for (int l = 0; l < NL; l++) d[l] = fit[l] != 0.0f ? (double)fit[l] : d[l];
+        d = sel(fit != F(0.0f), fit, d);
     }
     vf dh;
-    for (int l = 0; l < NL; l++) dh[l] = fp16_to_fp32(fp64_to_fp16(d[l]));
+    for (int l = 0; l < NL; l++) dh[l] = f16_round(d[l]);
     const vf inv = vdiv(F(1.0f), dh);
     for (int i = 0; i < 32; i++) idx[i] = int_grid_index(x[i] * inv, fn);
     return dh;
@@ -125,7 +143,7 @@ static void quantize_x_0(const float * x, uint8_t * out, int64_t nrows, int64_t 
     const int is5 = nmax == 16;
     const int bsize = is5 ? 22 : 18;
     const float fn = (float)nmax;
-    const double * targets = is5 ? TARGETS_Q5_0 : TARGETS_Q4_0;
+    const float * targets = is5 ? TARGETS_Q5_0 : TARGETS_Q4_0;
     void (*pack)(uint8_t *, float, const vf *, int) = is5 ? pack_q5_0 : pack_q4_0;
     const int64_t nb = n_per_row / QK4_0;
     for (int64_t r = 0; r < nrows; r++) {
@@ -146,10 +164,13 @@ static void quantize_x_0(const float * x, uint8_t * out, int64_t nrows, int64_t 
                 dg = v_make_qx_quants_f(32, nmax, xt, qw, qg);
                 for (int i = 0; i < 32; i++) qg[i] = qg[i] + F(fn);
             }
-            /* ours: a wider search for the error itself, refined on the grid */
-            double d64[NL];
-            v_make_qx_quants_d(32, nmax, targets, 12, xt, wt, d64, NULL);
-            const vf dh = v_refine_int_grid(nmax, xt, wt, d64, qo);
+            /* ours: a wider search for the error itself (float32, as q4_0.py), refined on the grid */
+            vf wx[32];
+            for (int i = 0; i < 32; i++) wx[i] = wt[i] * xt[i];
+            const vf max = v_signed_absmax(xt, 32);
+            const vi zero = vabs(max) < F(GROUP_MAX_EPS);
+            const vf d = qx_search_f(32, nmax, targets, 12, xt, wt, wx, sel(zero, F(1.0f), max), zero, NULL);
+            const vf dh = v_refine_int_grid(nmax, xt, wt, d, qo);
             /* best_of: the errors of the dequantized candidates */
             vf dgh;
             for (int l = 0; l < NL; l++) dgh[l] = f16_round(dg[l]);

@@ -10,26 +10,39 @@
 /* The target loop over lanes of type V (mask M, scalar S): for each target t the levels of
  * (-t / max) * x, their least-squares scale, kept when the fit is better (the first target
  * unconditionally, as ggml). wx = w * x, rounded in float32 as numpy does; max has the zero
- * groups set to 1, and those get scale 0 and levels -nmax. Writes the levels when L is not NULL. */
+ * groups set to 1, and those get scale 0 and levels -nmax. Writes the levels when L is not NULL.
+ * Targets go QX_TOGETHER at a time through the values: each target's sums still add value
+ * after value (numpy's order), but the running sums of different targets do not wait on each
+ * other (one target at a time, the loop is bound by the latency of the additions). A last
+ * partial group repeats its last target and ignores the copies. */
+#define QX_TOGETHER 4
 #define DEFINE_QX_SEARCH(name, V, M, S, splat, select, rint, clip)                              \
     static V name(int n, int nmax, const S * targets, int ntargets, const V * x, const V * w,   \
                   const V * wx, V max, M zero, V * L) {                                         \
-        V lv[32], scale = splat(0), best = splat(0);                                            \
-        for (int k = 0; k < ntargets; k++) {                                                    \
-            const V iscale = splat(-targets[k]) / max;                                          \
-            V sumlx = splat(0), suml2 = splat(0);                                               \
-            for (int i = 0; i < n; i++) {                                                       \
-                const V v = clip(rint(iscale * x[i]), (S)-nmax, (S)(nmax - 1));                 \
-                lv[i] = v;                                                                      \
-                sumlx += wx[i] * v;                                                             \
-                suml2 += (w[i] * v) * v;                                                        \
+        V lv[QX_TOGETHER][32], scale = splat(0), best = splat(0);                               \
+        for (int k0 = 0; k0 < ntargets; k0 += QX_TOGETHER) {                                    \
+            V iscale[QX_TOGETHER], sumlx[QX_TOGETHER], suml2[QX_TOGETHER];                      \
+            for (int j = 0; j < QX_TOGETHER; j++) {                                             \
+                const int k = k0 + j < ntargets ? k0 + j : ntargets - 1;                        \
+                iscale[j] = splat(-targets[k]) / max;                                           \
+                sumlx[j] = suml2[j] = splat(0);                                                 \
             }                                                                                   \
-            const M pos = suml2 > splat(0);                                                     \
-            const V this_scale = select(pos, sumlx / suml2, splat(0));                          \
-            const M take = k == 0 ? pos == pos : pos & (sumlx * sumlx > best * suml2);          \
-            scale = select(take, this_scale, scale);                                            \
-            best = select(take, this_scale * sumlx, best);                                      \
-            if (L) for (int i = 0; i < n; i++) L[i] = k == 0 ? lv[i] : select(take, lv[i], L[i]); \
+            for (int i = 0; i < n; i++)                                                         \
+                for (int j = 0; j < QX_TOGETHER; j++) {                                         \
+                    const V v = clip(rint(iscale[j] * x[i]), (S)-nmax, (S)(nmax - 1));          \
+                    lv[j][i] = v;                                                               \
+                    sumlx[j] += wx[i] * v;                                                      \
+                    suml2[j] += (w[i] * v) * v;                                                 \
+                }                                                                               \
+            for (int j = 0; j < QX_TOGETHER && k0 + j < ntargets; j++) {                        \
+                const int k = k0 + j;                                                           \
+                const M pos = suml2[j] > splat(0);                                              \
+                const V this_scale = select(pos, sumlx[j] / suml2[j], splat(0));                \
+                const M take = k == 0 ? pos == pos : pos & (sumlx[j] * sumlx[j] > best * suml2[j]); \
+                scale = select(take, this_scale, scale);                                        \
+                best = select(take, this_scale * sumlx[j], best);                               \
+                if (L) for (int i = 0; i < n; i++) L[i] = k == 0 ? lv[j][i] : select(take, lv[j][i], L[i]); \
+            }                                                                                   \
         }                                                                                       \
         if (L) for (int i = 0; i < n; i++) L[i] = select(zero, splat((S)-nmax), L[i]);          \
         return select(zero, splat(0), scale);                                                   \

@@ -26,7 +26,8 @@ class Q4_0(Format, ggml_type=GGMLQuantizationType.Q4_0):
         xt = groups_first(x, 32)  # (32, rows, blocks)
         w = metric_weights(x, importance)
         wt = full(groups_first(w, 32), xt.shape)
-        d, _ = make_qx_quants(xt, self.nmax, wt, self.nmax * self.search_factors)
+        targets = (self.nmax * self.search_factors).astype(np.float32)   # a float32 search, as ggml's
+        d, _ = make_qx_quants(xt, self.nmax, wt, targets)
         d, idx = refine_on_grid(xt, wt, d, Grid(np.arange(-self.nmax, self.nmax), 0.5))
         return self.best_of(x, w, self.ggml_rows(x, importance), self.pack(d, idx - self.nmax))
 
