@@ -9,8 +9,7 @@
  *   madd(.., ones)             8 int32 lanes, lane i the sum of products 4i .. 4i + 3
  *   cvt, fma                   times the part's scale(s) d_w * d_x into a float running sum.
  * Formats with levels >= 0 (Q4_K, Q5_K) skip the two sign operations. 16-value groups (NVFP4,
- * Q6_K) take lanes 0-3 and 4-7 from their two groups, so a scale vector of two halves does; the
- * NVFP4 part's 64-bit quarters are reordered once so that each group's values share a half.
+ * Q6_K) take lanes 0-3 and 4-7 from their two groups, so a scale vector of two halves does.
  * Per 32 values that is about 12 vector operations (IQ4_NL: load, shift, insert, and, shuffle,
  * 2 signs, x load, maddubs, madd, cvt, fma) plus the block scale. Building blocks (scales of
  * the k-quants and NVFP4, bit and nibble unpacking) are moe_avx2.h's. */
@@ -40,10 +39,20 @@ MOE_INLINE void q8_scales_f16(const uint8_t * b, float * d, float * m) { (void)m
 #define q8_scales_q5_0 q8_scales_f16
 #define q8_scales_iq4_nl q8_scales_f16
 MOE_INLINE void q8_scales_mxfp4(const uint8_t * b, float * d, float * m) { (void)m; d[0] = e8m0_half(b[0]); }
+/* Four UE4M3 codes -> their scales halved (scalar_common.h's ue4m3_half) times 2^-7: the low 7
+ * code bits shifted into an f16's exponent and mantissa give 2^(e-15) (1 + m/8), or m/8 * 2^-14
+ * for e = 0 (an f16 subnormal, which the conversion handles without a slow path); code 0x7F
+ * (not 0xFF) is zero. lane_scales_nvfp4 multiplies the 2^7 back (exact). */
 MOE_INLINE void q8_scales_nvfp4(const uint8_t * b, float * d, float * m) {
     (void)m;
-    ue4m3_half_top8_x4(b, d);   /* times 2^-24: lane_scales_nvfp4 undoes it (exact) */
+    int32_t word;
+    memcpy(&word, b, 4);
+    const __m128i raw = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(word));
+    const __m128i h = _mm_slli_epi16(_mm_and_si128(raw, _mm_set1_epi16(0x7f)), 7);
+    const __m128i zero = _mm_cmpeq_epi16(raw, _mm_set1_epi16(0x7f));
+    _mm_storeu_ps(d, _mm_cvtph_ps(_mm_andnot_si128(zero, h)));
 }
+
 #define q8_scales_q4_k scales_k_4_5
 #define q8_scales_q5_k scales_k_4_5
 #define q8_scales_q6_k scales_q6_k
@@ -59,10 +68,15 @@ MOE_INLINE __m256i q8_part_q5_0(const uint8_t * b, int p) {
 MOE_INLINE __m256i q8_part_iq4_nl(const uint8_t * b, int p) { (void)p; return lookup32(IQ4NL, codes32(b + 2)); }
 MOE_INLINE __m256i q8_part_mxfp4(const uint8_t * b, int p) { (void)p; return lookup32(E2M1_X2, codes32(b + 1)); }
 
-/* NVFP4 part p = groups 2p, 2p + 1 (8 bytes each, values 0-7 low nibbles, 8-15 high): the codes
- * come as [A 0-7, B 0-7 | A 8-15, B 8-15]; quarters 0, 2, 1, 3 put them in order. */
+/* NVFP4 part p = groups A = 2p, B = 2p + 1, 8 bytes each: values 0-7 in the low nibbles, 8-15 in
+ * the high ones. One in-lane shuffle copies A's bytes twice into the low half and B's into the
+ * high half, a per-quarter shift picks low or high nibbles: values in order. */
 MOE_INLINE __m256i q8_part_nvfp4(const uint8_t * b, int p) {
-    return _mm256_permute4x64_epi64(lookup32(E2M1_X2, codes32(b + 4 + 16 * p)), 0xD8);
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 4 + 16 * p)));
+    const __m256i twice = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7,
+                                                                  8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m256i codes = _mm256_and_si256(_mm256_srlv_epi64(twice, _mm256_setr_epi64x(0, 4, 0, 4)), _mm256_set1_epi8(15));
+    return lookup32(E2M1_X2, codes);
 }
 
 /* Q4_K group p: the low (p even) or high nibbles of qs[32 (p / 2) ..]. */
@@ -102,7 +116,7 @@ MOE_INLINE __m256 part_scale_g32(const __m256 * C, int p) { return _mm256_permut
  * group 2p's, lanes 4-7 group 2p + 1's */
 MOE_INLINE void lane_scales_nvfp4(const float * d, const float * dx, __m256 * C) {
     const __m128 x2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)dx));   /* dx[0], dx[1] */
-    const __m128 d4 = _mm_mul_ps(_mm_loadu_ps(d), _mm_set1_ps(0x1p24f));   /* q8_scales_nvfp4's 2^-24 */
+    const __m128 d4 = _mm_mul_ps(_mm_loadu_ps(d), _mm_set1_ps(0x1p7f));   /* q8_scales_nvfp4's 2^-7 */
     C[0] = _mm256_castps128_ps256(_mm_mul_ps(d4, _mm_unpacklo_ps(x2, x2)));
 }
 MOE_INLINE void lane_scales_q6_k(const float * d, const float * dx, __m256 * C) {
