@@ -23,8 +23,7 @@
 #include "moe_avx2.h"
 
 /* ---- per format: q8_scales_<f>(block, d, m) once per block: group scales (and Q4_K / Q5_K
- * mins) as floats; q8_part_<f>(block, p): 32 int8 levels of values 32p .. 32p + 31, in order
- * (NVFP4: reordered to it) ---- */
+ * mins) as floats; q8_part_<f>(block, p): 32 int8 levels of values 32p .. 32p + 31, in order ---- */
 
 /* 16 code bytes -> 32 codes: low nibbles in bytes 0-15, high nibbles in 16-31 (ggml's bytes_from_nibbles_32). */
 MOE_INLINE __m256i codes32(const uint8_t * b) {
