@@ -193,3 +193,16 @@ def test_iq4_nl_every_table_cell_equals_numpy():
     for imp in (None, (rng.random(x.shape[1]) ** 4).astype(np.float32)):
         np.testing.assert_array_equal(kernels_c.quantize_rows("iq4_nl", x, imp, threads=1),
                                       FORMATS["iq4_nl"].quantize(x, imp))
+
+
+@pytest.mark.parametrize("source", ["F16", "BF16"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "iq4_nl", "q4_k"])
+def test_quantizing_half_rows_equals_widening_first(fmt, source, monkeypatch):
+    """Threads that widen their own rows a few at a time make the bytes of widen-then-quantize."""
+    monkeypatch.setattr(kernels_c, "WIDEN_PIECE_BYTES", 3 * 4 * N)   # 3 rows a piece: pieces end mid-chunk
+    x = INPUTS["heavy-tailed"][:11]
+    stored = x.astype(np.float16) if source == "F16" else (x.view(np.uint32) >> 16).astype(np.uint16)
+    for imp in IMPORTANCE.values():
+        expected = kernels_c.quantize_rows(fmt, kernels_c.widen(stored, source), imp, threads=1)
+        for threads in (1, 3):
+            np.testing.assert_array_equal(kernels_c.quantize_half_rows(fmt, stored, source, imp, threads), expected)

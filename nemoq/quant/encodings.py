@@ -49,9 +49,16 @@ class BlockEncoding:
             return kernels_c.dequantize_rows(self.name, blocks)
         return FORMATS[self.name].dequantize(blocks)
 
+    def quantize_source(self, rows: np.ndarray, source_dtype: str, importance: np.ndarray | None = None) -> np.ndarray:
+        """Rows as stored (float32, F16, BF16, ...) -> block bytes (rows, -1); half-precision rows
+        go to the C kernels unwidened, each thread widening its own rows."""
+        rows = rows.reshape(-1, rows.shape[-1])
+        if source_dtype in kernels_c.WIDEN_SOURCES and kernels_c.available(self.name):
+            return kernels_c.quantize_half_rows(self.name, rows, source_dtype, importance, threads=kernels_c.THREADS)
+        return self.quantize(widen_to_float32(rows, source_dtype), importance)
+
     def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray:
-        x = widen_to_float32(rows, source_dtype)
-        return self.quantize(x).reshape(*x.shape[:-1], -1)
+        return self.quantize_source(rows, source_dtype).reshape(*rows.shape[:-1], -1)
 
     def with_importance(self, importance: np.ndarray, rows_per_matrix: int) -> "WeightedEncoding":
         return WeightedEncoding(self, importance, rows_per_matrix)
@@ -72,13 +79,12 @@ class WeightedEncoding:
         return self.base.nbytes(shape)
 
     def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray:
-        x = widen_to_float32(rows, source_dtype).reshape(-1, rows.shape[-1])
-        quantize = self.base.quantize
+        x = rows.reshape(-1, rows.shape[-1])
         pieces, start = [], 0
         while start < x.shape[0]:
             matrix = min(self.row // self.rows_per_matrix, self.importance.shape[0] - 1)
             take = min(x.shape[0] - start, self.rows_per_matrix - self.row % self.rows_per_matrix)
-            pieces.append(quantize(x[start:start + take], self.importance[matrix]))
+            pieces.append(self.base.quantize_source(x[start:start + take], source_dtype, self.importance[matrix]))
             start += take
             self.row += take
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
