@@ -21,6 +21,10 @@ in a block format; what counts is how fast it streams those bytes. The script:
 4. where nemoq's CUDA kernel builds and a GPU is present, the same calls on the GPU (stacks
    uploaded once; each call copies x and the routing in and the result out).
 
+--in-cache instead times the up phase alone on 256 rows of one expert (L2 resident), one
+thread, f32 and q8_0 calls alternated, best of `repeat` x 20 calls: the kernels' compute speed
+per core, which does not depend on what else shares the memory bus.
+
 The machine may be shared: the load average is printed, and best-of-N times are reported.
 Not part of the test suite.
 """
@@ -35,7 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from nemoq.kernels_c.moe import ACTIVATIONS, MOE_FORMATS, available, moe_matvec
+from nemoq.kernels_c import moe
+from nemoq.kernels_c.moe import ACTIVATIONS, MOE_FORMATS, TYPE_IDS, available, moe_matvec
 from nemoq.quant.formats import FORMATS
 from nemoq.quant.moe_reference import moe_matvec_reference
 
@@ -97,6 +102,37 @@ def torch_dequantize_matmul(x, ids, w, up, down, fmt):
     return y
 
 
+def in_cache(formats: list[str], repeat: int, rows: int = 256) -> None:
+    """G values / s of the up phase on `rows` rows of one expert, per activations mode, one thread."""
+    fns, rng = moe._functions(), np.random.default_rng(0)
+    one = np.zeros(1, np.int32), np.array([0, 1], np.int64), np.zeros(1, np.int32)
+    ptr = [a.ctypes.data for a in one]
+    print(f"in cache: up phase on {rows} rows of one expert, 1 thread, best of {repeat} x 20 calls per mode\n")
+    print(f"{'format':7} {'values':>8} | {'f32 G values/s':>15} {'q8_0 G values/s':>16} {'speed-up':>9}")
+    for fmt in formats:
+        hidden = K_QUANT_WIDTHS[0] if FORMATS[fmt].block_size == 256 else REAL_WIDTHS[0]
+        up = FORMATS[fmt].quantize(rng.standard_normal((rows, hidden)).astype(np.float32) * 0.02)
+        x = rng.standard_normal((1, hidden)).astype(np.float32)
+        xq = moe._q8(fns, x)
+        h = np.empty(rows, np.float32)
+        args = {   # pointers taken once: ctypes' per-call overhead stays small beside ~50 us calls
+            "f32": (fns["nemoq_moe_up"], up.ctypes.data, TYPE_IDS[fmt], rows, hidden, x.ctypes.data),
+            "q8_0": (fns["nemoq_moe_q8_up"], up.ctypes.data, TYPE_IDS[fmt], rows, hidden,
+                     *(a.ctypes.data for a in xq)),
+        }
+        calls = {mode: (f, (*a, 1, *ptr, None, h.ctypes.data, 0, rows)) for mode, (f, *a) in args.items()}
+        best = dict.fromkeys(calls, float("inf"))
+        for _ in range(repeat):
+            for mode, (f, a) in calls.items():
+                t = time.perf_counter()
+                for _ in range(20):
+                    f(*a)
+                best[mode] = min(best[mode], (time.perf_counter() - t) / 20)
+        rate = {mode: rows * hidden / t / GB for mode, t in best.items()}
+        print(f"{fmt:7} {rows * hidden:8} | {rate['f32']:15.1f} {rate['q8_0']:16.1f} {rate['q8_0'] / rate['f32']:8.1f}x",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--formats", default=",".join(MOE_FORMATS))
@@ -104,9 +140,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=15, help="timed calls per case; the best counts")
     parser.add_argument("--activations", default=",".join(ACTIVATIONS), help="modes to time, one row each")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
+    parser.add_argument("--in-cache", action="store_true", help="time the up phase in cache instead (see above)")
     args = parser.parse_args()
     if not available():
         raise SystemExit("the C kernels could not be built (see `nemoq info --kernels`)")
+    if args.in_cache:
+        return in_cache(args.formats.split(","), args.repeat)
     cores = os.cpu_count() or 1
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {cores} cores; "
           f"load average before: {tuple(round(v, 2) for v in os.getloadavg())}")
