@@ -15,10 +15,11 @@ the down phase the H output rows, with a join between. Each thread reads its sli
 expert once, for all tokens routed to it, and owns its output rows, so the result does not
 depend on `threads`. ctypes releases the GIL for each call.
 
-activations="q8_0" (default "f32") computes what llama.cpp's CPU backend computes: x, and each
-slot's hidden vector after the up phase, are rounded to Q8_0 (ggml's quantize_row_q8_0_ref) once
-per call, and the row dots are integer dot products per 32 values times the two block scales
-(moe_q8.c): faster, and equal to llama.cpp's numerics rather than to float32 x. `moe_hidden` and
+activations="q8_0" (default "f32") computes as llama.cpp's CPU backend does: x, and each slot's
+hidden vector after the up phase, are rounded to Q8_0 (ggml's quantize_row_q8_0_ref) once per
+call, and the row dots are integer dot products per 32 values times the two block scales
+(moe_q8.c): 1.3-2x faster per core, llama.cpp's numerics rather than float32 ones (where they
+still differ, e.g. ggml's k-quants take Q8_K activations: docs/kernels.md). `moe_hidden` and
 `moe_down` run one phase each (the up phase's hidden vectors, or the down phase fed with given
 ones), for tests and inspection.
 """
