@@ -6,6 +6,9 @@ ggml's, checked here through libggml too) and multiply the dequantized stacks in
 
 - Up phase and down phase (fed with given hidden vectors) alone: within 1e-5 of the oracle, as
   the float32 mode. Only the float rounding of the block scales and running sums differs.
+- Against llama.cpp itself: for the formats whose ggml vec_dot takes Q8_0 activations (Q8_0,
+  Q5_0, IQ4_NL, MXFP4, NVFP4; the k-quants take Q8_K), each phase equals ggml's own row dots
+  (libggml-cpu's vec_dot) on the same Q8_0 activations to 1e-5.
 - Whole call: the kernel rounds the hidden vectors it computed in float32, the oracle its own
   float64 ones (as float32); where a value sits within float32 noise of a Q8_0 rounding tie
   (or a block's f16 scale of an f16 tie) the two round differently, by one step. So y may
@@ -17,7 +20,9 @@ ggml's, checked here through libggml too) and multiply the dequantized stacks in
 from __future__ import annotations
 
 import ctypes
+import functools
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,3 +212,54 @@ def test_scales_apply_per_expert():
     assert rel_error(h, moe_up_oracle(x, ids, up, "nvfp4", up_scale, activations=Q8)) <= TOLERANCE
     y = moe_down(h, ids, w, down, "nvfp4", down_scale=down_scale, activations=Q8)
     assert rel_error(y, moe_down_oracle(h, ids, w, down, "nvfp4", down_scale, activations=Q8)) <= TOLERANCE
+
+
+# ---- llama.cpp's own row dots: ggml-cpu's vec_dot of a weight row with Q8_0 activations ----
+
+class _CpuTraits(ctypes.Structure):   # ggml-cpu.h: struct ggml_type_traits_cpu
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64)]
+
+
+_VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t, ctypes.c_void_p,
+                            ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+@functools.cache
+def ggml_vec_dot(fmt: str):
+    """ggml's CPU dot of one `fmt` row with one Q8_0 row, or None where ggml pairs `fmt` with
+    other activations (Q8_K for the k-quants)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_CpuTraits)
+    lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    lib.ggml_cpu_init()
+    traits = lib.ggml_get_type_traits_cpu(int(GGMLQuantizationType[fmt.upper()])).contents
+    if traits.vec_dot_type != GGMLQuantizationType.Q8_0:
+        return None
+    fn = _VEC_DOT(traits.vec_dot)
+
+    def dot(row: np.ndarray, xq: np.ndarray, n: int) -> float:
+        s = ctypes.c_float()
+        fn(n, ctypes.byref(s), 0, row.ctypes.data, 0, xq.ctypes.data, 0, 1)
+        return s.value
+    return dot
+
+
+def ggml_rows(stack_e: np.ndarray, fmt: str, v: np.ndarray) -> np.ndarray:
+    """ggml's dots of every row of one expert with the Q8_0 rounding of v (float32)."""
+    dot, xq = ggml_vec_dot(fmt), FORMATS[Q8].quantize(v[None].astype(np.float32))[0]
+    return np.array([dot(np.ascontiguousarray(row), xq, len(v)) for row in stack_e], np.float32)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "iq4_nl", "mxfp4", "nvfp4"])
+def test_phases_equal_ggml_row_dots(fmt):
+    if ggml_vec_dot(fmt) is None:
+        pytest.skip(f"ggml pairs {fmt} with other activations")
+    up, down, hidden = experts((fmt, fmt))
+    x, (ids, w) = tokens(3, hidden), routing(3, 6)
+    h_ggml = np.stack([[np.maximum(ggml_rows(up[e], fmt, x[t]), 0) ** 2 for e in ids[t]] for t in range(3)])
+    assert rel_error(moe_hidden(x, ids, w, up, fmt, activations=Q8), h_ggml) <= TOLERANCE
+    y_ggml = np.stack([sum(np.float64(wj) * ggml_rows(down[e], fmt, h_ggml[t, j])
+                           for j, (e, wj) in enumerate(zip(ids[t], w[t]))) for t in range(3)])
+    assert rel_error(moe_down(h_ggml, ids, w, down, fmt, activations=Q8), y_ggml) <= TOLERANCE
