@@ -179,6 +179,9 @@ def test_widen_equals_numpy_for_every_half_and_bfloat16_value():
     np.testing.assert_array_equal(f16.view(np.uint32), ref.view(np.uint32))
     bf16 = kernels_c.widen(bits, "BF16")
     np.testing.assert_array_equal(bf16.view(np.uint32), bits.astype(np.uint32) << 16)
+    # above 1M values the work is split over threads, at multiples of 16: an odd length, 3 threads
+    many = np.resize(bits, (1 << 20) + 37)
+    np.testing.assert_array_equal(kernels_c.widen(many, "BF16", threads=3).view(np.uint32), many.astype(np.uint32) << 16)
 
 
 def test_iq4_nl_every_table_cell_equals_numpy():

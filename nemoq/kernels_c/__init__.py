@@ -161,11 +161,22 @@ _WIDEN_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
 WIDEN_SOURCES = {"F16": "nemoq_widen_f16", "BF16": "nemoq_widen_bf16"}
 
 
-def widen(rows: np.ndarray, source_dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+def widen(rows: np.ndarray, source_dtype: str, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
     """F16 / BF16 storage (uint16 bits for bf16) -> float32, equal to numpy's cast; into `out`
     (float32, at least as many elements) when given, to spare fresh pages."""
     src = np.ascontiguousarray(rows)
     out = np.empty(src.shape, dtype=np.float32) if out is None else out.reshape(-1)[: src.size].reshape(src.shape)
-    if src.size:
-        _kernel(WIDEN_SOURCES[source_dtype], _WIDEN_ARGS)(src.ctypes.data, out.ctypes.data, src.size)
+    flat_src, flat_out = src.reshape(-1), out.reshape(-1)
+    fn = _kernel(WIDEN_SOURCES[source_dtype], _WIDEN_ARGS)
+
+    def call(lo_hi):
+        lo, hi = lo_hi
+        fn(flat_src[lo:].ctypes.data, flat_out[lo:].ctypes.data, hi - lo)
+    # a large input (a whole expert matrix) is split over the threads, at multiples of 16 values
+    workers = (threads or os.cpu_count() or 1) if src.size >= 1 << 20 else 1
+    pieces = [(16 * lo, min(16 * hi, src.size)) for lo, hi in _row_chunks(-(-src.size // 16), workers)]
+    if len(pieces) > 1:
+        list(_pool(len(pieces)).map(call, pieces))
+    elif src.size:
+        call((0, src.size))
     return out

@@ -61,7 +61,7 @@ def scale_name(weight_name: str) -> str:
 
 def matrix_scale(x: np.ndarray, full_scale: float) -> np.float32:
     """amax / full_scale, or 1 for an all-zero matrix."""
-    amax = float(np.abs(x).max()) if x.size else 0.0
+    amax = max(float(x.max()), -float(x.min())) if x.size else 0.0   # no |x| copy of the matrix
     return np.float32(amax / full_scale) if amax > 0 else np.float32(1.0)
 
 
