@@ -40,11 +40,11 @@ void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int8_t * q, flo
     for (int64_t b = 0; b < rows * (n / 32); b++) {
         const float * xb = x + 32 * b;
         float amax = 0.0f;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        for (int j = 0; j < 32; j++) amax = fabsf(xb[j]) > amax ? fabsf(xb[j]) : amax;   /* fmaxf: a libm call on x86 */
         const float scale = amax / 127.0f, inv = scale ? 1.0f / scale : 0.0f;
         int32_t sum = 0;
         for (int j = 0; j < 32; j++) {
-            q[32 * b + j] = (int8_t)roundf(xb[j] * inv);
+            q[32 * b + j] = (int8_t)round_half_away(xb[j] * inv);
             sum += q[32 * b + j];
         }
         d[b] = fp16_to_fp32(fp32_to_fp16(scale));

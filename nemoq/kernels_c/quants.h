@@ -80,14 +80,6 @@ static inline uint16_t fp64_to_fp16(double f) {
     return (uint16_t)(sign | half);
 }
 
-/* C's roundf (ties away from zero, as ggml) without branches, so that loops of it vectorise:
- * x86 compilers call libm's roundf, and a branch on the tie test mispredicts half the time.
- * x - truncf(x) is exact, so the test is too. */
-static inline float round_half_away(float x) {
-    const float t = truncf(x);
-    return t + (float)(fabsf(x - t) >= 0.5f) * copysignf(1.0f, x);
-}
-
 /* np.clip: np.minimum(np.maximum(v, lo), hi) */
 static inline float clipf(float v, float lo, float hi) { return np_minf(np_maxf(v, lo), hi); }
 

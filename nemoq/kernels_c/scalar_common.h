@@ -8,6 +8,7 @@
 #ifndef NEMOQ_SCALAR_COMMON_H
 #define NEMOQ_SCALAR_COMMON_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -83,6 +84,13 @@ NQ_HD float fp16_to_fp32_rebias(uint16_t h) {
 }
 
 NQ_HD float f16_round(float f) { return fp16_to_fp32(fp32_to_fp16(f)); }
+
+/* C's roundf (ties away from zero, as ggml) without a libm call or a branch: x86 compilers call
+ * libm's roundf per value, and a branch on the tie mispredicts. x - truncf(x) is exact. */
+NQ_HD float round_half_away(float x) {
+    const float t = truncf(x);
+    return t + (float)(fabsf(x - t) >= 0.5f) * copysignf(1.0f, x);
+}
 
 /* little-endian halves in a block */
 NQ_HD void put_f16(uint8_t * p, float f) {
