@@ -176,6 +176,7 @@ int nemoq_moe_up(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, con
         const float scale = expert_scale ? expert_scale[e] : 1.0f;
         for (int64_t r = r0; r < r1; r++) {  /* rows outer: a row is read from memory once */
             const uint8_t * row = up + (e * n_ff + r) * row_bytes;
+            prefetch_row_after_next(row, r, r1, row_bytes);
             for (int64_t s0 = group_start[g]; s0 < group_start[g + 1]; s0 += MAX_VECS) {
                 const int nvec = (int)(group_start[g + 1] - s0 < MAX_VECS ? group_start[g + 1] - s0 : MAX_VECS);
                 const float * xs[MAX_VECS], * xsums[MAX_VECS];
@@ -211,6 +212,7 @@ int nemoq_moe_down(const uint8_t * down, int type, int64_t hidden, int64_t n_ff,
         const float scale = expert_scale ? expert_scale[e] : 1.0f;
         for (int64_t r = r0; r < r1; r++) {
             const uint8_t * row = down + (e * hidden + r) * row_bytes;
+            prefetch_row_after_next(row, r, r1, row_bytes);
             for (int64_t s0 = group_start[g]; s0 < group_start[g + 1]; s0 += MAX_VECS) {
                 const int nvec = (int)(group_start[g + 1] - s0 < MAX_VECS ? group_start[g + 1] - s0 : MAX_VECS);
                 const float * hs[MAX_VECS], * hsums[MAX_VECS];

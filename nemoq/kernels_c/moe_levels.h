@@ -25,6 +25,13 @@ enum {  /* ggml type ids (gguf-py GGMLQuantizationType) */
 static const int8_t E2M1_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 static const int8_t IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
+/* Ask for the row after next (rows of one expert are contiguous): from memory 3-15% faster on
+ * the machine we measure than the hardware prefetchers alone. Rows past r1 are not touched. */
+static inline void prefetch_row_after_next(const uint8_t * row, int64_t r, int64_t r1, int64_t row_bytes) {
+    if (r + 2 < r1)
+        for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(row + 2 * row_bytes + at);
+}
+
 #if !MOE_AVX2
 
 #define MAX_BLOCK 256

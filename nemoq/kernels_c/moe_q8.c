@@ -140,8 +140,7 @@ static int rows_dot(const uint8_t * stack, int type, int64_t rows, int64_t n, co
         const float scale = expert_scale ? expert_scale[e] : 1.0f;
         for (int64_t r = r0; r < r1; r++) {
             const uint8_t * row = stack + (e * rows + r) * row_bytes;
-            if (r + 2 < r1)   /* the row after next: 3-15% faster from memory than the hardware alone */
-                for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(row + 2 * row_bytes + at);
+            prefetch_row_after_next(row, r, r1, row_bytes);
             for (int64_t s0 = group_start[g]; s0 < group_start[g + 1]; s0 += Q8_MAX_VECS) {
                 const int64_t left = group_start[g + 1] - s0;
                 const int nvec = (int)(left < Q8_MAX_VECS ? left : Q8_MAX_VECS);
