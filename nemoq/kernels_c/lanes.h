@@ -147,6 +147,30 @@ static inline vf v_error32(const vf * x, const vf * y, const vf * w) {
     return F(0.0f) + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
 }
 
+/* search.refine_on_grid for 32-value blocks on a grid given by LEVEL(v, arg) (the nearest grid
+ * value to v = x / d) and INDEX(v, arg) (its index): two rounds of (nearest levels for d,
+ * least-squares d for them), d rounded to half, nearest indices for it. The function returns
+ * the half-rounded d and writes the indices to idx. */
+#define DEFINE_REFINE_ON_GRID(name, LEVEL, INDEX)                                   \
+    static vf name(const vf * x, const vf * w, vf d, float arg, vf * idx) {         \
+        for (int it = 0; it < 2; it++) {                                            \
+            const vf inv = vdiv(F(1.0f), d);                                        \
+            vf sxq = F(0.0f), sqq = F(0.0f);                                        \
+            for (int i = 0; i < 32; i++) {                                          \
+                const vf q = LEVEL(x[i] * inv, arg);                                \
+                sxq += (w[i] * x[i]) * q;                                           \
+                sqq += (w[i] * q) * q;                                              \
+            }                                                                       \
+            const vf fit = sel(sqq != F(0.0f), sxq / sqq, F(0.0f));                 \
+            d = sel(fit != F(0.0f), fit, d);                                        \
+        }                                                                           \
+        vf dh;                                                                      \
+        for (int l = 0; l < NL; l++) dh[l] = f16_round(d[l]);                       \
+        const vf inv = vdiv(F(1.0f), dh);                                           \
+        for (int i = 0; i < 32; i++) idx[i] = INDEX(x[i] * inv, arg);               \
+        return dh;                                                                  \
+    }
+
 /* rows[l][j] -> out[j][l] for an 8 x 8 tile: three rounds of two-input shuffles, which
  * compilers turn into unpack / shuffle / lane-permute instructions. */
 #define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)

@@ -46,26 +46,10 @@ static inline vi iq4nl_row(vf v2) {
 static inline vf iq4nl_level(vf v2) { return lookup(IQ4NL_LEVEL, iq4nl_row(v2)); }
 static inline vf iq4nl_index(vf v2) { return lookup(IQ4NL_INDEX, iq4nl_row(v2)); }
 
-/* refine_on_grid: two rounds of (nearest levels for d, least-squares d for them), d rounded to
- * half, nearest indices for it. Returns the half-rounded d. */
-static vf v_refine_iq4_nl(const vf * x, const vf * w, vf d, vf * idx) {
-    for (int it = 0; it < 2; it++) {
-        const vf inv = vdiv(F(1.0f), d);
-        vf sxq = F(0.0f), sqq = F(0.0f);
-        for (int i = 0; i < 32; i++) {
-            const vf q = iq4nl_level(x[i] * inv * F(2.0f));
-            sxq += (w[i] * x[i]) * q;
-            sqq += (w[i] * q) * q;
-        }
-        const vf fit = sel(sqq != F(0.0f), sxq / sqq, F(0.0f));
-        d = sel(fit != F(0.0f), fit, d);
-    }
-    vf dh;
-    for (int l = 0; l < NL; l++) dh[l] = f16_round(d[l]);
-    const vf inv = vdiv(F(1.0f), dh);
-    for (int i = 0; i < 32; i++) idx[i] = iq4nl_index(x[i] * inv * F(2.0f));
-    return dh;
-}
+/* refine_on_grid on IQ4_NL's levels, looked up at 2 v (arg unused) */
+static inline vf iq4nl_grid_level(vf v, float arg) { (void)arg; return iq4nl_level(v * F(2.0f)); }
+static inline vf iq4nl_grid_index(vf v, float arg) { (void)arg; return iq4nl_index(v * F(2.0f)); }
+DEFINE_REFINE_ON_GRID(v_refine_iq4_nl, iq4nl_grid_level, iq4nl_grid_index)
 
 /* iq4_nl.scale_search: for each inverse scale ids[k] (per lane), the nearest levels of id * x
  * and their least-squares d; the first is taken, later ones when their fit is better (as ggml).
@@ -149,7 +133,7 @@ void nemoq_quantize_iq4_nl(const float * x, uint8_t * out, int64_t nrows, int64_
             const vf max1 = sel(zero, F(1.0f), max);
             const vf dg = v_iq4_nl_search_ggml(xt, gw, max1, zero, ig);
             /* ours */
-            const vf dh = v_refine_iq4_nl(xt, wt, v_iq4_nl_search_ours(xt, wt, max1, zero, importance != NULL), io);
+            const vf dh = v_refine_iq4_nl(xt, wt, v_iq4_nl_search_ours(xt, wt, max1, zero, importance != NULL), 0.0f, io);
             /* best_of */
             vf dgh;
             for (int l = 0; l < NL; l++) dgh[l] = f16_round(dg[l]);

@@ -82,28 +82,9 @@ static inline vf int_grid_index(vf v, float nmax) {
     return sel(t < F(2.0f * nmax - 1.0f), t, F(2.0f * nmax - 1.0f));
 }
 
-/* refine_on_grid for Q4_0 / Q5_0 (integer grid) from the scale of the search: two rounds of
- * (nearest levels for d, least-squares d for them), d rounded to half, nearest levels for it.
- * Returns the half-rounded d; idx gets the level indices (level + nmax). */
-static vf v_refine_int_grid(int nmax, const vf * x, const vf * w, vf d, vf * idx) {
-    const float fn = (float)nmax;
-    for (int it = 0; it < 2; it++) {
-        const vf inv = vdiv(F(1.0f), d);
-        vf sxq = F(0.0f), sqq = F(0.0f);
-        for (int i = 0; i < 32; i++) {
-            const vf q = int_grid_index(x[i] * inv, fn) - F(fn);
-            sxq += (w[i] * x[i]) * q;
-            sqq += (w[i] * q) * q;
-        }
-        const vf fit = sel(sqq != F(0.0f), sxq / sqq, F(0.0f));
-        d = sel(fit != F(0.0f), fit, d);
-    }
-    vf dh;
-    for (int l = 0; l < NL; l++) dh[l] = f16_round(d[l]);
-    const vf inv = vdiv(F(1.0f), dh);
-    for (int i = 0; i < 32; i++) idx[i] = int_grid_index(x[i] * inv, fn);
-    return dh;
-}
+/* refine_on_grid for Q4_0 / Q5_0: the integer grid -nmax .. nmax - 1 (arg = nmax) */
+static inline vf int_grid_level(vf v, float nmax) { return int_grid_index(v, nmax) - F(nmax); }
+DEFINE_REFINE_ON_GRID(v_refine_int_grid, int_grid_level, int_grid_index)
 
 /* Block bytes from d and lane l of the unsigned levels q = level + nmax. */
 static void pack_q4_0(uint8_t * o, float d, const vf * q, int l) {
@@ -170,7 +151,7 @@ static void quantize_x_0(const float * x, uint8_t * out, int64_t nrows, int64_t 
             const vf max = v_signed_absmax(xt, 32);
             const vi zero = vabs(max) < F(GROUP_MAX_EPS);
             const vf d = qx_search_f(32, nmax, targets, 12, xt, wt, wx, sel(zero, F(1.0f), max), zero, NULL);
-            const vf dh = v_refine_int_grid(nmax, xt, wt, d, qo);
+            const vf dh = v_refine_int_grid(xt, wt, d, fn, qo);
             /* best_of: the errors of the dequantized candidates */
             vf dgh;
             for (int l = 0; l < NL; l++) dgh[l] = f16_round(dg[l]);
