@@ -92,15 +92,8 @@ static inline float sum_lanes(float * acc) {
 
 #endif
 
-/* name, values and bytes per block, values per scale, mins? */
-DEFINE_ROW_DOT(q8_0, 32, 34, 32, 0)
-DEFINE_ROW_DOT(q5_0, 32, 22, 32, 0)
-DEFINE_ROW_DOT(iq4_nl, 32, 18, 32, 0)
-DEFINE_ROW_DOT(mxfp4, 32, 17, 32, 0)
-DEFINE_ROW_DOT(nvfp4, 64, 36, 16, 0)
-DEFINE_ROW_DOT(q4_k, 256, 144, 32, 1)
-DEFINE_ROW_DOT(q5_k, 256, 176, 32, 1)
-DEFINE_ROW_DOT(q6_k, 256, 210, 16, 0)
+#define ROW_DOT(NAME, TYPE, QK, BYTES, GROUP, HAS_MIN) DEFINE_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN)
+MOE_FORMATS(ROW_DOT)
 
 /* (row, n, vectors, their sums of each 32 values (formats with mins) or NULL, nvec, out) */
 typedef void (*row_dot_fn)(const uint8_t *, int64_t, const float * const *, const float * const *, int, float *);
@@ -113,12 +106,8 @@ typedef struct {
     row_dot_fn dot;
 } format_info;
 
-static const format_info FORMATS[] = {
-    {FMT_Q8_0, 32, 34, 0, row_dot_q8_0},     {FMT_Q5_0, 32, 22, 0, row_dot_q5_0},
-    {FMT_IQ4_NL, 32, 18, 0, row_dot_iq4_nl}, {FMT_MXFP4, 32, 17, 0, row_dot_mxfp4},
-    {FMT_NVFP4, 64, 36, 0, row_dot_nvfp4},   {FMT_Q4_K, 256, 144, 1, row_dot_q4_k},
-    {FMT_Q5_K, 256, 176, 1, row_dot_q5_k},   {FMT_Q6_K, 256, 210, 0, row_dot_q6_k},
-};
+#define FORMAT_INFO(NAME, TYPE, QK, BYTES, GROUP, HAS_MIN) {TYPE, QK, BYTES, HAS_MIN, row_dot_##NAME},
+static const format_info FORMATS[] = {MOE_FORMATS(FORMAT_INFO)};
 
 static const format_info * find_format(int type, int64_t n) {
     for (size_t i = 0; i < sizeof FORMATS / sizeof FORMATS[0]; i++)

@@ -21,6 +21,19 @@ enum {  /* ggml type ids (gguf-py GGMLQuantizationType) */
     FMT_IQ4_NL = 20, FMT_MXFP4 = 39, FMT_NVFP4 = 40,
 };
 
+/* Every format the MoE kernels read, one X(name, type id, values and bytes per block, values per
+ * scale, mins?) each: both kernels instantiate their row dots and build their format tables
+ * from this one list. */
+#define MOE_FORMATS(X)                          \
+    X(q8_0, FMT_Q8_0, 32, 34, 32, 0)            \
+    X(q5_0, FMT_Q5_0, 32, 22, 32, 0)            \
+    X(iq4_nl, FMT_IQ4_NL, 32, 18, 32, 0)        \
+    X(mxfp4, FMT_MXFP4, 32, 17, 32, 0)          \
+    X(nvfp4, FMT_NVFP4, 64, 36, 16, 0)          \
+    X(q4_k, FMT_Q4_K, 256, 144, 32, 1)          \
+    X(q5_k, FMT_Q5_K, 256, 176, 32, 1)          \
+    X(q6_k, FMT_Q6_K, 256, 210, 16, 0)
+
 /* E2M1 doubled to integers (ggml's kvalues_mxfp4) and IQ4_NL's non-linear levels. */
 static const int8_t E2M1_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 static const int8_t IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};

@@ -88,15 +88,8 @@ static inline float block_dot(const levels * restrict L, int qk, int group, int 
 
 #endif
 
-/* name, values and bytes per block, values per scale, mins? (as moe.c) */
-DEFINE_Q8_ROW_DOT(q8_0, 32, 34, 32, 0)
-DEFINE_Q8_ROW_DOT(q5_0, 32, 22, 32, 0)
-DEFINE_Q8_ROW_DOT(iq4_nl, 32, 18, 32, 0)
-DEFINE_Q8_ROW_DOT(mxfp4, 32, 17, 32, 0)
-DEFINE_Q8_ROW_DOT(nvfp4, 64, 36, 16, 0)
-DEFINE_Q8_ROW_DOT(q4_k, 256, 144, 32, 1)
-DEFINE_Q8_ROW_DOT(q5_k, 256, 176, 32, 1)
-DEFINE_Q8_ROW_DOT(q6_k, 256, 210, 16, 0)
+#define Q8_ROW_DOT(NAME, TYPE, QK, BYTES, GROUP, HAS_MIN) DEFINE_Q8_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN)
+MOE_FORMATS(Q8_ROW_DOT)
 
 typedef void (*q8_row_dot_fn)(const uint8_t *, int64_t, const q8_vec *, int, float *);
 
@@ -107,12 +100,8 @@ typedef struct {
     q8_row_dot_fn dot;
 } q8_format;
 
-static const q8_format Q8_FORMATS[] = {
-    {FMT_Q8_0, 32, 34, q8_row_dot_q8_0},     {FMT_Q5_0, 32, 22, q8_row_dot_q5_0},
-    {FMT_IQ4_NL, 32, 18, q8_row_dot_iq4_nl}, {FMT_MXFP4, 32, 17, q8_row_dot_mxfp4},
-    {FMT_NVFP4, 64, 36, q8_row_dot_nvfp4},   {FMT_Q4_K, 256, 144, q8_row_dot_q4_k},
-    {FMT_Q5_K, 256, 176, q8_row_dot_q5_k},   {FMT_Q6_K, 256, 210, q8_row_dot_q6_k},
-};
+#define Q8_FORMAT(NAME, TYPE, QK, BYTES, GROUP, HAS_MIN) {TYPE, QK, BYTES, q8_row_dot_##NAME},
+static const q8_format Q8_FORMATS[] = {MOE_FORMATS(Q8_FORMAT)};
 
 static const q8_format * find_q8_format(int type, int64_t n) {
     if (n % 32) return NULL;   /* the activations' blocks */
