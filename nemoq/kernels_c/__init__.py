@@ -61,10 +61,15 @@ def _run(fn, src: np.ndarray, dst: np.ndarray, n_per_row: int, threads: int | No
     def call(lo_hi):
         lo, hi = lo_hi
         fn(src[lo:hi].ctypes.data, dst[lo:hi].ctypes.data, hi - lo, n_per_row, *extra)
-    if len(chunks) == 1:
-        call(chunks[0])
-        return
-    list(_pool(len(chunks)).map(call, chunks))
+    _on_threads(call, chunks)
+
+
+def _on_threads(call, ranges: list) -> None:
+    """call(r) for every range: on the calling thread when there is one, else on the pool."""
+    if len(ranges) == 1:
+        call(ranges[0])
+    elif ranges:
+        list(_pool(len(ranges)).map(call, ranges))
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -137,11 +142,7 @@ def quantize_half_rows(fmt: str, rows: np.ndarray, source_dtype: str, importance
             m = min(piece, hi - r)
             widen_fn(src[r].ctypes.data, buffer.ctypes.data, m * n)
             quantize(buffer.ctypes.data, out[r].ctypes.data, m, n, imp)
-    chunks = _row_chunks(src.shape[0], threads or os.cpu_count() or 1)
-    if len(chunks) == 1:
-        call(chunks[0])
-    elif chunks:
-        list(_pool(len(chunks)).map(call, chunks))
+    _on_threads(call, _row_chunks(src.shape[0], threads or os.cpu_count() or 1))
     return out
 
 
@@ -174,9 +175,5 @@ def widen(rows: np.ndarray, source_dtype: str, out: np.ndarray | None = None, th
         fn(flat_src[lo:].ctypes.data, flat_out[lo:].ctypes.data, hi - lo)
     # a large input (a whole expert matrix) is split over the threads, at multiples of 16 values
     workers = (threads or os.cpu_count() or 1) if src.size >= 1 << 20 else 1
-    pieces = [(16 * lo, min(16 * hi, src.size)) for lo, hi in _row_chunks(-(-src.size // 16), workers)]
-    if len(pieces) > 1:
-        list(_pool(len(pieces)).map(call, pieces))
-    elif src.size:
-        call((0, src.size))
+    _on_threads(call, [(16 * lo, min(16 * hi, src.size)) for lo, hi in _row_chunks(-(-src.size // 16), workers)])
     return out
