@@ -106,16 +106,19 @@ def quantize(
          split_max_size=parse_size(split_max_size) if split_max_size else 0)
 
 
-def _alternatives(typed, specs, layer_kinds) -> list[tuple[str, float]]:
-    """The recipes to suggest when most of the weights fell back (none otherwise)."""
+def _report_plan(typed, specs, layer_kinds, recipe, table: bool = True) -> None:
+    """The plan's summary, and when most of the weights fell back, the recipes that fit."""
+    from nemoq import report
     from nemoq.quant.recipes import recipes_that_fit, summarize
-    return recipes_that_fit(specs, layer_kinds) if summarize(typed).warn_fallbacks else []
+    summary = summarize(typed)
+    alternatives = recipes_that_fit(specs, layer_kinds) if summary.warn_fallbacks else []
+    report.quant_plan(Console(), typed, summary, recipe, table=table, alternatives=alternatives)
 
 
 def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: list[str], dry_run: bool,
               imatrix_path: Optional[Path], tensor_scales: bool = True, **options) -> None:
     from nemoq import report
-    from nemoq.quant.recipes import RECIPES, chooser, parse_override, plan_types, summarize
+    from nemoq.quant.recipes import RECIPES, chooser, parse_override, plan_types
     recipe = RECIPES.get(recipe_name.upper())
     if recipe is None:
         raise NemoqError(f"unknown recipe {recipe_name!r}; known: {', '.join(RECIPES)}")
@@ -130,8 +133,7 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
         config = load_config(resolve_config(src))
         specs = tensor_specs(config)
         typed = plan_types(specs, recipe, config.layer_kinds, parsed, tensor_scales)
-        report.quant_plan(Console(), typed, summarize(typed), recipe,
-                          alternatives=_alternatives(typed, specs, config.layer_kinds))
+        _report_plan(typed, specs, config.layer_kinds, recipe)
         return
     if outfile is None:
         raise NemoqError("--outfile is required (or use --dry-run)")
@@ -149,8 +151,7 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
                           f"(e.g. {escape(uncovered[0])}): quantized without importance")
     with report.byte_progress(console, "quantizing", plan_bytes(source.plan)) as advance:
         result = write_gguf(source, outfile, chooser(typed, imatrix), recipe.file_type, on_progress=advance, **options)
-    report.quant_plan(Console(), typed, summarize(typed), recipe, table=False,
-                      alternatives=_alternatives(typed, [t.spec for t in source.plan.tensors], source.layer_kinds))
+    _report_plan(typed, [t.spec for t in source.plan.tensors], source.layer_kinds, recipe, table=False)
     report.conversion_summary(console, result, [])
     from nemoq.convert.modelopt_gguf import kept_as_stored
     kept = kept_as_stored(result.tensors)
