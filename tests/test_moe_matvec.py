@@ -8,7 +8,11 @@ k-quants, of 64 but not 256 for NVFP4, of 32 but not 256 for the 32-value blocks
 from __future__ import annotations
 
 import ctypes
+import os
+import signal
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -166,6 +170,70 @@ def test_per_expert_scales_multiply_each_expert():
     assert rel_error(moe_matvec(x, ids, w, up, down, *pair), ref) > 1e-2
 
 
+def test_one_call_matches_the_phases_run_one_by_one():
+    """moe_run.c (routing in C, both phases on the C pool) == route() + each phase from Python,
+    bit for bit, with zero weights, an expert twice in a token and tokens sharing experts."""
+    pair = ("q4_k", "q6_k")
+    up, down, hidden = experts(pair)
+    x, (ids, w) = tokens(7, hidden), routing(7, 4)
+    ids[2, 1], w[4, :2], w[6] = ids[2, 0], 0, 0
+    for activations in moe.ACTIVATIONS:
+        h = moe.moe_hidden(x, ids, w, up, pair[0], activations=activations, threads=2)
+        expected = moe.moe_down(h, ids, w, down, pair[1], activations=activations, threads=2)
+        y = moe_matvec(x, ids, w, up, down, *pair, activations=activations, threads=2)
+        np.testing.assert_array_equal(y, expected)
+        assert not y[6].any()
+
+
+def test_ids_out_of_range_in_any_integer_type():
+    pair = ("q8_0", "q8_0")
+    up, down, hidden = experts(pair)
+    x, (ids, w) = tokens(2, hidden), routing(2, 2)
+    for bad in (ids - N_EXPERTS, ids.astype(np.int64) + 2**32, ids.astype(np.uint8) + N_EXPERTS):
+        with pytest.raises(ValueError, match="expert ids"):
+            moe_matvec(x, bad, w, up, down, *pair)
+    np.testing.assert_array_equal(moe_matvec(x, ids.astype(np.int64), w, up, down, *pair),
+                                  moe_matvec(x, ids, w, up, down, *pair))
+
+
+def test_calls_from_several_python_threads_at_once():
+    """The C pool runs one call at a time; concurrent callers wait and get their own results."""
+    pair = ("iq4_nl", "q5_0")
+    up, down, hidden = experts(pair)
+    inputs = [(tokens(3, hidden, seed), *routing(3, 6, seed)) for seed in range(8)]
+    alone = [moe_matvec(x, ids, w, up, down, *pair, threads=2) for x, ids, w in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda a: moe_matvec(*a, up, down, *pair, threads=2), inputs))
+    for y, expected in zip(together, alone):
+        np.testing.assert_array_equal(y, expected)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_starts_its_own_threads():
+    """The pool's workers are not copied by fork: the child must start new ones, not wait on
+    threads it does not have."""
+    pair = ("q8_0", "q8_0")
+    up, down, hidden = experts(pair)
+    x, (ids, w) = tokens(2, hidden), routing(2, 6)
+    expected = moe_matvec(x, ids, w, up, down, *pair, threads=2)   # the parent's workers exist now
+    pid = os.fork()
+    if pid == 0:   # child: exit status says whether the call worked
+        ok = False
+        try:
+            ok = np.array_equal(moe_matvec(x, ids, w, up, down, *pair, threads=2), expected)
+        finally:
+            os._exit(0 if ok else 1)
+    for _ in range(600):   # 60 s
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's call did not finish")
+
+
 def test_rejects_bad_input():
     pair = ("q8_0", "q8_0")
     up, down, hidden = experts(pair)
@@ -193,12 +261,13 @@ def test_without_the_c_library_falls_back_to_numpy(monkeypatch):
 
 @pytest.fixture(scope="module")
 def portable_library(tmp_path_factory):
-    """moe.c built with -DNEMOQ_MOE_PORTABLE: the plain C that CPUs without AVX2 run."""
+    """The MoE kernels built with -DNEMOQ_MOE_PORTABLE: the plain C that CPUs without AVX2 run."""
     cc = build.compiler()
     if cc is None:
         pytest.skip("no C compiler")
     target = tmp_path_factory.mktemp("portable") / "libmoe_portable.so"
-    cmd = [cc, *build.flags(), "-DNEMOQ_MOE_PORTABLE", str(build.SOURCE_DIR / "moe.c"), "-o", str(target)]
+    sources = [str(build.SOURCE_DIR / name) for name in moe.SOURCES]
+    cmd = [cc, *build.flags(), "-DNEMOQ_MOE_PORTABLE", *sources, "-o", str(target), "-lm"]
     subprocess.run(cmd, check=True, capture_output=True)
     return ctypes.CDLL(str(target))
 

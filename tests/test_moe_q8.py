@@ -177,7 +177,7 @@ def portable_functions(tmp_path_factory):
     if cc is None:
         pytest.skip("no C compiler")
     target = tmp_path_factory.mktemp("portable") / "libmoe_q8_portable.so"
-    sources = [str(build.SOURCE_DIR / name) for name in ("moe.c", "moe_q8.c")]
+    sources = [str(build.SOURCE_DIR / name) for name in moe.SOURCES]
     subprocess.run([cc, *build.flags(), "-DNEMOQ_MOE_PORTABLE", *sources, "-o", str(target), "-lm"],
                    check=True, capture_output=True)
     return moe._bind(ctypes.CDLL(str(target)))

@@ -28,7 +28,7 @@ LIB_STEM = "libnemoq_kernels"
 
 # Flags per (system, machine). -march/-mcpu=native is safe: the cache key includes the CPU.
 # No -ffast-math, and no FMA contraction: the kernels must match numpy bit for bit.
-COMMON_FLAGS = ["-O3", "-std=c11", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
+COMMON_FLAGS = ["-O3", "-std=c11", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-pthread"]
 PLATFORM_FLAGS = {
     ("Linux", "x86_64"): ["-march=native", "-shared"],
     ("Linux", "aarch64"): ["-mcpu=native", "-shared"],

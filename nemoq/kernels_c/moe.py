@@ -9,11 +9,11 @@ as uint8 (E, H, I / block * bytes), e.g. the arrays gguf-py's GGUFReader returns
 views of the file). y_t = sum_j w_j * down[e_j] @ relu(up[e_j] @ x_t)^2, defined by
 nemoq/quant/moe_reference.py. Slots with weight 0 are skipped: they add exactly nothing.
 
-Threads: the tokens' (expert, weight) slots are grouped by expert in numpy, then two C calls
-per thread run: the up phase splits the I rows of every routed expert into `threads` ranges,
-the down phase the H output rows, with a join between. Each thread reads its slice of each
-expert once, for all tokens routed to it, and owns its output rows, so the result does not
-depend on `threads`. ctypes releases the GIL for each call.
+Threads: one C call (moe_run.c) groups the tokens' (expert, weight) slots by expert and runs
+both phases on a persistent C thread pool (pool.c): the up phase splits the I rows of every
+routed expert into `threads` ranges, the down phase the H output rows, with a barrier between.
+Each thread reads its slice of each expert once, for all tokens routed to it, and owns its
+output rows, so the result does not depend on `threads`. ctypes releases the GIL for the call.
 
 activations="q8_0" (default "f32") computes as llama.cpp's CPU backend does: x, and each slot's
 hidden vector after the up phase, are rounded to Q8_0 (ggml's quantize_row_q8_0_ref) once per
@@ -43,6 +43,8 @@ __all__ = ["ACTIVATIONS", "MOE_FORMATS", "Routing", "route", "moe_matvec", "moe_
 # The block formats the kernel reads, by name; C knows them by ggml type id.
 MOE_FORMATS = ("q8_0", "q5_0", "iq4_nl", "mxfp4", "nvfp4", "q4_k", "q5_k", "q6_k")
 TYPE_IDS = {name: GGMLQuantizationType[name.upper()].value for name in MOE_FORMATS}
+# The C files of the MoE kernels (a library of these alone has every function below).
+SOURCES = ("moe.c", "moe_q8.c", "moe_run.c", "pool.c")
 
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
@@ -60,7 +62,19 @@ _SIGNATURES = {
     # dots, out, r0, r1
     "nemoq_moe_q8_down": ([_p, ctypes.c_int, _i64, _i64, _p, _p, _p, _i64, _p, _p, _p, _p, _p, _p, _p, _i64, _i64],
                           ctypes.c_int),
+    "nemoq_moe_matvec": ([_p], ctypes.c_int),   # a _Call
 }
+
+
+class _Call(ctypes.Structure):
+    """moe_run.c's nemoq_moe_call: one whole moe_matvec."""
+    _fields_ = [("up", _p), ("down", _p), ("up_type", ctypes.c_int32), ("down_type", ctypes.c_int32),
+                ("n_experts", _i64), ("n_ff", _i64), ("hidden", _i64), ("n_tokens", _i64), ("top_k", _i64),
+                ("x", _p), ("expert_ids", _p), ("expert_weights", _p), ("up_scale", _p), ("down_scale", _p),
+                ("q8", ctypes.c_int32), ("threads", ctypes.c_int32), ("out", _p)]
+
+
+_C_ERRORS = {-1: "a format or width it does not read", -2: "out of memory", -3: "an expert id out of range"}
 
 
 def _bind(lib: ctypes.CDLL) -> dict:
@@ -100,16 +114,26 @@ class Routing:
         return len(self.slot_token)
 
 
-def route(expert_ids, expert_weights, n_experts: int, n_tokens: int) -> Routing:
-    """Group the (T, k) routing by expert, dropping zero weights; slots stay in token order."""
+def _routing_inputs(expert_ids, expert_weights, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(T, k) ids and weights as checked arrays (ids of any integer type, weights float32)."""
     ids = np.asarray(expert_ids)
     w = np.asarray(expert_weights, dtype=np.float32)
     if ids.ndim != 2 or ids.shape[0] != n_tokens or w.shape != ids.shape:
         raise ValueError(f"expert_ids {ids.shape} and expert_weights {w.shape} must both be (tokens={n_tokens}, k)")
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"expert_ids must be integers, got {ids.dtype}")
+    return ids, w
+
+
+def _bad_ids(ids: np.ndarray, n_experts: int) -> ValueError:
+    return ValueError(f"expert ids must be in 0..{n_experts - 1}, got {ids.min()}..{ids.max()}")
+
+
+def route(expert_ids, expert_weights, n_experts: int, n_tokens: int) -> Routing:
+    """Group the (T, k) routing by expert, dropping zero weights; slots stay in token order."""
+    ids, w = _routing_inputs(expert_ids, expert_weights, n_tokens)
     if ids.size and (ids.min() < 0 or ids.max() >= n_experts):
-        raise ValueError(f"expert ids must be in 0..{n_experts - 1}, got {ids.min()}..{ids.max()}")
+        raise _bad_ids(ids, n_experts)
     keep = (w != 0).ravel()
     tokens = np.repeat(np.arange(n_tokens, dtype=np.int32), ids.shape[1])[keep]
     experts, weights = ids.ravel()[keep].astype(np.int32), w.ravel()[keep]
@@ -249,13 +273,25 @@ def moe_matvec(x, expert_ids, expert_weights, up, down, up_format: str, down_for
     fns = _library(activations)
     _stack(up, up_format, hidden, "up")
     _stack(down, down_format, n_ff, "down")
-    r = route(expert_ids, expert_weights, n_experts, n_tokens)
-    if r.n_slots == 0:
-        return np.zeros((n_tokens, hidden), np.float32)
+    ids, w = _routing_inputs(expert_ids, expert_weights, n_tokens)
+    if ids.dtype != np.int32:   # a wider id must not wrap into range
+        if ids.size and (ids.min() < 0 or ids.max() >= n_experts):
+            raise _bad_ids(ids, n_experts)
+        ids = ids.astype(np.int32)
+    ids, w = np.ascontiguousarray(ids), np.ascontiguousarray(w)
     up_s, up_s_ptr = _scale(up_scale, n_experts, "up_scale")
     down_s, down_s_ptr = _scale(down_scale, n_experts, "down_scale")
-    h = _up_phase(fns, x, r, up, up_format, up_s_ptr, _threads(threads), activations)
-    return _down_phase(fns, h, r, n_tokens, down, down_format, down_s_ptr, _threads(threads), activations)
+    out = np.empty((n_tokens, hidden), np.float32)
+    call = _Call(up.ctypes.data, down.ctypes.data, TYPE_IDS[up_format], TYPE_IDS[down_format], n_experts, n_ff,
+                 hidden, n_tokens, ids.shape[1], x.ctypes.data, ids.ctypes.data, w.ctypes.data, up_s_ptr,
+                 down_s_ptr, activations == "q8_0", _threads(threads), out.ctypes.data)
+    code = fns["nemoq_moe_matvec"](ctypes.addressof(call))
+    if code == -3:
+        raise _bad_ids(ids, n_experts)
+    if code:
+        raise RuntimeError(f"nemoq_moe: the C kernel refused {up_format}/{down_format}: "
+                           f"{_C_ERRORS.get(code, f'code {code}')}")
+    return out
 
 
 def moe_hidden(x, expert_ids, expert_weights, up, up_format: str, *, up_scale=None, threads: int | None = None,

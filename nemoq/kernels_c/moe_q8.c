@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "moe_levels.h"   /* type ids, level tables, MOE_AVX2, plain-C block decoders */
+#include "moe_phases.h"
 
 #define Q8_MAX_VECS 4   /* vectors dotted with one decoded block at a time */
 
