@@ -119,9 +119,26 @@ static const format_info * find_format(int type, int64_t n) {
 /* 1 if this library can read `type` (a ggml type id), else 0. */
 int nemoq_moe_supports(int type) { return find_format(type, 0) != NULL; }
 
-/* For a format with mins: the sums of each 32 values of every slot's vector (slot s's vector at
- * base + row_of[s] * n, or base + s * n where row_of is NULL), malloc'ed; NULL otherwise, and
- * *failed = 1 when the allocation fails. */
+/* For a format with mins: sums[s * (n / 32) + g] = the sum of values 32g .. 32g + 31 of slot s's
+ * vector (at base + row_of[s] * n, or base + s * n where row_of is NULL), and 1; 0 for a format
+ * without mins (sums untouched), -1 for one this library does not read. */
+int moe_slot_sums(int type, const float * base, int64_t n, int64_t n_slots, const int32_t * row_of, float * sums) {
+    const format_info * f = find_format(type, 0);
+    if (!f) return -1;
+    if (!f->has_min) return 0;
+    for (int64_t s = 0; s < n_slots; s++) {
+        const float * x = base + (row_of ? row_of[s] : s) * n;
+        for (int64_t g = 0; g < n / 32; g++) {
+            float t = 0.0f;
+            for (int l = 0; l < 32; l++) t += x[32 * g + l];
+            sums[s * (n / 32) + g] = t;
+        }
+    }
+    return 1;
+}
+
+/* moe_slot_sums into a malloc'ed array for a format with mins; NULL otherwise, and *failed = 1
+ * when the allocation fails. */
 static float * slot_sums(const format_info * f, const float * base, int64_t n, int64_t n_slots,
                          const int32_t * row_of, int * failed) {
     *failed = 0;
@@ -131,14 +148,7 @@ static float * slot_sums(const format_info * f, const float * base, int64_t n, i
         *failed = 1;
         return NULL;
     }
-    for (int64_t s = 0; s < n_slots; s++) {
-        const float * x = base + (row_of ? row_of[s] : s) * n;
-        for (int64_t g = 0; g < n / 32; g++) {
-            float t = 0.0f;
-            for (int l = 0; l < 32; l++) t += x[32 * g + l];
-            sums[s * (n / 32) + g] = t;
-        }
-    }
+    moe_slot_sums(f->type, base, n, n_slots, row_of, sums);
     return sums;
 }
 
@@ -157,10 +167,23 @@ int nemoq_moe_up(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, con
                  float * h, int64_t r0, int64_t r1) {
     const format_info * f = find_format(type, hidden);
     if (!f) return -1;
-    const int64_t row_bytes = hidden / f->block * f->bytes;
     int failed;
     float * sums = slot_sums(f, x, hidden, group_start[n_groups], slot_token, &failed);
     if (failed) return -2;
+    moe_up_rows(up, type, n_ff, hidden, x, n_groups, group_expert, group_start, slot_token, expert_scale, sums, h,
+                r0, r1);
+    free(sums);
+    return 0;
+}
+
+/* nemoq_moe_up with the sums of x given (moe_slot_sums over the slots' tokens; NULL for a
+ * format without mins). */
+int moe_up_rows(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, const float * x, int64_t n_groups,
+                const int32_t * group_expert, const int64_t * group_start, const int32_t * slot_token,
+                const float * expert_scale, const float * sums, float * h, int64_t r0, int64_t r1) {
+    const format_info * f = find_format(type, hidden);
+    if (!f) return -1;
+    const int64_t row_bytes = hidden / f->block * f->bytes;
     for (int64_t g = 0; g < n_groups; g++) {
         const int64_t e = group_expert[g];
         const float scale = expert_scale ? expert_scale[e] : 1.0f;
@@ -183,7 +206,6 @@ int nemoq_moe_up(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, con
             }
         }
     }
-    free(sums);
     return 0;
 }
 
@@ -193,10 +215,24 @@ int nemoq_moe_down(const uint8_t * down, int type, int64_t hidden, int64_t n_ff,
                    float * out, int64_t r0, int64_t r1) {
     const format_info * f = find_format(type, n_ff);
     if (!f) return -1;
-    const int64_t row_bytes = n_ff / f->block * f->bytes;
     int failed;
     float * sums = slot_sums(f, h, n_ff, group_start[n_groups], NULL, &failed);
     if (failed) return -2;
+    moe_down_rows(down, type, hidden, n_ff, h, n_groups, group_expert, group_start, slot_token, slot_weight,
+                  expert_scale, sums, out, r0, r1);
+    free(sums);
+    return 0;
+}
+
+/* nemoq_moe_down with the sums of h given (moe_slot_sums over the slots; NULL for a format
+ * without mins). */
+int moe_down_rows(const uint8_t * down, int type, int64_t hidden, int64_t n_ff, const float * h, int64_t n_groups,
+                  const int32_t * group_expert, const int64_t * group_start, const int32_t * slot_token,
+                  const float * slot_weight, const float * expert_scale, const float * sums, float * out,
+                  int64_t r0, int64_t r1) {
+    const format_info * f = find_format(type, n_ff);
+    if (!f) return -1;
+    const int64_t row_bytes = n_ff / f->block * f->bytes;
     for (int64_t g = 0; g < n_groups; g++) {
         const int64_t e = group_expert[g];
         const float scale = expert_scale ? expert_scale[e] : 1.0f;
@@ -217,6 +253,5 @@ int nemoq_moe_down(const uint8_t * down, int type, int64_t hidden, int64_t n_ff,
             }
         }
     }
-    free(sums);
     return 0;
 }

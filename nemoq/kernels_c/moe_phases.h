@@ -18,6 +18,17 @@ int nemoq_moe_down(const uint8_t * down, int type, int64_t hidden, int64_t n_ff,
                    const int32_t * slot_token, const float * slot_weight, const float * expert_scale,
                    float * out, int64_t r0, int64_t r1);
 
+/* The float32 phases with the k-quants' sums of x (or h) per 32 values made once per call
+ * (moe_slot_sums) instead of once per row range: for the driver, which hands out many ranges. */
+int moe_slot_sums(int type, const float * base, int64_t n, int64_t n_slots, const int32_t * row_of, float * sums);
+int moe_up_rows(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, const float * x, int64_t n_groups,
+                const int32_t * group_expert, const int64_t * group_start, const int32_t * slot_token,
+                const float * expert_scale, const float * sums, float * h, int64_t r0, int64_t r1);
+int moe_down_rows(const uint8_t * down, int type, int64_t hidden, int64_t n_ff, const float * h, int64_t n_groups,
+                  const int32_t * group_expert, const int64_t * group_start, const int32_t * slot_token,
+                  const float * slot_weight, const float * expert_scale, const float * sums, float * out,
+                  int64_t r0, int64_t r1);
+
 void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int8_t * q, float * d, float * ds);
 
 int nemoq_moe_q8_up(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, const int8_t * xq,

@@ -3,10 +3,13 @@
  *     y_t = sum_j  w_j * down[e_j] @ relu(up[e_j] @ x_t)^2        (moe.c, or moe_q8.c for q8)
  *
  * The caller (nemoq/kernels_c/moe.py) fills a nemoq_moe_call and calls nemoq_moe_matvec once.
- * Steps, each split by rows across the threads, with a barrier between:
- *   [q8: x -> Q8_0]  up phase (rows of I)  [q8: hidden vectors -> Q8_0]  down phase (rows of H)
- * A thread owns its rows in every step, so the result does not depend on the thread count,
- * and it is the result of the per-phase functions run one after the other. */
+ * Steps, with a barrier between:
+ *   x -> Q8_0 (q8) or sums of x per 32 values (f32, k-quants with mins), split by blocks / slots
+ *   up phase: rows of I in chunks claimed by the threads (claim_rows)
+ *   hidden vectors -> Q8_0, or their sums, as for x
+ *   down phase: rows of H in chunks
+ * One thread computes each row, whichever it is, so the result does not depend on the thread
+ * count, and it is the result of the per-phase functions run one after the other. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -68,6 +71,31 @@ static void * carve(carver * c, size_t bytes) {
     return at;
 }
 
+/* Rows handed out in chunks, large first and smaller towards the end (guided scheduling), so
+ * that a thread that started late or runs on a slower (or busier) core takes fewer rows and
+ * nobody waits long at the barrier. Which thread computes a row does not change its value. */
+#define MIN_CHUNK_ROWS 8
+
+typedef struct {
+    atomic_llong next;
+    int64_t n;
+} row_queue;
+
+static int claim_rows(row_queue * q, int threads, int64_t * lo, int64_t * hi) {
+    long long start = atomic_load_explicit(&q->next, memory_order_relaxed);
+    for (;;) {
+        if (start >= q->n) return 0;
+        int64_t size = (q->n - start) / (2 * threads);
+        size = size < MIN_CHUNK_ROWS ? MIN_CHUNK_ROWS : size;
+        const long long end = start + size < q->n ? start + size : q->n;
+        if (atomic_compare_exchange_weak_explicit(&q->next, &start, end, memory_order_relaxed, memory_order_relaxed)) {
+            *lo = start;
+            *hi = end;
+            return 1;
+        }
+    }
+}
+
 typedef struct {
     const nemoq_moe_call * c;
     routing r;
@@ -75,6 +103,8 @@ typedef struct {
     int8_t * xq, * hq;                  /* q8: Q8_0 levels of x (T, H) and of h (S, I) */
     float * xd, * xds, * hd, * hds;     /* q8: their block scales and scale * sum of levels */
     float * dots;                       /* q8: (S, H) scratch of the down phase */
+    float * xsums, * hsums;             /* f32 with a k-quant: sums per 32 values of each slot's x, h */
+    row_queue up_rows, down_rows;
     atomic_int failed;                  /* the first nonzero code of any thread */
 } run;
 
@@ -85,7 +115,11 @@ static void carve_run(carver * c, run * R, const nemoq_moe_call * call, int64_t 
     R->r.slot_token = carve(c, sizeof(int32_t) * (size_t)S);
     R->r.slot_weight = carve(c, sizeof(float) * (size_t)S);
     R->h = carve(c, sizeof(float) * (size_t)(S * I));
-    if (!call->q8) return;
+    if (!call->q8) {   /* formats without mins leave them unused */
+        R->xsums = carve(c, sizeof(float) * (size_t)(S * H / 32));
+        R->hsums = carve(c, sizeof(float) * (size_t)(S * I / 32));
+        return;
+    }
     R->xq = carve(c, (size_t)(T * H));
     R->xd = carve(c, sizeof(float) * (size_t)(T * H / 32));
     R->xds = carve(c, sizeof(float) * (size_t)(T * H / 32));
@@ -141,6 +175,15 @@ static void q8_blocks(const float * v, int8_t * q, float * d, float * ds, int64_
     if (hi > lo) nemoq_q8_quantize(v + 32 * lo, hi - lo, 32, q + 32 * lo, d + lo, ds + lo);
 }
 
+/* f32 with a format with mins: this thread's slots' sums per 32 values (moe_slot_sums). */
+static void sums_share(int type, const float * base, int64_t n, const routing * r, const int32_t * row_of,
+                       float * sums, int index, int threads) {
+    int64_t lo, hi;
+    share(r->n_slots, index, threads, &lo, &hi);
+    if (hi > lo)
+        moe_slot_sums(type, row_of ? base : base + lo * n, n, hi - lo, row_of ? row_of + lo : NULL, sums + lo * (n / 32));
+}
+
 static void moe_job(void * ctx, int index, int n) {
     run * R = ctx;
     const nemoq_moe_call * c = R->c;
@@ -150,26 +193,29 @@ static void moe_job(void * ctx, int index, int n) {
     if (c->q8) {
         share(T * H / 32, index, n, &lo, &hi);
         q8_blocks(c->x, R->xq, R->xd, R->xds, lo, hi);
-        pool_barrier();
-    }
-    share(I, index, n, &lo, &hi);
-    note_failure(R, c->q8 ? nemoq_moe_q8_up(c->up, c->up_type, I, H, R->xq, R->xd, R->xds, G, r->group_expert,
-                                            r->group_start, r->slot_token, c->up_scale, R->h, lo, hi)
-                          : nemoq_moe_up(c->up, c->up_type, I, H, c->x, G, r->group_expert, r->group_start,
-                                         r->slot_token, c->up_scale, R->h, lo, hi));
+    } else
+        sums_share(c->up_type, c->x, H, r, r->slot_token, R->xsums, index, n);
+    pool_barrier();
+    while (claim_rows(&R->up_rows, n, &lo, &hi))
+        note_failure(R, c->q8 ? nemoq_moe_q8_up(c->up, c->up_type, I, H, R->xq, R->xd, R->xds, G, r->group_expert,
+                                                r->group_start, r->slot_token, c->up_scale, R->h, lo, hi)
+                              : moe_up_rows(c->up, c->up_type, I, H, c->x, G, r->group_expert, r->group_start,
+                                            r->slot_token, c->up_scale, R->xsums, R->h, lo, hi));
     pool_barrier();
     if (atomic_load(&R->failed)) return;   /* every thread sees the same flag after the barrier */
     if (c->q8) {
         share(S * I / 32, index, n, &lo, &hi);
         q8_blocks(R->h, R->hq, R->hd, R->hds, lo, hi);
-        pool_barrier();
-    }
-    share(H, index, n, &lo, &hi);
-    note_failure(R, c->q8 ? nemoq_moe_q8_down(c->down, c->down_type, H, I, R->hq, R->hd, R->hds, G, r->group_expert,
+    } else
+        sums_share(c->down_type, R->h, I, r, NULL, R->hsums, index, n);
+    pool_barrier();
+    while (claim_rows(&R->down_rows, n, &lo, &hi))
+        note_failure(R, c->q8 ? nemoq_moe_q8_down(c->down, c->down_type, H, I, R->hq, R->hd, R->hds, G,
+                                                  r->group_expert, r->group_start, r->slot_token, r->slot_weight,
+                                                  c->down_scale, R->dots, c->out, lo, hi)
+                              : moe_down_rows(c->down, c->down_type, H, I, R->h, G, r->group_expert,
                                               r->group_start, r->slot_token, r->slot_weight, c->down_scale,
-                                              R->dots, c->out, lo, hi)
-                          : nemoq_moe_down(c->down, c->down_type, H, I, R->h, G, r->group_expert, r->group_start,
-                                           r->slot_token, r->slot_weight, c->down_scale, c->out, lo, hi));
+                                              R->hsums, c->out, lo, hi));
 }
 
 /* Returns 0; -1 for a format (or width) the kernels do not read, -2 when memory runs out, -3 for
@@ -190,9 +236,9 @@ int nemoq_moe_matvec(const nemoq_moe_call * c) {
         code = route(c, &R.r, carve(&at, sizeof(int64_t) * (size_t)c->n_experts));
     }
     if (!code && R.r.n_slots) {
-        /* no more threads than rows of the smaller phase, so that every thread has rows */
-        const int64_t rows = c->n_ff < c->hidden ? c->n_ff : c->hidden;
-        pool_run((int)(c->threads < rows ? c->threads : rows), moe_job, &R);
+        R.up_rows = (row_queue){0, c->n_ff};
+        R.down_rows = (row_queue){0, c->hidden};
+        pool_run(c->threads, moe_job, &R);
         code = atomic_load(&R.failed);
     }
     pthread_mutex_unlock(&scratch_lock);
