@@ -54,14 +54,15 @@ _SIGNATURES = {
     "nemoq_moe_up": ([_p, ctypes.c_int, _i64, _i64, _p, _i64, _p, _p, _p, _p, _p, _i64, _i64], ctypes.c_int),
     # down, type, hidden, n_ff, h, n_groups, group_expert, group_start, slot_token, slot_weight, scale, out, r0, r1
     "nemoq_moe_down": ([_p, ctypes.c_int, _i64, _i64, _p, _i64, _p, _p, _p, _p, _p, _p, _i64, _i64], ctypes.c_int),
-    # x, rows, n, q, d, ds
-    "nemoq_q8_quantize": ([_p, _i64, _i64, _p, _p, _p], None),
-    # up, type, n_ff, hidden, xq, xd, xds, n_groups, group_expert, group_start, slot_token, scale, h, r0, r1
-    "nemoq_moe_q8_up": ([_p, ctypes.c_int, _i64, _i64, _p, _p, _p, _i64, _p, _p, _p, _p, _p, _i64, _i64], ctypes.c_int),
-    # down, type, hidden, n_ff, hq, hd, hds, n_groups, group_expert, group_start, slot_token, slot_weight, scale,
-    # dots, out, r0, r1
-    "nemoq_moe_q8_down": ([_p, ctypes.c_int, _i64, _i64, _p, _p, _p, _i64, _p, _p, _p, _p, _p, _p, _p, _i64, _i64],
-                          ctypes.c_int),
+    # x, rows, n, q, d, ds, s16
+    "nemoq_q8_quantize": ([_p, _i64, _i64, _p, _p, _p, _p], None),
+    # up, type, n_ff, hidden, xq, xd, xds, xs16, n_groups, group_expert, group_start, slot_token, scale, h, r0, r1
+    "nemoq_moe_q8_up": ([_p, ctypes.c_int, _i64, _i64, _p, _p, _p, _p, _i64, _p, _p, _p, _p, _p, _i64, _i64],
+                        ctypes.c_int),
+    # down, type, hidden, n_ff, hq, hd, hds, hs16, n_groups, group_expert, group_start, slot_token, slot_weight,
+    # scale, dots, out, r0, r1
+    "nemoq_moe_q8_down": ([_p, ctypes.c_int, _i64, _i64, _p, _p, _p, _p, _i64, _p, _p, _p, _p, _p, _p, _p, _i64,
+                           _i64], ctypes.c_int),
     "nemoq_moe_matvec": ([_p], ctypes.c_int),   # a _Call
 }
 
@@ -203,11 +204,12 @@ def _run(phase, n_rows: int, threads: int, what: str) -> None:
 
 def _q8(fns: dict, v: np.ndarray) -> tuple[np.ndarray, ...]:
     """(rows, n) float32 -> Q8_0 as the C kernels read it: q int8 (rows, n), block scales d and
-    d * sum(q) float32 (rows, n / 32)."""
+    d * sum(q) float32 (rows, n / 32), sums of q per 16 values float32 (rows, n / 16)."""
     rows, n = v.shape
     q, d, ds = np.empty((rows, n), np.int8), np.empty((rows, n // 32), np.float32), np.empty((rows, n // 32), np.float32)
-    fns["nemoq_q8_quantize"](v.ctypes.data, rows, n, q.ctypes.data, d.ctypes.data, ds.ctypes.data)
-    return q, d, ds
+    s16 = np.empty((rows, n // 16), np.float32)
+    fns["nemoq_q8_quantize"](v.ctypes.data, rows, n, q.ctypes.data, d.ctypes.data, ds.ctypes.data, s16.ctypes.data)
+    return q, d, ds, s16
 
 
 def _groups(r: Routing) -> tuple:

@@ -29,27 +29,31 @@
 #define Q8_MAX_VECS 4   /* vectors dotted with one decoded block at a time */
 
 /* One quantized vector of n values: q[n] int8, d[n / 32] the f16-rounded block scales as floats,
- * ds[n / 32] = d * (sum of the block's q), for the k-quant mins. */
+ * ds[n / 32] = d * (sum of the block's q), for the k-quant mins and offset levels (Q5_0, MXFP4),
+ * s16[n / 16] = the sum of each 16 q, for NVFP4's offset levels (16-value groups). */
 typedef struct {
     const int8_t * q;
     const float * d;
     const float * ds;
+    const float * s16;
 } q8_vec;
 
 /* rows vectors of n values (n a multiple of 32) -> Q8_0, bit for bit ggml's quantize_row_q8_0_ref. */
-void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int8_t * q, float * d, float * ds) {
+void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int8_t * q, float * d, float * ds, float * s16) {
     for (int64_t b = 0; b < rows * (n / 32); b++) {
         const float * xb = x + 32 * b;
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) amax = fabsf(xb[j]) > amax ? fabsf(xb[j]) : amax;   /* fmaxf: a libm call on x86 */
         const float scale = amax / 127.0f, inv = scale ? 1.0f / scale : 0.0f;
-        int32_t sum = 0;
+        int32_t sum[2] = {0, 0};
         for (int j = 0; j < 32; j++) {
             q[32 * b + j] = (int8_t)round_half_away(xb[j] * inv);
-            sum += q[32 * b + j];
+            sum[j / 16] += q[32 * b + j];
         }
         d[b] = fp16_to_fp32(fp32_to_fp16(scale));
-        ds[b] = d[b] * (float)sum;   /* exact: 11 + 12 significant bits */
+        ds[b] = d[b] * (float)(sum[0] + sum[1]);   /* exact: 11 + 12 significant bits */
+        s16[2 * b] = (float)sum[0];
+        s16[2 * b + 1] = (float)sum[1];
     }
 }
 
@@ -111,16 +115,17 @@ static const q8_format * find_q8_format(int type, int64_t n) {
     return NULL;
 }
 
-static inline q8_vec vec_at(const int8_t * q, const float * d, const float * ds, int64_t i, int64_t n) {
-    return (q8_vec){q + i * n, d + i * (n / 32), ds + i * (n / 32)};
+static inline q8_vec vec_at(const int8_t * q, const float * d, const float * ds, const float * s16, int64_t i,
+                            int64_t n) {
+    return (q8_vec){q + i * n, d + i * (n / 32), ds + i * (n / 32), s16 + i * (n / 16)};
 }
 
 /* For every group g (expert group_expert[g], slots group_start[g] .. group_start[g+1]-1) and rows
  * [r0, r1) of its matrix in `stack` (rows of n values): dots[s * stride + r] = row r . vector
  * vec_of[s] (or s where vec_of is NULL) times the expert's scale. A row is read once per call. */
 static int rows_dot(const uint8_t * stack, int type, int64_t rows, int64_t n, const int8_t * q, const float * d,
-                    const float * ds, int64_t n_groups, const int32_t * group_expert, const int64_t * group_start,
-                    const int32_t * vec_of, const float * expert_scale, int64_t r0, int64_t r1,
+                    const float * ds, const float * s16, int64_t n_groups, const int32_t * group_expert,
+                    const int64_t * group_start, const int32_t * vec_of, const float * expert_scale, int64_t r0, int64_t r1,
                     float * dots, int64_t stride) {
     const q8_format * f = find_q8_format(type, n);
     if (!f) return -1;
@@ -136,7 +141,7 @@ static int rows_dot(const uint8_t * stack, int type, int64_t rows, int64_t n, co
                 const int nvec = (int)(left < Q8_MAX_VECS ? left : Q8_MAX_VECS);
                 q8_vec xs[Q8_MAX_VECS];
                 float out[Q8_MAX_VECS];
-                for (int v = 0; v < nvec; v++) xs[v] = vec_at(q, d, ds, vec_of ? vec_of[s0 + v] : s0 + v, n);
+                for (int v = 0; v < nvec; v++) xs[v] = vec_at(q, d, ds, s16, vec_of ? vec_of[s0 + v] : s0 + v, n);
                 f->dot(row, n, xs, nvec, out);
                 for (int v = 0; v < nvec; v++) dots[(s0 + v) * stride + r] = out[v] * scale;
             }
@@ -150,10 +155,10 @@ static int rows_dot(const uint8_t * stack, int type, int64_t rows, int64_t n, co
 
 /* rows [r0, r1) of I:  h[s, r] = relu(scale_e * up_e[r] . xq[token(s)])^2 */
 int nemoq_moe_q8_up(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, const int8_t * xq,
-                    const float * xd, const float * xds, int64_t n_groups, const int32_t * group_expert,
+                    const float * xd, const float * xds, const float * xs16, int64_t n_groups, const int32_t * group_expert,
                     const int64_t * group_start, const int32_t * slot_token, const float * expert_scale,
                     float * h, int64_t r0, int64_t r1) {
-    const int rc = rows_dot(up, type, n_ff, hidden, xq, xd, xds, n_groups, group_expert, group_start, slot_token,
+    const int rc = rows_dot(up, type, n_ff, hidden, xq, xd, xds, xs16, n_groups, group_expert, group_start, slot_token,
                             expert_scale, r0, r1, h, n_ff);
     if (rc) return rc;
     for (int64_t s = 0; s < group_start[n_groups]; s++)
@@ -167,10 +172,10 @@ int nemoq_moe_q8_up(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, 
 /* rows [r0, r1) of H:  out[token(s), r] += w_s * (scale_e * down_e[r] . hq[s]); dots: scratch of
  * (slots, hidden) floats, of which this call uses its rows. */
 int nemoq_moe_q8_down(const uint8_t * down, int type, int64_t hidden, int64_t n_ff, const int8_t * hq,
-                      const float * hd, const float * hds, int64_t n_groups, const int32_t * group_expert,
+                      const float * hd, const float * hds, const float * hs16, int64_t n_groups, const int32_t * group_expert,
                       const int64_t * group_start, const int32_t * slot_token, const float * slot_weight,
                       const float * expert_scale, float * dots, float * out, int64_t r0, int64_t r1) {
-    const int rc = rows_dot(down, type, hidden, n_ff, hq, hd, hds, n_groups, group_expert, group_start, NULL,
+    const int rc = rows_dot(down, type, hidden, n_ff, hq, hd, hds, hs16, n_groups, group_expert, group_start, NULL,
                             expert_scale, r0, r1, dots, hidden);
     if (rc) return rc;
     for (int64_t s = 0; s < group_start[n_groups]; s++)   /* slots in expert order, as moe.c adds them */

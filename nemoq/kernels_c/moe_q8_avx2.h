@@ -25,10 +25,13 @@
 /* ---- per format: q8_scales_<f>(block, d, m) once per block: group scales (and Q4_K / Q5_K
  * mins) as floats; q8_part_<f>(block, p): 32 int8 levels of values 32p .. 32p + 31, in order ---- */
 
-/* 16 code bytes -> 32 codes: low nibbles in bytes 0-15, high nibbles in 16-31 (ggml's bytes_from_nibbles_32). */
+/* 16 code bytes -> 32 codes: low nibbles in bytes 0-15, high nibbles in 16-31 (ggml's
+ * bytes_from_nibbles_32). The bytes are loaded into both halves at once (a broadcast load costs
+ * no vector operation) and the upper half shifted: two operations instead of ggml's three, 12%
+ * faster for IQ4_NL in cache. */
 MOE_INLINE __m256i codes32(const uint8_t * b) {
-    const __m128i v = _mm_loadu_si128((const __m128i *)b);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)b));
+    return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
 }
 
 MOE_INLINE __m256i lookup32(const int8_t * table, __m256i codes) {
@@ -40,18 +43,19 @@ MOE_INLINE void q8_scales_f16(const uint8_t * b, float * d, float * m) { (void)m
 #define q8_scales_q5_0 q8_scales_f16
 #define q8_scales_iq4_nl q8_scales_f16
 MOE_INLINE void q8_scales_mxfp4(const uint8_t * b, float * d, float * m) { (void)m; d[0] = e8m0_half(b[0]); }
-/* Four UE4M3 codes -> their scales halved (scalar_common.h's ue4m3_half) times 2^-7: the low 7
+/* The eight UE4M3 codes of two NVFP4 blocks (b[0..3], b[36..39]; the second block's are taken as
+ * zeros for pair = 0) -> their scales halved (scalar_common.h's ue4m3_half) times 2^-7: the low 7
  * code bits shifted into an f16's exponent and mantissa give 2^(e-15) (1 + m/8), or m/8 * 2^-14
  * for e = 0 (an f16 subnormal, which the conversion handles without a slow path); code 0x7F
- * (not 0xFF) is zero. lane_scales_nvfp4 multiplies the 2^7 back (exact). */
-MOE_INLINE void q8_scales_nvfp4(const uint8_t * b, float * d, float * m) {
-    (void)m;
-    int32_t word;
-    memcpy(&word, b, 4);
-    const __m128i raw = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(word));
+ * (not 0xFF) is zero. The row dot multiplies the 2^7 back (exact). */
+MOE_INLINE __m256 q8_scales8_nvfp4(const uint8_t * b, int pair) {
+    uint32_t lo, hi = 0;
+    memcpy(&lo, b, 4);
+    if (pair) memcpy(&hi, b + 36, 4);
+    const __m128i raw = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)((uint64_t)hi << 32 | lo)));
     const __m128i h = _mm_slli_epi16(_mm_and_si128(raw, _mm_set1_epi16(0x7f)), 7);
     const __m128i zero = _mm_cmpeq_epi16(raw, _mm_set1_epi16(0x7f));
-    _mm_storeu_ps(d, _mm_cvtph_ps(_mm_andnot_si128(zero, h)));
+    return _mm256_cvtph_ps(_mm_andnot_si128(zero, h));
 }
 
 #define q8_scales_q4_k scales_k_4_5
@@ -68,30 +72,33 @@ MOE_INLINE __m256i q8_part_q5_0(const uint8_t * b, int p) {
 }
 
 MOE_INLINE __m256i q8_part_iq4_nl(const uint8_t * b, int p) { (void)p; return lookup32(IQ4NL, codes32(b + 2)); }
-MOE_INLINE __m256i q8_part_mxfp4(const uint8_t * b, int p) { (void)p; return lookup32(E2M1_X2, codes32(b + 1)); }
+/* E2M1 levels (doubled) plus 12: >= 0, see Q8_OFFSET_mxfp4 */
+static const int8_t E2M1_X2_PLUS_12[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
+MOE_INLINE __m256i q8_part_mxfp4(const uint8_t * b, int p) { (void)p; return lookup32(E2M1_X2_PLUS_12, codes32(b + 1)); }
 
 /* Levels as q8_part_<f> returns them: signed (|w| and the sign moved onto x), >= 0 (the k-quants
  * with mins), or >= 0 as level + offset (Q5_0: no sign operations nor subtraction of 16; the row
- * dot subtracts offset * sum_b d_w d_x sum(q), from the per-block sums ds; 9% faster in cache.
- * The same for MXFP4, levels + 12, gained nothing and lost precision to the cancellation). */
+ * dot subtracts offset * sum_b d_w d_x sum(q), from the per-block sums ds (per 16 values for
+ * NVFP4: s16); for Q5_0 9% faster in cache, for MXFP4 and NVFP4 (levels + 12) 5-7%, now that
+ * the correction costs one vector multiply-add per eight scales. Relative error stays ~1e-6). */
 #define Q8_OFFSET_q8_0 0
 #define Q8_OFFSET_q5_0 16
 #define Q8_OFFSET_iq4_nl 0
-#define Q8_OFFSET_mxfp4 0
-#define Q8_OFFSET_nvfp4 0
+#define Q8_OFFSET_mxfp4 12
+#define Q8_OFFSET_nvfp4 12
 #define Q8_OFFSET_q4_k 0
 #define Q8_OFFSET_q5_k 0
 #define Q8_OFFSET_q6_k 0
 
 /* NVFP4 part p = groups A = 2p, B = 2p + 1, 8 bytes each: values 0-7 in the low nibbles, 8-15 in
  * the high ones. One in-lane shuffle copies A's bytes twice into the low half and B's into the
- * high half, a per-quarter shift picks low or high nibbles: values in order. */
+ * high half, a per-quarter shift picks low or high nibbles: values in order; levels + 12. */
 MOE_INLINE __m256i q8_part_nvfp4(const uint8_t * b, int p) {
     const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 4 + 16 * p)));
     const __m256i twice = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7,
                                                                   8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
     const __m256i codes = _mm256_and_si256(_mm256_srlv_epi64(twice, _mm256_setr_epi64x(0, 4, 0, 4)), _mm256_set1_epi8(15));
-    return lookup32(E2M1_X2, codes);
+    return lookup32(E2M1_X2_PLUS_12, codes);
 }
 
 /* Q4_K group p: the low (p even) or high nibbles of qs[32 (p / 2) ..]. */
@@ -127,13 +134,8 @@ MOE_INLINE void lane_scales_g32(const float * d, const float * dx, __m256 * C) {
 }
 MOE_INLINE __m256 part_scale_g32(const __m256 * C, int p) { return _mm256_permutevar8x32_ps(C[0], _mm256_set1_epi32(p)); }
 
-/* groups of 16 (NVFP4: 4, Q6_K: 16 per block): group g takes dx[g / 2]; part p's lanes 0-3 are
- * group 2p's, lanes 4-7 group 2p + 1's */
-MOE_INLINE void lane_scales_nvfp4(const float * d, const float * dx, __m256 * C) {
-    const __m128 x2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)dx));   /* dx[0], dx[1] */
-    const __m128 d4 = _mm_mul_ps(_mm_loadu_ps(d), _mm_set1_ps(0x1p7f));   /* q8_scales_nvfp4's 2^-7 */
-    C[0] = _mm256_castps128_ps256(_mm_mul_ps(d4, _mm_unpacklo_ps(x2, x2)));
-}
+/* groups of 16 (Q6_K: 16 per block): group g takes dx[g / 2]; part p's lanes 0-3 are group 2p's,
+ * lanes 4-7 group 2p + 1's */
 MOE_INLINE void lane_scales_q6_k(const float * d, const float * dx, __m256 * C) {
     const __m256 x8 = _mm256_loadu_ps(dx);
     C[0] = _mm256_mul_ps(_mm256_loadu_ps(d), _mm256_permutevar8x32_ps(x8, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
@@ -144,12 +146,6 @@ MOE_INLINE __m256 part_scale_g16(const __m256 * C, int p) {
     return _mm256_permutevar8x32_ps(C[p / 4], _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1));
 }
 
-#define q8_lanes_q8_0 b32
-#define q8_lanes_q5_0 b32
-#define q8_lanes_iq4_nl b32
-#define q8_lanes_mxfp4 b32
-#define q8_lanes_q4_k g32
-#define q8_lanes_q5_k g32
 #define lane_scales_q8_0 lane_scales_b32
 #define lane_scales_q5_0 lane_scales_b32
 #define lane_scales_iq4_nl lane_scales_b32
@@ -162,10 +158,21 @@ MOE_INLINE __m256 part_scale_g16(const __m256 * C, int p) {
 #define part_scale_mxfp4 part_scale_b32
 #define part_scale_q4_k part_scale_g32
 #define part_scale_q5_k part_scale_g32
-#define part_scale_nvfp4 part_scale_g16
 #define part_scale_q6_k part_scale_g16
 
 /* ---- the dot products ---- */
+
+/* One copy of a row dot q8_row_dot_<f>_n per vector count, so that the sums stay in registers. */
+#define Q8_ROW_DOT_BY_VECS(NAME)                                                                                \
+    static void q8_row_dot_##NAME(const uint8_t * restrict row, int64_t n, const q8_vec * xs, int nvec,        \
+                                  float * out) {                                                               \
+        switch (nvec) {                                                                                        \
+        case 1: q8_row_dot_##NAME##_n(row, n, xs, 1, out); break;                                              \
+        case 2: q8_row_dot_##NAME##_n(row, n, xs, 2, out); break;                                              \
+        case 3: q8_row_dot_##NAME##_n(row, n, xs, 3, out); break;                                              \
+        default: q8_row_dot_##NAME##_n(row, n, xs, 4, out); break;                                             \
+        }                                                                                                      \
+    }
 
 /* 8 int32 lanes: lane i = sum of w_j x_j over j = 4i .. 4i + 3, exact. aw = |w| (signed) or w (>= 0). */
 MOE_INLINE __m256i int_dot32(__m256i aw, __m256i w, __m256i x, int is_signed) {
@@ -224,15 +231,7 @@ MOE_INLINE __m256i int_dot32(__m256i aw, __m256i w, __m256i x, int is_signed) {
         for (int v = 0; v < nvec; v++)                                                                           \
             out[v] = hsum256(_mm256_add_ps(acc[v][0], acc[v][1])) - (float)(OFFSET) * (corr[v][0] + corr[v][1]); \
     }                                                                                                            \
-    static void q8_row_dot_##NAME(const uint8_t * restrict row, int64_t n, const q8_vec * xs, int nvec,          \
-                                  float * out) {                                                                 \
-        switch (nvec) {                                                                                          \
-        case 1: q8_row_dot_##NAME##_n(row, n, xs, 1, out); break;                                                \
-        case 2: q8_row_dot_##NAME##_n(row, n, xs, 2, out); break;                                                \
-        case 3: q8_row_dot_##NAME##_n(row, n, xs, 3, out); break;                                                \
-        default: q8_row_dot_##NAME##_n(row, n, xs, 4, out); break;                                               \
-        }                                                                                                        \
-    }
+    Q8_ROW_DOT_BY_VECS(NAME)
 
 /* ---- one-part blocks (Q8_0, Q5_0, IQ4_NL, MXFP4), eight at a time ----
  * The combined scales d_w * d_x of eight blocks are made at once: the weight scales gathered in
@@ -306,20 +305,59 @@ MOE_INLINE __m256 q8_scales8_mxfp4(const uint8_t * blk, int bytes) {
             out[v] = hsum256(_mm256_add_ps(acc[v][0], acc[v][1])) -                                            \
                      (float)(OFFSET) * (hsum256(corr[v]) + tail_corr[v][0]);                                   \
     }                                                                                                          \
-    static void q8_row_dot_##NAME(const uint8_t * restrict row, int64_t n, const q8_vec * xs, int nvec,        \
-                                  float * out) {                                                               \
-        switch (nvec) {                                                                                        \
-        case 1: q8_row_dot_##NAME##_n(row, n, xs, 1, out); break;                                              \
-        case 2: q8_row_dot_##NAME##_n(row, n, xs, 2, out); break;                                              \
-        case 3: q8_row_dot_##NAME##_n(row, n, xs, 3, out); break;                                              \
-        default: q8_row_dot_##NAME##_n(row, n, xs, 4, out); break;                                             \
-        }                                                                                                      \
+    Q8_ROW_DOT_BY_VECS(NAME)
+
+/* ---- NVFP4: two blocks (128 values, eight 16-value groups) at a time ----
+ * The eight group scales are decoded as one vector and multiplied by d_x (one per two groups);
+ * part p of a block (groups 2p, 2p + 1 in lanes 0-3, 4-7) takes its two scales by one permute.
+ * Levels + 12 (no sign operations): the offset's 12 * d_w d_x * (sum of the group's q) goes into
+ * corr, one multiply-add per eight groups. */
+MOE_INLINE void q8_nvfp4_blocks(const uint8_t * blk, const q8_vec * xs, int64_t k, const int nvec, const int pair,
+                                __m256 (*acc)[2], __m256 * corr) {
+    const __m256 dw = q8_scales8_nvfp4(blk, pair);
+    __m256 S[Q8_MAX_VECS];
+    for (int v = 0; v < nvec; v++) {
+        const __m256 dx = _mm256_permutevar8x32_ps(                     /* pair = 0: lanes 4-7 are zeros */
+            _mm256_castps128_ps256(pair ? _mm_loadu_ps(xs[v].d + 2 * k)
+                                        : _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xs[v].d + 2 * k)))),
+            _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+        S[v] = _mm256_mul_ps(dw, dx);
+        const __m256 s16 = pair ? _mm256_loadu_ps(xs[v].s16 + 4 * k)
+                                : _mm256_castps128_ps256(_mm_loadu_ps(xs[v].s16 + 4 * k));
+        corr[v] = _mm256_fmadd_ps(S[v], s16, corr[v]);
     }
+    for (int j = 0; j < 1 + pair; j++)
+        for (int p = 0; p < 2; p++) {
+            const __m256i w = q8_part_nvfp4(blk + 36 * j, p);
+            const int g = 4 * j + 2 * p;
+            const __m256i spread = _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1);
+            for (int v = 0; v < nvec; v++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xs[v].q + 64 * (k + j) + 32 * p));
+                const __m256 dot = _mm256_cvtepi32_ps(int_dot32(w, w, x, 0));
+                acc[v][p] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(S[v], spread), dot, acc[v][p]);
+            }
+        }
+}
+
+#define DEFINE_Q8_ROW_DOT_NVFP4(NAME)                                                                           \
+    MOE_INLINE void q8_row_dot_##NAME##_n(const uint8_t * restrict row, int64_t n, const q8_vec * xs,          \
+                                          const int nvec, float * out) {                                       \
+        __m256 acc[Q8_MAX_VECS][2], corr[Q8_MAX_VECS];                                                         \
+        for (int v = 0; v < nvec; v++) acc[v][0] = acc[v][1] = corr[v] = _mm256_setzero_ps();                  \
+        const int64_t nb = n / 64;                                                                             \
+        int64_t k = 0;                                                                                         \
+        for (; k + 2 <= nb; k += 2) q8_nvfp4_blocks(row + k * 36, xs, k, nvec, 1, acc, corr);                  \
+        if (k < nb) q8_nvfp4_blocks(row + k * 36, xs, k, nvec, 0, acc, corr);                                  \
+        for (int v = 0; v < nvec; v++)                                                                         \
+            out[v] = 0x1p7f * (hsum256(_mm256_add_ps(acc[v][0], acc[v][1])) -                                  \
+                               (float)Q8_OFFSET_nvfp4 * hsum256(corr[v]));                                     \
+    }                                                                                                          \
+    Q8_ROW_DOT_BY_VECS(NAME)
 
 #define DEFINE_Q8_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN) DEFINE_Q8_ROW_DOT_##QK(NAME, QK, BYTES, GROUP, HAS_MIN)
 #define DEFINE_Q8_ROW_DOT_32(NAME, QK, BYTES, GROUP, HAS_MIN) DEFINE_Q8_ROW_DOT_B32(NAME, BYTES, Q8_OFFSET_##NAME)
-#define DEFINE_Q8_ROW_DOT_64(NAME, QK, BYTES, GROUP, HAS_MIN) \
+#define DEFINE_Q8_ROW_DOT_64(NAME, QK, BYTES, GROUP, HAS_MIN) DEFINE_Q8_ROW_DOT_NVFP4(NAME)
+#define DEFINE_Q8_ROW_DOT_256(NAME, QK, BYTES, GROUP, HAS_MIN) \
     DEFINE_Q8_ROW_DOT_AT(NAME, QK, BYTES, GROUP, HAS_MIN, Q8_OFFSET_##NAME)
-#define DEFINE_Q8_ROW_DOT_256 DEFINE_Q8_ROW_DOT_64
 
 #endif

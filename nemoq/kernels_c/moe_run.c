@@ -102,6 +102,7 @@ typedef struct {
     float * h;                          /* (S, I) hidden vectors */
     int8_t * xq, * hq;                  /* q8: Q8_0 levels of x (T, H) and of h (S, I) */
     float * xd, * xds, * hd, * hds;     /* q8: their block scales and scale * sum of levels */
+    float * xs16, * hs16;               /* q8: sums of levels per 16 values */
     float * dots;                       /* q8: (S, H) scratch of the down phase */
     float * xsums, * hsums;             /* f32 with a k-quant: sums per 32 values of each slot's x, h */
     row_queue up_rows, down_rows;
@@ -123,9 +124,11 @@ static void carve_run(carver * c, run * R, const nemoq_moe_call * call, int64_t 
     R->xq = carve(c, (size_t)(T * H));
     R->xd = carve(c, sizeof(float) * (size_t)(T * H / 32));
     R->xds = carve(c, sizeof(float) * (size_t)(T * H / 32));
+    R->xs16 = carve(c, sizeof(float) * (size_t)(T * H / 16));
     R->hq = carve(c, (size_t)(S * I));
     R->hd = carve(c, sizeof(float) * (size_t)(S * I / 32));
     R->hds = carve(c, sizeof(float) * (size_t)(S * I / 32));
+    R->hs16 = carve(c, sizeof(float) * (size_t)(S * I / 16));
     R->dots = carve(c, sizeof(float) * (size_t)(S * H));
 }
 
@@ -171,8 +174,8 @@ static void note_failure(run * R, int code) {
 }
 
 /* Q8_0 blocks [lo, hi) of consecutive 32-value blocks (rows are whole blocks). */
-static void q8_blocks(const float * v, int8_t * q, float * d, float * ds, int64_t lo, int64_t hi) {
-    if (hi > lo) nemoq_q8_quantize(v + 32 * lo, hi - lo, 32, q + 32 * lo, d + lo, ds + lo);
+static void q8_blocks(const float * v, int8_t * q, float * d, float * ds, float * s16, int64_t lo, int64_t hi) {
+    if (hi > lo) nemoq_q8_quantize(v + 32 * lo, hi - lo, 32, q + 32 * lo, d + lo, ds + lo, s16 + 2 * lo);
 }
 
 /* f32 with a format with mins: this thread's slots' sums per 32 values (moe_slot_sums). */
@@ -192,12 +195,12 @@ static void moe_job(void * ctx, int index, int n) {
     int64_t lo, hi;
     if (c->q8) {
         share(T * H / 32, index, n, &lo, &hi);
-        q8_blocks(c->x, R->xq, R->xd, R->xds, lo, hi);
+        q8_blocks(c->x, R->xq, R->xd, R->xds, R->xs16, lo, hi);
     } else
         sums_share(c->up_type, c->x, H, r, r->slot_token, R->xsums, index, n);
     pool_barrier();
     while (claim_rows(&R->up_rows, n, &lo, &hi))
-        note_failure(R, c->q8 ? nemoq_moe_q8_up(c->up, c->up_type, I, H, R->xq, R->xd, R->xds, G, r->group_expert,
+        note_failure(R, c->q8 ? nemoq_moe_q8_up(c->up, c->up_type, I, H, R->xq, R->xd, R->xds, R->xs16, G, r->group_expert,
                                                 r->group_start, r->slot_token, c->up_scale, R->h, lo, hi)
                               : moe_up_rows(c->up, c->up_type, I, H, c->x, G, r->group_expert, r->group_start,
                                             r->slot_token, c->up_scale, R->xsums, R->h, lo, hi));
@@ -205,12 +208,12 @@ static void moe_job(void * ctx, int index, int n) {
     if (atomic_load(&R->failed)) return;   /* every thread sees the same flag after the barrier */
     if (c->q8) {
         share(S * I / 32, index, n, &lo, &hi);
-        q8_blocks(R->h, R->hq, R->hd, R->hds, lo, hi);
+        q8_blocks(R->h, R->hq, R->hd, R->hds, R->hs16, lo, hi);
     } else
         sums_share(c->down_type, R->h, I, r, NULL, R->hsums, index, n);
     pool_barrier();
     while (claim_rows(&R->down_rows, n, &lo, &hi))
-        note_failure(R, c->q8 ? nemoq_moe_q8_down(c->down, c->down_type, H, I, R->hq, R->hd, R->hds, G,
+        note_failure(R, c->q8 ? nemoq_moe_q8_down(c->down, c->down_type, H, I, R->hq, R->hd, R->hds, R->hs16, G,
                                                   r->group_expert, r->group_start, r->slot_token, r->slot_weight,
                                                   c->down_scale, R->dots, c->out, lo, hi)
                               : moe_down_rows(c->down, c->down_type, H, I, R->h, G, r->group_expert,
