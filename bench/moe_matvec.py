@@ -4,13 +4,15 @@
 
 For one token (T = 1) routed to k = 6 of E experts, the kernel reads 6 up and 6 down matrices
 in a block format; what counts is how fast it streams those bytes. The script:
-1. measures memory bandwidth as numpy copies of 1 GB (best of 3, counted as 2 x bytes / s:
-   read + write), on one thread and split across all cores;
+1. measures memory bandwidth as numpy copies of 1 GB (counted as 2 x bytes / s: read + write),
+   on one thread (once per round, the best counts) and split across all cores;
 2. per format, quantizes one expert pair of Nemotron 3 Nano's widths (H = 2688, I = 1856; the
    k-quants need multiples of 256, so Q4_K / Q5_K / Q6_K use H = 2560, I = 1792 stand-ins),
    copies it to E experts (E * 2 matrices, far larger than the CPU caches), and times calls with
    6 fresh random experts each, on one thread and on all cores;
-3. prints bytes of expert weights read per second, its ratio to the 1-thread copy bandwidth
+3. times every case in rounds (--rounds, each --repeat calls per case, the copy measured once
+   per round), so that a slow spell of a shared machine costs all rows alike, then prints
+   bytes of expert weights read per second and its ratio to the best 1-thread copy of the run
    (target >= 60%), one row per activations mode ("f32": exact; "q8_0": x and the hidden
    vectors rounded to Q8_0 and integer dot products, llama.cpp's CPU numerics), the relative
    error against the numpy reference of the same mode (for q8_0 mostly Q8_0 rounding flips of
@@ -91,6 +93,48 @@ def time_calls(fn, n_experts: int, repeat: int, rng) -> float:
     return best
 
 
+class Case:
+    """One format's expert stacks and call; torch and GPU columns measured once at set-up."""
+
+    def __init__(self, fmt, up, down, hidden, n_ff, x, w):
+        self.fmt, self.up, self.down, self.hidden, self.n_ff, self.x, self.w = fmt, up, down, hidden, n_ff, x, w
+        self.nbytes = TOP_K * (up[0].nbytes + down[0].nbytes)
+        self.torch_cols = self.gpu_cols = ""
+
+    @classmethod
+    def make(cls, fmt: str, args, rng, use_gpu: bool) -> "Case":
+        up, down, hidden, n_ff = expert_stacks(fmt, args.experts, rng)
+        case = cls(fmt, up, down, hidden, n_ff, rng.standard_normal((1, hidden)).astype(np.float32),
+                   np.full((1, TOP_K), 2.5 / TOP_K, np.float32))
+        x, w = case.x, case.w
+        if not args.no_torch:
+            import torch
+            t_deq = time_calls(lambda ids: torch_dequantize_matmul(x, ids, w, up, down, fmt), args.experts,
+                               max(2, args.repeat // 5), rng)
+            ups = [torch.from_numpy(FORMATS[fmt].dequantize(up[e])) for e in range(TOP_K)]
+            downs = [torch.from_numpy(FORMATS[fmt].dequantize(down[e])) for e in range(TOP_K)]
+            xt = torch.from_numpy(x[0])
+            t_mm = time_calls(lambda ids: sum(d @ torch.relu(u @ xt) ** 2 for u, d in zip(ups, downs)),
+                              args.experts, args.repeat, rng)
+            case.torch_cols = f"{t_deq * 1e3:9.1f} ms {t_mm * 1e3:9.1f} ms"
+        if use_gpu:
+            with CudaExperts(up, down, fmt, fmt) as experts:
+                t_gpu = time_calls(lambda ids: experts.matvec(x, ids, w), args.experts, args.repeat, rng)
+            case.gpu_cols = f" | {t_gpu * 1e3:5.2f} ms {case.nbytes / t_gpu / GB:7.1f}"
+        return case
+
+    def call(self, ids, threads: int, activations: str):
+        return moe_matvec(self.x, ids, self.w, self.up, self.down, self.fmt, self.fmt, threads=threads,
+                          activations=activations)
+
+    def error(self, activations: str, threads: int, rng) -> float:
+        """max |kernel - numpy reference of the same mode| / max |reference| on random experts."""
+        ids = rng.choice(len(self.up), TOP_K, replace=False)[None].astype(np.int32)
+        ref = moe_matvec_reference(self.x, ids, self.w, self.up, self.down, self.fmt, self.fmt,
+                                   activations=activations)
+        return float(np.abs(self.call(ids, threads, activations) - ref).max() / np.abs(ref).max())
+
+
 def torch_dequantize_matmul(x, ids, w, up, down, fmt):
     import torch
     xt = torch.from_numpy(x[0])
@@ -113,7 +157,7 @@ def in_cache(formats: list[str], repeat: int, rows: int = 256) -> None:
         hidden = K_QUANT_WIDTHS[0] if FORMATS[fmt].block_size == 256 else REAL_WIDTHS[0]
         up = FORMATS[fmt].quantize(rng.standard_normal((rows, hidden)).astype(np.float32) * 0.02)
         x = rng.standard_normal((1, hidden)).astype(np.float32)
-        xq = moe._q8(fns, x)
+        xq = moe._q8(fns, x, fmt)
         h = np.empty(rows, np.float32)
         args = {   # pointers taken once: ctypes' per-call overhead stays small beside ~50 us calls
             "f32": (fns["nemoq_moe_up"], up.ctypes.data, TYPE_IDS[fmt], rows, hidden, x.ctypes.data),
@@ -137,7 +181,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--formats", default=",".join(MOE_FORMATS))
     parser.add_argument("--experts", type=int, default=32, help="experts per stack (default 32)")
-    parser.add_argument("--repeat", type=int, default=15, help="timed calls per case; the best counts")
+    parser.add_argument("--repeat", type=int, default=10, help="timed calls per case and round; the best counts")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over all cases (default 5)")
     parser.add_argument("--activations", default=",".join(ACTIVATIONS), help="modes to time, one row each")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
     parser.add_argument("--in-cache", action="store_true", help="time the up phase in cache instead (see above)")
@@ -149,57 +194,42 @@ def main() -> None:
     cores = os.cpu_count() or 1
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {cores} cores; "
           f"load average before: {tuple(round(v, 2) for v in os.getloadavg())}")
-    bw1 = copy_bandwidth(threads=1)
-    bwn = copy_bandwidth(threads=cores) if cores > 1 else bw1
-    bandwidth = bw1
-    print(f"memory bandwidth (numpy copy of 1 GB, best of 3, 2 x bytes / s): "
-          f"{bw1 / GB:.1f} GB/s on 1 thread, {bwn / GB:.1f} GB/s on {cores}; ratios below use the 1-thread "
-          f"{bandwidth / GB:.1f}")
+    bwn = copy_bandwidth(threads=cores) if cores > 1 else None
     gpu = cuda_status() if cuda_status else None
     print(f"CUDA: {gpu.message if gpu else 'nemoq.kernels_c.cuda unavailable'}")
     use_gpu = bool(gpu and gpu.usable)
-    print(f"T = 1 token, k = {TOP_K} of E = {args.experts} experts; best of {args.repeat} calls\n")
-
+    rng = np.random.default_rng(0)
+    cases = [Case.make(fmt, args, rng, use_gpu) for fmt in args.formats.split(",")]
+    modes = args.activations.split(",")
+    # Rounds over every case, the copy measured once per round: a slow spell of a shared machine
+    # then costs every row alike, and each row (and the copy) keeps its best round.
+    best, copies = {}, []
+    for _ in range(args.rounds):
+        copies.append(copy_bandwidth(threads=1))
+        for case in cases:
+            for acts in modes:
+                for threads in sorted({1, cores}):
+                    t = time_calls(lambda ids: case.call(ids, threads, acts), args.experts, args.repeat, rng)
+                    best[case.fmt, acts, threads] = min(best.get((case.fmt, acts, threads), float("inf")), t)
+    bandwidth = max(copies)
+    print(f"memory bandwidth (numpy copy of 1 GB, 2 x bytes / s): {bandwidth / GB:.1f} GB/s on 1 thread (best of "
+          f"{len(copies)} rounds; {min(copies) / GB:.1f} in the worst)"
+          + (f", {bwn / GB:.1f} GB/s on {cores}" if bwn else "") + "; ratios below use the 1-thread best")
+    print(f"T = 1 token, k = {TOP_K} of E = {args.experts} experts; best of {args.rounds} rounds x {args.repeat} calls\n")
     header = (f"{'format':7} {'acts':4} {'H x I':>11} {'MB/call':>8} | {'C 1 thr':>8} {'GB/s':>6} {'ratio':>6} | "
               f"{'C ' + str(cores) + ' thr':>8} {'GB/s':>6} {'ratio':>6} | {'torch deq+mm':>12} {'torch f32 mm':>12} | "
               f"{'rel.err':>8}" + (f" | {'GPU':>8} {'GB/s':>7}" if use_gpu else ""))
     print(header)
     print("-" * len(header))
-    rng = np.random.default_rng(0)
-    for fmt in args.formats.split(","):
-        up, down, hidden, n_ff = expert_stacks(fmt, args.experts, rng)
-        x = rng.standard_normal((1, hidden)).astype(np.float32)
-        w = np.full((1, TOP_K), 2.5 / TOP_K, np.float32)
-        nbytes = TOP_K * (up[0].nbytes + down[0].nbytes)
-        torch_cols = ""
-        if not args.no_torch:
-            import torch
-            t_deq = time_calls(lambda ids: torch_dequantize_matmul(x, ids, w, up, down, fmt), args.experts,
-                               max(2, args.repeat // 5), rng)
-            ups = [torch.from_numpy(FORMATS[fmt].dequantize(up[e])) for e in range(TOP_K)]
-            downs = [torch.from_numpy(FORMATS[fmt].dequantize(down[e])) for e in range(TOP_K)]
-            xt = torch.from_numpy(x[0])
-            t_mm = time_calls(lambda ids: sum(d @ torch.relu(u @ xt) ** 2 for u, d in zip(ups, downs)),
-                              args.experts, args.repeat, rng)
-            torch_cols = f"{t_deq * 1e3:9.1f} ms {t_mm * 1e3:9.1f} ms"
-        gpu_cols = ""
-        if use_gpu:
-            with CudaExperts(up, down, fmt, fmt) as experts:
-                t_gpu = time_calls(lambda ids: experts.matvec(x, ids, w), args.experts, args.repeat, rng)
-            gpu_cols = f" | {t_gpu * 1e3:5.2f} ms {nbytes / t_gpu / GB:7.1f}"
-        for acts in args.activations.split(","):
-            def call(ids, threads, acts=acts):
-                return moe_matvec(x, ids, w, up, down, fmt, fmt, threads=threads, activations=acts)
-            t1 = time_calls(lambda ids: call(ids, 1), args.experts, args.repeat, rng)
-            tn = time_calls(lambda ids: call(ids, cores), args.experts, args.repeat, rng)
-            ids = rng.choice(args.experts, TOP_K, replace=False)[None].astype(np.int32)
-            ref = moe_matvec_reference(x, ids, w, up, down, fmt, fmt, activations=acts)
-            err = np.abs(call(ids, cores) - ref).max() / np.abs(ref).max()
-            print(f"{fmt:7} {acts:4} {f'{hidden}x{n_ff}':>11} {nbytes / 1e6:8.1f} | {t1 * 1e3:5.1f} ms "
-                  f"{nbytes / t1 / GB:6.2f} {nbytes / t1 / bandwidth:6.0%} | {tn * 1e3:5.1f} ms {nbytes / tn / GB:6.2f} "
-                  f"{nbytes / tn / bandwidth:6.0%} | {torch_cols:>25} | {err:8.1e}{gpu_cols}", flush=True)
-            torch_cols = gpu_cols = ""   # once per format
-        del up, down
+    for case in cases:
+        extra = [case.torch_cols, case.gpu_cols]
+        for acts in modes:
+            t1, tn = best[case.fmt, acts, 1], best[case.fmt, acts, cores]
+            print(f"{case.fmt:7} {acts:4} {f'{case.hidden}x{case.n_ff}':>11} {case.nbytes / 1e6:8.1f} | "
+                  f"{t1 * 1e3:5.1f} ms {case.nbytes / t1 / GB:6.2f} {case.nbytes / t1 / bandwidth:6.0%} | "
+                  f"{tn * 1e3:5.1f} ms {case.nbytes / tn / GB:6.2f} {case.nbytes / tn / bandwidth:6.0%} | "
+                  f"{extra[0]:>25} | {case.error(acts, cores, rng):8.1e}{extra[1]}", flush=True)
+            extra = ["", ""]   # once per format
     print(f"\nload average after: {tuple(round(v, 2) for v in os.getloadavg())}; torch threads: ", end="")
     try:
         import torch

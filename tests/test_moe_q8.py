@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(not moe.available(), reason="C kernels unavailab
 
 def q8_blocks(fns: dict, x: np.ndarray) -> np.ndarray:
     """The kernel's quantization of x (rows, n) as ggml Q8_0 blocks: f16 d, 32 int8 q."""
-    q, d, *_ = moe._q8(fns, np.ascontiguousarray(x, dtype=np.float32))
+    q, d, *_ = moe._q8(fns, np.ascontiguousarray(x, dtype=np.float32), "q8_0")
     d16 = d.astype(np.float16)
     assert np.array_equal(d16.astype(np.float32), d)   # the scale the kernel uses is the f16 one
     blocks = np.concatenate([d16.reshape(-1, 1).view(np.uint8), q.reshape(-1, 32).view(np.uint8)], axis=1)

@@ -54,8 +54,8 @@ _SIGNATURES = {
     "nemoq_moe_up": ([_p, ctypes.c_int, _i64, _i64, _p, _i64, _p, _p, _p, _p, _p, _i64, _i64], ctypes.c_int),
     # down, type, hidden, n_ff, h, n_groups, group_expert, group_start, slot_token, slot_weight, scale, out, r0, r1
     "nemoq_moe_down": ([_p, ctypes.c_int, _i64, _i64, _p, _i64, _p, _p, _p, _p, _p, _p, _i64, _i64], ctypes.c_int),
-    # x, rows, n, q, d, ds, s16
-    "nemoq_q8_quantize": ([_p, _i64, _i64, _p, _p, _p, _p], None),
+    # x, rows, n, type of the weights it will meet, q, d, ds, s16
+    "nemoq_q8_quantize": ([_p, _i64, _i64, ctypes.c_int, _p, _p, _p, _p], None),
     # up, type, n_ff, hidden, xq, xd, xds, xs16, n_groups, group_expert, group_start, slot_token, scale, h, r0, r1
     "nemoq_moe_q8_up": ([_p, ctypes.c_int, _i64, _i64, _p, _p, _p, _p, _i64, _p, _p, _p, _p, _p, _i64, _i64],
                         ctypes.c_int),
@@ -202,13 +202,15 @@ def _run(phase, n_rows: int, threads: int, what: str) -> None:
         raise RuntimeError(f"nemoq_moe: the C kernel refused {what} (code {codes})")
 
 
-def _q8(fns: dict, v: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(rows, n) float32 -> Q8_0 as the C kernels read it: q int8 (rows, n), block scales d and
-    d * sum(q) float32 (rows, n / 32), sums of q per 16 values float32 (rows, n / 16)."""
+def _q8(fns: dict, v: np.ndarray, fmt: str) -> tuple[np.ndarray, ...]:
+    """(rows, n) float32 -> Q8_0 as the C kernels read it against weights in `fmt`: q int8 (rows, n;
+    for some formats in the row dot's own order within a block), block scales d and d * sum(q)
+    float32 (rows, n / 32), sums of q per 16 values float32 (rows, n / 16)."""
     rows, n = v.shape
     q, d, ds = np.empty((rows, n), np.int8), np.empty((rows, n // 32), np.float32), np.empty((rows, n // 32), np.float32)
     s16 = np.empty((rows, n // 16), np.float32)
-    fns["nemoq_q8_quantize"](v.ctypes.data, rows, n, q.ctypes.data, d.ctypes.data, ds.ctypes.data, s16.ctypes.data)
+    fns["nemoq_q8_quantize"](v.ctypes.data, rows, n, TYPE_IDS[fmt], q.ctypes.data, d.ctypes.data, ds.ctypes.data,
+                             s16.ctypes.data)
     return q, d, ds, s16
 
 
@@ -225,7 +227,7 @@ def _up_phase(fns, x, r: Routing, up, fmt: str, scale_ptr, threads: int, activat
             return fns["nemoq_moe_up"](up.ctypes.data, TYPE_IDS[fmt], n_ff, hidden, x.ctypes.data, *_groups(r),
                                        scale_ptr, h.ctypes.data, *rr)
     else:
-        xq = _q8(fns, x)
+        xq = _q8(fns, x, fmt)
 
         def rows(rr):
             return fns["nemoq_moe_q8_up"](up.ctypes.data, TYPE_IDS[fmt], n_ff, hidden, *(a.ctypes.data for a in xq),
@@ -244,7 +246,7 @@ def _down_phase(fns, h, r: Routing, n_tokens: int, down, fmt: str, scale_ptr, th
             return fns["nemoq_moe_down"](down.ctypes.data, TYPE_IDS[fmt], hidden, n_ff, h.ctypes.data, *_groups(r),
                                          r.slot_weight.ctypes.data, scale_ptr, out.ctypes.data, *rr)
     else:
-        hq, dots = _q8(fns, h), np.empty((r.n_slots, hidden), np.float32)
+        hq, dots = _q8(fns, h, fmt), np.empty((r.n_slots, hidden), np.float32)
 
         def rows(rr):
             return fns["nemoq_moe_q8_down"](down.ctypes.data, TYPE_IDS[fmt], hidden, n_ff,

@@ -29,7 +29,8 @@ int moe_down_rows(const uint8_t * down, int type, int64_t hidden, int64_t n_ff, 
                   const float * slot_weight, const float * expert_scale, const float * sums, float * out,
                   int64_t r0, int64_t r1);
 
-void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int8_t * q, float * d, float * ds, float * s16);
+void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int type, int8_t * q, float * d, float * ds,
+                       float * s16);
 
 int nemoq_moe_q8_up(const uint8_t * up, int type, int64_t n_ff, int64_t hidden, const int8_t * xq,
                     const float * xd, const float * xds, const float * xs16, int64_t n_groups, const int32_t * group_expert,

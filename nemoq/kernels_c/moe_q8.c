@@ -38,8 +38,17 @@ typedef struct {
     const float * s16;
 } q8_vec;
 
-/* rows vectors of n values (n a multiple of 32) -> Q8_0, bit for bit ggml's quantize_row_q8_0_ref. */
-void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int8_t * q, float * d, float * ds, float * s16) {
+#if MOE_AVX2
+#include "moe_q8_avx2.h"   /* q8_row_dot_<format>: maddubs / madd on 32 levels at a time */
+#else
+#define Q8_SWAPS_MIDDLE(type) 0   /* the plain C reads every format's activations in order */
+#endif
+
+/* rows vectors of n values (n a multiple of 32) -> Q8_0, bit for bit ggml's quantize_row_q8_0_ref,
+ * for the row dots of weights in format `type`: where this build's row dot for `type` wants its
+ * own order of the 32 levels of a block (Q8_LAYOUT, the AVX2 NVFP4 dot), q is stored in it. */
+void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int type, int8_t * q, float * d, float * ds,
+                       float * s16) {
     for (int64_t b = 0; b < rows * (n / 32); b++) {
         const float * xb = x + 32 * b;
         float amax = 0.0f;
@@ -54,12 +63,16 @@ void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int8_t * q, flo
         ds[b] = d[b] * (float)(sum[0] + sum[1]);   /* exact: 11 + 12 significant bits */
         s16[2 * b] = (float)sum[0];
         s16[2 * b + 1] = (float)sum[1];
+        if (Q8_SWAPS_MIDDLE(type)) {   /* values 8-15 <-> 16-23 */
+            int8_t t[8];
+            memcpy(t, q + 32 * b + 8, 8);
+            memcpy(q + 32 * b + 8, q + 32 * b + 16, 8);
+            memcpy(q + 32 * b + 16, t, 8);
+        }
     }
 }
 
-#if MOE_AVX2
-#include "moe_q8_avx2.h"   /* q8_row_dot_<format>: maddubs / madd on 32 levels at a time */
-#else
+#if !MOE_AVX2
 
 static inline int32_t int_dot(const int8_t * restrict w, const int8_t * restrict x, int n) {
     int32_t s = 0;

@@ -91,15 +91,10 @@ MOE_INLINE __m256i q8_part_mxfp4(const uint8_t * b, int p) { (void)p; return loo
 #define Q8_OFFSET_q6_k 0
 
 /* NVFP4 part p = groups A = 2p, B = 2p + 1, 8 bytes each: values 0-7 in the low nibbles, 8-15 in
- * the high ones. One in-lane shuffle copies A's bytes twice into the low half and B's into the
- * high half, a per-quarter shift picks low or high nibbles: values in order; levels + 12. */
-MOE_INLINE __m256i q8_part_nvfp4(const uint8_t * b, int p) {
-    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 4 + 16 * p)));
-    const __m256i twice = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7,
-                                                                  8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
-    const __m256i codes = _mm256_and_si256(_mm256_srlv_epi64(twice, _mm256_setr_epi64x(0, 4, 0, 4)), _mm256_set1_epi8(15));
-    return lookup32(E2M1_X2_PLUS_12, codes);
-}
+ * the high ones. codes32 gives A 0-7, B 0-7, A 8-15, B 8-15; the activations of an NVFP4 row
+ * dot are stored in that order (Q8_SWAPS_MIDDLE), which saves a shuffle per part. Levels + 12. */
+MOE_INLINE __m256i q8_part_nvfp4(const uint8_t * b, int p) { return lookup32(E2M1_X2_PLUS_12, codes32(b + 4 + 16 * p)); }
+#define Q8_SWAPS_MIDDLE(type) ((type) == FMT_NVFP4)
 
 /* Q4_K group p: the low (p even) or high nibbles of qs[32 (p / 2) ..]. */
 MOE_INLINE __m256i q8_part_q4_k(const uint8_t * b, int p) { return nibbles32(b + 16 + 32 * (p / 2), p % 2); }
@@ -309,7 +304,7 @@ MOE_INLINE __m256 q8_scales8_mxfp4(const uint8_t * blk, int bytes) {
 
 /* ---- NVFP4: two blocks (128 values, eight 16-value groups) at a time ----
  * The eight group scales are decoded as one vector and multiplied by d_x (one per two groups);
- * part p of a block (groups 2p, 2p + 1 in lanes 0-3, 4-7) takes its two scales by one permute.
+ * part p of a block (groups 2p, 2p + 1: see q8_part_nvfp4) takes its two scales by one permute.
  * Levels + 12 (no sign operations): the offset's 12 * d_w d_x * (sum of the group's q) goes into
  * corr, one multiply-add per eight groups. */
 MOE_INLINE void q8_nvfp4_blocks(const uint8_t * blk, const q8_vec * xs, int64_t k, const int nvec, const int pair,
@@ -329,8 +324,8 @@ MOE_INLINE void q8_nvfp4_blocks(const uint8_t * blk, const q8_vec * xs, int64_t 
     for (int j = 0; j < 1 + pair; j++)
         for (int p = 0; p < 2; p++) {
             const __m256i w = q8_part_nvfp4(blk + 36 * j, p);
-            const int g = 4 * j + 2 * p;
-            const __m256i spread = _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1);
+            const int g = 4 * j + 2 * p;   /* lanes 0-1, 4-5: group g (A), lanes 2-3, 6-7: g + 1 (B) */
+            const __m256i spread = _mm256_setr_epi32(g, g, g + 1, g + 1, g, g, g + 1, g + 1);
             for (int v = 0; v < nvec; v++) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(xs[v].q + 64 * (k + j) + 32 * p));
                 const __m256 dot = _mm256_cvtepi32_ps(int_dot32(w, w, x, 0));

@@ -173,9 +173,10 @@ static void note_failure(run * R, int code) {
     if (code) atomic_compare_exchange_strong(&R->failed, &expected, code);
 }
 
-/* Q8_0 blocks [lo, hi) of consecutive 32-value blocks (rows are whole blocks). */
-static void q8_blocks(const float * v, int8_t * q, float * d, float * ds, float * s16, int64_t lo, int64_t hi) {
-    if (hi > lo) nemoq_q8_quantize(v + 32 * lo, hi - lo, 32, q + 32 * lo, d + lo, ds + lo, s16 + 2 * lo);
+/* Q8_0 blocks [lo, hi) of consecutive 32-value blocks (rows are whole blocks), for weights in `type`. */
+static void q8_blocks(const float * v, int type, int8_t * q, float * d, float * ds, float * s16, int64_t lo,
+                      int64_t hi) {
+    if (hi > lo) nemoq_q8_quantize(v + 32 * lo, hi - lo, 32, type, q + 32 * lo, d + lo, ds + lo, s16 + 2 * lo);
 }
 
 /* f32 with a format with mins: this thread's slots' sums per 32 values (moe_slot_sums). */
@@ -195,7 +196,7 @@ static void moe_job(void * ctx, int index, int n) {
     int64_t lo, hi;
     if (c->q8) {
         share(T * H / 32, index, n, &lo, &hi);
-        q8_blocks(c->x, R->xq, R->xd, R->xds, R->xs16, lo, hi);
+        q8_blocks(c->x, c->up_type, R->xq, R->xd, R->xds, R->xs16, lo, hi);
     } else
         sums_share(c->up_type, c->x, H, r, r->slot_token, R->xsums, index, n);
     pool_barrier();
@@ -208,7 +209,7 @@ static void moe_job(void * ctx, int index, int n) {
     if (atomic_load(&R->failed)) return;   /* every thread sees the same flag after the barrier */
     if (c->q8) {
         share(S * I / 32, index, n, &lo, &hi);
-        q8_blocks(R->h, R->hq, R->hd, R->hds, R->hs16, lo, hi);
+        q8_blocks(R->h, c->down_type, R->hq, R->hd, R->hds, R->hs16, lo, hi);
     } else
         sums_share(c->down_type, R->h, I, r, NULL, R->hsums, index, n);
     pool_barrier();
