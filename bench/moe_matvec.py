@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(MOE_FORMATS))
     parser.add_argument("--experts", type=int, default=32, help="experts per stack (default 32)")
     parser.add_argument("--repeat", type=int, default=10, help="timed calls per case and round; the best counts")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds over all cases (default 5)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds over all cases (default 10)")
     parser.add_argument("--activations", default=",".join(ACTIVATIONS), help="modes to time, one row each")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
     parser.add_argument("--in-cache", action="store_true", help="time the up phase in cache instead (see above)")
