@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from nemoq import kernels_c
 from nemoq.quant.encodings import BLOCK_ENCODINGS
-from nemoq.quant.tensor_scale import SCALE_RULES, ScaledEncoding, best_scale, matrix_scale
+from nemoq.quant.tensor_scale import SCALE_RULES, ScaledEncoding, best_scale, candidate_errors, matrix_scale
 from tests.conftest import run_cli
 from tests.gguf_edit import dequantized, rewrite_gguf
 
@@ -78,6 +79,26 @@ def test_mxfp4_scale_search_is_no_worse_than_the_octave_start():
     chosen = best_scale(base, x, w, rule)
     candidates = [matrix_scale(x, rule.full_scale) * 2.0 ** (-k / rule.factors) for k in range(rule.factors)]
     assert error(chosen) == pytest.approx(min(error(np.float32(c)) for c in candidates))
+
+
+@pytest.mark.parametrize("fmt", sorted(kernels_c.SCALE_SEARCH_FORMATS))
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
+def test_c_scale_search_errors_equal_numpys(fmt, weighted, monkeypatch):
+    """kernels_c.scale_errors (row by row in C) == the numpy search's errors, and so the same scale."""
+    if not kernels_c.available(fmt):
+        pytest.skip("C kernels unavailable")
+    rng = np.random.default_rng(5)
+    rows = (rng.standard_t(3, (24, 192)) * 0.02).astype(np.float32)
+    w = np.exp(rng.uniform(-3, 3, 192)).astype(np.float32) if weighted else None
+    scales = (np.float32(0.01) * 2.0 ** (-np.arange(16) / 16)).astype(np.float32)
+    base = BLOCK_ENCODINGS[fmt]
+    c_errors = candidate_errors(base, rows, scales, w)
+    per_row = kernels_c.scale_errors(fmt, rows, scales, w, threads=3)
+    np.testing.assert_array_equal(per_row, kernels_c.scale_errors(fmt, rows, scales, w, threads=1))
+    monkeypatch.setattr(kernels_c, "SCALE_SEARCH_FORMATS", {})   # the numpy search
+    numpy_errors = candidate_errors(base, rows, scales, w)
+    np.testing.assert_allclose(c_errors, numpy_errors, rtol=1e-12)
+    assert np.argmin(c_errors) == np.argmin(numpy_errors)
 
 
 @pytest.mark.parametrize("recipe", ["NVFP4", "MXFP4_MOE"])

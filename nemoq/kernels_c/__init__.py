@@ -158,6 +158,36 @@ def dequantize_rows(fmt: str, data: np.ndarray, threads: int | None = None) -> n
     return out
 
 
+SCALE_SEARCH_FORMATS = {"mxfp4": 39, "nvfp4": 40}   # nemoq_scale_errors' formats, by ggml type id
+
+
+def scale_errors(fmt: str, rows: np.ndarray, scales: np.ndarray, importance: np.ndarray | None = None,
+                 threads: int | None = None) -> np.ndarray:
+    """float64 (rows, candidates): sum_j w_j (deq(quant(row_j / s)) * s - row_j)^2 for each row and
+    candidate scale s, w the importance (or ones): quants_fp4.c's nemoq_scale_errors, for
+    nemoq.quant.tensor_scale.best_scale. Each row's errors come from one thread, so the sums do
+    not depend on `threads`."""
+    block, _ = KERNEL_FORMATS[fmt]
+    x, importance = quantizer_inputs(fmt, block, rows, importance)
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    errors = np.empty((x.shape[0], len(scales)), np.float64)
+    fn = getattr(library(), "nemoq_scale_errors")
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    imp = None if importance is None else importance.ctypes.data
+
+    def call(lo_hi):
+        lo, hi = lo_hi
+        code = fn(SCALE_SEARCH_FORMATS[fmt], x[lo].ctypes.data, hi - lo, x.shape[1], scales.ctypes.data,
+                  len(scales), imp, errors[lo].ctypes.data)
+        if code:
+            raise RuntimeError(f"nemoq_scale_errors({fmt}) failed with code {code}")
+    if len(x):
+        _on_threads(call, _row_chunks(len(x), threads or os.cpu_count() or 1))
+    return errors
+
+
 _WIDEN_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
 WIDEN_SOURCES = {"F16": "nemoq_widen_f16", "BF16": "nemoq_widen_bf16"}
 

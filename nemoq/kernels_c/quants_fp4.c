@@ -1,4 +1,6 @@
-/* The E2M1 formats (mxfp4.py, nvfp4.py): MXFP4 and NVFP4. */
+/* The E2M1 formats (mxfp4.py, nvfp4.py): MXFP4 and NVFP4, and their per-matrix scale search. */
+#include <stdlib.h>
+
 #include "lanes.h"
 
 /* the E2M1 grid's midpoints in units of its step (0.25), and the 16 nibbles' values */
@@ -159,3 +161,58 @@ static void dequant_block_nvfp4(const uint8_t * b, float * y) {
 }
 
 DEQUANT_ROWS(nvfp4, 64, 36, dequant_block_nvfp4)
+
+/* ---------------------------------------------------------------------------------------------
+ * The per-matrix scale search of nemoq/quant/tensor_scale.py's best_scale: for sample rows x and
+ * candidate scales s_c, errors[r * n_scales + c] = sum_j w_j (deq(quant(x_rj / s_c)) s_c - x_rj)^2,
+ * summed in double. numpy built (candidates x rows x n) arrays for this; here each row is divided,
+ * quantized, dequantized and compared while in cache. w = importance, or ones.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef void (*fp4_quantize_fn)(const float *, uint8_t *, int64_t, int64_t, const float *);
+typedef void (*fp4_dequantize_fn)(const uint8_t *, float *, int64_t, int64_t);
+
+static const struct {
+    int type;   /* ggml type id */
+    fp4_quantize_fn quantize;
+    fp4_dequantize_fn dequantize;
+    int block, bytes;
+} SCALE_SEARCH_FORMATS[] = {
+    {39, nemoq_quantize_mxfp4, nemoq_dequantize_mxfp4, 32, 17},
+    {40, nemoq_quantize_nvfp4, nemoq_dequantize_nvfp4, 64, 36},
+};
+
+/* Returns 0, -1 for a type not listed above (or a width its block does not divide), -2 when
+ * scratch memory cannot be allocated. */
+int nemoq_scale_errors(int type, const float * x, int64_t nrows, int64_t n, const float * scales, int64_t n_scales,
+                       const float * importance, double * errors) {
+    int f = -1;
+    for (int i = 0; i < (int)(sizeof SCALE_SEARCH_FORMATS / sizeof SCALE_SEARCH_FORMATS[0]); i++)
+        if (SCALE_SEARCH_FORMATS[i].type == type) f = i;
+    if (f < 0 || n % SCALE_SEARCH_FORMATS[f].block) return -1;
+    float * scaled = malloc(sizeof(float) * 2 * (size_t)n);
+    uint8_t * blocks = malloc((size_t)(n / SCALE_SEARCH_FORMATS[f].block * SCALE_SEARCH_FORMATS[f].bytes));
+    if (!scaled || !blocks) {
+        free(scaled);
+        free(blocks);
+        return -2;
+    }
+    float * values = scaled + n;
+    for (int64_t r = 0; r < nrows; r++) {
+        const float * row = x + r * n;
+        for (int64_t c = 0; c < n_scales; c++) {
+            for (int64_t j = 0; j < n; j++) scaled[j] = row[j] / scales[c];
+            SCALE_SEARCH_FORMATS[f].quantize(scaled, blocks, 1, n, importance);
+            SCALE_SEARCH_FORMATS[f].dequantize(blocks, values, 1, n);
+            double err = 0.0;
+            for (int64_t j = 0; j < n; j++) {
+                const float diff = values[j] * scales[c] - row[j];   /* float32, as numpy */
+                err += (double)diff * diff * (importance ? (double)importance[j] : 1.0);
+            }
+            errors[r * n_scales + c] = err;
+        }
+    }
+    free(scaled);
+    free(blocks);
+    return 0;
+}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nemoq import kernels_c
 from nemoq.convert.dtypes import Companion
 from nemoq.convert.mapping import SCALE_LOADED
 from nemoq.convert.plan import matrices_in
@@ -124,11 +125,21 @@ def best_scale(base: BlockEncoding, x: np.ndarray, importance: np.ndarray | None
     if rule.factors == 1:
         return start
     rows = x[:: max(1, x.shape[0] // SAMPLE_ROWS)]
-    w = np.ones(x.shape[-1], np.float32) if importance is None else importance
     scales = (start * 2.0 ** (-np.arange(rule.factors) / rule.factors)).astype(np.float32)
-    # every candidate in one quantizer call: (factors * rows, n) rows
-    scaled = rows[None, :, :] / scales[:, None, None]
-    values = base.dequantize(base.quantize(scaled.reshape(-1, x.shape[-1]), importance))
-    diff = values.reshape(scaled.shape) * scales[:, None, None] - rows[None]
-    errors = np.einsum("fij,fij->fj", diff, diff) @ w
+    errors = candidate_errors(base, rows, scales, importance)
     return scales[int(np.argmin(errors))]
+
+
+def candidate_errors(base: BlockEncoding, rows: np.ndarray, scales: np.ndarray,
+                     importance: np.ndarray | None) -> np.ndarray:
+    """float64 (candidates,): sum over rows and columns of w * (dequantized(rows / s) * s - rows)^2
+    per candidate scale s. C (kernels_c.scale_errors: row by row in cache) where built, else numpy;
+    the two differ only in the order of float64 additions."""
+    if kernels_c.available(base.name) and base.name in kernels_c.SCALE_SEARCH_FORMATS:
+        return kernels_c.scale_errors(base.name, rows, scales, importance, threads=kernels_c.THREADS).sum(axis=0)
+    w = np.ones(rows.shape[-1], np.float32) if importance is None else importance
+    # every candidate in one quantizer call: (candidates * rows, n) rows
+    scaled = rows[None, :, :] / scales[:, None, None]
+    values = base.dequantize(base.quantize(scaled.reshape(-1, rows.shape[-1]), importance))
+    diff = values.reshape(scaled.shape) * scales[:, None, None] - rows[None]
+    return np.einsum("fij,fij,j->f", diff, diff, w, dtype=np.float64)
