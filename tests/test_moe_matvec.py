@@ -11,6 +11,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -208,19 +209,13 @@ def test_calls_from_several_python_threads_at_once():
         np.testing.assert_array_equal(y, expected)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
-def test_a_forked_child_starts_its_own_threads():
-    """The pool's workers are not copied by fork: the child must start new ones, not wait on
-    threads it does not have."""
-    pair = ("q8_0", "q8_0")
-    up, down, hidden = experts(pair)
-    x, (ids, w) = tokens(2, hidden), routing(2, 6)
-    expected = moe_matvec(x, ids, w, up, down, *pair, threads=2)   # the parent's workers exist now
+def _forked_call_works(call, expected) -> None:
+    """Fork; the child runs call() and exits 0 if it returns `expected`; fail if it hangs."""
     pid = os.fork()
     if pid == 0:   # child: exit status says whether the call worked
         ok = False
         try:
-            ok = np.array_equal(moe_matvec(x, ids, w, up, down, *pair, threads=2), expected)
+            ok = np.array_equal(call(), expected)
         finally:
             os._exit(0 if ok else 1)
     for _ in range(600):   # 60 s
@@ -232,6 +227,41 @@ def test_a_forked_child_starts_its_own_threads():
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     pytest.fail("the forked child's call did not finish")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_starts_its_own_threads():
+    """The pool's workers are not copied by fork: the child must start new ones, not wait on
+    threads it does not have."""
+    pair = ("q8_0", "q8_0")
+    up, down, hidden = experts(pair)
+    x, (ids, w) = tokens(2, hidden), routing(2, 6)
+    expected = moe_matvec(x, ids, w, up, down, *pair, threads=2)   # the parent's workers exist now
+    _forked_call_works(lambda: moe_matvec(x, ids, w, up, down, *pair, threads=2), expected)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_child_forked_during_a_call_can_call():
+    """Forked while another thread is inside a call: the child inherits held locks, which it
+    must not wait on."""
+    pair = ("q8_0", "q8_0")
+    up, down, hidden = experts(pair)
+    x, (ids, w) = tokens(16, hidden), routing(16, 6)
+    expected = moe_matvec(x, ids, w, up, down, *pair, threads=2)
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            moe_matvec(x, ids, w, up, down, *pair, threads=2)
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        for _ in range(3):
+            time.sleep(0.01)
+            _forked_call_works(lambda: moe_matvec(x, ids, w, up, down, *pair, threads=2), expected)
+    finally:
+        stop.set()
+        worker.join()
 
 
 def test_rejects_bad_input():

@@ -46,6 +46,11 @@ typedef struct {
 
 /* Scratch kept between calls (calls are serialised by scratch_lock). */
 static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* A child forked while another thread was in a call inherits the lock held: it starts unlocked. */
+static void unlock_in_child(void) { pthread_mutex_init(&scratch_lock, NULL); }
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, unlock_in_child); }
 static void * scratch;
 static size_t scratch_size;
 
@@ -232,6 +237,7 @@ int nemoq_moe_matvec(const nemoq_moe_call * c) {
     carver size = {NULL, 0};
     carve_run(&size, &R, c, max_slots);
     carve(&size, sizeof(int64_t) * (size_t)c->n_experts);
+    pthread_once(&fork_once, register_fork_handler);
     pthread_mutex_lock(&scratch_lock);
     carver at = {scratch_of(size.used), 0};
     int code = -2;
