@@ -312,8 +312,8 @@ def info(
     from nemoq import report
     if kernels:
         from nemoq import kernels_c
-        from nemoq.kernels_c import cuda, cuda_quant
-        report.kernel_info(Console(), kernels_c.status(), kernels_c.KERNEL_FORMATS)
+        from nemoq.kernels_c import cuda, cuda_quant, moe
+        report.kernel_info(Console(), kernels_c.status(), kernels_c.KERNEL_FORMATS, moe.MOE_FORMATS, moe.row_dots())
         report.cuda_info(Console(), cuda.cuda_status(), cuda.MOE_FORMATS, cuda_quant.CUDA_QUANT_FORMATS)
     if file is not None:
         from nemoq.gguf_file import read_gguf

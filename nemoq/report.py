@@ -100,12 +100,14 @@ def gguf_info(console: Console, contents, max_tensors: int = 0) -> None:
     console.print(tensors)
 
 
-def kernel_info(console: Console, status, formats) -> None:
+def kernel_info(console: Console, status, formats, moe_formats=(), moe_row_dots: str | None = None) -> None:
     state = "[green]built[/]" if status.available else f"[yellow]unavailable[/] ({escape(status.message)})"
     console.print(f"C kernels: {state}")
     console.print(f"  library:  {escape(str(status.library))}")
     console.print(f"  compiler: {status.compiler} {escape(' '.join(status.flags))}")
     console.print(f"  formats:  {', '.join(formats)}")
+    if moe_row_dots:
+        console.print(f"  MoE matvec: {', '.join(moe_formats)} ({moe_row_dots} row dots; activations f32 or q8_0)")
 
 
 def cuda_info(console: Console, status, moe_formats, quant_formats) -> None:

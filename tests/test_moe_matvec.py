@@ -302,6 +302,18 @@ def portable_library(tmp_path_factory):
     return ctypes.CDLL(str(target))
 
 
+def test_row_dots_say_which_build_runs(portable_library, monkeypatch):
+    """`nemoq info --kernels` tells AVX2 from plain C: the native build on a CPU with AVX2, FMA
+    and F16C (as -march=native sees it) runs the AVX2 row dots, the portable one never."""
+    flags = build._cpu_signature().split()
+    if flags[:1] == ["flags"]:   # Linux's /proc/cpuinfo line: the CPU's features are known
+        assert moe.row_dots() == ("AVX2" if {"avx2", "fma", "f16c"} <= set(flags) else "portable C")
+    else:
+        assert moe.row_dots() in ("AVX2", "portable C")
+    monkeypatch.setattr(moe, "_functions", lambda: moe._bind(portable_library))
+    assert moe.row_dots() == "portable C"
+
+
 @pytest.mark.parametrize("pair", [("q8_0", "q5_0"), ("iq4_nl", "mxfp4"), ("nvfp4", "nvfp4"),
                                   ("q4_k", "q5_k"), ("q6_k", "q6_k")], ids="/".join)
 def test_portable_c_matches_oracle(portable_library, monkeypatch, pair):

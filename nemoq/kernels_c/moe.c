@@ -119,6 +119,9 @@ static const format_info * find_format(int type, int64_t n) {
 /* 1 if this library can read `type` (a ggml type id), else 0. */
 int nemoq_moe_supports(int type) { return find_format(type, 0) != NULL; }
 
+/* 1 if the row dots of this build are the AVX2 ones (moe_avx2.h, moe_q8_avx2.h), 0 for plain C. */
+int nemoq_moe_avx2(void) { return MOE_AVX2; }
+
 /* For a format with mins: sums[s * (n / 32) + g] = the sum of values 32g .. 32g + 31 of slot s's
  * vector (at base + row_of[s] * n, or base + s * n where row_of is NULL), and 1; 0 for a format
  * without mins (sums untouched), -1 for one this library does not read. */

@@ -38,7 +38,8 @@ from gguf import GGMLQuantizationType
 from nemoq.kernels_c.build import library
 from nemoq.quant.moe_reference import ACTIVATIONS, expert_shapes, moe_matvec_reference, row_bytes
 
-__all__ = ["ACTIVATIONS", "MOE_FORMATS", "Routing", "route", "moe_matvec", "moe_hidden", "moe_down", "available"]
+__all__ = ["ACTIVATIONS", "MOE_FORMATS", "Routing", "route", "moe_matvec", "moe_hidden", "moe_down", "available",
+           "row_dots"]
 
 # The block formats the kernel reads, by name; C knows them by ggml type id.
 MOE_FORMATS = ("q8_0", "q5_0", "iq4_nl", "mxfp4", "nvfp4", "q4_k", "q5_k", "q6_k")
@@ -50,6 +51,7 @@ _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
 _SIGNATURES = {
     "nemoq_moe_supports": ([ctypes.c_int], ctypes.c_int),
+    "nemoq_moe_avx2": ([], ctypes.c_int),
     # up, type, n_ff, hidden, x, n_groups, group_expert, group_start, slot_token, scale, h, r0, r1
     "nemoq_moe_up": ([_p, ctypes.c_int, _i64, _i64, _p, _i64, _p, _p, _p, _p, _p, _i64, _i64], ctypes.c_int),
     # down, type, hidden, n_ff, h, n_groups, group_expert, group_start, slot_token, slot_weight, scale, out, r0, r1
@@ -98,6 +100,14 @@ def _functions() -> dict | None:
 
 def available() -> bool:
     return _functions() is not None
+
+
+def row_dots() -> str | None:
+    """Which row dot products this build runs ("AVX2" or "portable C"), None without the library."""
+    fns = _functions()
+    if fns is None or "nemoq_moe_avx2" not in fns:
+        return None
+    return "AVX2" if fns["nemoq_moe_avx2"]() else "portable C"
 
 
 @dataclass(frozen=True)
