@@ -10,10 +10,11 @@ views of the file). y_t = sum_j w_j * down[e_j] @ relu(up[e_j] @ x_t)^2, defined
 nemoq/quant/moe_reference.py. Slots with weight 0 are skipped: they add exactly nothing.
 
 Threads: one C call (moe_run.c) groups the tokens' (expert, weight) slots by expert and runs
-both phases on a persistent C thread pool (pool.c): the up phase splits the I rows of every
-routed expert into `threads` ranges, the down phase the H output rows, with a barrier between.
-Each thread reads its slice of each expert once, for all tokens routed to it, and owns its
-output rows, so the result does not depend on `threads`. ctypes releases the GIL for the call.
+both phases on a persistent C thread pool (pool.c): the threads take the I rows of every
+routed expert (up phase), then the H output rows (down phase), in chunks, with a barrier
+between. A row is read once per call, for all tokens routed to its expert, by one thread,
+which also owns the output row, so the result does not depend on `threads`. ctypes releases
+the GIL for the call.
 
 activations="q8_0" (default "f32") computes as llama.cpp's CPU backend does: x, and each slot's
 hidden vector after the up phase, are rounded to Q8_0 (ggml's quantize_row_q8_0_ref) once per

@@ -46,13 +46,13 @@ typedef struct {
 
 /* Scratch kept between calls (calls are serialised by scratch_lock). */
 static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
+static void * scratch;
+static size_t scratch_size;
 
 /* A child forked while another thread was in a call inherits the lock held: it starts unlocked. */
 static void unlock_in_child(void) { pthread_mutex_init(&scratch_lock, NULL); }
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
 static void register_fork_handler(void) { pthread_atfork(NULL, NULL, unlock_in_child); }
-static void * scratch;
-static size_t scratch_size;
 
 static void * scratch_of(size_t bytes) {
     if (bytes > scratch_size) {
