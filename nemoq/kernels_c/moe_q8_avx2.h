@@ -317,8 +317,8 @@ MOE_INLINE void q8_nvfp4_blocks(const uint8_t * blk, const q8_vec * xs, int64_t 
                                         : _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xs[v].d + 2 * k)))),
             _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
         S[v] = _mm256_mul_ps(dw, dx);
-        const __m256 s16 = pair ? _mm256_loadu_ps(xs[v].s16 + 4 * k)
-                                : _mm256_castps128_ps256(_mm_loadu_ps(xs[v].s16 + 4 * k));
+        const __m256 s16 = pair ? _mm256_loadu_ps(xs[v].s16 + 4 * k)   /* pair = 0: lanes 4-7 zeros, not garbage */
+                                : _mm256_set_m128(_mm_setzero_ps(), _mm_loadu_ps(xs[v].s16 + 4 * k));
         corr[v] = _mm256_fmadd_ps(S[v], s16, corr[v]);
     }
     for (int j = 0; j < 1 + pair; j++)
