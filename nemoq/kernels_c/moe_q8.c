@@ -46,7 +46,7 @@ typedef struct {
 
 /* rows vectors of n values (n a multiple of 32) -> Q8_0, bit for bit ggml's quantize_row_q8_0_ref,
  * for the row dots of weights in format `type`: where this build's row dot for `type` wants its
- * own order of the 32 levels of a block (Q8_LAYOUT, the AVX2 NVFP4 dot), q is stored in it. */
+ * own order of the 32 levels of a block (Q8_SWAPS_MIDDLE: the AVX2 NVFP4 dot), q is stored in it. */
 void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int type, int8_t * q, float * d, float * ds,
                        float * s16) {
     for (int64_t b = 0; b < rows * (n / 32); b++) {
