@@ -1,6 +1,6 @@
 """Benchmark the C MoE kernel (nemoq.kernels_c.moe.moe_matvec) against this machine's memory bandwidth.
 
-    .venv/bin/python bench/moe_matvec.py [--formats q8_0,nvfp4] [--experts 32] [--repeat 15] [--activations f32,q8_0]
+    .venv/bin/python bench/moe_matvec.py [--formats q8_0,nvfp4] [--experts 32] [--repeat 10] [--rounds 10] [--activations f32,q8]
 
 For one token (T = 1) routed to k = 6 of E experts, the kernel reads 6 up and 6 down matrices
 in a block format; what counts is how fast it streams those bytes. The script:
@@ -13,10 +13,10 @@ in a block format; what counts is how fast it streams those bytes. The script:
 3. times every case in rounds (--rounds, each --repeat calls per case, the copy measured once
    per round), so that a slow spell of a shared machine costs all rows alike, then prints
    bytes of expert weights read per second and its ratio to the best 1-thread copy of the run
-   (target >= 60%), one row per activations mode ("f32": exact; "q8_0": x and the hidden
-   vectors rounded to Q8_0 and integer dot products, llama.cpp's CPU numerics), the relative
-   error against the numpy reference of the same mode (for q8_0 mostly Q8_0 rounding flips of
-   the hidden vectors: float32 in a different order),
+   (target >= 60%), one row per activations mode ("f32": exact; "q8": x and the hidden
+   vectors rounded to ggml's 8-bit activations (Q8_0, Q8_K for k-quants) and integer dot
+   products, llama.cpp's CPU numerics), the relative error against the numpy reference of the
+   same mode (for q8 mostly rounding flips of the hidden vectors: float32 in another order),
    and for comparison torch's dequantize-then-matmul of the same 6 experts (nemoq's numpy
    dequantizer, then torch.matmul in float32) and torch.matmul alone on experts dequantized
    beforehand (4 bytes per weight read);
@@ -24,7 +24,7 @@ in a block format; what counts is how fast it streams those bytes. The script:
    uploaded once; each call copies x and the routing in and the result out).
 
 --in-cache instead times the up phase alone on 256 rows of one expert (L2 resident), one
-thread, f32 and q8_0 calls alternated, best of `repeat` x 20 calls: the kernels' compute speed
+thread, f32 and q8 calls alternated, best of `repeat` x 20 calls: the kernels' compute speed
 per core, which does not depend on what else shares the memory bus.
 
 The machine may be shared: the load average is printed, and best-of-N times are reported.
@@ -152,7 +152,7 @@ def in_cache(formats: list[str], repeat: int, rows: int = 256) -> None:
     one = np.zeros(1, np.int32), np.array([0, 1], np.int64), np.zeros(1, np.int32)
     ptr = [a.ctypes.data for a in one]
     print(f"in cache: up phase on {rows} rows of one expert, 1 thread, best of {repeat} x 20 calls per mode\n")
-    print(f"{'format':7} {'values':>8} | {'f32 G values/s':>15} {'q8_0 G values/s':>16} {'speed-up':>9}")
+    print(f"{'format':7} {'values':>8} | {'f32 G values/s':>15} {'q8 G values/s':>14} {'speed-up':>9}")
     for fmt in formats:
         hidden = K_QUANT_WIDTHS[0] if FORMATS[fmt].block_size == 256 else REAL_WIDTHS[0]
         up = FORMATS[fmt].quantize(rng.standard_normal((rows, hidden)).astype(np.float32) * 0.02)
@@ -161,7 +161,7 @@ def in_cache(formats: list[str], repeat: int, rows: int = 256) -> None:
         h = np.empty(rows, np.float32)
         args = {   # pointers taken once: ctypes' per-call overhead stays small beside ~50 us calls
             "f32": (fns["nemoq_moe_up"], up.ctypes.data, TYPE_IDS[fmt], rows, hidden, x.ctypes.data),
-            "q8_0": (fns["nemoq_moe_q8_up"], up.ctypes.data, TYPE_IDS[fmt], rows, hidden,
+            "q8": (fns["nemoq_moe_q8_up"], up.ctypes.data, TYPE_IDS[fmt], rows, hidden,
                      *(a.ctypes.data for a in xq)),
         }
         calls = {mode: (f, (*a, 1, *ptr, None, h.ctypes.data, 0, rows)) for mode, (f, *a) in args.items()}
@@ -173,7 +173,7 @@ def in_cache(formats: list[str], repeat: int, rows: int = 256) -> None:
                     f(*a)
                 best[mode] = min(best[mode], (time.perf_counter() - t) / 20)
         rate = {mode: rows * hidden / t / GB for mode, t in best.items()}
-        print(f"{fmt:7} {rows * hidden:8} | {rate['f32']:15.1f} {rate['q8_0']:16.1f} {rate['q8_0'] / rate['f32']:8.1f}x",
+        print(f"{fmt:7} {rows * hidden:8} | {rate['f32']:15.1f} {rate['q8']:14.1f} {rate['q8'] / rate['f32']:8.1f}x",
               flush=True)
 
 

@@ -1,4 +1,4 @@
-"""moe_matvec(activations="q8_0"): llama.cpp's CPU numerics, checked against float64 oracles.
+"""moe_matvec(activations="q8"): llama.cpp's CPU numerics, checked against float64 oracles.
 
 The activations (x for the up phase, each slot's hidden vector for the down phase) are rounded
 to Q8_0 by the kernel; the oracles round the same vectors with nemoq's numpy Q8_0 (equal to
@@ -31,13 +31,13 @@ from gguf import GGMLQuantizationType
 from nemoq.kernels_c import build, moe
 from nemoq.kernels_c.moe import moe_down, moe_hidden, moe_matvec
 from nemoq.quant.formats import FORMATS
-from nemoq.quant.moe_reference import (moe_down_oracle, moe_matvec_oracle, moe_matvec_reference, moe_up_oracle,
-                                       quantize_activations)
+from nemoq.quant.moe_reference import (Q8_K_WEIGHTS, moe_down_oracle, moe_matvec_oracle, moe_matvec_reference,
+                                       moe_up_oracle, quantize_activations)
 from tests.ggml_oracle import ggml_quantize
 from tests.test_moe_matvec import (N_EXPERTS, RECIPE_PAIRS, TOLERANCE, experts, rel_error, routing, tokens,
                                    with_random_scales)
 
-Q8 = "q8_0"
+Q8 = "q8"   # the activations mode
 pytestmark = pytest.mark.skipif(not moe.available(), reason="C kernels unavailable")
 
 
@@ -62,9 +62,9 @@ def awkward_rows(n: int = 256) -> np.ndarray:
 def test_activations_quantize_as_ggml():
     x = awkward_rows()
     ours = q8_blocks(moe._functions(), x)
-    np.testing.assert_array_equal(ours, FORMATS[Q8].quantize(x))
+    np.testing.assert_array_equal(ours, FORMATS["q8_0"].quantize(x))
     np.testing.assert_array_equal(ours, ggml_quantize(x, GGMLQuantizationType.Q8_0))
-    np.testing.assert_array_equal(quantize_activations(x, Q8), FORMATS[Q8].dequantize(ours))
+    np.testing.assert_array_equal(quantize_activations(x, Q8, "q8_0"), FORMATS["q8_0"].dequantize(ours))
 
 
 def weight_rows(up: np.ndarray, down: np.ndarray, pair, ids) -> tuple[dict, dict]:
@@ -72,14 +72,17 @@ def weight_rows(up: np.ndarray, down: np.ndarray, pair, ids) -> tuple[dict, dict
             {e: FORMATS[pair[1]].dequantize(down[e]).astype(np.float64) for e in np.unique(ids)})
 
 
-def tie_flip_bound(h_kernel, h_oracle, ids, w, down_f) -> tuple[np.ndarray, float]:
-    """(T, H): |y| the different Q8_0 roundings of the two hidden vectors can make, and the share
-    of hidden values they round differently."""
-    diff = np.abs(quantize_activations(h_kernel, Q8).astype(np.float64)
-                  - quantize_activations(h_oracle.astype(np.float32), Q8))
+def tie_flip_bound(h_kernel, h_oracle, ids, w, down_f, down_format: str) -> tuple[np.ndarray, float]:
+    """(T, H): |y| the different 8-bit roundings of the two hidden vectors can make, and the share
+    of hidden values they round to another level (a Q8_K block's float scale follows its max, so
+    there every value may move a little; a level flip moves it by a step)."""
+    oracle = quantize_activations(h_oracle.astype(np.float32), Q8, down_format)
+    diff = np.abs(quantize_activations(h_kernel, Q8, down_format).astype(np.float64) - oracle)
+    block = 256 if down_format in Q8_K_WEIGHTS else 32
+    step = np.abs(oracle).reshape(-1, block).max(axis=1, keepdims=True) / 127
     bound = np.stack([sum(abs(wj) * (np.abs(down_f[e]) @ diff[t, j]) for j, (e, wj) in enumerate(zip(ids[t], w[t])))
                       for t in range(len(ids))])
-    return bound, float((diff > 0).mean())
+    return bound, float((diff.reshape(-1, block) > step / 2).mean())
 
 
 def check_against_oracles(pair, n_tokens: int, k: int, threads: int = 2, up=None, down=None, x_scale=1.0):
@@ -94,7 +97,7 @@ def check_against_oracles(pair, n_tokens: int, k: int, threads: int = 2, up=None
     assert rel_error(y_down, moe_down_oracle(h_oracle, ids, w, down, pair[1], activations=Q8)) <= TOLERANCE
     y = moe_matvec(x, ids, w, up, down, *pair, threads=threads, activations=Q8)  # whole call
     ref = moe_matvec_oracle(x, ids, w, up, down, *pair, activations=Q8)
-    bound, flipped = tie_flip_bound(h, h_oracle, ids, w, weight_rows(up, down, pair, ids)[1])
+    bound, flipped = tie_flip_bound(h, h_oracle, ids, w, weight_rows(up, down, pair, ids)[1], pair[1])
     assert flipped <= 1e-2
     assert np.all(np.abs(y - ref) <= TOLERANCE * np.abs(ref).max() + bound)
     return y, ref
@@ -112,13 +115,13 @@ def test_q8_activations_match_float64_oracle(pair, n_tokens, k):
 def test_q8_0_levels_of_minus_128():
     """Q8_0 weights may hold -128 (not ggml's quantizer, but a valid byte): |w| = 128 is fine as
     maddubs' unsigned operand; with the sign moved onto w instead it would wrap."""
-    up, down, _ = experts((Q8, Q8))
+    up, down, _ = experts(("q8_0", "q8_0"))
     rng = np.random.default_rng(6)
     up, down = up.copy(), down.copy()
     for stack in (up, down):
         blocks = stack.reshape(-1, 34)
         blocks[:, 2:] = rng.choice(np.array([-128, -127, 127, 0, 5], np.int8), blocks[:, 2:].shape).view(np.uint8)
-    check_against_oracles((Q8, Q8), 4, 6, up=up, down=down)
+    check_against_oracles(("q8_0", "q8_0"), 4, 6, up=up, down=down)
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "q4_k", "q5_k"])
@@ -151,12 +154,12 @@ def test_zero_tokens_and_zero_weights():
 
 
 def test_rejects_unknown_activations():
-    up, down, hidden = experts((Q8, Q8))
+    up, down, hidden = experts(("q8_0", "q8_0"))
     x, (ids, w) = tokens(2, hidden), routing(2, 2)
     with pytest.raises(ValueError, match="activations"):
-        moe_matvec(x, ids, w, up, down, Q8, Q8, activations="q4_0")
+        moe_matvec(x, ids, w, up, down, "q8_0", "q8_0", activations="q4_0")
     with pytest.raises(ValueError, match="hidden must be"):
-        moe_down(np.zeros((2, 3, 5), np.float32), ids, w, down, Q8, activations=Q8)
+        moe_down(np.zeros((2, 3, 5), np.float32), ids, w, down, "q8_0", activations=Q8)
 
 
 def test_without_the_c_library_falls_back_to_numpy(monkeypatch):
@@ -214,7 +217,7 @@ def test_scales_apply_per_expert():
     assert rel_error(y, moe_down_oracle(h, ids, w, down, "nvfp4", down_scale, activations=Q8)) <= TOLERANCE
 
 
-# ---- llama.cpp's own row dots: ggml-cpu's vec_dot of a weight row with Q8_0 activations ----
+# ---- llama.cpp's own row dots: ggml-cpu's vec_dot of a weight row with its Q8_0 / Q8_K activations ----
 
 class _CpuTraits(ctypes.Structure):   # ggml-cpu.h: struct ggml_type_traits_cpu
     _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
@@ -225,37 +228,49 @@ _VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(ctypes.c_float), 
                             ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
+_FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+Q8_K_BLOCK_BYTES = 4 + 256 + 2 * 16   # block_q8_K: float d, int8 qs[256], int16 bsums[16]
+
+
 @functools.cache
 def ggml_vec_dot(fmt: str):
-    """ggml's CPU dot of one `fmt` row with one Q8_0 row, or None where ggml pairs `fmt` with
-    other activations (Q8_K for the k-quants)."""
+    """ggml's CPU dot of one `fmt` row with activations as its CPU backend pairs them: Q8_0 rounded
+    by nemoq's numpy (ggml's reference rounding; its AVX2 quantizer differs at ties), or Q8_K by
+    ggml's own from_float (the reference one on x86). (dot(row, activations, n), quantize(v))."""
     llama_cpp = pytest.importorskip("llama_cpp")
     lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
     lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_CpuTraits)
     lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
     lib.ggml_cpu_init()
     traits = lib.ggml_get_type_traits_cpu(int(GGMLQuantizationType[fmt.upper()])).contents
-    if traits.vec_dot_type != GGMLQuantizationType.Q8_0:
-        return None
     fn = _VEC_DOT(traits.vec_dot)
 
     def dot(row: np.ndarray, xq: np.ndarray, n: int) -> float:
         s = ctypes.c_float()
         fn(n, ctypes.byref(s), 0, row.ctypes.data, 0, xq.ctypes.data, 0, 1)
         return s.value
-    return dot
+
+    if traits.vec_dot_type == GGMLQuantizationType.Q8_0:
+        return dot, lambda v: FORMATS["q8_0"].quantize(v[None])[0]
+    assert traits.vec_dot_type == GGMLQuantizationType.Q8_K, traits.vec_dot_type
+    from_float = _FROM_FLOAT(lib.ggml_get_type_traits_cpu(int(GGMLQuantizationType.Q8_K)).contents.from_float)
+
+    def quantize_q8_k(v: np.ndarray) -> np.ndarray:
+        out = np.empty(len(v) // 256 * Q8_K_BLOCK_BYTES, np.uint8)
+        from_float(np.ascontiguousarray(v).ctypes.data, out.ctypes.data, len(v))
+        return out
+    return dot, quantize_q8_k
 
 
 def ggml_rows(stack_e: np.ndarray, fmt: str, v: np.ndarray) -> np.ndarray:
-    """ggml's dots of every row of one expert with the Q8_0 rounding of v (float32)."""
-    dot, xq = ggml_vec_dot(fmt), FORMATS[Q8].quantize(v[None].astype(np.float32))[0]
+    """ggml's dots of every row of one expert with its 8-bit rounding of v (float32)."""
+    dot, quantize = ggml_vec_dot(fmt)
+    xq = quantize(v.astype(np.float32))
     return np.array([dot(np.ascontiguousarray(row), xq, len(v)) for row in stack_e], np.float32)
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "iq4_nl", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", moe.MOE_FORMATS)
 def test_phases_equal_ggml_row_dots(fmt):
-    if ggml_vec_dot(fmt) is None:
-        pytest.skip(f"ggml pairs {fmt} with other activations")
     up, down, hidden = experts((fmt, fmt))
     x, (ids, w) = tokens(3, hidden), routing(3, 6)
     h_ggml = np.stack([[np.maximum(ggml_rows(up[e], fmt, x[t]), 0) ** 2 for e in ids[t]] for t in range(3)])

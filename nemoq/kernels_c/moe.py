@@ -16,13 +16,13 @@ between. A row is read once per call, for all tokens routed to its expert, by on
 which also owns the output row, so the result does not depend on `threads`. ctypes releases
 the GIL for the call.
 
-activations="q8_0" (default "f32") computes as llama.cpp's CPU backend does: x, and each slot's
-hidden vector after the up phase, are rounded to Q8_0 (ggml's quantize_row_q8_0_ref) once per
-call, and the row dots are integer dot products per 32 values times the two block scales
-(moe_q8.c): 1.3-2x faster per core, llama.cpp's numerics rather than float32 ones (where they
-still differ, e.g. ggml's k-quants take Q8_K activations: docs/kernels.md). `moe_hidden` and
-`moe_down` run one phase each (the up phase's hidden vectors, or the down phase fed with given
-ones), for tests and inspection.
+activations="q8" (default "f32") computes as llama.cpp's CPU backend does: x, and each slot's
+hidden vector after the up phase, are rounded once per call to the 8-bit activations ggml pairs
+with the matrix's format (Q8_0; Q8_K for the k-quants), and the row dots are integer dot
+products per 32 (or 16) values times the block scales (moe_q8.c): 1.3-2x faster per core,
+llama.cpp's numerics rather than float32 ones (docs/kernels.md). `moe_hidden` and `moe_down`
+run one phase each (the up phase's hidden vectors, or the down phase fed with given ones), for
+tests and inspection.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def _stack(stack: np.ndarray, fmt: str, width: int, name: str) -> tuple[int, int
 
 def _library(activations: str) -> dict:
     fns = _functions()
-    if fns is None or (activations == "q8_0" and "nemoq_moe_q8_up" not in fns):
+    if fns is None or (activations == "q8" and "nemoq_moe_q8_up" not in fns):
         raise RuntimeError("nemoq_moe: the C kernels are unavailable")
     return fns
 
@@ -214,9 +214,10 @@ def _run(phase, n_rows: int, threads: int, what: str) -> None:
 
 
 def _q8(fns: dict, v: np.ndarray, fmt: str) -> tuple[np.ndarray, ...]:
-    """(rows, n) float32 -> Q8_0 as the C kernels read it against weights in `fmt`: q int8 (rows, n;
-    for some formats in the row dot's own order within a block), block scales d and d * sum(q)
-    float32 (rows, n / 32), sums of q per 16 values float32 (rows, n / 16)."""
+    """(rows, n) float32 -> the 8-bit activations ggml pairs with weights in `fmt` (Q8_0, or Q8_K
+    for the k-quants) as the C kernels read them: q int8 (rows, n; for some formats in the row
+    dot's own order within a block), per 32 values the block scale d and d * sum(q) float32
+    (rows, n / 32), sums of q per 16 values float32 (rows, n / 16)."""
     rows, n = v.shape
     q, d, ds = np.empty((rows, n), np.int8), np.empty((rows, n // 32), np.float32), np.empty((rows, n // 32), np.float32)
     s16 = np.empty((rows, n // 16), np.float32)
@@ -299,7 +300,7 @@ def moe_matvec(x, expert_ids, expert_weights, up, down, up_format: str, down_for
     out = np.empty((n_tokens, hidden), np.float32)
     call = _Call(up.ctypes.data, down.ctypes.data, TYPE_IDS[up_format], TYPE_IDS[down_format], n_experts, n_ff,
                  hidden, n_tokens, ids.shape[1], x.ctypes.data, ids.ctypes.data, w.ctypes.data, up_s_ptr,
-                 down_s_ptr, activations == "q8_0", _threads(threads), out.ctypes.data)
+                 down_s_ptr, activations == "q8", _threads(threads), out.ctypes.data)
     code = fns["nemoq_moe_matvec"](ctypes.addressof(call))
     if code == -3:
         raise _bad_ids(ids, n_experts)
@@ -330,7 +331,7 @@ def moe_hidden(x, expert_ids, expert_weights, up, up_format: str, *, up_scale=No
 def moe_down(hidden, expert_ids, expert_weights, down, down_format: str, *, down_scale=None,
              threads: int | None = None, activations: str = "f32") -> np.ndarray:
     """(T, H) float32: the down phase alone, sum_j w_j * down_scale[e] * down[e] @ hidden[t, j] for
-    given hidden vectors (T, k, I) (rounded to Q8_0 first for activations="q8_0"). C kernels only."""
+    given hidden vectors (T, k, I) (rounded as ggml does first for activations="q8"). C kernels only."""
     _check_formats(activations, down_format=down_format)
     fns = _library(activations)
     hidden = np.asarray(hidden, dtype=np.float32)

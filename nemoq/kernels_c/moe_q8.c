@@ -44,30 +44,73 @@ typedef struct {
 #define Q8_SWAPS_MIDDLE(type) 0   /* the plain C reads every format's activations in order */
 #endif
 
-/* rows vectors of n values (n a multiple of 32) -> Q8_0, bit for bit ggml's quantize_row_q8_0_ref,
- * for the row dots of weights in format `type`: where this build's row dot for `type` wants its
- * own order of the 32 levels of a block (Q8_SWAPS_MIDDLE: the AVX2 NVFP4 dot), q is stored in it. */
+/* ggml's nearest_int: round half to even for |v| < 2^22, by the 1.5 * 2^23 trick. */
+static inline int nearest_int(float v) {
+    const float shifted = v + 12582912.0f;
+    int32_t i;
+    memcpy(&i, &shifted, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+/* Values per activation block for weights in `type`: ggml's CPU backend pairs the k-quants with
+ * Q8_K (256 values, a float32 scale), every other format here with Q8_0 (32, an f16 scale). */
+int nemoq_q8_block_values(int type) { return type == FMT_Q4_K || type == FMT_Q5_K || type == FMT_Q6_K ? 256 : 32; }
+
+/* One Q8_0 block, bit for bit ggml's quantize_row_q8_0_ref; its scale as a float. */
+static float q8_0_block(const float * x, int8_t * q) {
+    float amax = 0.0f;
+    for (int j = 0; j < 32; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;   /* fmaxf: a libm call on x86 */
+    const float scale = amax / 127.0f, inv = scale ? 1.0f / scale : 0.0f;
+    for (int j = 0; j < 32; j++) q[j] = (int8_t)round_half_away(x[j] * inv);
+    return fp16_to_fp32(fp32_to_fp16(scale));
+}
+
+/* One Q8_K block of 256, bit for bit ggml's quantize_row_q8_K_ref (what its x86 backend runs):
+ * the signed value of largest magnitude (the first) maps to -127; its scale. */
+static float q8_k_block(const float * x, int8_t * q) {
+    float max = 0.0f, amax = 0.0f;
+    for (int j = 0; j < 256; j++)
+        if (fabsf(x[j]) > amax) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    if (!amax) {
+        memset(q, 0, 256);
+        return 0.0f;
+    }
+    const float iscale = -127.0f / max;
+    for (int j = 0; j < 256; j++) {
+        const int v = nearest_int(iscale * x[j]);
+        q[j] = (int8_t)(v < 127 ? v : 127);
+    }
+    return 1.0f / iscale;
+}
+
+/* rows vectors of n values -> the activations ggml's CPU backend multiplies weights in `type`
+ * with (n a multiple of nemoq_q8_block_values(type)): Q8_0, or Q8_K for the k-quants, their
+ * levels in q and, per 32 values, the block's scale in d (a Q8_K scale repeated over its eight
+ * 32-value parts) and d * (sum of the 32 levels) in ds; s16 the sums of each 16 levels. Where
+ * this build's row dot for `type` wants its own order of the 32 levels of a block
+ * (Q8_SWAPS_MIDDLE: the AVX2 NVFP4 dot), q is stored in it. */
 void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int type, int8_t * q, float * d, float * ds,
                        float * s16) {
-    for (int64_t b = 0; b < rows * (n / 32); b++) {
-        const float * xb = x + 32 * b;
-        float amax = 0.0f;
-        for (int j = 0; j < 32; j++) amax = fabsf(xb[j]) > amax ? fabsf(xb[j]) : amax;   /* fmaxf: a libm call on x86 */
-        const float scale = amax / 127.0f, inv = scale ? 1.0f / scale : 0.0f;
-        int32_t sum[2] = {0, 0};
-        for (int j = 0; j < 32; j++) {
-            q[32 * b + j] = (int8_t)round_half_away(xb[j] * inv);
-            sum[j / 16] += q[32 * b + j];
-        }
-        d[b] = fp16_to_fp32(fp32_to_fp16(scale));
-        ds[b] = d[b] * (float)(sum[0] + sum[1]);   /* exact: 11 + 12 significant bits */
-        s16[2 * b] = (float)sum[0];
-        s16[2 * b + 1] = (float)sum[1];
-        if (Q8_SWAPS_MIDDLE(type)) {   /* values 8-15 <-> 16-23 */
-            int8_t t[8];
-            memcpy(t, q + 32 * b + 8, 8);
-            memcpy(q + 32 * b + 8, q + 32 * b + 16, 8);
-            memcpy(q + 32 * b + 16, t, 8);
+    const int per_block = nemoq_q8_block_values(type);
+    for (int64_t k = 0; k < rows * (n / per_block); k++) {
+        int8_t * qk = q + per_block * k;
+        const float scale = per_block == 256 ? q8_k_block(x + 256 * k, qk) : q8_0_block(x + 32 * k, qk);
+        for (int64_t b = per_block / 32 * k; b < per_block / 32 * (k + 1); b++) {
+            int32_t sum[2] = {0, 0};
+            for (int j = 0; j < 32; j++) sum[j / 16] += q[32 * b + j];
+            d[b] = scale;
+            ds[b] = scale * (float)(sum[0] + sum[1]);   /* Q8_0: exact (11 + 12 significant bits) */
+            s16[2 * b] = (float)sum[0];
+            s16[2 * b + 1] = (float)sum[1];
+            if (Q8_SWAPS_MIDDLE(type)) {   /* values 8-15 <-> 16-23 */
+                int8_t t[8];
+                memcpy(t, q + 32 * b + 8, 8);
+                memcpy(q + 32 * b + 8, q + 32 * b + 16, 8);
+                memcpy(q + 32 * b + 16, t, 8);
+            }
         }
     }
 }

@@ -178,10 +178,16 @@ static void note_failure(run * R, int code) {
     if (code) atomic_compare_exchange_strong(&R->failed, &expected, code);
 }
 
-/* Q8_0 blocks [lo, hi) of consecutive 32-value blocks (rows are whole blocks), for weights in `type`. */
-static void q8_blocks(const float * v, int type, int8_t * q, float * d, float * ds, float * s16, int64_t lo,
-                      int64_t hi) {
-    if (hi > lo) nemoq_q8_quantize(v + 32 * lo, hi - lo, 32, type, q + 32 * lo, d + lo, ds + lo, s16 + 2 * lo);
+/* This thread's share of the activation blocks (Q8_0 or Q8_K, as nemoq_q8_quantize) of `values`
+ * consecutive values (rows are whole blocks), for weights in `type`. */
+static void q8_share(const float * v, int64_t values, int type, int8_t * q, float * d, float * ds, float * s16,
+                     int index, int threads) {
+    const int64_t per = nemoq_q8_block_values(type);
+    int64_t lo, hi;
+    share(values / per, index, threads, &lo, &hi);
+    if (hi > lo)
+        nemoq_q8_quantize(v + per * lo, hi - lo, per, type, q + per * lo, d + per / 32 * lo, ds + per / 32 * lo,
+                          s16 + per / 16 * lo);
 }
 
 /* f32 with a format with mins: this thread's slots' sums per 32 values (moe_slot_sums). */
@@ -199,10 +205,9 @@ static void moe_job(void * ctx, int index, int n) {
     const routing * r = &R->r;
     const int64_t T = c->n_tokens, H = c->hidden, I = c->n_ff, S = r->n_slots, G = r->n_groups;
     int64_t lo, hi;
-    if (c->q8) {
-        share(T * H / 32, index, n, &lo, &hi);
-        q8_blocks(c->x, c->up_type, R->xq, R->xd, R->xds, R->xs16, lo, hi);
-    } else
+    if (c->q8)
+        q8_share(c->x, T * H, c->up_type, R->xq, R->xd, R->xds, R->xs16, index, n);
+    else
         sums_share(c->up_type, c->x, H, r, r->slot_token, R->xsums, index, n);
     pool_barrier();
     while (claim_rows(&R->up_rows, n, &lo, &hi))
@@ -212,10 +217,9 @@ static void moe_job(void * ctx, int index, int n) {
                                             r->slot_token, c->up_scale, R->xsums, R->h, lo, hi));
     pool_barrier();
     if (atomic_load(&R->failed)) return;   /* every thread sees the same flag after the barrier */
-    if (c->q8) {
-        share(S * I / 32, index, n, &lo, &hi);
-        q8_blocks(R->h, c->down_type, R->hq, R->hd, R->hds, R->hs16, lo, hi);
-    } else
+    if (c->q8)
+        q8_share(R->h, S * I, c->down_type, R->hq, R->hd, R->hds, R->hs16, index, n);
+    else
         sums_share(c->down_type, R->h, I, r, NULL, R->hsums, index, n);
     pool_barrier();
     while (claim_rows(&R->down_rows, n, &lo, &hi))
