@@ -1,20 +1,20 @@
 """moe_matvec(activations="q8"): llama.cpp's CPU numerics, checked against float64 oracles.
 
 The activations (x for the up phase, each slot's hidden vector for the down phase) are rounded
-to Q8_0 by the kernel; the oracles round the same vectors with nemoq's numpy Q8_0 (equal to
-ggml's, checked here through libggml too) and multiply the dequantized stacks in float64.
+by the kernel to what ggml pairs with the weights: Q8_0, or Q8_K for the k-quants; the oracles
+round the same vectors with nemoq's numpy (equal to ggml's, checked here through libggml too)
+and multiply the dequantized stacks in float64.
 
 - Up phase and down phase (fed with given hidden vectors) alone: within 1e-5 of the oracle, as
   the float32 mode. Only the float rounding of the block scales and running sums differs.
-- Against llama.cpp itself: for the formats whose ggml vec_dot takes Q8_0 activations (Q8_0,
-  Q5_0, IQ4_NL, MXFP4, NVFP4; the k-quants take Q8_K), each phase equals ggml's own row dots
-  (libggml-cpu's vec_dot) on the same Q8_0 activations to 1e-5.
+- Against llama.cpp itself: for every format each phase equals ggml's own row dots
+  (libggml-cpu's vec_dot) on the same activations to 1e-5 (Q8_K made by ggml's own from_float).
 - Whole call: the kernel rounds the hidden vectors it computed in float32, the oracle its own
-  float64 ones (as float32); where a value sits within float32 noise of a Q8_0 rounding tie
-  (or a block's f16 scale of an f16 tie) the two round differently, by one step. So y may
-  differ by exactly what those different roundings of h make through the down matrices:
-  the test computes that bound from the kernel's own hidden vectors (moe_hidden), checks that
-  few values are concerned, and checks y against oracle + bound.
+  float64 ones (as float32); where a value sits within float32 noise of a rounding tie (or a
+  block's f16 scale of an f16 tie; a Q8_K block's float32 scale follows its max) the two round
+  differently. So y may differ by exactly what those different roundings of h make through the
+  down matrices: the test computes that bound from the kernel's own hidden vectors
+  (moe_hidden), checks that few values change level, and checks y against oracle + bound.
 """
 
 from __future__ import annotations
