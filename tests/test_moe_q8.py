@@ -67,6 +67,22 @@ def test_activations_quantize_as_ggml():
     np.testing.assert_array_equal(quantize_activations(x, Q8, "q8_0"), FORMATS["q8_0"].dequantize(ours))
 
 
+def test_k_quant_activations_quantize_as_ggml_q8_k():
+    """Against k-quant weights the kernel's activations are ggml's Q8_K (its from_float, which on
+    x86 is quantize_row_q8_K_ref), bit for bit, ties and zero rows included, and so is the numpy."""
+    x = awkward_rows(512)
+    q, d, ds, s16 = moe._q8(moe._functions(), x, "q4_k")
+    blocks = np.stack([ggml_vec_dot("q4_k")[1](row) for row in x]).reshape(-1, Q8_K_BLOCK_BYTES)
+    np.testing.assert_array_equal(q.reshape(-1, 256), blocks[:, 4:260].view(np.int8))
+    np.testing.assert_array_equal(d.reshape(-1, 8), np.repeat(blocks[:, :4].copy().view(np.float32), 8, axis=1))
+    bsums = blocks[:, 260:].copy().view(np.int16).astype(np.float32)
+    written = blocks[:, :4].copy().view(np.float32)[:, 0] != 0   # ggml leaves an all-zero block's bsums unset
+    assert written.sum() >= len(written) - 2
+    np.testing.assert_array_equal(s16.reshape(-1, 16)[written], bsums[written])
+    dequantized = (q.reshape(-1, 32) * d.reshape(-1, 1)).reshape(x.shape)
+    np.testing.assert_array_equal(quantize_activations(x, Q8, "q4_k"), dequantized)
+
+
 def weight_rows(up: np.ndarray, down: np.ndarray, pair, ids) -> tuple[dict, dict]:
     return ({e: FORMATS[pair[0]].dequantize(up[e]).astype(np.float64) for e in np.unique(ids)},
             {e: FORMATS[pair[1]].dequantize(down[e]).astype(np.float64) for e in np.unique(ids)})
