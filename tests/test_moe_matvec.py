@@ -186,6 +186,26 @@ def test_one_call_matches_the_phases_run_one_by_one():
         assert not y[6].any()
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_one_call_matches_the_phases_on_random_calls(seed):
+    """Random token counts, top-k, zero weights, repeated experts and thread counts: the one C
+    call equals route() + the two phases run from Python, bit for bit, in both modes."""
+    rng = np.random.default_rng(100 + seed)
+    pairs = sorted(RECIPE_PAIRS)
+    pair = pairs[seed % len(pairs)]
+    up, down, hidden = experts(pair)
+    n_tokens, k = int(rng.integers(1, 17)), int(rng.integers(1, 9))
+    ids = rng.integers(0, N_EXPERTS, (n_tokens, k)).astype(np.int32)
+    w = rng.uniform(-1, 1, (n_tokens, k)).astype(np.float32)
+    w[rng.random((n_tokens, k)) < 0.2] = 0
+    x, threads = tokens(n_tokens, hidden, seed), int(rng.integers(1, 6))
+    for activations in moe.ACTIVATIONS:
+        h = moe.moe_hidden(x, ids, w, up, pair[0], activations=activations, threads=threads)
+        expected = moe.moe_down(h, ids, w, down, pair[1], activations=activations, threads=threads)
+        got = moe_matvec(x, ids, w, up, down, *pair, activations=activations, threads=threads)
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_ids_out_of_range_in_any_integer_type():
     pair = ("q8_0", "q8_0")
     up, down, hidden = experts(pair)
