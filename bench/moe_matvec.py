@@ -5,7 +5,8 @@
 For one token (T = 1) routed to k = 6 of E experts, the kernel reads 6 up and 6 down matrices
 in a block format; what counts is how fast it streams those bytes. The script:
 1. measures memory bandwidth as numpy copies of 1 GB (counted as 2 x bytes / s: read + write),
-   on one thread (once per round, the best counts) and split across all cores;
+   on one thread (once per round, the best counts) and split across all cores, and as a pure
+   read (numpy sums of 1 GB, all cores, once per round) for context;
 2. per format, quantizes one expert pair of Nemotron 3 Nano's widths (H = 2688, I = 1856; the
    k-quants need multiples of 256, so Q4_K / Q5_K / Q6_K use H = 2560, I = 1792 stand-ins),
    copies it to E experts (E * 2 matrices, far larger than the CPU caches), and times calls with
@@ -70,6 +71,19 @@ def copy_bandwidth(nbytes: int = 1 << 30, threads: int = 1, repeat: int = 3) -> 
             list(pool.map(lambda s: np.copyto(dst[s], src[s]), slices))
             best = min(best, time.perf_counter() - t)
     return 2 * src.nbytes / best
+
+
+def read_bandwidth(nbytes: int = 1 << 30, threads: int = 1, repeat: int = 3) -> float:
+    """bytes / s of the best of `repeat` numpy sums of nbytes of int64, split over `threads`: a
+    pure read (a C loop of AVX2 loads measured the same here), what the kernel does to the weights."""
+    parts = np.array_split(np.ones(nbytes // 8, np.int64), threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeat):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t)
+    return nbytes / best
 
 
 def expert_stacks(fmt: str, n_experts: int, rng):
@@ -203,9 +217,10 @@ def main() -> None:
     modes = args.activations.split(",")
     # Rounds over every case, the copy measured once per round: a slow spell of a shared machine
     # then costs every row alike, and each row (and the copy) keeps its best round.
-    best, copies = {}, []
+    best, copies, reads = {}, [], []
     for _ in range(args.rounds):
         copies.append(copy_bandwidth(threads=1))
+        reads.append(read_bandwidth(threads=cores))
         for case in cases:
             for acts in modes:
                 for threads in sorted({1, cores}):
@@ -215,6 +230,7 @@ def main() -> None:
     print(f"memory bandwidth (numpy copy of 1 GB, 2 x bytes / s): {bandwidth / GB:.1f} GB/s on 1 thread (best of "
           f"{len(copies)} rounds; {min(copies) / GB:.1f} in the worst)"
           + (f", {bwn / GB:.1f} GB/s on {cores}" if bwn else "") + "; ratios below use the 1-thread best")
+    print(f"pure read (numpy sum of 1 GB of int64) on {cores} threads: {max(reads) / GB:.1f} GB/s (best of the rounds)")
     print(f"T = 1 token, k = {TOP_K} of E = {args.experts} experts; best of {args.rounds} rounds x {args.repeat} calls\n")
     header = (f"{'format':7} {'acts':4} {'H x I':>11} {'MB/call':>8} | {'C 1 thr':>8} {'GB/s':>6} {'ratio':>6} | "
               f"{'C ' + str(cores) + ' thr':>8} {'GB/s':>6} {'ratio':>6} | {'torch deq+mm':>12} {'torch f32 mm':>12} | "
@@ -230,6 +246,10 @@ def main() -> None:
                   f"{tn * 1e3:5.1f} ms {case.nbytes / tn / GB:6.2f} {case.nbytes / tn / bandwidth:6.0%} | "
                   f"{extra[0]:>25} | {case.error(acts, cores, rng):8.1e}{extra[1]}", flush=True)
             extra = ["", ""]   # once per format
+    print(f"\n{cores} threads as a share of the {cores}-thread pure read ({max(reads) / GB:.1f} GB/s):")
+    for case in cases:
+        print("  " + case.fmt.ljust(7) + "  ".join(f"{acts} {case.nbytes / best[case.fmt, acts, cores] / max(reads):4.0%}"
+                                                 for acts in modes))
     print(f"\nload average after: {tuple(round(v, 2) for v in os.getloadavg())}; torch threads: ", end="")
     try:
         import torch
