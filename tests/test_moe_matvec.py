@@ -7,10 +7,8 @@ k-quants, of 64 but not 256 for NVFP4, of 32 but not 256 for the 32-value blocks
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -309,20 +307,7 @@ def test_without_the_c_library_falls_back_to_numpy(monkeypatch):
                                   moe_matvec_reference(x, ids, w, up, down, *pair))
 
 
-@pytest.fixture(scope="module")
-def portable_library(tmp_path_factory):
-    """The MoE kernels built with -DNEMOQ_MOE_PORTABLE: the plain C that CPUs without AVX2 run."""
-    cc = build.compiler()
-    if cc is None:
-        pytest.skip("no C compiler")
-    target = tmp_path_factory.mktemp("portable") / "libmoe_portable.so"
-    sources = [str(build.SOURCE_DIR / name) for name in moe.SOURCES]
-    cmd = [cc, *build.flags(), "-DNEMOQ_MOE_PORTABLE", *sources, "-o", str(target), "-lm"]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return ctypes.CDLL(str(target))
-
-
-def test_row_dots_say_which_build_runs(portable_library, monkeypatch):
+def test_row_dots_say_which_build_runs(portable_moe_functions, monkeypatch):
     """`nemoq info --kernels` tells AVX2 from plain C: the native build on a CPU with AVX2, FMA
     and F16C (as -march=native sees it) runs the AVX2 row dots, the portable one never."""
     flags = build._cpu_signature().split()
@@ -330,14 +315,14 @@ def test_row_dots_say_which_build_runs(portable_library, monkeypatch):
         assert moe.row_dots() == ("AVX2" if {"avx2", "fma", "f16c"} <= set(flags) else "portable C")
     else:
         assert moe.row_dots() in ("AVX2", "portable C")
-    monkeypatch.setattr(moe, "_functions", lambda: moe._bind(portable_library))
+    monkeypatch.setattr(moe, "_functions", lambda: portable_moe_functions)
     assert moe.row_dots() == "portable C"
 
 
 @pytest.mark.parametrize("pair", [("q8_0", "q5_0"), ("iq4_nl", "mxfp4"), ("nvfp4", "nvfp4"),
                                   ("q4_k", "q5_k"), ("q6_k", "q6_k")], ids="/".join)
-def test_portable_c_matches_oracle(portable_library, monkeypatch, pair):
-    monkeypatch.setattr(moe, "_functions", lambda: moe._bind(portable_library))
+def test_portable_c_matches_oracle(portable_moe_functions, monkeypatch, pair):
+    monkeypatch.setattr(moe, "_functions", lambda: portable_moe_functions)
     up, down, hidden = experts(pair)
     x, (ids, w) = tokens(3, hidden), routing(3, 6)
     assert rel_error(moe_matvec(x, ids, w, up, down, *pair), moe_matvec_oracle(x, ids, w, up, down, *pair)) <= TOLERANCE
@@ -412,9 +397,9 @@ def with_random_scales(stack: np.ndarray, fmt: str, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("build_kind", ["native", "portable"])
 @pytest.mark.parametrize("fmt", sorted(SCALE_BYTES))
-def test_every_scale_code_matches_oracle(portable_library, monkeypatch, build_kind, fmt):
+def test_every_scale_code_matches_oracle(portable_moe_functions, monkeypatch, build_kind, fmt):
     if build_kind == "portable":
-        monkeypatch.setattr(moe, "_functions", lambda: moe._bind(portable_library))
+        monkeypatch.setattr(moe, "_functions", lambda: portable_moe_functions)
     pair = (fmt, fmt)
     up, down, hidden = experts(pair)
     up, down = with_random_scales(up, fmt, 11), with_random_scales(down, fmt, 12)

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 
-from nemoq.kernels_c import build, moe
+from nemoq.kernels_c import moe
 from nemoq.kernels_c.moe import moe_down, moe_hidden, moe_matvec
 from nemoq.quant.formats import FORMATS
 from nemoq.quant.moe_reference import (Q8_K_WEIGHTS, moe_down_oracle, moe_matvec_oracle, moe_matvec_reference,
@@ -190,34 +189,22 @@ def test_without_the_c_library_falls_back_to_numpy(monkeypatch):
 
 # ---- the plain C (-DNEMOQ_MOE_PORTABLE): same oracles, and the AVX2 build's results ----
 
-@pytest.fixture(scope="module")
-def portable_functions(tmp_path_factory):
-    cc = build.compiler()
-    if cc is None:
-        pytest.skip("no C compiler")
-    target = tmp_path_factory.mktemp("portable") / "libmoe_q8_portable.so"
-    sources = [str(build.SOURCE_DIR / name) for name in moe.SOURCES]
-    subprocess.run([cc, *build.flags(), "-DNEMOQ_MOE_PORTABLE", *sources, "-o", str(target), "-lm"],
-                   check=True, capture_output=True)
-    return moe._bind(ctypes.CDLL(str(target)))
-
-
 @pytest.mark.parametrize("pair", [("q8_0", "q5_0"), ("iq4_nl", "mxfp4"), ("nvfp4", "nvfp4"), ("q4_k", "q5_k"),
                                   ("q6_k", "q6_k")], ids="/".join)
-def test_portable_c_matches_oracle_and_avx2(portable_functions, monkeypatch, pair):
+def test_portable_c_matches_oracle_and_avx2(portable_moe_functions, monkeypatch, pair):
     up, down, hidden = experts(pair)
     x, (ids, w) = tokens(16, hidden), routing(16, 6)
     h_native = moe_hidden(x, ids, w, up, pair[0], activations=Q8)
     y_native = moe_down(h_native, ids, w, down, pair[1], activations=Q8)
-    monkeypatch.setattr(moe, "_functions", lambda: portable_functions)
+    monkeypatch.setattr(moe, "_functions", lambda: portable_moe_functions)
     check_against_oracles(pair, 16, 6)
     h = moe_hidden(x, ids, w, up, pair[0], activations=Q8)
     assert rel_error(h, h_native) <= 1e-6                     # same integer sums, other float order
     assert rel_error(moe_down(h_native, ids, w, down, pair[1], activations=Q8), y_native) <= 1e-6
 
 
-def test_q8_0_weights_with_minus_128_in_the_portable_build(portable_functions, monkeypatch):
-    monkeypatch.setattr(moe, "_functions", lambda: portable_functions)
+def test_q8_0_weights_with_minus_128_in_the_portable_build(portable_moe_functions, monkeypatch):
+    monkeypatch.setattr(moe, "_functions", lambda: portable_moe_functions)
     test_q8_0_levels_of_minus_128()
 
 
