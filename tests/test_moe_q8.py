@@ -33,7 +33,7 @@ from nemoq.quant.formats import FORMATS
 from nemoq.quant.moe_reference import (Q8_K_WEIGHTS, moe_down_oracle, moe_matvec_oracle, moe_matvec_reference,
                                        moe_up_oracle, quantize_activations)
 from tests.ggml_oracle import ggml_quantize
-from tests.test_moe_matvec import (N_EXPERTS, RECIPE_PAIRS, TOLERANCE, experts, rel_error, routing, tokens,
+from tests.test_moe_matvec import (N_EXPERTS, RECIPE_PAIRS, TOLERANCE, experts, rel_error, routing, stack, tokens,
                                    with_random_scales)
 
 Q8 = "q8"   # the activations mode
@@ -272,12 +272,33 @@ def ggml_rows(stack_e: np.ndarray, fmt: str, v: np.ndarray) -> np.ndarray:
     return np.array([dot(np.ascontiguousarray(row), xq, len(v)) for row in stack_e], np.float32)
 
 
-@pytest.mark.parametrize("fmt", moe.MOE_FORMATS)
-def test_phases_equal_ggml_row_dots(fmt):
-    up, down, hidden = experts((fmt, fmt))
+def check_against_ggml(fmt: str, up: np.ndarray, down: np.ndarray, hidden: int, threads: int = 2):
     x, (ids, w) = tokens(3, hidden), routing(3, 6)
     h_ggml = np.stack([[np.maximum(ggml_rows(up[e], fmt, x[t]), 0) ** 2 for e in ids[t]] for t in range(3)])
-    assert rel_error(moe_hidden(x, ids, w, up, fmt, activations=Q8), h_ggml) <= TOLERANCE
+    assert rel_error(moe_hidden(x, ids, w, up, fmt, threads=threads, activations=Q8), h_ggml) <= TOLERANCE
     y_ggml = np.stack([sum(np.float64(wj) * ggml_rows(down[e], fmt, h_ggml[t, j])
                            for j, (e, wj) in enumerate(zip(ids[t], w[t]))) for t in range(3)])
-    assert rel_error(moe_down(h_ggml, ids, w, down, fmt, activations=Q8), y_ggml) <= TOLERANCE
+    assert rel_error(moe_down(h_ggml, ids, w, down, fmt, threads=threads, activations=Q8), y_ggml) <= TOLERANCE
+
+
+@pytest.mark.parametrize("fmt", moe.MOE_FORMATS)
+def test_phases_equal_ggml_row_dots(fmt):
+    check_against_ggml(fmt, *experts((fmt, fmt)))
+
+
+# Rows long enough for the AVX2 row dots' wide paths, with what is left over: 32-value blocks eight
+# at a time (25 = 3 x 8 + 1, 11 = 8 + 3), MXFP4 in pairs (11 = 8 + a pair + 1), NVFP4 two blocks at
+# a time (13 = 6 x 2 + 1, 7); 64-value chunks of the activations split across 3 threads. (The
+# k-quants' super-blocks go one at a time: experts() rows of 2 and 1 already cover them.)
+LONG_WIDTHS = {32: (800, 352), 64: (832, 448)}
+
+
+@pytest.mark.parametrize("fmt", [f for f in moe.MOE_FORMATS if FORMATS[f].block_size in LONG_WIDTHS])
+def test_long_rows_match_oracles_and_ggml(fmt):
+    hidden, n_ff = LONG_WIDTHS[FORMATS[fmt].block_size]
+    up, down = stack(fmt, n_ff, hidden, 3), stack(fmt, hidden, n_ff, 4)
+    check_against_oracles((fmt, fmt), 2, 6, threads=3, up=up, down=down)
+    check_against_ggml(fmt, up, down, hidden, threads=3)
+    x, (ids, w) = tokens(2, hidden), routing(2, 6)
+    y = moe_matvec(x, ids, w, up, down, fmt, fmt, threads=3)    # the float32 mode
+    assert rel_error(y, moe_matvec_oracle(x, ids, w, up, down, fmt, fmt)) <= TOLERANCE

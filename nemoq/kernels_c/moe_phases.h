@@ -30,6 +30,7 @@ int moe_down_rows(const uint8_t * down, int type, int64_t hidden, int64_t n_ff, 
                   int64_t r0, int64_t r1);
 
 int nemoq_q8_block_values(int type);
+int64_t nemoq_q8_unit(int type, int64_t n);
 void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int type, int8_t * q, float * d, float * ds,
                        float * s16);
 

@@ -41,7 +41,7 @@ typedef struct {
 #if MOE_AVX2
 #include "moe_q8_avx2.h"   /* q8_row_dot_<format>: maddubs / madd on 32 levels at a time */
 #else
-#define Q8_SWAPS_MIDDLE(type) 0   /* the plain C reads every format's activations in order */
+#define Q8_HALF(type) 0   /* the plain C reads every format's activations in order */
 #endif
 
 /* ggml's nearest_int: round half to even for |v| < 2^22, by the 1.5 * 2^23 trick. */
@@ -86,12 +86,32 @@ static float q8_k_block(const float * x, int8_t * q) {
     return 1.0f / iscale;
 }
 
+/* The fewest consecutive values of vectors of n that nemoq_q8_quantize may be given at a time
+ * (threads split the work in these): an activation block, 64 values where the row dot reads whole
+ * 64-value chunks in its own order (Q8_HALF), or whole vectors where a 32-value block is left over. */
+int64_t nemoq_q8_unit(int type, int64_t n) {
+    if (!Q8_HALF(type)) return nemoq_q8_block_values(type);
+    return n % 64 ? n : 64;
+}
+
+/* Each whole 64-value chunk of each row reordered as Q8_HALF (moe_q8_avx2.h) describes: the first
+ * h values of every 2h-value group, then the last h of every group (pieces of h bytes moved). */
+static void halves_first(int8_t * q, int64_t rows, int64_t n, int h) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c + 64 <= n; c += 64) {
+            int8_t chunk[64], * at = q + r * n + c;
+            memcpy(chunk, at, 64);
+            for (int piece = 0; piece < 64 / h; piece++)   /* group piece / 2, its half piece % 2 */
+                memcpy(at + 32 * (piece % 2) + h * (piece / 2), chunk + h * piece, (size_t)h);
+        }
+}
+
 /* rows vectors of n values -> the activations ggml's CPU backend multiplies weights in `type`
  * with (n a multiple of nemoq_q8_block_values(type)): Q8_0, or Q8_K for the k-quants, their
  * levels in q and, per 32 values, the block's scale in d (a Q8_K scale repeated over its eight
  * 32-value parts) and d * (sum of the 32 levels) in ds; s16 the sums of each 16 levels. Where
- * this build's row dot for `type` wants its own order of the 32 levels of a block
- * (Q8_SWAPS_MIDDLE: the AVX2 NVFP4 dot), q is stored in it. */
+ * this build's row dot for `type` reads the levels in another order (Q8_HALF: the AVX2 MXFP4 and
+ * NVFP4 dots), q is stored in it; d, ds and s16 stay in value order. */
 void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int type, int8_t * q, float * d, float * ds,
                        float * s16) {
     const int per_block = nemoq_q8_block_values(type);
@@ -105,14 +125,10 @@ void nemoq_q8_quantize(const float * x, int64_t rows, int64_t n, int type, int8_
             ds[b] = scale * (float)(sum[0] + sum[1]);   /* Q8_0: exact (11 + 12 significant bits) */
             s16[2 * b] = (float)sum[0];
             s16[2 * b + 1] = (float)sum[1];
-            if (Q8_SWAPS_MIDDLE(type)) {   /* values 8-15 <-> 16-23 */
-                int8_t t[8];
-                memcpy(t, q + 32 * b + 8, 8);
-                memcpy(q + 32 * b + 8, q + 32 * b + 16, 8);
-                memcpy(q + 32 * b + 16, t, 8);
-            }
         }
     }
+    const int h = Q8_HALF(type);
+    if (h) halves_first(q, rows, n, h);
 }
 
 #if !MOE_AVX2

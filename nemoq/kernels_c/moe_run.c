@@ -178,16 +178,16 @@ static void note_failure(run * R, int code) {
     if (code) atomic_compare_exchange_strong(&R->failed, &expected, code);
 }
 
-/* This thread's share of the activation blocks (Q8_0 or Q8_K, as nemoq_q8_quantize) of `values`
- * consecutive values (rows are whole blocks), for weights in `type`. */
-static void q8_share(const float * v, int64_t values, int type, int8_t * q, float * d, float * ds, float * s16,
-                     int index, int threads) {
-    const int64_t per = nemoq_q8_block_values(type);
+/* This thread's share of the activations (Q8_0 or Q8_K, as nemoq_q8_quantize) of `rows` vectors of
+ * n values, for weights in `type`, in whole units (nemoq_q8_unit). */
+static void q8_share(const float * v, int64_t rows, int64_t n, int type, int8_t * q, float * d, float * ds,
+                     float * s16, int index, int threads) {
+    const int64_t unit = nemoq_q8_unit(type, n);
     int64_t lo, hi;
-    share(values / per, index, threads, &lo, &hi);
+    share(rows * n / unit, index, threads, &lo, &hi);
     if (hi > lo)
-        nemoq_q8_quantize(v + per * lo, hi - lo, per, type, q + per * lo, d + per / 32 * lo, ds + per / 32 * lo,
-                          s16 + per / 16 * lo);
+        nemoq_q8_quantize(v + unit * lo, hi - lo, unit, type, q + unit * lo, d + unit / 32 * lo, ds + unit / 32 * lo,
+                          s16 + unit / 16 * lo);
 }
 
 /* f32 with a format with mins: this thread's slots' sums per 32 values (moe_slot_sums). */
@@ -206,7 +206,7 @@ static void moe_job(void * ctx, int index, int n) {
     const int64_t T = c->n_tokens, H = c->hidden, I = c->n_ff, S = r->n_slots, G = r->n_groups;
     int64_t lo, hi;
     if (c->q8)
-        q8_share(c->x, T * H, c->up_type, R->xq, R->xd, R->xds, R->xs16, index, n);
+        q8_share(c->x, T, H, c->up_type, R->xq, R->xd, R->xds, R->xs16, index, n);
     else
         sums_share(c->up_type, c->x, H, r, r->slot_token, R->xsums, index, n);
     pool_barrier();
@@ -218,7 +218,7 @@ static void moe_job(void * ctx, int index, int n) {
     pool_barrier();
     if (atomic_load(&R->failed)) return;   /* every thread sees the same flag after the barrier */
     if (c->q8)
-        q8_share(R->h, S * I, c->down_type, R->hq, R->hd, R->hds, R->hs16, index, n);
+        q8_share(R->h, S, I, c->down_type, R->hq, R->hd, R->hds, R->hs16, index, n);
     else
         sums_share(c->down_type, R->h, I, r, NULL, R->hsums, index, n);
     pool_barrier();
