@@ -199,8 +199,11 @@ def test_portable_c_matches_oracle_and_avx2(portable_moe_functions, monkeypatch,
     monkeypatch.setattr(moe, "_functions", lambda: portable_moe_functions)
     check_against_oracles(pair, 16, 6)
     h = moe_hidden(x, ids, w, up, pair[0], activations=Q8)
-    assert rel_error(h, h_native) <= 1e-6                     # same integer sums, other float order
-    assert rel_error(moe_down(h_native, ids, w, down, pair[1], activations=Q8), y_native) <= 1e-6
+    # The same integer sums, other float order (the AVX2 k-quant dots also sum a super-block's
+    # groups in int32 first): each build is within ~1e-6 of float64 where the Q4_K / Q5_K mins
+    # cancel much of the sum, so the two may differ by twice that; a wrong level or scale is >1e-3.
+    assert rel_error(h, h_native) <= 3e-6
+    assert rel_error(moe_down(h_native, ids, w, down, pair[1], activations=Q8), y_native) <= 3e-6
 
 
 def test_q8_0_weights_with_minus_128_in_the_portable_build(portable_moe_functions, monkeypatch):

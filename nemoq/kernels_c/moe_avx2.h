@@ -158,7 +158,7 @@ MOE_INLINE void part_nvfp4(const uint8_t * b, int p, __m256 * q) {
 
 /* Q4_K / Q5_K: eight 6-bit scales and mins in 12 bytes, unpacked four at a time in 32-bit words
  * (as ggml does) into scales 0-7 in bytes 0-7 and mins 0-7 in bytes 8-15. */
-MOE_INLINE void scales_k_4_5(const uint8_t * b, float * d, float * m) {
+MOE_INLINE __m128i k_4_5_scale_bytes(const uint8_t * b) {
     uint32_t u[4];
     memcpy(u, b + 4, 12);
     const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, top2 = 0x03030303;
@@ -167,7 +167,12 @@ MOE_INLINE void scales_k_4_5(const uint8_t * b, float * d, float * m) {
     u[1] = (u[2] & low4) | (((u[0] >> 6) & top2) << 4);
     u[2] = mins_low;
     u[0] &= low6;
-    const __m128i bytes = _mm_loadu_si128((const __m128i *)u);
+    return _mm_loadu_si128((const __m128i *)u);
+}
+
+/* Q4_K / Q5_K scales and mins as floats (times d, dmin). */
+MOE_INLINE void scales_k_4_5(const uint8_t * b, float * d, float * m) {
+    const __m128i bytes = k_4_5_scale_bytes(b);
     _mm256_storeu_ps(d, _mm256_mul_ps(_mm256_set1_ps(half_f16c(b)),
                                       _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes))));
     _mm256_storeu_ps(m, _mm256_mul_ps(_mm256_set1_ps(half_f16c(b + 2)),

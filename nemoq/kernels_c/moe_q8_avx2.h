@@ -58,10 +58,6 @@ MOE_INLINE __m256 q8_scales8_nvfp4(const uint8_t * b, int pair) {
     return _mm256_cvtph_ps(_mm_andnot_si128(zero, h));
 }
 
-#define q8_scales_q4_k scales_k_4_5
-#define q8_scales_q5_k scales_k_4_5
-#define q8_scales_q6_k scales_q6_k
-
 MOE_INLINE __m256i q8_part_q8_0(const uint8_t * b, int p) { (void)p; return _mm256_loadu_si256((const __m256i *)(b + 2)); }
 
 /* Q5_0: nibble | 16 * fifth bit, the level plus Q8_OFFSET_q5_0; expand_bits32 puts bit j of qh
@@ -86,9 +82,6 @@ MOE_INLINE __m256i q8_part_mxfp4(const uint8_t * b, int p) { (void)p; return loo
 #define Q8_OFFSET_iq4_nl 0
 #define Q8_OFFSET_mxfp4 12
 #define Q8_OFFSET_nvfp4 12
-#define Q8_OFFSET_q4_k 0
-#define Q8_OFFSET_q5_k 0
-#define Q8_OFFSET_q6_k 0
 
 /* MXFP4 and NVFP4 rows are read 64 values at a time: 32 code bytes in one register (two MXFP4
  * blocks, one NVFP4 block), split into their low and high nibbles by one and, one shift and one
@@ -100,65 +93,6 @@ MOE_INLINE __m256i q8_part_mxfp4(const uint8_t * b, int p) { (void)p; return loo
  * (nemoq_q8_quantize takes the weights' type for this). 20-30% faster in cache than a part at a
  * time (fewer conversions and multiply-adds, and NVFP4 one permute less per 32 values). */
 #define Q8_HALF(type) ((type) == FMT_MXFP4 ? 16 : (type) == FMT_NVFP4 ? 8 : 0)
-
-/* Q4_K group p: the low (p even) or high nibbles of qs[32 (p / 2) ..]. */
-MOE_INLINE __m256i q8_part_q4_k(const uint8_t * b, int p) { return nibbles32(b + 16 + 32 * (p / 2), p % 2); }
-
-/* Q5_K group p: as Q4_K (qs at b + 48), and bit p of qh[l] as the fifth bit of value l. */
-MOE_INLINE __m256i q8_part_q5_k(const uint8_t * b, int p) {
-    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
-    const __m256i fifth = _mm256_and_si256(_mm256_srli_epi16(qh, p), _mm256_set1_epi8(1));
-    return _mm256_or_si256(nibbles32(b + 48 + 32 * (p / 2), p % 2), _mm256_slli_epi16(fifth, 4));
-}
-
-/* Q6_K part p = 4h + k: low nibbles in ql[64h + 32(k % 2) ..] (high halves for k >= 2), top two
- * bits at bit 2k of qh[32h ..], minus 32. */
-MOE_INLINE __m256i q8_part_q6_k(const uint8_t * b, int p) {
-    const int h = p / 4, k = p % 4;
-    const __m256i low = nibbles32(b + 64 * h + 32 * (k % 2), k >= 2);
-    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
-    const __m256i top = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), _mm256_set1_epi8(3)), 4);
-    return _mm256_sub_epi8(_mm256_or_si256(low, top), _mm256_set1_epi8(32));
-}
-
-/* ---- combined scales d_w * d_x: per block and vector, lane_scales_<kind>(d, dx at the block, C);
- * per part p, part_scale_<kind>(C, p): the 8 lanes' scales (a group's lanes share one) ---- */
-
-/* one 32-value block: Q8_0, Q5_0, IQ4_NL, MXFP4 */
-MOE_INLINE void lane_scales_b32(const float * d, const float * dx, __m256 * C) { C[0] = _mm256_set1_ps(d[0] * dx[0]); }
-MOE_INLINE __m256 part_scale_b32(const __m256 * C, int p) { (void)p; return C[0]; }
-
-/* eight groups of 32 (Q4_K, Q5_K): all eight products at once, group p broadcast to the lanes */
-MOE_INLINE void lane_scales_g32(const float * d, const float * dx, __m256 * C) {
-    C[0] = _mm256_mul_ps(_mm256_loadu_ps(d), _mm256_loadu_ps(dx));
-}
-MOE_INLINE __m256 part_scale_g32(const __m256 * C, int p) { return _mm256_permutevar8x32_ps(C[0], _mm256_set1_epi32(p)); }
-
-/* groups of 16 (Q6_K: 16 per block): group g takes dx[g / 2]; part p's lanes 0-3 are group 2p's,
- * lanes 4-7 group 2p + 1's */
-MOE_INLINE void lane_scales_q6_k(const float * d, const float * dx, __m256 * C) {
-    const __m256 x8 = _mm256_loadu_ps(dx);
-    C[0] = _mm256_mul_ps(_mm256_loadu_ps(d), _mm256_permutevar8x32_ps(x8, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
-    C[1] = _mm256_mul_ps(_mm256_loadu_ps(d + 8), _mm256_permutevar8x32_ps(x8, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
-}
-MOE_INLINE __m256 part_scale_g16(const __m256 * C, int p) {
-    const int j = 2 * (p % 4);
-    return _mm256_permutevar8x32_ps(C[p / 4], _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1));
-}
-
-#define lane_scales_q8_0 lane_scales_b32
-#define lane_scales_q5_0 lane_scales_b32
-#define lane_scales_iq4_nl lane_scales_b32
-#define lane_scales_mxfp4 lane_scales_b32
-#define lane_scales_q4_k lane_scales_g32
-#define lane_scales_q5_k lane_scales_g32
-#define part_scale_q8_0 part_scale_b32
-#define part_scale_q5_0 part_scale_b32
-#define part_scale_iq4_nl part_scale_b32
-#define part_scale_mxfp4 part_scale_b32
-#define part_scale_q4_k part_scale_g32
-#define part_scale_q5_k part_scale_g32
-#define part_scale_q6_k part_scale_g16
 
 /* ---- the dot products ---- */
 
@@ -180,58 +114,23 @@ MOE_INLINE __m256i int_dot32(__m256i aw, __m256i w, __m256i x, int is_signed) {
     return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
 
-/* acc[v][.] += block . x[v] for the block at values off ..; parts alternate their running sum
- * starting at `slot`; the mins go against ds, one multiply-add per super-block; offset levels
- * (one-part blocks) add d_w * ds to corr[v][slot]. */
-#define DEFINE_Q8_BLOCK_DOT(NAME, QK, GROUP, HAS_MIN, OFFSET)                                                    \
+/* acc[v][slot] += one 32-value block . x[v] (the block at values off ..); offset levels add
+ * d_w * ds to corr[v][slot]. */
+#define DEFINE_Q8_BLOCK_DOT(NAME, OFFSET)                                                                        \
     MOE_INLINE void q8_block_dot_##NAME(const uint8_t * blk, const q8_vec * xs, int64_t off, const int nvec,    \
                                         int slot, __m256 (*acc)[2], float (*corr)[2]) {                          \
-        enum { SIGNED = !(HAS_MIN) && !(OFFSET) };                                                               \
-        float d[QK / GROUP], m[HAS_MIN ? 8 : 1];                                                                 \
-        __m256 C[Q8_MAX_VECS][2];                                                                                \
+        enum { SIGNED = !(OFFSET) };                                                                             \
+        float d[1], m[1];                                                                                        \
         q8_scales_##NAME(blk, d, m);                                                                             \
+        const __m256i w = q8_part_##NAME(blk, 0);                                                                \
+        const __m256i aw = SIGNED ? _mm256_sign_epi8(w, w) : w;                                                  \
         for (int v = 0; v < nvec; v++) {                                                                         \
-            lane_scales_##NAME(d, xs[v].d + off / 32, C[v]);                                                     \
-            if (HAS_MIN)                                                                                         \
-                acc[v][slot] = _mm256_fnmadd_ps(_mm256_loadu_ps(m), _mm256_loadu_ps(xs[v].ds + off / 32),       \
-                                                acc[v][slot]);                                                   \
             if (OFFSET) corr[v][slot] = fmaf(d[0], xs[v].ds[off / 32], corr[v][slot]);                           \
-        }                                                                                                        \
-        _Pragma("GCC unroll 8") for (int p = 0; p < QK / 32; p++) {                                              \
-            const __m256i w = q8_part_##NAME(blk, p);                                                            \
-            const __m256i aw = SIGNED ? _mm256_sign_epi8(w, w) : w;                                              \
-            for (int v = 0; v < nvec; v++) {                                                                     \
-                const __m256i x = _mm256_loadu_si256((const __m256i *)(xs[v].q + off + 32 * p));                 \
-                const __m256 dot = _mm256_cvtepi32_ps(int_dot32(aw, w, x, SIGNED));                              \
-                const int s = (slot + p) & 1;                                                                    \
-                acc[v][s] = _mm256_fmadd_ps(part_scale_##NAME(C[v], p), dot, acc[v][s]);                         \
-            }                                                                                                    \
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(xs[v].q + off));                              \
+            const __m256 dot = _mm256_cvtepi32_ps(int_dot32(aw, w, x, SIGNED));                                  \
+            acc[v][slot] = _mm256_fmadd_ps(_mm256_set1_ps(d[0] * xs[v].d[off / 32]), dot, acc[v][slot]);         \
         }                                                                                                        \
     }
-
-/* Blocks in pairs, so that one-part blocks alternate their running sums too; one copy of the loop
- * per vector count, so the sums stay in registers. */
-#define DEFINE_Q8_ROW_DOT_AT(NAME, QK, BYTES, GROUP, HAS_MIN, OFFSET)                                            \
-    DEFINE_Q8_BLOCK_DOT(NAME, QK, GROUP, HAS_MIN, OFFSET)                                                        \
-    MOE_INLINE void q8_row_dot_##NAME##_n(const uint8_t * restrict row, int64_t n, const q8_vec * xs,            \
-                                          const int nvec, float * out) {                                         \
-        __m256 acc[Q8_MAX_VECS][2];                                                                              \
-        float corr[Q8_MAX_VECS][2];                                                                              \
-        for (int v = 0; v < nvec; v++) {                                                                         \
-            acc[v][0] = acc[v][1] = _mm256_setzero_ps();                                                         \
-            corr[v][0] = corr[v][1] = 0.0f;                                                                      \
-        }                                                                                                        \
-        const int64_t nb = n / QK;                                                                               \
-        int64_t b = 0;                                                                                           \
-        for (; b + 1 < nb; b += 2) {                                                                             \
-            q8_block_dot_##NAME(row + b * BYTES, xs, b * QK, nvec, 0, acc, corr);                                \
-            q8_block_dot_##NAME(row + (b + 1) * BYTES, xs, (b + 1) * QK, nvec, 1, acc, corr);                    \
-        }                                                                                                        \
-        if (b < nb) q8_block_dot_##NAME(row + b * BYTES, xs, b * QK, nvec, 0, acc, corr);                        \
-        for (int v = 0; v < nvec; v++)                                                                           \
-            out[v] = hsum256(_mm256_add_ps(acc[v][0], acc[v][1])) - (float)(OFFSET) * (corr[v][0] + corr[v][1]); \
-    }                                                                                                            \
-    Q8_ROW_DOT_BY_VECS(NAME)
 
 /* ---- one-part blocks (Q8_0, Q5_0, IQ4_NL, MXFP4), eight at a time ----
  * The combined scales d_w * d_x of eight blocks are made at once: the weight scales gathered in
@@ -288,7 +187,7 @@ MOE_INLINE __m256 q8_scales8_mxfp4(const uint8_t * blk, int bytes) {
 /* Eight blocks at a time, the last (fewer than 8) one by one as q8_block_dot does. */
 #define DEFINE_Q8_ROW_DOT_B32(NAME, BYTES, OFFSET)                                                              \
     DEFINE_Q8_BLOCKS8(NAME, BYTES, OFFSET)                                                                      \
-    DEFINE_Q8_BLOCK_DOT(NAME, 32, 32, 0, OFFSET)                                                               \
+    DEFINE_Q8_BLOCK_DOT(NAME, OFFSET)                                                                          \
     MOE_INLINE void q8_row_dot_##NAME##_n(const uint8_t * restrict row, int64_t n, const q8_vec * xs,          \
                                           const int nvec, float * out) {                                       \
         __m256 acc[Q8_MAX_VECS][2], corr[Q8_MAX_VECS];                                                         \
@@ -341,7 +240,7 @@ MOE_INLINE void q8_mxfp4_pair(const uint8_t * blk, const q8_vec * xs, int64_t b,
  * by one (scalar scales), then an odd last block as q8_block_dot does (activations in order).
  * Offset levels: d_w * ds into corr. */
 #define DEFINE_Q8_ROW_DOT_MXFP4(NAME, QK, BYTES, GROUP, HAS_MIN)                                                \
-    DEFINE_Q8_BLOCK_DOT(NAME, 32, 32, 0, Q8_OFFSET_##NAME)                                                      \
+    DEFINE_Q8_BLOCK_DOT(NAME, Q8_OFFSET_##NAME)                                                                 \
     MOE_INLINE void q8_row_dot_##NAME##_n(const uint8_t * restrict row, int64_t n, const q8_vec * xs,          \
                                           const int nvec, float * out) {                                       \
         __m256 acc[Q8_MAX_VECS][2], corr[Q8_MAX_VECS], S[Q8_MAX_VECS];                                         \
@@ -422,19 +321,136 @@ MOE_INLINE void q8_nvfp4_blocks(const uint8_t * blk, const q8_vec * xs, int64_t 
     }                                                                                                          \
     Q8_ROW_DOT_BY_VECS(NAME)
 
+/* ---- k-quants against Q8_K: a super-block's sub-block scales as int16 multipliers ----
+ * Q8_K has one activation scale per 256 values, so a super-block's dot is, as ggml computes it,
+ *   d_w d_x * sum_g scale_g * (levels_g . q_g)   minus the mins' or the offset's term,
+ * the sum exact in int32: per 32 values one maddubs, one madd that multiplies the pair sums by
+ * the group's scale (spread to the lanes by one byte shuffle) and one add; per 256 values one
+ * conversion and one multiply-add. The levels are >= 0: Q4_K / Q5_K as stored, with their mins
+ * (dmin * m_g as floats) against the activations' ds (d_x * sum of q per 32), one multiply-add
+ * per super-block; Q6_K as q + 32, the offset's 32 * d_w d_x * sum_g scale_g * s16_g kept per
+ * row as the other offset levels are (no sign operations). Q8K_CORR_<f>: the factor of that
+ * term. */
+#define Q8K_CORR_q4_k 1
+#define Q8K_CORR_q5_k 1
+#define Q8K_CORR_q6_k 32
+
+/* Bit `bit` of every byte of v, moved to bit `to` (the other bits zero): one 16-bit shift and an
+ * and (what a shift carries over from the neighbouring byte is masked off). */
+MOE_INLINE __m256i bit_to(__m256i v, int bit, int to, int width) {
+    const __m256i moved = bit < to ? _mm256_slli_epi16(v, to - bit) : bit > to ? _mm256_srli_epi16(v, bit - to) : v;
+    return _mm256_and_si256(moved, _mm256_set1_epi8((char)(((1 << width) - 1) << to)));
+}
+
+/* Q4_K group p: the low (p even) or high nibbles of qs[32 (p / 2) ..]. */
+MOE_INLINE __m256i q8_part_q4_k(const uint8_t * b, int p) { return nibbles32(b + 16 + 32 * (p / 2), p % 2); }
+
+/* Q5_K group p: as Q4_K (qs at b + 48), and bit p of qh[l] as the fifth bit of value l. */
+MOE_INLINE __m256i q8_part_q5_k(const uint8_t * b, int p) {
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+    return _mm256_or_si256(nibbles32(b + 48 + 32 * (p / 2), p % 2), bit_to(qh, p, 4, 1));
+}
+
+/* Q6_K part p = 4h + k: low nibbles in ql[64h + 32(k % 2) ..] (high halves for k >= 2), top two
+ * bits at bit 2k of qh[32h ..]: the level plus 32. */
+MOE_INLINE __m256i q8_part_q6_k(const uint8_t * b, int p) {
+    const int h = p / 4, k = p % 4;
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+    return _mm256_or_si256(nibbles32(b + 64 * h + 32 * (k % 2), k >= 2), bit_to(qh, 2 * k, 4, 2));
+}
+
+/* Q4_K / Q5_K: the eight six-bit scales as int16 (in both 128-bit halves), dmin * m_g as floats;
+ * returns d. */
+MOE_INLINE float q8k_scales_k_4_5(const uint8_t * b, __m256i * scales, __m256 * w) {
+    const __m128i bytes = k_4_5_scale_bytes(b);
+    scales[0] = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(bytes));
+    w[0] = _mm256_mul_ps(_mm256_set1_ps(half_f16c(b + 2)),
+                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(bytes, bytes))));
+    return half_f16c(b);
+}
+#define q8k_scales_q4_k q8k_scales_k_4_5
+#define q8k_scales_q5_k q8k_scales_k_4_5
+
+/* Q6_K: the sixteen int8 scales as int16, 0-7 and 8-15 each in both halves, and as floats. */
+MOE_INLINE float q8k_scales_q6_k(const uint8_t * b, __m256i * scales, __m256 * w) {
+    const __m128i s8 = _mm_loadu_si128((const __m128i *)(b + 192));
+    const __m256i s16 = _mm256_cvtepi8_epi16(s8);
+    scales[0] = _mm256_permute2x128_si256(s16, s16, 0x00);
+    scales[1] = _mm256_permute2x128_si256(s16, s16, 0x11);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(s8, s8)));
+    return half_f16c(b + 208);
+}
+
+/* Part p's multipliers: int16 word a of `scales` in the low 128-bit half, word c in the high one. */
+MOE_INLINE __m256i spread_words(__m256i scales, int a, int c) {
+    const char a0 = (char)(2 * a), a1 = (char)(2 * a + 1), c0 = (char)(2 * c), c1 = (char)(2 * c + 1);
+    return _mm256_shuffle_epi8(scales, _mm256_setr_epi8(a0, a1, a0, a1, a0, a1, a0, a1, a0, a1, a0, a1, a0, a1, a0, a1,
+                                                        c0, c1, c0, c1, c0, c1, c0, c1, c0, c1, c0, c1, c0, c1, c0, c1));
+}
+/* 32-value groups: group p everywhere; Q6_K's 16-value groups: 2p in the low half, 2p + 1 high */
+MOE_INLINE __m256i q8k_part_scale_k_4_5(const __m256i * scales, int p) { return spread_words(scales[0], p, p); }
+#define q8k_part_scale_q4_k q8k_part_scale_k_4_5
+#define q8k_part_scale_q5_k q8k_part_scale_k_4_5
+MOE_INLINE __m256i q8k_part_scale_q6_k(const __m256i * scales, int p) {
+    return spread_words(scales[p / 4], (2 * p) % 8, (2 * p + 1) % 8);
+}
+
+/* corr += what Q8K_CORR_<f> times it is subtracted: the mins' sum_g dmin m_g * ds_g (d_x in ds),
+ * or Q6_K's D * sum_g scale_g * s16_g (D = d_w d_x) for super-block k. */
+MOE_INLINE void q8k_corr_k_4_5(const __m256 * w, const q8_vec * x, int64_t k, float D, __m256 * corr) {
+    (void)D;
+    *corr = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x->ds + 8 * k), *corr);
+}
+#define q8k_corr_q4_k q8k_corr_k_4_5
+#define q8k_corr_q5_k q8k_corr_k_4_5
+MOE_INLINE void q8k_corr_q6_k(const __m256 * w, const q8_vec * x, int64_t k, float D, __m256 * corr) {
+    const __m256 t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x->s16 + 16 * k + 8),
+                                     _mm256_mul_ps(w[0], _mm256_loadu_ps(x->s16 + 16 * k)));
+    *corr = _mm256_fmadd_ps(_mm256_set1_ps(D), t, *corr);
+}
+
+#define DEFINE_Q8_ROW_DOT_SUPER(NAME, QK, BYTES, GROUP, HAS_MIN)                                                \
+    MOE_INLINE void q8_row_dot_##NAME##_n(const uint8_t * restrict row, int64_t n, const q8_vec * xs,          \
+                                          const int nvec, float * out) {                                       \
+        __m256 acc[Q8_MAX_VECS][2], corr[Q8_MAX_VECS];                                                         \
+        for (int v = 0; v < nvec; v++) acc[v][0] = acc[v][1] = corr[v] = _mm256_setzero_ps();                  \
+        for (int64_t k = 0; k < n / 256; k++) {                                                                \
+            const uint8_t * blk = row + k * BYTES;                                                             \
+            __m256i scales[2];                                                                                 \
+            __m256 w[2];                                                                                       \
+            const float d = q8k_scales_##NAME(blk, scales, w);                                                 \
+            __m256i isum[Q8_MAX_VECS];                                                                         \
+            for (int v = 0; v < nvec; v++) isum[v] = _mm256_setzero_si256();                                  \
+            _Pragma("GCC unroll 8") for (int p = 0; p < 8; p++) {                                              \
+                const __m256i levels = q8_part_##NAME(blk, p), s = q8k_part_scale_##NAME(scales, p);           \
+                for (int v = 0; v < nvec; v++) {                                                               \
+                    const __m256i x = _mm256_loadu_si256((const __m256i *)(xs[v].q + 256 * k + 32 * p));       \
+                    isum[v] = _mm256_add_epi32(isum[v], _mm256_madd_epi16(_mm256_maddubs_epi16(levels, x), s)); \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int v = 0; v < nvec; v++) {                                                                   \
+                const float D = d * xs[v].d[8 * k];                                                            \
+                acc[v][k & 1] = _mm256_fmadd_ps(_mm256_set1_ps(D), _mm256_cvtepi32_ps(isum[v]), acc[v][k & 1]); \
+                q8k_corr_##NAME(w, &xs[v], k, D, &corr[v]);                                                    \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int v = 0; v < nvec; v++)                                                                         \
+            out[v] = hsum256(_mm256_add_ps(acc[v][0], acc[v][1])) - (float)Q8K_CORR_##NAME * hsum256(corr[v]);  \
+    }                                                                                                          \
+    Q8_ROW_DOT_BY_VECS(NAME)
+
 /* Which row dot each format takes: 32-value blocks eight at a time, MXFP4's pairs, NVFP4's 64-value
- * blocks, or the k-quants' super-blocks part by part. */
+ * blocks, or the k-quants' super-blocks. */
 #define Q8_ROWS_q8_0 B32_ARGS
 #define Q8_ROWS_q5_0 B32_ARGS
 #define Q8_ROWS_iq4_nl B32_ARGS
 #define Q8_ROWS_mxfp4 MXFP4
 #define Q8_ROWS_nvfp4 NVFP4
-#define Q8_ROWS_q4_k PARTS
-#define Q8_ROWS_q5_k PARTS
-#define Q8_ROWS_q6_k PARTS
+#define Q8_ROWS_q4_k SUPER
+#define Q8_ROWS_q5_k SUPER
+#define Q8_ROWS_q6_k SUPER
 #define DEFINE_Q8_ROW_DOT_B32_ARGS(NAME, QK, BYTES, GROUP, HAS_MIN) DEFINE_Q8_ROW_DOT_B32(NAME, BYTES, Q8_OFFSET_##NAME)
-#define DEFINE_Q8_ROW_DOT_PARTS(NAME, QK, BYTES, GROUP, HAS_MIN) \
-    DEFINE_Q8_ROW_DOT_AT(NAME, QK, BYTES, GROUP, HAS_MIN, Q8_OFFSET_##NAME)
 #define Q8_PASTE(a, b) a##b
 #define Q8_PASTE_EXPANDED(a, b) Q8_PASTE(a, b)   /* b macro-expanded first */
 #define DEFINE_Q8_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN) \
