@@ -378,16 +378,22 @@ def test_cuda_kernel_matches_float64_oracle(pair, n_tokens, k):
 
 # ---- scale bytes of every kind, through the AVX2 and the portable builds ----
 
-SCALE_BYTES = {"nvfp4": (36, slice(0, 4)), "q4_k": (144, slice(4, 16)), "q5_k": (176, slice(4, 16))}
+SCALE_BYTES = {"nvfp4": (36, slice(0, 4)), "q4_k": (144, slice(4, 16)), "q5_k": (176, slice(4, 16)),
+               "mxfp4": (17, slice(0, 1))}
+# E8M0 codes: the two whose halves are subnormal (0, 1: their own decode path), and a range that
+# keeps the weights' products within float32 and the hidden vectors within Q8_0's f16 scales
+SCALE_CODES = {"mxfp4": np.r_[0:4, 112:132].astype(np.uint8)}
 
 
 def with_random_scales(stack: np.ndarray, fmt: str, seed: int) -> np.ndarray:
     """A copy of `stack` whose blocks' scale bytes are random (every UE4M3 code, subnormal ones
-    and 0x7F included; every packed 6-bit k-quant scale and min)."""
+    and 0x7F included; every packed 6-bit k-quant scale and min; E8M0 codes of SCALE_CODES)."""
     block_bytes, where = SCALE_BYTES[fmt]
     blocks = stack.copy().reshape(-1, block_bytes)
     rng = np.random.default_rng(seed)
-    blocks[:, where] = rng.integers(0, 256, (len(blocks), where.stop - where.start), dtype=np.uint8)
+    shape = (len(blocks), where.stop - where.start)
+    blocks[:, where] = rng.choice(SCALE_CODES[fmt], shape) if fmt in SCALE_CODES else rng.integers(0, 256, shape,
+                                                                                                  dtype=np.uint8)
     if fmt == "nvfp4":   # and each of the 128 codes (top bit ignored) at least once
         codes = blocks[:, where].reshape(-1)
         codes[:256] = np.arange(256, dtype=np.uint8)

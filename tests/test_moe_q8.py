@@ -139,13 +139,33 @@ def test_q8_0_levels_of_minus_128():
     check_against_oracles(("q8_0", "q8_0"), 4, 6, up=up, down=down)
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "q4_k", "q5_k"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "q4_k", "q5_k", "mxfp4"])
 def test_every_scale_code(fmt):
     """Random scale bytes make weights up to ~1000x larger: x is scaled down so that the hidden
-    vectors stay within Q8_0's range (block scale max|h| / 127 must fit an f16, as in ggml)."""
-    up, down, _ = experts((fmt, fmt))
+    vectors stay within Q8_0's range (block scale max|h| / 127 must fit an f16, as in ggml). Long
+    rows where the AVX2 dots decode eight or more scales at once."""
+    up, down = long_experts(fmt) if FORMATS[fmt].block_size in LONG_WIDTHS else experts((fmt, fmt))[:2]
     check_against_oracles((fmt, fmt), 3, 6, up=with_random_scales(up, fmt, 11), down=with_random_scales(down, fmt, 12),
                           x_scale=1e-2)
+
+
+@pytest.mark.parametrize("build_kind", ["native", "portable"])
+@pytest.mark.parametrize("activations", ["f32", Q8])
+def test_mxfp4_subnormal_scales(portable_moe_functions, monkeypatch, build_kind, activations):
+    """E8M0 codes 0 and 1 halve to subnormal floats (2^-128, 2^-127: the AVX2 dots' slower exact
+    paths), beside 2: the down phase alone, so that the tiny products are not squared away."""
+    if build_kind == "portable":
+        monkeypatch.setattr(moe, "_functions", lambda: portable_moe_functions)
+    down = long_experts("mxfp4")[1].copy()
+    blocks = down.reshape(-1, 17)
+    blocks[:, 0] = np.random.default_rng(13).choice(np.array([0, 1, 2], np.uint8), len(blocks))
+    hidden = down.shape[1]
+    h = np.random.default_rng(14).standard_normal((2, 6, down.shape[2] // 17 * 32)).astype(np.float32) * 1e3
+    ids, w = routing(2, 6)
+    y = moe_down(h, ids, w, down, "mxfp4", threads=3, activations=activations)
+    ref = moe_down_oracle(h, ids, w, down, "mxfp4", activations=activations)
+    assert y.shape == (2, hidden) and 1e-37 < np.abs(ref).max() < 1e-30
+    assert rel_error(y, ref) <= TOLERANCE
 
 
 def test_threads_do_not_change_the_result():
@@ -296,10 +316,15 @@ def test_phases_equal_ggml_row_dots(fmt):
 LONG_WIDTHS = {32: (800, 352), 64: (832, 448)}
 
 
+def long_experts(fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    hidden, n_ff = LONG_WIDTHS[FORMATS[fmt].block_size]
+    return stack(fmt, n_ff, hidden, 3), stack(fmt, hidden, n_ff, 4)
+
+
 @pytest.mark.parametrize("fmt", [f for f in moe.MOE_FORMATS if FORMATS[f].block_size in LONG_WIDTHS])
 def test_long_rows_match_oracles_and_ggml(fmt):
-    hidden, n_ff = LONG_WIDTHS[FORMATS[fmt].block_size]
-    up, down = stack(fmt, n_ff, hidden, 3), stack(fmt, hidden, n_ff, 4)
+    up, down = long_experts(fmt)
+    hidden = down.shape[1]
     check_against_oracles((fmt, fmt), 2, 6, threads=3, up=up, down=down)
     check_against_ggml(fmt, up, down, hidden, threads=3)
     x, (ids, w) = tokens(2, hidden), routing(2, 6)

@@ -111,9 +111,12 @@ MOE_INLINE void scales_top8(const uint8_t * b, float * d, float * m) { (void)m; 
 #define scales_q5_0 scales_top8
 #define scales_iq4_nl scales_top8
 
+/* E8M0 codes 0-2 halve to 2^-128 .. 2^-126, which times 2^-24 (TOP8_SCALE) underflow: such blocks
+ * (never in trained weights) take their levels unscaled instead, see part_mxfp4. */
+#define MXFP4_TINY(b) __builtin_expect((b)[0] < 3, 0)
 MOE_INLINE void scales_mxfp4(const uint8_t * b, float * d, float * m) {
     (void)m;
-    d[0] = e8m0_half(b[0]) * TOP8_SCALE;
+    d[0] = MXFP4_TINY(b) ? e8m0_half(b[0]) : e8m0_half(b[0]) * TOP8_SCALE;
 }
 MOE_INLINE void scales_nvfp4(const uint8_t * b, float * d, float * m) { (void)m; ue4m3_half_top8_x4(b, d); }
 
@@ -146,6 +149,11 @@ MOE_INLINE void part_mxfp4(const uint8_t * b, int p, __m256 * q) {
     (void)p;
     __m256i lo, hi;
     lut_nibbles(E2M1_X2, b + 1, &lo, &hi);
+    if (MXFP4_TINY(b)) {   /* levels as they are (scales_mxfp4) */
+        widen16(_mm256_castsi256_si128(lo), q);
+        widen16(_mm256_castsi256_si128(hi), q + 2);
+        return;
+    }
     q[0] = top8(lo, 0), q[1] = top8(lo, 1), q[2] = top8(hi, 0), q[3] = top8(hi, 1);
 }
 

@@ -152,10 +152,16 @@ MOE_INLINE __m256 q8_scales8_f16(const uint8_t * blk, int bytes) {
 #define q8_scales8_q5_0 q8_scales8_f16
 #define q8_scales8_iq4_nl q8_scales8_f16
 
-/* E8M0 exponents -> scalar_common.h's e8m0_half, eight at a time. */
+/* E8M0 exponents -> scalar_common.h's e8m0_half, eight at a time: 2^(e - 128) is the float with
+ * exponent field e - 1, made by subtracting 1 from each byte while still gathered (no byte
+ * borrows: all >= 2) and shifting; exponents 0 and 1 (subnormal halves, which trained weights
+ * never have) take a slower exact path. */
 MOE_INLINE __m256 q8_scales8_mxfp4(const uint8_t * blk, int bytes) {
     uint64_t bits = 0;
     for (int i = 0; i < 8; i++) bits |= (uint64_t)blk[i * bytes] << (8 * i);
+    const uint64_t ones = 0x0101010101010101ULL;
+    if (__builtin_expect(((bits - 2 * ones) & ~bits & 0x80 * ones) == 0, 1))   /* no byte below 2 */
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)(bits - ones))), 23));
     const __m256i e = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bits));
     const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
     const __m256i tiny = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
