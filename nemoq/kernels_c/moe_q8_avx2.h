@@ -85,13 +85,14 @@ MOE_INLINE __m256i q8_part_mxfp4(const uint8_t * b, int p) { (void)p; return loo
 
 /* MXFP4 and NVFP4 rows are read 64 values at a time: 32 code bytes in one register (two MXFP4
  * blocks, one NVFP4 block), split into their low and high nibbles by one and, one shift and one
- * and; the two halves' maddubs outputs are added as int16 (levels + 12 <= 24: 2 * 24 * 127 * 2
+ * and; the two halves' maddubs outputs are added as int16 (levels + 12 <= 24: 2 * 2 * 24 * 127
  * fits), then one madd, one conversion and one multiply-add serve 64 values. A code byte holds
  * values j and j + Q8_HALF of its 2 * Q8_HALF-value group (MXFP4 block, NVFP4 group), so the
  * activations of each whole 64-value chunk of a row are stored low halves first:
  *   [group 0 values 0 .. h-1, group 1 values 0 .. h-1, ... | group 0 values h .. 2h-1, ...]
  * (nemoq_q8_quantize takes the weights' type for this). 20-30% faster in cache than a part at a
- * time (fewer conversions and multiply-adds, and NVFP4 one permute less per 32 values). */
+ * time (fewer conversions and multiply-adds, and NVFP4 one permute less per 32 values). Q5_0
+ * (levels + 16, fifth bits regrouped for two blocks) was 3% slower so: it stays a block at a time. */
 #define Q8_HALF(type) ((type) == FMT_MXFP4 ? 16 : (type) == FMT_NVFP4 ? 8 : 0)
 
 /* ---- the dot products ---- */
@@ -132,11 +133,12 @@ MOE_INLINE __m256i int_dot32(__m256i aw, __m256i w, __m256i x, int is_signed) {
         }                                                                                                        \
     }
 
-/* ---- one-part blocks (Q8_0, Q5_0, IQ4_NL, MXFP4), eight at a time ----
+/* ---- one-part blocks (Q8_0, Q5_0, IQ4_NL), eight at a time; MXFP4 pairs eight at a time below ----
  * The combined scales d_w * d_x of eight blocks are made at once: the weight scales gathered in
  * general-purpose registers (loads, shifts, ors: no vector operations), converted and multiplied
  * as one vector, stored, and each broadcast back from memory, which costs a load and no vector
- * operation; one block at a time the same work took about four vector operations per block. */
+ * operation (MXFP4 spreads them by a permute per pair); one block at a time the same work took
+ * about four vector operations per block. */
 
 /* Weight scales of the 8 blocks blk, blk + bytes, ... as floats. */
 MOE_INLINE __m256 q8_scales8_f16(const uint8_t * blk, int bytes) {
@@ -224,28 +226,39 @@ MOE_INLINE void fp4_levels64(const __m256i codes, __m256i * lo, __m256i * hi) {
 
 /* (lo, hi) . the 64 activations at x (stored as Q8_HALF says): lane i sums the products of code
  * bytes 4i .. 4i + 3, both nibbles; exact (int16 sums of at most 4 * 24 * 127). */
-MOE_INLINE __m256 fp4_dot64(const __m256i lo, const __m256i hi, const int8_t * x) {
+MOE_INLINE __m256 dot64(const __m256i lo, const __m256i hi, const int8_t * x) {
     const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
                                          _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
 
-/* MXFP4 blocks b, b + 1 as a pair: their codes in one register (dot lanes 0-3 block b, 4-7 block
- * b + 1), their combined scales d_w * d_x in lanes i, i + 1 of S[v]. */
-MOE_INLINE void q8_mxfp4_pair(const uint8_t * blk, const q8_vec * xs, int64_t b, const int nvec, const __m256 * S,
-                              const int i, __m256 (*acc)[2], const int slot) {
-    __m256i lo, hi;
-    fp4_levels64(_mm256_loadu2_m128i((const __m128i *)(blk + 17 + 1), (const __m128i *)(blk + 1)), &lo, &hi);
-    const __m256i spread = _mm256_setr_epi32(i, i, i, i, i + 1, i + 1, i + 1, i + 1);
-    for (int v = 0; v < nvec; v++)
-        acc[v][slot] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(S[v], spread), fp4_dot64(lo, hi, xs[v].q + 32 * b),
-                                       acc[v][slot]);
+/* ---- 32-value blocks in pairs (MXFP4): a pair's codes in one register ----
+ * q8_pair_levels_<f>(blk, lo, hi): the levels (>= 0, + Q8_OFFSET) of blocks b, b + 1 as Q8_HALF = 16
+ * orders them: lo = values 0-15 of b | of b + 1, hi = values 16-31 of b | of b + 1 (their dot's
+ * lanes 0-3 are block b's, 4-7 block b + 1's); q8_scale1_<f>(blk): one block's weight scale. */
+MOE_INLINE void q8_pair_levels_mxfp4(const uint8_t * blk, __m256i * lo, __m256i * hi) {
+    fp4_levels64(_mm256_loadu2_m128i((const __m128i *)(blk + 17 + 1), (const __m128i *)(blk + 1)), lo, hi);
 }
+MOE_INLINE float q8_scale1_mxfp4(const uint8_t * blk) { return e8m0_half(blk[0]); }
+
+
+/* Blocks b, b + 1 . x[v], their combined scales d_w * d_x in lanes i, i + 1 of S[v]. */
+#define DEFINE_Q8_PAIR(NAME)                                                                                   \
+    MOE_INLINE void q8_pair_##NAME(const uint8_t * blk, const q8_vec * xs, int64_t b, const int nvec,          \
+                                   const __m256 * S, const int i, __m256 (*acc)[2], const int slot) {          \
+        __m256i lo, hi;                                                                                        \
+        q8_pair_levels_##NAME(blk, &lo, &hi);                                                                  \
+        const __m256i spread = _mm256_setr_epi32(i, i, i, i, i + 1, i + 1, i + 1, i + 1);                      \
+        for (int v = 0; v < nvec; v++)                                                                         \
+            acc[v][slot] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(S[v], spread),                             \
+                                           dot64(lo, hi, xs[v].q + 32 * b), acc[v][slot]);                 \
+    }
 
 /* Eight blocks as four pairs, their weight scales decoded as one vector; then the pairs left one
  * by one (scalar scales), then an odd last block as q8_block_dot does (activations in order).
  * Offset levels: d_w * ds into corr. */
-#define DEFINE_Q8_ROW_DOT_MXFP4(NAME, QK, BYTES, GROUP, HAS_MIN)                                                \
+#define DEFINE_Q8_ROW_DOT_PAIRS(NAME, QK, BYTES, GROUP, HAS_MIN)                                                \
+    DEFINE_Q8_PAIR(NAME)                                                                                        \
     DEFINE_Q8_BLOCK_DOT(NAME, Q8_OFFSET_##NAME)                                                                 \
     MOE_INLINE void q8_row_dot_##NAME##_n(const uint8_t * restrict row, int64_t n, const q8_vec * xs,          \
                                           const int nvec, float * out) {                                       \
@@ -259,22 +272,22 @@ MOE_INLINE void q8_mxfp4_pair(const uint8_t * blk, const q8_vec * xs, int64_t b,
         int64_t b = 0;                                                                                         \
         for (; b + 8 <= nb; b += 8) {                                                                          \
             const uint8_t * blk = row + b * BYTES;                                                             \
-            const __m256 dw = q8_scales8_mxfp4(blk, BYTES);                                                    \
+            const __m256 dw = q8_scales8_##NAME(blk, BYTES);                                                   \
             for (int v = 0; v < nvec; v++) {                                                                   \
                 S[v] = _mm256_mul_ps(dw, _mm256_loadu_ps(xs[v].d + b));                                        \
                 corr[v] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(xs[v].ds + b), corr[v]);                         \
             }                                                                                                  \
             _Pragma("GCC unroll 4") for (int i = 0; i < 8; i += 2)                                             \
-                q8_mxfp4_pair(blk + i * BYTES, xs, b + i, nvec, S, i, acc, (i / 2) & 1);                       \
+                q8_pair_##NAME(blk + i * BYTES, xs, b + i, nvec, S, i, acc, (i / 2) & 1);                      \
         }                                                                                                      \
         for (; b + 2 <= nb; b += 2) {                                                                          \
             const uint8_t * blk = row + b * BYTES;                                                             \
-            const float d0 = e8m0_half(blk[0]), d1 = e8m0_half(blk[BYTES]);                                    \
+            const float d0 = q8_scale1_##NAME(blk), d1 = q8_scale1_##NAME(blk + BYTES);                        \
             for (int v = 0; v < nvec; v++) {                                                                   \
                 S[v] = _mm256_setr_ps(d0 * xs[v].d[b], d1 * xs[v].d[b + 1], 0, 0, 0, 0, 0, 0);                 \
                 last_corr[v][1] += d0 * xs[v].ds[b] + d1 * xs[v].ds[b + 1];                                    \
             }                                                                                                  \
-            q8_mxfp4_pair(blk, xs, b, nvec, S, 0, acc, 0);                                                     \
+            q8_pair_##NAME(blk, xs, b, nvec, S, 0, acc, 0);                                                    \
         }                                                                                                      \
         if (b < nb) q8_block_dot_##NAME(row + b * BYTES, xs, 32 * b, nvec, 0, acc, last_corr);                 \
         for (int v = 0; v < nvec; v++)                                                                         \
@@ -308,7 +321,7 @@ MOE_INLINE void q8_nvfp4_blocks(const uint8_t * blk, const q8_vec * xs, int64_t 
         const __m256i spread = _mm256_setr_epi32(g, g, g + 1, g + 1, g + 2, g + 2, g + 3, g + 3);
         for (int v = 0; v < nvec; v++)
             acc[v][j] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(S[v], spread),
-                                        fp4_dot64(lo, hi, xs[v].q + 64 * (k + j)), acc[v][j]);
+                                        dot64(lo, hi, xs[v].q + 64 * (k + j)), acc[v][j]);
     }
 }
 
@@ -451,7 +464,7 @@ MOE_INLINE void q8k_corr_q6_k(const __m256 * w, const q8_vec * x, int64_t k, flo
 #define Q8_ROWS_q8_0 B32_ARGS
 #define Q8_ROWS_q5_0 B32_ARGS
 #define Q8_ROWS_iq4_nl B32_ARGS
-#define Q8_ROWS_mxfp4 MXFP4
+#define Q8_ROWS_mxfp4 PAIRS
 #define Q8_ROWS_nvfp4 NVFP4
 #define Q8_ROWS_q4_k SUPER
 #define Q8_ROWS_q5_k SUPER
