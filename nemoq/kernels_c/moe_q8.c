@@ -94,7 +94,7 @@ int64_t nemoq_q8_unit(int type, int64_t n) {
     return n % 64 ? n : 64;
 }
 
-/* Each whole 64-value chunk of each row reordered as Q8_HALF (moe_q8_avx2.h) describes: the first
+/* Each whole 64-value chunk of each row reordered as Q8_HALF (moe_q8_fp4_avx2.h) describes: the first
  * h values of every 2h-value group, then the last h of every group (pieces of h bytes moved). */
 static void halves_first(int8_t * q, int64_t rows, int64_t n, int h) {
     for (int64_t r = 0; r < rows; r++)
