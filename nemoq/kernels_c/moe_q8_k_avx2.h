@@ -17,8 +17,9 @@
 #define Q8K_CORR_q5_k 1
 #define Q8K_CORR_q6_k 32
 
-/* Bit `bit` of every byte of v, moved to bit `to` (the other bits zero): one 16-bit shift and an
- * and (what a shift carries over from the neighbouring byte is masked off). */
+/* Bits bit .. bit + width - 1 of every byte of v, moved to bits to .. to + width - 1 (the other
+ * bits zero): one 16-bit shift and an and (what the shift carries over from the neighbouring
+ * byte is masked off). */
 MOE_INLINE __m256i bit_to(__m256i v, int bit, int to, int width) {
     const __m256i moved = bit < to ? _mm256_slli_epi16(v, to - bit) : bit > to ? _mm256_srli_epi16(v, bit - to) : v;
     return _mm256_and_si256(moved, _mm256_set1_epi8((char)(((1 << width) - 1) << to)));
