@@ -182,9 +182,9 @@ MOE_INLINE __m256 q8_scales8_mxfp4(const uint8_t * blk, int bytes) {
     }
 
 /* Eight blocks at a time, the last (fewer than 8) one by one as q8_block_dot does. */
-#define DEFINE_Q8_ROW_DOT_B32(NAME, BYTES, OFFSET)                                                              \
-    DEFINE_Q8_BLOCKS8(NAME, BYTES, OFFSET)                                                                      \
-    DEFINE_Q8_BLOCK_DOT(NAME, OFFSET)                                                                          \
+#define DEFINE_Q8_ROW_DOT_B32(NAME, QK, BYTES, GROUP, HAS_MIN)                                                  \
+    DEFINE_Q8_BLOCKS8(NAME, BYTES, Q8_OFFSET_##NAME)                                                            \
+    DEFINE_Q8_BLOCK_DOT(NAME, Q8_OFFSET_##NAME)                                                                 \
     MOE_INLINE void q8_row_dot_##NAME##_n(const uint8_t * restrict row, int64_t n, const q8_vec * xs,          \
                                           const int nvec, float * out) {                                       \
         __m256 acc[Q8_MAX_VECS][2], corr[Q8_MAX_VECS];                                                         \
@@ -199,7 +199,7 @@ MOE_INLINE __m256 q8_scales8_mxfp4(const uint8_t * blk, int bytes) {
         for (; b < nb; b++) q8_block_dot_##NAME(row + b * BYTES, xs, 32 * b, nvec, 0, acc, tail_corr);         \
         for (int v = 0; v < nvec; v++)                                                                         \
             out[v] = hsum256(_mm256_add_ps(acc[v][0], acc[v][1])) -                                            \
-                     (float)(OFFSET) * (hsum256(corr[v]) + tail_corr[v][0]);                                   \
+                     (float)Q8_OFFSET_##NAME * (hsum256(corr[v]) + tail_corr[v][0]);                           \
     }                                                                                                          \
     Q8_ROW_DOT_BY_VECS(NAME)
 
@@ -208,15 +208,14 @@ MOE_INLINE __m256 q8_scales8_mxfp4(const uint8_t * blk, int bytes) {
 
 /* Which row dot each format takes: 32-value blocks eight at a time, MXFP4's pairs, NVFP4's 64-value
  * blocks, or the k-quants' super-blocks. */
-#define Q8_ROWS_q8_0 B32_ARGS
-#define Q8_ROWS_q5_0 B32_ARGS
-#define Q8_ROWS_iq4_nl B32_ARGS
+#define Q8_ROWS_q8_0 B32
+#define Q8_ROWS_q5_0 B32
+#define Q8_ROWS_iq4_nl B32
 #define Q8_ROWS_mxfp4 PAIRS
 #define Q8_ROWS_nvfp4 NVFP4
 #define Q8_ROWS_q4_k SUPER
 #define Q8_ROWS_q5_k SUPER
 #define Q8_ROWS_q6_k SUPER
-#define DEFINE_Q8_ROW_DOT_B32_ARGS(NAME, QK, BYTES, GROUP, HAS_MIN) DEFINE_Q8_ROW_DOT_B32(NAME, BYTES, Q8_OFFSET_##NAME)
 #define Q8_PASTE(a, b) a##b
 #define Q8_PASTE_EXPANDED(a, b) Q8_PASTE(a, b)   /* b macro-expanded first */
 #define DEFINE_Q8_ROW_DOT(NAME, QK, BYTES, GROUP, HAS_MIN) \
