@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,12 @@ import gguf
 import numpy as np
 
 from nemoq.errors import NemoqError
+from nemoq.gguf_check import check_header
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+# What gguf-py's reader raises on a header the check did not foresee: reported, never a traceback.
+READER_ERRORS = (IndexError, ValueError, struct.error, KeyError, OverflowError, UnicodeDecodeError,
+                 MemoryError, TypeError)
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,24 @@ class FastGGUFReader(gguf.GGUFReader):
             arr.view(arr.dtype.newbyteorder(order))
 
 
+@contextmanager
+def reader_errors(path: Path):
+    """Whatever gguf-py raises on a file, as one NemoqError naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise NemoqError(f"cannot read ({e.strerror or e})", path) from None
+    except READER_ERRORS as e:
+        raise NemoqError(f"not a readable GGUF file ({type(e).__name__}: {e})", path) from None
+
+
+def open_reader(path: Path) -> gguf.GGUFReader:
+    """gguf-py's reader over a file whose header passed nemoq's bounded check first."""
+    with reader_errors(path):
+        check_header(path)
+        return FastGGUFReader(path)
+
+
 def read_gguf(path: Path) -> GGUFContents:
     path = Path(path)
     if not path.is_file():
@@ -98,16 +122,12 @@ def read_gguf(path: Path) -> GGUFContents:
     tensors: list[TensorEntry] = []
     readers = []
     for f in files:
-        try:
-            reader = FastGGUFReader(f)
-        except (ValueError, OSError) as e:
-            raise NemoqError(f"not a readable GGUF file ({e})", f) from None
+        reader = open_reader(f)
+        with reader_errors(f):
+            for name, fld in reader.fields.items():
+                if not name.startswith("GGUF."):
+                    metadata.setdefault(name, field_value(fld))
+            tensors += [TensorEntry(t.name, tuple(int(x) for x in t.shape), t.tensor_type.name,
+                                    int(t.n_elements), int(t.n_bytes), f) for t in reader.tensors]
         readers.append(reader)
-        for name, fld in reader.fields.items():
-            if name.startswith("GGUF."):
-                continue
-            metadata.setdefault(name, field_value(fld))
-        for t in reader.tensors:
-            tensors.append(TensorEntry(t.name, tuple(int(x) for x in t.shape), t.tensor_type.name,
-                                       int(t.n_elements), int(t.n_bytes), f))
     return GGUFContents(files, metadata, tensors, readers)
