@@ -60,34 +60,66 @@ def read_imatrix(path: Path) -> ImportanceMatrix:
     return _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
 
 
-def _read_gguf(path: Path) -> ImportanceMatrix:
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise NemoqError(f"not a readable imatrix GGUF ({e})", path) from None
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
-    sums, counts = {}, {}
-    for name, data in tensors.items():
-        if not name.endswith(IN_SUM2):
-            continue
-        base = name[: -len(IN_SUM2)]
-        if base + COUNTS not in tensors:
-            raise NemoqError(f"{name} has no matching {base + COUNTS}", path)
-        sums[base] = data.reshape(-1, data.shape[-1])
-        counts[base] = tensors[base + COUNTS].reshape(-1)
-        if counts[base].shape[0] != sums[base].shape[0]:
-            raise NemoqError(f"{base}: {sums[base].shape[0]} matrices but {counts[base].shape[0]} counts", path)
-    if not sums:
-        raise NemoqError("no <tensor>.in_sum2 entries: not an imatrix file", path)
+def _check_values(name: str, sums: np.ndarray, counts: np.ndarray, path: Path) -> None:
+    """Sums of squares and token counts are finite and never negative."""
+    for what, values in (("sums of squares", sums), ("counts", counts)):
+        if not np.isfinite(values).all():
+            raise NemoqError(f"{name}: non-finite {what} (a damaged imatrix)", path)
+        if (values < 0).any():
+            raise NemoqError(f"{name}: negative {what} (a damaged imatrix)", path)
 
-    def field(key: str, default):
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else default
-    return ImportanceMatrix(sums, counts, list(field("imatrix.datasets", [])),
-                            int(field("imatrix.chunk_count", 0)), int(field("imatrix.chunk_size", 0)))
+
+def _metadata_int(reader, key: str, path: Path) -> int:
+    f = reader.fields.get(key)
+    if f is None:
+        return 0
+    value = f.contents()
+    if not isinstance(value, int) or value < 0:
+        raise NemoqError(f"{key} is {value!r}, not a count", path)
+    return value
+
+
+def _datasets(reader, path: Path) -> list[str]:
+    f = reader.fields.get("imatrix.datasets")
+    value = f.contents() if f is not None else []
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise NemoqError("imatrix.datasets is not a list of strings", path)
+    return value
+
+
+def _read_gguf(path: Path) -> ImportanceMatrix:
+    from nemoq.gguf_file import open_reader, reader_errors
+    reader = open_reader(path)
+    with reader_errors(path):
+        tensors = {t.name: t for t in reader.tensors}
+        sums, counts = {}, {}
+        for name, t in tensors.items():
+            if not name.endswith(IN_SUM2):
+                continue
+            base = name[: -len(IN_SUM2)]
+            c = tensors.get(base + COUNTS)
+            if c is None:
+                raise NemoqError(f"{name} has no matching {base + COUNTS}", path)
+            for x in (t, c):
+                if x.tensor_type != gguf.GGMLQuantizationType.F32:
+                    raise NemoqError(f"{x.name} is {x.tensor_type.name}; imatrix tensors are F32", path)
+            n_per_row, n_mat = int(t.shape[0]), int(np.prod(t.shape[1:]))
+            if len(t.shape) > 2 or int(c.n_elements) != n_mat:
+                raise NemoqError(f"{base}: in_sum2 has shape {[int(d) for d in t.shape]} but counts has "
+                                 f"{int(c.n_elements)} values (one per matrix expected)", path)
+            sums[base] = np.asarray(t.data, dtype=np.float32).reshape(n_mat, n_per_row)
+            counts[base] = np.asarray(c.data, dtype=np.float32).reshape(-1)
+            _check_values(base, sums[base], counts[base], path)
+        if not sums:
+            raise NemoqError("no <tensor>.in_sum2 entries: not an imatrix file", path)
+        return ImportanceMatrix(sums, counts, _datasets(reader, path), _metadata_int(reader, "imatrix.chunk_count", path),
+                                _metadata_int(reader, "imatrix.chunk_size", path))
 
 
 def _read_legacy(path: Path) -> ImportanceMatrix:
+    """llama.cpp's legacy layout: i32 n_entries, then per entry i32 name length, name,
+    i32 call count, i32 value count, f32 values (then a trailer nemoq does not need)."""
     data = path.read_bytes()
     pos = 0
 
@@ -99,20 +131,36 @@ def _read_legacy(path: Path) -> ImportanceMatrix:
         values = struct.unpack_from(fmt, data, pos)
         pos += size
         return values
+
+    def length(n: int, item_bytes: int, what: str) -> int:
+        if not 0 < n * item_bytes <= len(data) - pos:
+            raise NemoqError(f"corrupt legacy imatrix (.dat): {what} {n} at byte {pos} does not fit "
+                             f"the file's {len(data)} bytes", path)
+        return n
     (n_entries,) = take("<i")
-    if not 0 < n_entries < 1_000_000:
+    if not 0 < n_entries * 12 <= len(data):   # 12: the fixed bytes of one entry
         raise NemoqError("not an imatrix file (neither GGUF nor llama.cpp's legacy .dat)", path)
     sums, counts = {}, {}
     for _ in range(n_entries):
         (name_len,) = take("<i")
-        name = data[pos: pos + name_len].decode("utf-8", "replace")
+        name_len = length(name_len, 1, "name length")
+        try:
+            name = data[pos: pos + name_len].decode("utf-8")
+        except UnicodeDecodeError:
+            raise NemoqError(f"corrupt legacy imatrix (.dat): the name at byte {pos} is not UTF-8", path) from None
         pos += name_len
+        if name in sums:
+            raise NemoqError(f"corrupt legacy imatrix (.dat): {name} appears twice", path)
         ncall, nval = take("<ii")
-        values = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).copy()
+        nval = length(nval, 4, f"{name}'s value count")
+        if ncall < 0:
+            raise NemoqError(f"corrupt legacy imatrix (.dat): {name} has call count {ncall}", path)
+        values = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
         pos += 4 * nval
         # legacy values are mean x^2 scaled by the call count: one "token" of that weight
         sums[name] = (values / max(ncall, 1)).reshape(1, -1)
         counts[name] = np.array([1.0 if ncall > 0 else 0.0], dtype=np.float32)
+        _check_values(name, sums[name], counts[name], path)
     return ImportanceMatrix(sums, counts)
 
 
