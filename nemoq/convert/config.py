@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from nemoq.errors import NemoqError
 
@@ -20,6 +22,45 @@ LAYER_KIND_BY_BLOCK_TYPE = {
     "full_attention": "attention", "attention": "attention",
     "mlp": "mlp",
 }
+
+# Sizes end up in uint32 GGUF fields and int32 ggml dimensions; llama.cpp loads at most
+# LLAMA_MAX_LAYERS layers and LLAMA_MAX_EXPERTS experts (src/llama-hparams.h), both 512.
+MAX_SIZE = 2**31 - 1
+MAX_LAYERS = 512
+MAX_EXPERTS = 512
+REQUIRED = None
+# ModelConfig field: config.json keys (the first that is set wins), type, default (REQUIRED,
+# a value, or a function of the fields before it), smallest and largest value.
+FIELDS: tuple[tuple[str, tuple[str, ...], type, Any, float, float], ...] = (
+    ("hidden", ("hidden_size",), int, REQUIRED, 1, MAX_SIZE),
+    ("vocab", ("vocab_size",), int, REQUIRED, 1, MAX_SIZE),
+    ("context_length", ("max_position_embeddings",), int, 4096, 1, MAX_SIZE),
+    ("norm_eps", ("layer_norm_epsilon", "norm_eps"), float, 1e-5, 0, 1),
+    ("n_heads", ("num_attention_heads",), int, REQUIRED, 1, MAX_SIZE),
+    ("n_kv_heads", ("num_key_value_heads",), int, lambda v: v["n_heads"], 1, MAX_SIZE),
+    ("head_dim", ("head_dim", "attention_head_dim"), int, lambda v: v["hidden"] // v["n_heads"], 1, MAX_SIZE),
+    ("mamba_heads", ("mamba_num_heads",), int, REQUIRED, 1, MAX_SIZE),
+    ("mamba_head_dim", ("mamba_head_dim",), int, REQUIRED, 1, MAX_SIZE),
+    ("ssm_state", ("ssm_state_size",), int, REQUIRED, 1, MAX_SIZE),
+    ("ssm_groups", ("n_groups", "mamba_n_groups"), int, REQUIRED, 1, MAX_SIZE),
+    ("conv_kernel", ("conv_kernel", "mamba_d_conv"), int, REQUIRED, 1, MAX_SIZE),
+    ("n_experts", ("n_routed_experts",), int, REQUIRED, 1, MAX_EXPERTS),
+    ("n_experts_used", ("num_experts_per_tok",), int, REQUIRED, 1, MAX_EXPERTS),
+    ("expert_ff", ("moe_intermediate_size",), int, REQUIRED, 1, MAX_SIZE),
+    ("shared_ff", ("moe_shared_expert_intermediate_size",), int, REQUIRED, 1, MAX_SIZE),
+    ("n_shared_experts", ("n_shared_experts",), int, 1, 0, MAX_EXPERTS),
+    ("routed_scaling", ("routed_scaling_factor",), float, 1.0, -1e30, 1e30),
+    ("norm_topk", ("norm_topk_prob",), bool, True, 0, 1),
+    ("n_expert_groups", ("n_group",), int, 1, 1, MAX_EXPERTS),
+    ("n_expert_groups_used", ("topk_group",), int, 1, 1, MAX_EXPERTS),
+    ("n_mtp_layers", ("num_nextn_predict_layers",), int, 0, 0, MAX_LAYERS),
+)
+# Token ids gguf-py's SpecialVocab reads from config.json (it refuses negative ones).
+SPECIAL_TOKEN_KEYS = tuple(f"{t}_token_id" for t in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"))
+# Fields where an explicit 0 means "not set", as configs in the wild use it.
+ZERO_IS_UNSET = {"context_length", "n_kv_heads", "head_dim", "n_mtp_layers"}
+# (field, the field it may not exceed)
+RELATIONS = (("n_experts_used", "n_experts"), ("n_expert_groups_used", "n_expert_groups"))
 
 
 def pattern_of(layer_kinds: tuple[str, ...]) -> str:
@@ -93,17 +134,38 @@ class ModelConfig:
         }
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; anything else is one error naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NemoqError(f"not valid JSON ({e})", path) from None
+    except OSError as e:
+        raise NemoqError(f"cannot read ({e.strerror or e})", path) from None
+    except RecursionError:
+        raise NemoqError("not valid JSON (nested too deeply)", path) from None
+    if not isinstance(data, dict):
+        raise NemoqError(f"expected a JSON object, found {type(data).__name__}", path)
+    return data
+
+
 def _layer_kinds(cfg: dict, path: Path) -> tuple[str, ...]:
-    pattern = cfg.get("hybrid_override_pattern")
-    if isinstance(pattern, str):
+    pattern, block_types = cfg.get("hybrid_override_pattern"), cfg.get("layers_block_type")
+    if pattern is not None:
+        if not isinstance(pattern, str):
+            raise NemoqError(f"hybrid_override_pattern must be a string like \"MEM*E\", not {pattern!r}", path)
         table, items = LAYER_KIND_BY_PATTERN_CHAR, list(pattern)
-    elif isinstance(cfg.get("layers_block_type"), list):
-        table, items = LAYER_KIND_BY_BLOCK_TYPE, cfg["layers_block_type"]
+    elif isinstance(block_types, list) and all(isinstance(i, str) for i in block_types):
+        table, items = LAYER_KIND_BY_BLOCK_TYPE, block_types
+    elif block_types is not None:
+        raise NemoqError("layers_block_type must be a list of layer kind names", path)
     else:
         raise NemoqError("has neither hybrid_override_pattern nor layers_block_type", path)
-    unknown = sorted({str(i) for i in items if i not in table})
+    unknown = sorted({i for i in items if i not in table})
     if unknown:
         raise NemoqError(f"unknown layer kinds {unknown} in the layer pattern", path)
+    if len(items) > MAX_LAYERS:
+        raise NemoqError(f"the layer pattern has {len(items)} layers; llama.cpp loads at most {MAX_LAYERS}", path)
     kinds = tuple(table[i] for i in items)
     if "mlp" in kinds:
         raise NemoqError("dense MLP layers ('-') belong to the non-MoE nemotron_h architecture, "
@@ -113,54 +175,81 @@ def _layer_kinds(cfg: dict, path: Path) -> tuple[str, ...]:
     return kinds
 
 
+def _typed(value: Any, kind: type, key: str, lo: float, hi: float, path: Path):
+    """`value` as `kind` when it is one (JSON booleans are not numbers) and lies in [lo, hi]."""
+    if kind is bool:
+        ok = isinstance(value, bool) or value in (0, 1) and not isinstance(value, float)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+    else:
+        ok = (isinstance(value, float) and math.isfinite(value)
+              or isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**1000)
+    if not ok:
+        raise NemoqError(f"{key} must be {'an integer' if kind is int else 'a number' if kind is float else 'true or false'}, "
+                         f"not {json.dumps(value)[:40]}", path)
+    value = kind(value)
+    if not lo <= value <= hi:
+        raise NemoqError(f"{key} is {value}, outside the range nemoq accepts ({lo} to {hi})", path)
+    return value
+
+
+def _fields(cfg: dict, path: Path) -> dict[str, Any]:
+    """Every number nemoq reads from config.json, type- and range-checked, by ModelConfig field."""
+    values: dict[str, Any] = {}
+    for name, keys, kind, default, lo, hi in FIELDS:
+        key = next((k for k in keys if cfg.get(k) is not None and not (name in ZERO_IS_UNSET and cfg[k] == 0)),
+                   None)
+        if key is None and default is REQUIRED:
+            raise NemoqError(f"missing required key {keys[0]!r}", path)
+        if key is not None:
+            value = cfg[key]
+        else:
+            key, value = keys[0], default(values) if callable(default) else default
+        values[name] = _typed(value, kind, key, lo, hi, path)
+    for small, large in RELATIONS:
+        if values[small] > values[large]:
+            raise NemoqError(f"{FIELD_KEYS[small]} ({values[small]}) is more than {FIELD_KEYS[large]} "
+                             f"({values[large]})", path)
+    d_inner = values["mamba_heads"] * values["mamba_head_dim"]
+    derived = {"mamba_num_heads x mamba_head_dim": d_inner,
+               "the Mamba in_proj rows": 2 * d_inner + 2 * values["ssm_groups"] * values["ssm_state"]
+               + values["mamba_heads"],
+               "num_attention_heads x head_dim": values["n_heads"] * values["head_dim"]}
+    for what, size in derived.items():
+        if size > MAX_SIZE:
+            raise NemoqError(f"{what} is {size}, more than a GGUF dimension holds", path)
+    if d_inner % values["ssm_groups"]:
+        raise NemoqError(f"n_groups ({values['ssm_groups']}) does not divide the Mamba inner size {d_inner}", path)
+    return values
+
+
+def _check_token_ids(cfg: dict, path: Path) -> None:
+    if "text_config" in cfg and not isinstance(cfg["text_config"], dict):
+        raise NemoqError("text_config must be an object", path)
+    for section in (cfg, cfg.get("text_config") or {}):
+        for key in SPECIAL_TOKEN_KEYS:
+            value = section.get(key)
+            if isinstance(value, int) and value < 0:
+                raise NemoqError(f"{key} is {value}; token ids are never negative", path)
+
+
+FIELD_KEYS = {name: keys[0] for name, keys, *_ in FIELDS}
+
+
 def load_config(model_dir: Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise NemoqError("config.json not found; is this a Hugging Face checkpoint folder?", path.parent)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NemoqError(f"not valid JSON ({e})", path) from None
+    cfg = read_json_object(path)
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise NemoqError(f"architectures must be a list of names, not {json.dumps(archs)[:40]}", path)
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         raise NemoqError(f"unsupported architecture {archs or cfg.get('model_type')!r}; "
                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}", path)
-
-    def need(*keys: str):
-        for key in keys:
-            if cfg.get(key) is not None:
-                return cfg[key]
-        raise NemoqError(f"missing required key {keys[0]!r}", path)
-
     if cfg.get("moe_latent_size") is not None:
         raise NemoqError("moe_latent_size (latent MoE projections) is not supported yet", path)
-    n_heads = int(need("num_attention_heads"))
-    return ModelConfig(
-        path=path,
-        architecture=SUPPORTED_ARCHITECTURES[arch],
-        layer_kinds=_layer_kinds(cfg, path),
-        hidden=int(need("hidden_size")),
-        vocab=int(need("vocab_size")),
-        context_length=int(cfg.get("max_position_embeddings") or 4096),
-        norm_eps=float(cfg.get("layer_norm_epsilon", cfg.get("norm_eps", 1e-5))),
-        n_heads=n_heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-        head_dim=int(cfg.get("head_dim") or cfg.get("attention_head_dim") or need("hidden_size") // n_heads),
-        mamba_heads=int(need("mamba_num_heads")),
-        mamba_head_dim=int(need("mamba_head_dim")),
-        ssm_state=int(need("ssm_state_size")),
-        ssm_groups=int(need("n_groups", "mamba_n_groups")),
-        conv_kernel=int(need("conv_kernel", "mamba_d_conv")),
-        n_experts=int(need("n_routed_experts")),
-        n_experts_used=int(need("num_experts_per_tok")),
-        expert_ff=int(need("moe_intermediate_size")),
-        shared_ff=int(need("moe_shared_expert_intermediate_size")),
-        n_shared_experts=int(cfg.get("n_shared_experts", 1)),
-        routed_scaling=float(cfg.get("routed_scaling_factor", 1.0)),
-        norm_topk=bool(cfg.get("norm_topk_prob", True)),
-        n_expert_groups=int(cfg.get("n_group", 1)),
-        n_expert_groups_used=int(cfg.get("topk_group", 1)),
-        n_mtp_layers=int(cfg.get("num_nextn_predict_layers") or 0),
-        raw=cfg,
-    )
+    _check_token_ids(cfg, path)
+    return ModelConfig(path=path, architecture=SUPPORTED_ARCHITECTURES[arch], layer_kinds=_layer_kinds(cfg, path),
+                       raw=cfg, **_fields(cfg, path))

@@ -96,28 +96,47 @@ def _read_exact(path: Path, offset: int, view: memoryview) -> None:
             raise NemoqError("file is truncated", path)
 
 
+def _entry(name: str, entry, path: Path) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, each of the type the format defines."""
+    def natural(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    if not isinstance(entry, dict):
+        raise NemoqError(f"corrupt header: tensor {name} is not an object", path)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in STORAGE_DTYPES:
+        raise NemoqError(f"tensor {name} has unsupported dtype {dtype}", path)
+    if not isinstance(shape, list) or not all(natural(d) for d in shape):
+        raise NemoqError(f"corrupt header: tensor {name} has shape {json.dumps(shape)[:60]}", path)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(natural(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise NemoqError(f"corrupt header: tensor {name} has data_offsets {json.dumps(offsets)[:60]}", path)
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
 def read_shard_header(path: Path) -> dict[str, TensorRef]:
     """Parse and check one shard's header; every inconsistency names the shard."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise NemoqError("truncated safetensors file (no header)", path)
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, MAX_HEADER_BYTES):
-            raise NemoqError("corrupt or truncated safetensors header", path)
-        try:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise NemoqError("truncated safetensors file (no header)", path)
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
+                raise NemoqError("corrupt or truncated safetensors header", path)
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise NemoqError("corrupt safetensors header (not JSON)", path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise NemoqError("corrupt safetensors header (not JSON)", path) from None
+    except OSError as e:
+        raise NemoqError(f"cannot read ({e.strerror or e})", path) from None
+    if not isinstance(header, dict):
+        raise NemoqError("corrupt safetensors header (not a JSON object)", path)
     data_start = 8 + header_len
     refs: dict[str, TensorRef] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        if dtype not in STORAGE_DTYPES:
-            raise NemoqError(f"tensor {name} has unsupported dtype {dtype}", path)
+        dtype, shape, begin, end = _entry(name, entry, path)
         expected = math.prod(shape) * np.dtype(STORAGE_DTYPES[dtype]).itemsize
         if end - begin != expected:
             raise NemoqError(f"corrupt header: tensor {name} spans {end - begin} bytes, "
@@ -129,9 +148,21 @@ def read_shard_header(path: Path) -> dict[str, TensorRef]:
     try:  # the library's own validation catches what the checks above do not (overlaps, gaps)
         with safe_open(str(path), framework="numpy"):
             pass
-    except SafetensorError as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise NemoqError(f"invalid safetensors file ({e})", path) from None
     return refs
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor name -> shard file name, each shard a file beside the index."""
+    from nemoq.convert.config import read_json_object
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise NemoqError("not a valid safetensors index (no weight_map object)", index)
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise NemoqError(f"weight_map places {name} in {json.dumps(shard)[:60]}, not a shard file name", index)
+    return weight_map
 
 
 def open_checkpoint(model_dir: Path) -> dict[str, TensorRef]:
@@ -139,10 +170,7 @@ def open_checkpoint(model_dir: Path) -> dict[str, TensorRef]:
     model_dir = Path(model_dir)
     index = model_dir / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
-            raise NemoqError("not a valid safetensors index (no weight_map)", index) from None
+        weight_map = _weight_map(index)
         shard_names = sorted(set(weight_map.values()))
     elif (model_dir / SINGLE_NAME).is_file():
         weight_map, shard_names = None, [SINGLE_NAME]

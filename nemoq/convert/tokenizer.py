@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 from gguf import TokenType
 
+from nemoq.convert.config import read_json_object
 from nemoq.errors import NemoqError
 
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -51,23 +52,71 @@ class Vocab:
         self.special.add_to_gguf(writer, quiet=True)
 
 
-def _split_regexes(node: dict | None) -> list[str]:
+def _split_regexes(node, path: Path) -> list[str]:
     """Regexes applied by a pre_tokenizer node, in order (ByteLevel's own regex included)."""
     if not node:
         return []
+    if not isinstance(node, dict):
+        raise NemoqError(f"pre_tokenizer entry {json.dumps(node)[:40]} is not an object", path)
     kind = node.get("type")
     if kind == "Sequence":
-        return [r for child in node.get("pretokenizers", []) for r in _split_regexes(child)]
+        children = node.get("pretokenizers", [])
+        if not isinstance(children, list):
+            raise NemoqError("pre_tokenizer.pretokenizers is not a list", path)
+        return [r for child in children for r in _split_regexes(child, path)]
     if kind == "Split":
         pattern = node.get("pattern", {})
-        return [pattern.get("Regex") or pattern.get("String", "")]
+        regex = pattern.get("Regex") or pattern.get("String", "") if isinstance(pattern, dict) else None
+        if not isinstance(regex, str):
+            raise NemoqError(f"pre_tokenizer Split pattern {json.dumps(pattern)[:40]} is not a regex or string", path)
+        return [regex]
     if kind == "ByteLevel" and node.get("use_regex", True):
         return [GPT2_REGEX]
     return []
 
 
+def _check_bpe(tok: dict, path: Path) -> tuple[dict, list]:
+    """The BPE model's vocab (token -> id) and the added tokens, with the types nemoq relies on."""
+    model = tok.get("model") or {}
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else model
+        raise NemoqError(f"tokenizer model is {kind!r}; nemoq converts byte-level BPE only", path)
+    vocab, added, merges = model.get("vocab"), tok.get("added_tokens") or [], model.get("merges")
+    if not isinstance(vocab, dict) or not all(_is_id(i) for i in vocab.values()):
+        raise NemoqError("model.vocab must map tokens to ids (integers >= 0)", path)
+    if not isinstance(added, list) or not all(
+            isinstance(a, dict) and _is_id(a.get("id")) and isinstance(a.get("content"), str) for a in added):
+        raise NemoqError("added_tokens must be a list of {\"id\": integer >= 0, \"content\": string}", path)
+    if merges is not None and not _merges_ok(merges):
+        raise NemoqError("model.merges must be a list of \"a b\" strings or of [a, b] pairs", path)
+    return vocab, added
+
+
+def _merges_ok(merges) -> bool:
+    """Merges as "a b" strings, or as [a, b] pairs (transformers >= 4.45)."""
+    return isinstance(merges, list) and (all(isinstance(m, str) for m in merges) or all(
+        isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m) for m in merges))
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _special_vocab(model_dir: Path, vocab_size: int, path: Path) -> gguf.SpecialVocab:
+    """gguf-py's special tokens, merges and chat template. It reads tokenizer.json,
+    tokenizer_config.json and config.json itself; the last two are checked before (config.py,
+    below), so what it still trips over is in tokenizer.json."""
+    config = model_dir / "tokenizer_config.json"
+    if config.is_file():
+        read_json_object(config)
+    try:
+        return gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
+        raise NemoqError(f"unexpected tokenizer entry ({type(e).__name__}: {e})", path) from None
+
+
 def detect_pre_tokenizer(tokenizer_json: dict, path: Path) -> str:
-    regexes = tuple(_split_regexes(tokenizer_json.get("pre_tokenizer")))
+    regexes = tuple(_split_regexes(tokenizer_json.get("pre_tokenizer"), path))
     name = PRE_TOKENIZERS.get(regexes)
     if name is None:
         shown = " | ".join(repr(r) for r in regexes) or "(none)"
@@ -80,17 +129,12 @@ def load_vocab(model_dir: Path, vocab_size: int, pre: str | None = None) -> Voca
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise NemoqError("tokenizer.json not found (nemoq needs the model's BPE tokenizer)", model_dir)
-    try:
-        tok = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NemoqError(f"not valid JSON ({e})", path) from None
-    model = tok.get("model") or {}
-    if model.get("type") != "BPE":
-        raise NemoqError(f"tokenizer model is {model.get('type')!r}; nemoq converts byte-level BPE only", path)
+    tok = read_json_object(path)
+    vocab, added_tokens = _check_bpe(tok, path)
     pre = pre or detect_pre_tokenizer(tok, path)
 
-    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    added = {a["id"]: a for a in tok.get("added_tokens", [])}
+    by_id: dict[int, str] = {i: t for t, i in vocab.items()}
+    added = {a["id"]: a for a in added_tokens}
     for i, a in added.items():
         by_id[i] = a["content"]
     if by_id and max(by_id) >= vocab_size:
@@ -109,7 +153,7 @@ def load_vocab(model_dir: Path, vocab_size: int, pre: str | None = None) -> Voca
         else:
             tokens.append(by_id[i])
             types.append(TokenType.NORMAL)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    special = _special_vocab(Path(model_dir), vocab_size, path)
     if not special.merges:
         raise NemoqError("tokenizer.json has no BPE merges", path)
     return Vocab(tokens, [int(t) for t in types], pre, special)
