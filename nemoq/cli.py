@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -256,48 +257,49 @@ def _eval(models, data, ctx, chunks, base, base_logits, save_logits, top_k, json
           compare, plot, noise_floor, noise_floor_model, threads, force) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from nemoq.eval import gate, report as eval_report, results, run
-    from nemoq.convert.output import refuse_to_clobber
     from nemoq.eval.text import load_text
-    refuse_to_clobber([p for p in (json_out, save_logits, plot) if p is not None], force)   # before a long run
-    if plot is not None:
-        from nemoq.eval.plot import pyplot
-        pyplot()
-    opts = run.RunOptions(text=load_text(data), data=data, ctx=ctx, chunks=chunks, threads=threads, top_k=top_k,
-                          force=force)
-    previous = results.read_baseline(baseline) if baseline is not None else None
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        def track(label: str, total: int):
-            task = progress.add_task(label, total=total)
-            return lambda: progress.advance(task)
-        if compare:
-            record = run.compare(models, base, opts, noise_floor_model, track=track)
-        else:
-            record = run.evaluate(models[0], opts, base=base, base_logits=base_logits, save_logits=save_logits,
-                                  noise_floor=noise_floor, noise_floor_model=noise_floor_model, track=track)
-    out = Console(width=None if sys.stdout.isatty() else 120)   # CI logs: room for file names
-    if compare:
-        eval_report.compare_table(out, record)
+    from nemoq.files import claim_outputs
+    outputs = [p for p in (json_out, save_logits, plot) if p is not None]
+    with claim_outputs(outputs, force):   # before a long run: not written over, nor by two runs at once
         if plot is not None:
-            from nemoq.eval.plot import plot_compare
-            plot_compare(record, plot, force)
-            console.print(f"[green]wrote[/] {escape(str(plot))}")
-    else:
-        eval_report.eval_summary(out, record)
-        checks = gate.check_limits(record, gates)
-        if previous is not None:
-            checks += gate.check_baseline(record, previous, baseline, tolerance)
-        record = gate.with_gates(record, checks)
-        if checks:
-            eval_report.gate_table(out, checks)
-    if save_logits is not None:
-        console.print(f"[green]wrote[/] {escape(str(save_logits))}")
-    if json_out is not None:
-        results.write_json(record, json_out, force)
-        console.print(f"[green]wrote[/] {escape(str(json_out))}")
-    if not record.get("passed", True):
-        console.print("[bold red]gate failed[/]")
-        raise typer.Exit(1)
+            from nemoq.eval.plot import pyplot
+            pyplot()
+        opts = run.RunOptions(text=load_text(data), data=data, ctx=ctx, chunks=chunks, threads=threads, top_k=top_k,
+                              force=force)
+        previous = results.read_baseline(baseline) if baseline is not None else None
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            def track(label: str, total: int):
+                task = progress.add_task(label, total=total)
+                return lambda: progress.advance(task)
+            if compare:
+                record = run.compare(models, base, opts, noise_floor_model, track=track)
+            else:
+                record = run.evaluate(models[0], opts, base=base, base_logits=base_logits, save_logits=save_logits,
+                                      noise_floor=noise_floor, noise_floor_model=noise_floor_model, track=track)
+        out = Console(width=None if sys.stdout.isatty() else 120)   # CI logs: room for file names
+        if compare:
+            eval_report.compare_table(out, record)
+            if plot is not None:
+                from nemoq.eval.plot import plot_compare
+                plot_compare(record, plot, force)
+                console.print(f"[green]wrote[/] {escape(str(plot))}")
+        else:
+            eval_report.eval_summary(out, record)
+            checks = gate.check_limits(record, gates)
+            if previous is not None:
+                checks += gate.check_baseline(record, previous, baseline, tolerance)
+            record = gate.with_gates(record, checks)
+            if checks:
+                eval_report.gate_table(out, checks)
+        if save_logits is not None:
+            console.print(f"[green]wrote[/] {escape(str(save_logits))}")
+        if json_out is not None:
+            results.write_json(record, json_out, force)
+            console.print(f"[green]wrote[/] {escape(str(json_out))}")
+        if not record.get("passed", True):
+            console.print("[bold red]gate failed[/]")
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -323,17 +325,28 @@ def info(
 
 
 def _run(fn, *args, **kwargs) -> None:
-    try:
-        fn(*args, **kwargs)
-    except NemoqError as e:
-        if state["verbose"]:
-            console.print_exception()
-        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]: no output was written")
-        raise typer.Exit(130)
+    from nemoq import files
+    with files.command_scope(on_stale=_report_reclaimed) as scope:
+        try:
+            fn(*args, **kwargs)
+        except NemoqError as e:
+            if state["verbose"]:
+                console.print_exception()
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        except KeyboardInterrupt as e:   # Ctrl-C, and SIGTERM / SIGHUP as files.Interrupted
+            signum = getattr(e, "signum", signal.SIGINT)
+            how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+            done = (f"{', '.join(escape(str(p)) for p in scope.written)} written, nothing else" if scope.written
+                    else "no output was written")
+            console.print(f"[bold red]interrupted[/]{how}: {done}", highlight=False, soft_wrap=True)
+            raise typer.Exit(128 + signum)
 
+
+def _report_reclaimed(out: Path, folders: int, nbytes: int) -> None:
+    from nemoq.report import human_bytes
+    console.print(f"removed {folders} partial folder(s) that stopped runs left beside {escape(out.name)}: "
+                  f"{human_bytes(nbytes)} ({nbytes:,} bytes) reclaimed", highlight=False, soft_wrap=True)
 
 if __name__ == "__main__":
     sys.exit(app())

@@ -160,8 +160,8 @@ def test_convert_leaves_nothing_when_interrupted(random_hub, tmp_path, monkeypat
 
 
 def test_convert_checks_free_disk_space(random_hub, tmp_path, monkeypatch):
-    from nemoq.convert import output
-    monkeypatch.setattr(output.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    from nemoq import files
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000))
     assert_fails(random_hub, tmp_path, "not enough free disk space")
 
 

@@ -22,6 +22,7 @@ from nemoq.calib.imatrix_file import ImportanceMatrix, write_imatrix
 from nemoq.calib.sequences import make_sequences, model_text
 from nemoq.calib.stats import ActivationStats
 from nemoq.errors import NemoqError
+from nemoq.files import atomic_outputs, claim_output
 
 DEFAULT_TOKENS = 65536
 DEFAULT_CTX = 512
@@ -60,25 +61,24 @@ def calibrate(src: str | Path, out: Path, *, data: Path | None = None, tokens: i
               ctx: int = DEFAULT_CTX, device: str = "auto", force: bool = False,
               on_start: Callable[[int, int], None] | None = None,
               on_progress: Callable[[Progress], None] | None = None) -> CalibrationResult:
-    from nemoq.convert.output import atomic_outputs, refuse_to_clobber
     from nemoq.convert.pipeline import open_source
 
-    out = Path(out).absolute()
-    refuse_to_clobber([out], force)          # before the long forward pass, not after it
-    torch_device = pick_device(device)
-    source = open_source(src)
-    cfg = config_of(source)
-    items, datasets = load_items(data)
-    sequences = make_sequences(items, model_text(source), ctx, tokens, str(data) if data else "nemoq corpus")
-    if on_start is not None:
-        on_start(sequences.shape[0], cfg.n_layers + 1)
-    stats = ActivationStats(cfg.n_experts)
-    start = time.perf_counter()
-    hidden = streamed_forward(source.plan, cfg, sequences, stats.record, device=torch_device, on_progress=on_progress)
-    spilled = hidden.spilled
-    hidden.close()
-    imatrix = stats.to_imatrix(datasets, sequences.shape[0], ctx)
-    with atomic_outputs(out, force) as tmp:
-        write_imatrix(tmp, imatrix)
+    with claim_output(out, force) as out:    # before the long forward pass, not after it
+        torch_device = pick_device(device)
+        source = open_source(src)
+        cfg = config_of(source)
+        items, datasets = load_items(data)
+        sequences = make_sequences(items, model_text(source), ctx, tokens, str(data) if data else "nemoq corpus")
+        if on_start is not None:
+            on_start(sequences.shape[0], cfg.n_layers + 1)
+        stats = ActivationStats(cfg.n_experts)
+        start = time.perf_counter()
+        hidden = streamed_forward(source.plan, cfg, sequences, stats.record, device=torch_device,
+                                  on_progress=on_progress)
+        spilled = hidden.spilled
+        hidden.close()
+        imatrix = stats.to_imatrix(datasets, sequences.shape[0], ctx)
+        with atomic_outputs(out, force) as tmp:
+            write_imatrix(tmp, imatrix)
     return CalibrationResult(out, imatrix, expert_coverage(imatrix), sequences.shape[0], ctx, str(torch_device),
                              time.perf_counter() - start, spilled)

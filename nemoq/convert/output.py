@@ -1,28 +1,22 @@
-"""Writing GGUF files safely and in a stream.
+"""Writing GGUF files in a stream: one tensor at a time, from row chunks or straight from the
+source file, with the kernel asked to write back as we go.
 
-Files are written into a hidden temporary folder beside the output, fsynced and renamed
-into place only when complete: an error or Ctrl-C leaves no partial file, and an existing
-output is never replaced without `force`.
+Where the files go and how they land whole is nemoq.files' job (atomic_outputs).
 """
 
 from __future__ import annotations
 
-import os
 import functools
+import os
 import queue
-import shutil
 import threading
 import struct
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import gguf
 import numpy as np
-
-from nemoq.errors import NemoqError
 
 
 @dataclass(frozen=True)
@@ -107,6 +101,14 @@ class StreamingGGUFWriter(gguf.GGUFWriter):
         self.writeback.drain()
         super().close()
 
+    def __enter__(self) -> "StreamingGGUFWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # After an error or an interruption too: the writeback thread ends and the files close
+        # (the partial folder holding them is removed by nemoq.files.atomic_outputs).
+        self.close()
+
 
 class Writeback:
     """Starts writing each range we wrote to disk (and drops it from the page cache once
@@ -150,49 +152,3 @@ def split_names(out: Path, n_splits: int) -> list[Path]:
     if n_splits <= 1:
         return [out]
     return [out.with_name(gguf.SHARD_NAME_FORMAT.format(out.stem, i + 1, n_splits)) for i in range(n_splits)]
-
-
-def refuse_to_clobber(paths: Iterable[Path], force: bool) -> None:
-    if force:
-        return
-    for p in paths:
-        if p.exists():
-            raise NemoqError("output already exists; pass --force to overwrite it", p)
-
-
-def check_free_space(directory: Path, needed: int) -> None:
-    free = shutil.disk_usage(directory).free
-    margin = 64 * 1024 * 1024
-    if needed + margin > free:
-        raise NemoqError(f"not enough free disk space: need {needed / 1e9:.2f} GB, "
-                         f"{free / 1e9:.2f} GB free", directory)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_outputs(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary path standing for `out`; every file written beside it is renamed
-    next to `out` once the block completes, and deleted if it does not."""
-    out = Path(out).absolute()
-    if not out.parent.is_dir():
-        raise NemoqError("output folder does not exist", out.parent)
-    refuse_to_clobber([out], force)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp_dir / out.name
-        produced = sorted(tmp_dir.iterdir())
-        refuse_to_clobber([out.parent / p.name for p in produced], force)
-        for p in produced:
-            _fsync(p)
-        for p in produced:
-            os.replace(p, out.parent / p.name)
-        _fsync(out.parent)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)

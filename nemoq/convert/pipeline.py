@@ -19,13 +19,14 @@ from nemoq.convert.dtypes import FLOAT_ENCODINGS, Encoding, companions_of, count
 from nemoq.convert.metadata import add_hparams, add_size_label
 from nemoq.convert.modelopt_gguf import as_stored_chooser, resolve_kept
 from nemoq.convert.modelopt_tensors import FP8, NVFP4, attach_companions
-from nemoq.convert.output import FileRange, StreamingGGUFWriter, atomic_outputs, check_free_space, refuse_to_clobber, split_names
+from nemoq.convert.output import FileRange, StreamingGGUFWriter, split_names
 from nemoq.convert.plan import Plan, PlannedTensor, build_plan
 from nemoq.convert.prefetch import Prefetcher
 from nemoq.convert.safetensors_reader import open_checkpoint
 from nemoq.convert.source import resolve_source
 from nemoq.convert.tokenizer import load_vocab
 from nemoq.errors import NemoqError
+from nemoq.files import atomic_outputs, refuse_to_clobber
 
 CHUNK_BYTES = 64 * 1024 * 1024
 FileType = gguf.LlamaFileType
@@ -131,14 +132,13 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
     extras = [companions_of(enc, t) for t, enc in zip(tensors, encodings)]
     total = sum(enc.nbytes(t.shape) + sum(c.nbytes for c in cs) for t, enc, cs in zip(tensors, encodings, extras))
     out = Path(out).absolute()
-    check_free_space(out.parent, total)
 
     result = ConvertResult([], [], plan.layout, plan.skipped)
     start = time.perf_counter()
     copied = [is_byte_copy(t, enc) for t, enc in zip(tensors, encodings)]
     read = [t for t, c in zip(tensors, copied) if not c]
-    with atomic_outputs(out, force) as tmp, Prefetcher(read, CHUNK_BYTES) as prefetch:
-        writer = StreamingGGUFWriter(tmp, source.architecture, split_max_size=split_max_size)
+    with atomic_outputs(out, force, needed=total) as tmp, Prefetcher(read, CHUNK_BYTES) as prefetch, \
+            StreamingGGUFWriter(tmp, source.architecture, split_max_size=split_max_size) as writer:
         source.add_metadata(writer)
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

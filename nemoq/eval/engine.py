@@ -20,6 +20,7 @@ from nemoq.errors import NemoqError
 from nemoq.eval.logits_file import BaseLogits, BaseLogitsWriter, lumped_kl
 from nemoq.eval.metrics import TokenScores, kl_rows, log_softmax, target_nll
 from nemoq.eval.model import ChunkLayout, LlamaModel, fingerprints
+from nemoq.files import check_free_space
 
 Track = Callable[[str, int], Callable[[], None]]   # (label, total) -> advance one step
 
@@ -155,7 +156,6 @@ class BaseCache:
     """A temporary folder for CachedBase, removed on exit; refuses to start without the space."""
 
     def __init__(self, ev: Evaluation):
-        from nemoq.convert.output import check_free_space
         self.path = Path(tempfile.mkdtemp(prefix="nemoq-eval-"))
         try:
             check_free_space(self.path, CachedBase.bytes_needed(ev))

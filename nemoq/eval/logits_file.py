@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from nemoq.errors import NemoqError
+from nemoq.files import atomic_outputs
 
 FORMAT = "nemoq.base-logits"
 VERSION = 1
@@ -100,7 +101,6 @@ class BaseLogitsWriter:
 
     def write(self, out: Path, force: bool, *, tokens, layout, n_vocab: int, fingerprints: dict,
               model_path: Path) -> None:
-        from nemoq.convert.output import atomic_outputs
         arrays = {
             "format": np.array(FORMAT), "version": np.array(VERSION),
             "tokens": np.asarray(tokens[:layout.n_chunks * layout.ctx], dtype=np.int32),

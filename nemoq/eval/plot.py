@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nemoq.errors import NemoqError
+from nemoq.files import atomic_outputs
 
 
 def pyplot():
@@ -19,7 +20,6 @@ def pyplot():
 
 
 def plot_compare(record: dict, out: Path, force: bool) -> None:
-    from nemoq.convert.output import atomic_outputs
     plt = pyplot()
     rows = record["models"]
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -9,6 +9,7 @@ from pathlib import Path
 from nemoq.errors import NemoqError
 from nemoq.eval.metrics import TokenScores, kld_summary, ppl_summary
 from nemoq.eval.model import tokens_digest
+from nemoq.files import atomic_outputs
 
 FORMAT = "nemoq.eval"
 COMPARE_FORMAT = "nemoq.eval.compare"
@@ -49,7 +50,6 @@ def compare_record(data: dict, base: dict, models: list[dict], noise: list[dict]
 
 
 def write_json(record: dict, out: Path, force: bool) -> None:
-    from nemoq.convert.output import atomic_outputs
     with atomic_outputs(out, force) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
