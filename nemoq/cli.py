@@ -41,7 +41,8 @@ def parse_size(text: str) -> int:
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors.")) -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors, and "
+                                     "llama.cpp's own log lines in eval.")) -> None:
     state["verbose"] = verbose
 
 
@@ -257,8 +258,10 @@ def _eval(models, data, ctx, chunks, base, base_logits, save_logits, top_k, json
           compare, plot, noise_floor, noise_floor_model, threads, force) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from nemoq.eval import gate, report as eval_report, results, run
+    from nemoq.eval.model import LLAMA_LOGS
     from nemoq.eval.text import load_text
     from nemoq.files import claim_outputs
+    LLAMA_LOGS.show = state["verbose"]    # otherwise its lines land among the tables
     outputs = [p for p in (json_out, save_logits, plot) if p is not None]
     with claim_outputs(outputs, force):   # before a long run: not written over, nor by two runs at once
         if plot is not None:

@@ -9,8 +9,11 @@ predicting the next token.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import sys
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +59,36 @@ def plan_chunks(n_tokens: int, ctx: int, max_chunks: int | None, data: Path | No
     return n if max_chunks is None else min(max_chunks, n)
 
 
+class LlamaLogs:
+    """llama.cpp's own log lines (model loading, "llama_kv_cache: ... padding V cache"): on stderr
+    with `show` (nemoq --verbose), otherwise kept from landing in the middle of nemoq's tables.
+    Its error lines are kept either way, to explain a model that fails to load. llama.cpp has one
+    log callback per process (for ggml's lines too), so this is one object."""
+    ERROR = 4   # ggml.h's GGML_LOG_LEVEL_ERROR (llama-cpp-python's own logger takes 3, WARN, for it)
+
+    def __init__(self):
+        self.show = False
+        self.errors: deque[str] = deque(maxlen=4)
+        self._callback = None
+
+    def install(self, llama_cpp) -> None:
+        # Every time a model loads: something else (a test, llama-cpp-python) may have set its own.
+        if self._callback is None:
+            self._callback = llama_cpp.llama_log_callback(self._on_log)
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _on_log(self, level: int, text: bytes, user_data) -> None:
+        line = text.decode("utf-8", "replace")
+        if self.show:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        elif level == self.ERROR and line.strip():
+            self.errors.append(line.strip())
+
+
+LLAMA_LOGS = LlamaLogs()
+
+
 class LlamaModel:
     """A loaded GGUF with one context of n_ctx tokens that returns scored log-probs per chunk."""
 
@@ -65,11 +98,15 @@ class LlamaModel:
         if not self.path.is_file():
             raise NemoqError("no such file", self.path)
         threads = threads or os.cpu_count() or 1
+        LLAMA_LOGS.install(llama_cpp)
+        LLAMA_LOGS.errors.clear()
         try:   # whole chunks are batches: n_threads_batch is the count that matters
+            # verbose=False also sends fds 1 and 2 to /dev/null while the weights load
             self.llm = llama_cpp.Llama(str(self.path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
-                                       verbose=False, n_threads=threads, n_threads_batch=threads)
+                                       verbose=LLAMA_LOGS.show, n_threads=threads, n_threads_batch=threads)
         except ValueError as e:   # llama-cpp-python's "Failed to load model from file"
-            raise NemoqError(f"llama.cpp could not load this model ({e})", self.path) from None
+            why = LLAMA_LOGS.errors[0] if LLAMA_LOGS.errors else str(e)   # the first says what
+            raise NemoqError(f"llama.cpp could not load this model ({why})", self.path) from None
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self.n_vocab = self.llm.n_vocab()
