@@ -33,8 +33,14 @@ demo: $(STAMP)
 	$(BIN)/nemoq eval --compare $(foreach r,$(RECIPES),$(DEMO)/tiny-$(r).gguf) --base $(DEMO)/tiny-F16.gguf \
 	  --data $(DEMO)/held-out.txt --ctx 256 --plot $(DEMO)/bpw-vs-kld.png --force
 
+# The byte-equality tests once more as a CPU without AVX2 / AVX-512 computes them: numpy's SIMD
+# dispatch limited to its baseline, the C kernels built without -march=native.
+BYTE_TESTS := tests/test_golden_bytes.py tests/test_golden_files.py tests/test_kernels_c.py
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	NPY_DISABLE_CPU_FEATURES="$$($(BIN)/python -m tests.numpy_dispatch)" NEMOQ_PORTABLE_KERNELS=1 \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider $(BYTE_TESTS)
 
 clean:
 	rm -rf out build *.egg-info

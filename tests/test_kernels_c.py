@@ -211,3 +211,12 @@ def test_quantizing_half_rows_equals_widening_first(fmt, source, monkeypatch):
         expected = kernels_c.quantize_rows(fmt, kernels_c.widen(stored, source), imp, threads=1)
         for threads in (1, 3):
             np.testing.assert_array_equal(kernels_c.quantize_half_rows(fmt, stored, source, imp, threads), expected)
+
+
+def test_portable_build_drops_the_native_flags(monkeypatch):
+    from nemoq.kernels_c import build
+    monkeypatch.setenv("NEMOQ_PORTABLE_KERNELS", "1")
+    assert not any("native" in f for f in build.flags())
+    monkeypatch.delenv("NEMOQ_PORTABLE_KERNELS")
+    native = build.NATIVE_FLAGS.get((build.platform.system(), build.platform.machine()), [])
+    assert all(f in build.flags() for f in native)

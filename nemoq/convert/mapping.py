@@ -8,12 +8,21 @@ transform and whether it stays F32. Adding an architecture variant is adding row
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Callable
 
 import numpy as np
 from gguf import MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES
 
 MT = MODEL_TENSOR
+
+
+def neg_exp(x: np.ndarray) -> np.ndarray:
+    """-exp(x) in float32 through Python's decimal arithmetic: numpy's exp rounds differently on
+    different CPUs (its SIMD paths) and releases, and these few values per layer are file bytes."""
+    values = [-float(Decimal(float(v)).exp()) for v in x.ravel()]
+    with np.errstate(over="ignore"):
+        return np.array(values, dtype=np.float64).astype(np.float32).reshape(x.shape)
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,7 @@ TRANSFORMS: dict[str, Transform] = {
     # Conv1d weight (C, 1, K) -> (C, K): llama.cpp's ssm_conv works on 2-D kernels
     "squeeze_conv": Transform(lambda s, d: (s[0], s[-1])),
     # llama.cpp's ssm_scan takes A itself, not its log; one value per head as a (H, 1) column
-    "neg_exp_column": Transform(lambda s, d: (s[0], 1), lambda x: -np.exp(x)),
+    "neg_exp_column": Transform(lambda s, d: (s[0], 1), neg_exp),
     "column": Transform(lambda s, d: (s[0], 1)),
     # The gated RMSNorm normalises per group: llama.cpp wants one row per group
     "group_rows": Transform(lambda s, d: (d["ssm_groups"], s[0] // d["ssm_groups"])),

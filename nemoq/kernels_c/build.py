@@ -26,16 +26,19 @@ SOURCES = tuple(sorted(p.name for p in SOURCE_DIR.glob("*.c")))   # every C file
 HEADERS = tuple(sorted(p.name for p in SOURCE_DIR.glob("*.h")))   # included by them: part of the key
 LIB_STEM = "libnemoq_kernels"
 
-# Flags per (system, machine). -march/-mcpu=native is safe: the cache key includes the CPU.
-# No -ffast-math, and no FMA contraction: the kernels must match numpy bit for bit.
+# Flags per (system, machine). -march/-mcpu=native is safe: the cache key includes the CPU, and
+# the quantizers' bytes do not depend on it (no -ffast-math, no FMA contraction: every kernel
+# matches numpy bit for bit whatever the vector width). NEMOQ_PORTABLE_KERNELS=1 builds for the
+# architecture's baseline instead (x86-64: SSE2, no AVX), as a CPU without AVX2 would run it.
 COMMON_FLAGS = ["-O3", "-std=c11", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-pthread"]
-PLATFORM_FLAGS = {
-    ("Linux", "x86_64"): ["-march=native", "-shared"],
-    ("Linux", "aarch64"): ["-mcpu=native", "-shared"],
-    ("Darwin", "arm64"): ["-mcpu=native", "-dynamiclib"],
-    ("Darwin", "x86_64"): ["-march=native", "-dynamiclib"],
+NATIVE_FLAGS = {
+    ("Linux", "x86_64"): ["-march=native"],
+    ("Linux", "aarch64"): ["-mcpu=native"],
+    ("Darwin", "arm64"): ["-mcpu=native"],
+    ("Darwin", "x86_64"): ["-march=native"],
 }
-FALLBACK_FLAGS = ["-shared"]
+LINK_FLAGS = {"Darwin": ["-dynamiclib"]}
+DEFAULT_LINK_FLAGS = ["-shared"]
 LIB_SUFFIX = {"Darwin": ".dylib", "Windows": ".dll"}
 
 
@@ -60,8 +63,13 @@ def compiler() -> str | None:
     return None
 
 
+def portable() -> bool:
+    return os.environ.get("NEMOQ_PORTABLE_KERNELS", "") not in ("", "0")
+
+
 def flags() -> list[str]:
-    return COMMON_FLAGS + PLATFORM_FLAGS.get((platform.system(), platform.machine()), FALLBACK_FLAGS)
+    native = [] if portable() else NATIVE_FLAGS.get((platform.system(), platform.machine()), [])
+    return COMMON_FLAGS + native + LINK_FLAGS.get(platform.system(), DEFAULT_LINK_FLAGS)
 
 
 def _cpu_signature() -> str:

@@ -12,8 +12,9 @@
  *
  * How the C stays bit-identical to numpy:
  *  - every operation is done in the dtype numpy does it in: float32 where the reference stays
- *    in float32, double where a float64 constant (np.geomspace / np.linspace search factors)
- *    promotes the arithmetic to float64;
+ *    in float32, double where a float64 constant (the search factors, exact literals on both
+ *    sides) promotes the arithmetic to float64; no libm function whose rounding varies between
+ *    C libraries (log2f, expf, powf) decides an output bit;
  *  - sums over a group (search.dot / search.total) add in order from +0; the per-block errors
  *    of Format.best_of are numpy's pairwise sum (pairwise_sum below); Q4_0/Q5_0's per-row
  *    mean square is numpy's pairwise sum over the row;

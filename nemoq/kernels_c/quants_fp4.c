@@ -77,8 +77,11 @@ void nemoq_quantize_mxfp4(const float * x, uint8_t * out, int64_t nrows, int64_t
             vf amax = vabs(xt[0]);
             for (int i = 1; i < 32; i++) amax = vmax(amax, vabs(xt[i]));
             for (int l = 0; l < NL; l++) {
-                /* ggml_exponent: floor(log2(amax)) - 2 + 127 in float32, 0 for an all-zero block */
-                const float e = amax[l] > 0.0f ? (floorf(log2f(amax[l])) - 2.0f) + 127.0f : 0.0f;
+                /* ggml_exponent: floor(log2(amax)) - 2 + 127, the floor exact from frexpf (not
+                 * log2f, whose rounding near powers of two differs between C libraries) */
+                int ex = 0;
+                if (amax[l] > 0.0f) frexpf(amax[l], &ex);
+                const float e = amax[l] > 0.0f ? (float)(ex - 1 - 2 + 127) : 0.0f;
                 for (int k = 0; k < 4; k++) {
                     exps[k][l] = (uint8_t)(int)clipf(e + (float)steps[k], 0.0f, 254.0f);
                     scales[k][l] = 2.0f * e8m0_half(exps[k][l]);

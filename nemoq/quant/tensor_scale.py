@@ -15,7 +15,9 @@ quantized. That bounds memory by the largest matrix in float32, not a whole expe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from decimal import Decimal
 
 import numpy as np
 
@@ -121,13 +123,22 @@ def best_scale(base: BlockEncoding, x: np.ndarray, importance: np.ndarray | None
     """The rule's candidate scale with the lowest (importance-)weighted error on sample rows."""
     start = matrix_scale(x, rule.full_scale)
     if rule.power_of_two:
-        start = np.float32(2.0 ** np.floor(np.log2(start)))
+        start = np.ldexp(np.float32(0.5), np.frexp(start)[1])   # exactly, where log2 may round up
     if rule.factors == 1:
         return start
     rows = x[:: max(1, x.shape[0] // SAMPLE_ROWS)]
-    scales = (start * 2.0 ** (-np.arange(rule.factors) / rule.factors)).astype(np.float32)
+    scales = (start * octave_steps(rule.factors)).astype(np.float32)
     errors = candidate_errors(base, rows, scales, importance)
     return scales[int(np.argmin(errors))]
+
+
+@functools.cache
+def octave_steps(n: int) -> np.ndarray:
+    """2^(-k / n) for k < n in float64, from Python's decimal arithmetic (correctly rounded on
+    every machine, where numpy's power and a C library's pow may differ in the last bit)."""
+    steps = np.array([float(Decimal(2) ** (Decimal(-k) / n)) for k in range(n)])
+    steps.setflags(write=False)
+    return steps
 
 
 def candidate_errors(base: BlockEncoding, rows: np.ndarray, scales: np.ndarray,

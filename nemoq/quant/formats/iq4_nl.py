@@ -52,8 +52,12 @@ def scale_search(xt, w, inverse_scales):
 class IQ4_NL(Format, ggml_type=GGMLQuantizationType.IQ4_NL):
     # ggml: d = max / 127 first, then id = (itry - 127) / max for itry in -7..7
     ggml_scales = [lambda m: 1 / (m / 127)] + [lambda m, t=t: (t - 127) / m for t in range(-7, 8)]
-    # ours: the largest value mapped to either end of the table, times these factors
-    search_factors = np.geomspace(0.85, 2.5, 8)
+    # ours: the largest value mapped to either end of the table, times these factors (8 spaced
+    # geometrically from 0.85 to 2.5, written out for the same bytes on every machine: see Q4_0)
+    search_factors = np.array([
+        0.85, 0.9916319451401975, 1.1568634289676842, 1.3496267439162157, 1.5745094038621978,
+        1.8368633209334164, 2.1429321739928078, 2.5,
+    ])
     # Without importance only the first three ever won on real weights (clipping the largest
     # value costs too much when every value weighs the same), so the others are not tried.
     plain_factors = 3

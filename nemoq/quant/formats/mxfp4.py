@@ -86,10 +86,14 @@ class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
 
     @staticmethod
     def ggml_exponent(xt):
-        """quantize_row_mxfp4_ref: e = floor(log2(max|x|)) - 2 + 127, so max|x| / 2^(e - 127) is in [4, 8)."""
+        """quantize_row_mxfp4_ref: e = floor(log2(max|x|)) - 2 + 127, so max|x| / 2^(e - 127) is in [4, 8).
+
+        The floor is taken exactly from the float's exponent (frexp). ggml's floorf(log2f(.)) can
+        round up to the next power of two for the float32 values a few ulps below one, and where
+        it does depends on the platform's log2f; BF16 and F16 weights are never that close.
+        """
         amax = np.abs(xt).max(axis=0)
-        with np.errstate(divide="ignore"):
-            return np.where(amax > 0, np.floor(np.log2(amax)) - 2 + 127, 0)
+        return np.where(amax > 0, np.frexp(amax)[1] - 1 - 2 + 127, 0)
 
     def pack(self, e, xt):
         """Exponents (rows, blocks) and values (32, rows, blocks) -> (rows, blocks * 17) bytes."""

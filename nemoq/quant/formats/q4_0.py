@@ -20,7 +20,14 @@ from nemoq.quant.formats.search import (
 
 class Q4_0(Format, ggml_type=GGMLQuantizationType.Q4_0):
     nmax = 8  # signed levels -nmax .. nmax-1
-    search_factors = np.geomspace(0.85, 2.5, 12)  # ours: the largest value mapped to level -nmax * factor
+    # ours: the largest value mapped to level -nmax * factor; 12 factors spaced geometrically from
+    # 0.85 to 2.5, written out because a library's exp/log (numpy's geomspace) rounds differently
+    # on different CPUs and releases, and every bit of a target can change output bytes
+    search_factors = np.array([
+        0.85, 0.9375873764644297, 1.0342001041240614, 1.1407681910175516, 1.2583174769061407,
+        1.3879795081550224, 1.5310024301617142, 1.688763002183515, 1.8627798502205128,
+        2.0547280855282986, 2.2664554294803034, 2.5,
+    ])
 
     def quantize_rows(self, x, importance=None):
         xt = groups_first(x, 32)  # (32, rows, blocks)

@@ -22,7 +22,12 @@ from nemoq.quant.formats.search import (
 
 
 class Q6_K(Format, ggml_type=GGMLQuantizationType.Q6_K):
-    search_factors = np.linspace(0.6, 1.05, 19)  # ours: the largest value mapped to level -32 * factor
+    # ours: the largest value mapped to level -32 * factor, 0.6 to 1.05 in steps of 0.025 (written
+    # out, as Q4_0's: the bits of each factor shape the output bytes)
+    search_factors = np.array([
+        0.6, 0.625, 0.65, 0.675, 0.7, 0.725, 0.75, 0.775, 0.8, 0.825, 0.8500000000000001, 0.875,
+        0.9, 0.925, 0.9500000000000001, 0.9750000000000001, 1.0, 1.0250000000000001, 1.05,
+    ])
 
     def quantize_rows(self, x, importance=None):
         xt = groups_first(x, 16, 16)  # (16 values, 16 groups, rows, super-blocks)
