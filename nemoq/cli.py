@@ -348,7 +348,8 @@ def _run(fn, *args, **kwargs) -> None:
 
 def _report_reclaimed(out: Path, folders: int, nbytes: int) -> None:
     from nemoq.report import human_bytes
-    console.print(f"removed {folders} partial folder(s) that stopped runs left beside {escape(out.name)}: "
+    console.print(f"removed {folders} partial folder{'s' if folders > 1 else ''} left by stopped runs beside "
+                  f"{escape(out.name)}: "
                   f"{human_bytes(nbytes)} ({nbytes:,} bytes) reclaimed", highlight=False, soft_wrap=True)
 
 if __name__ == "__main__":
