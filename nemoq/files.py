@@ -17,9 +17,11 @@ left behind when stopped.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from contextlib import ExitStack, contextmanager
@@ -36,6 +38,7 @@ from nemoq.errors import NemoqError
 
 OWNER = ".nemoq-owner"    # inside a partial folder: "pid boot-id start-time" of the run writing it
 FREE_MARGIN = 64 * 1024 * 1024
+RESEND_DELAY = 0.02       # seconds; see _on_unraisable
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
@@ -69,11 +72,12 @@ def command_scope(on_stale: Callable[[Path, int, int], None] | None = None) -> I
     restored after), stale partial folders removed on the way are reported to `on_stale`."""
     global _scope
     scope, previous_scope = Scope(on_stale), _scope
-    handlers = {}
+    handlers, previous_hook = {}, sys.unraisablehook
     if threading.current_thread() is threading.main_thread():
         for s in STOP_SIGNALS:
             if signal.getsignal(s) is not signal.SIG_IGN:   # nohup and background jobs stay immune
                 handlers[s] = signal.signal(s, _on_signal)
+        sys.unraisablehook = functools.partial(_on_unraisable, previous_hook)
     _scope = scope
     try:
         yield scope
@@ -81,6 +85,8 @@ def command_scope(on_stale: Callable[[Path, int, int], None] | None = None) -> I
         _scope = previous_scope
         for s, handler in handlers.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if handlers:
+            sys.unraisablehook = previous_hook
 
 
 def _on_signal(signum: int, frame) -> None:
@@ -94,6 +100,21 @@ def _on_signal(signum: int, frame) -> None:
         return
     scope.raised = signum
     raise Interrupted(signum)
+
+
+def _on_unraisable(previous_hook, unraisable) -> None:
+    # A signal handled while C code calls back into Python (llama.cpp's log callback, through
+    # ctypes) raises where nobody can catch it: ctypes prints and drops the exception. Send the
+    # signal again a moment later, when this hook has returned; it is raised once Python runs
+    # outside a callback.
+    scope, e = _scope, unraisable.exc_value
+    if scope is not None and isinstance(e, Interrupted) and scope.raised == e.signum:
+        scope.raised = None
+        again = threading.Timer(RESEND_DELAY, os.kill, (os.getpid(), e.signum))
+        again.daemon = True
+        again.start()
+        return
+    previous_hook(unraisable)
 
 
 @contextmanager

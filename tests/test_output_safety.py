@@ -193,3 +193,28 @@ def test_an_output_is_free_again_once_its_run_ends(random_hub, tmp_path):
     assert run_cli("convert", random_hub, "-o", out).exit_code == 1            # exists, no --force
     assert run_cli("convert", random_hub, "-o", out, "--force").exit_code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]
+
+
+def test_a_signal_handled_inside_a_c_callback_still_stops_the_command(capfd):
+    """llama.cpp calls nemoq's log callback (through ctypes) for every line while a model loads;
+    a signal handled in there raises where ctypes prints and drops the exception. The signal is
+    sent again, and raised once Python runs outside the callback. libc's qsort stands for
+    llama.cpp: C calling a Python function many times."""
+    import ctypes
+    compare = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+    calls = []
+
+    def in_c_callback(a, b):
+        calls.append(1)
+        if len(calls) == 100:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+    values = (ctypes.c_int * 5000)()
+    with files.command_scope():
+        with pytest.raises(files.Interrupted) as stopped:
+            ctypes.CDLL(None).qsort(values, len(values), ctypes.sizeof(ctypes.c_int), compare(in_c_callback))
+            assert len(calls) > 100                     # the sort went on: the exception was dropped
+            time.sleep(5)                               # ... and comes back here
+        assert stopped.value.signum == signal.SIGTERM
+    assert "Exception ignored" not in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL     # restored after the command
