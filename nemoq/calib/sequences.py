@@ -61,20 +61,42 @@ def _token_text(value) -> str:
     return value.get("content", "") if isinstance(value, dict) else (value or "")
 
 
+def _special_token(config: dict, key: str, path: Path) -> str:
+    """A tokenizer_config.json special token: a string, or an object with its "content"."""
+    value = config.get(key)
+    text = value.get("content", "") if isinstance(value, dict) else (value or "")
+    if not isinstance(text, str):
+        raise NemoqError(f"{key} must be a token string, not {json.dumps(text)[:40]}", path)
+    return text
+
+
+def _chat_template(config: dict, path: Path) -> str | None:
+    template = config.get("chat_template")
+    if isinstance(template, list):   # named templates: use the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is not None and not isinstance(template, str):
+        raise NemoqError("chat_template must be a string or a list of {\"name\", \"template\"}", path)
+    return template
+
+
 def checkpoint_text(folder: Path) -> ModelText:
     from tokenizers import Tokenizer
+
+    from nemoq.convert.config import read_json_object
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise NemoqError("no tokenizer.json: calibration tokenizes with the model's own tokenizer", folder)
-    tokenizer = Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:   # the tokenizers library raises plain Exception for any bad file
+        raise NemoqError(f"the tokenizers library cannot load it ({e})", path) from None
     config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    template = config.get("chat_template")
-    if isinstance(template, list):   # named templates: use the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    config = read_json_object(config_path) if config_path.is_file() else {}
+    template = _chat_template(config, config_path)
     if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+    bos, eos = _special_token(config, "bos_token", config_path), _special_token(config, "eos_token", config_path)
     return ModelText(lambda text: tokenizer.encode(text, add_special_tokens=False).ids, template,
                      (bos, tokenizer.token_to_id(bos) if bos else None),
                      (eos, tokenizer.token_to_id(eos) if eos else None), bool(config.get("add_bos_token", False)))
@@ -84,16 +106,26 @@ def gguf_text(path: Path) -> ModelText:
     from llama_cpp import Llama
 
     from nemoq.gguf_file import read_gguf
+    from nemoq.llama_tokens import tokenize
     meta = read_gguf(path).metadata
-    llm = Llama(str(path), vocab_only=True, verbose=False)
-    tokens = meta.get("tokenizer.ggml.tokens", [])
+    try:
+        llm = Llama(str(path), vocab_only=True, verbose=False)
+    except ValueError as e:   # llama-cpp-python's "Failed to load model from file"
+        raise NemoqError(f"llama.cpp could not load this model's vocabulary ({e})", path) from None
+    tokens = meta.get("tokenizer.ggml.tokens")
+    template = meta.get("tokenizer.chat_template")
+    if not isinstance(tokens, list) or template is not None and not isinstance(template, str):
+        raise NemoqError("tokenizer.ggml.tokens or tokenizer.chat_template is not of its GGUF type", path)
 
     def special(key: str) -> tuple[str, int | None]:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return (tokens[i] if i is not None and i < len(tokens) else "", i)
-    return ModelText(lambda text: llm.tokenize(text.encode("utf-8"), add_bos=False, special=True),
-                     meta.get("tokenizer.chat_template"), special("bos"), special("eos"),
-                     bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+        if i is None:
+            return "", None
+        if not isinstance(i, int) or not 0 <= i < len(tokens):
+            raise NemoqError(f"tokenizer.ggml.{key}_token_id {i!r} is not a token of its {len(tokens)}", path)
+        return tokens[i], i
+    return ModelText(lambda text: tokenize(llm, text.encode("utf-8"), False, True), template,
+                     special("bos"), special("eos"), bool(meta.get("tokenizer.ggml.add_bos_token", False)))
 
 
 def model_text(source) -> ModelText:

@@ -59,8 +59,6 @@ FIELDS: tuple[tuple[str, tuple[str, ...], type, Any, float, float], ...] = (
 SPECIAL_TOKEN_KEYS = tuple(f"{t}_token_id" for t in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"))
 # Fields where an explicit 0 means "not set", as configs in the wild use it.
 ZERO_IS_UNSET = {"context_length", "n_kv_heads", "head_dim", "n_mtp_layers"}
-# (field, the field it may not exceed)
-RELATIONS = (("n_experts_used", "n_experts"), ("n_expert_groups_used", "n_expert_groups"))
 
 
 def pattern_of(layer_kinds: tuple[str, ...]) -> str:
@@ -193,6 +191,22 @@ def _typed(value: Any, kind: type, key: str, lo: float, hi: float, path: Path):
     return value
 
 
+def expert_count_problem(counts: dict[str, int], names: dict[str, str]) -> str | None:
+    """What llama.cpp's load_hparams asserts on expert counts (a GGML_ASSERT aborts the process
+    instead of reporting), checked first. `counts` and `names` (how the file spells each key)
+    are keyed by ModelConfig field; None when llama.cpp accepts them."""
+    e, u, g, gu = (counts[k] for k in ("n_experts", "n_experts_used", "n_expert_groups", "n_expert_groups_used"))
+    n = names
+    rules = (
+        (0 < e <= MAX_EXPERTS, f"{n['n_experts']} is {e}; llama.cpp loads 1 to {MAX_EXPERTS} experts"),
+        (0 < u <= e, f"{n['n_experts_used']} is {u}; it must be 1 to {n['n_experts']} ({e})"),
+        (g < e, f"{n['n_expert_groups']} is {g}; llama.cpp needs fewer groups than experts ({e})"),
+        (g <= 1 or e % g == 0, f"{n['n_experts']} ({e}) is not a multiple of {n['n_expert_groups']} ({g})"),
+        (g <= 1 or 0 < gu < g, f"{n['n_expert_groups_used']} is {gu}; with {g} groups llama.cpp needs 1 to {g - 1}"),
+    )
+    return next((message for ok, message in rules if not ok), None)
+
+
 def _fields(cfg: dict, path: Path) -> dict[str, Any]:
     """Every number nemoq reads from config.json, type- and range-checked, by ModelConfig field."""
     values: dict[str, Any] = {}
@@ -206,10 +220,9 @@ def _fields(cfg: dict, path: Path) -> dict[str, Any]:
         else:
             key, value = keys[0], default(values) if callable(default) else default
         values[name] = _typed(value, kind, key, lo, hi, path)
-    for small, large in RELATIONS:
-        if values[small] > values[large]:
-            raise NemoqError(f"{FIELD_KEYS[small]} ({values[small]}) is more than {FIELD_KEYS[large]} "
-                             f"({values[large]})", path)
+    problem = expert_count_problem(values, FIELD_KEYS)
+    if problem:
+        raise NemoqError(problem, path)
     d_inner = values["mamba_heads"] * values["mamba_head_dim"]
     derived = {"mamba_num_heads x mamba_head_dim": d_inner,
                "the Mamba in_proj rows": 2 * d_inner + 2 * values["ssm_groups"] * values["ssm_state"]

@@ -89,6 +89,46 @@ class LlamaLogs:
 LLAMA_LOGS = LlamaLogs()
 
 
+# Per-architecture keys llama.cpp reads with a GGML_ASSERT behind them (an abort, not an error),
+# by ModelConfig field for the expert counts.
+EXPERT_KEYS = {"n_experts": "expert_count", "n_experts_used": "expert_used_count",
+               "n_expert_groups": "expert_group_count", "n_expert_groups_used": "expert_group_used_count"}
+EPSILON_KEYS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon")
+
+
+def check_loadable(path: Path) -> None:
+    """Refuse, with one error, a GGUF whose hyper-parameters would make llama.cpp abort the process
+    (its load_hparams and norm ops assert on them rather than report). Values of the wrong type are
+    left to llama.cpp, which reports those itself."""
+    from nemoq.convert.config import MAX_LAYERS, expert_count_problem
+    from nemoq.gguf_file import read_gguf
+
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+    meta = read_gguf(path).metadata
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        return
+    blocks = meta.get(f"{arch}.block_count")
+    if integer(blocks) and not 0 < blocks <= MAX_LAYERS:
+        raise NemoqError(f"{arch}.block_count is {blocks}; llama.cpp loads 1 to {MAX_LAYERS} layers", path)
+    names = {field: f"{arch}.{key}" for field, key in EXPERT_KEYS.items()}
+    counts = {field: meta.get(name, 0) for field, name in names.items()}
+    if all(integer(v) for v in counts.values()):
+        if counts["n_experts"]:
+            problem = expert_count_problem(counts, names)
+        elif counts["n_experts_used"] or counts["n_expert_groups"]:
+            problem = f"{names['n_experts']} is 0, but {names['n_experts_used']} or {names['n_expert_groups']} is not"
+        else:
+            problem = None
+        if problem:
+            raise NemoqError(problem, path)
+    for key in EPSILON_KEYS:
+        eps = meta.get(f"{arch}.{key}")
+        if isinstance(eps, float) and not eps >= 0:   # NaN too
+            raise NemoqError(f"{arch}.{key} is {eps}; llama.cpp needs an epsilon >= 0", path)
+
+
 class LlamaModel:
     """A loaded GGUF with one context of n_ctx tokens that returns scored log-probs per chunk."""
 
@@ -97,6 +137,7 @@ class LlamaModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise NemoqError("no such file", self.path)
+        check_loadable(self.path)
         threads = threads or os.cpu_count() or 1
         LLAMA_LOGS.install(llama_cpp)
         LLAMA_LOGS.errors.clear()
@@ -115,7 +156,8 @@ class LlamaModel:
 
     def tokenize(self, text: str) -> np.ndarray:
         # add_bos=True asks llama.cpp for the model's special tokens: BOS only where add_bos is set
-        return np.asarray(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), dtype=np.int32)
+        from nemoq.llama_tokens import tokenize
+        return np.asarray(tokenize(self.llm, text.encode("utf-8"), True, False), dtype=np.int32)
 
     def layout(self, n_tokens: int, ctx: int, max_chunks: int | None, data: Path | None = None) -> ChunkLayout:
         bos = self.llm.token_bos() if self.add_bos else None
