@@ -24,7 +24,7 @@ import signal
 import sys
 import tempfile
 import threading
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -178,12 +178,14 @@ def _owner_record() -> str:
     return f"{os.getpid()} {_boot_id()} {_start_time(os.getpid())}\n"
 
 
-def _owner_alive(folder: Path) -> bool:
+def _owner_alive(folder: Path, locked: bool) -> bool:
     try:
         pid_text, boot, start = (folder / OWNER).read_text().split()
         pid = int(pid_text)
     except (OSError, ValueError):
-        return False   # its run died before writing the record (or was an older nemoq)
+        # Its run died before writing the record (or was an older nemoq) - or, where nothing
+        # could be locked, is about to write it.
+        return not locked
     if boot != _boot_id():
         return False
     if pid == os.getpid():
@@ -208,14 +210,14 @@ def _tree_bytes(folder: Path) -> int:
     return total
 
 
-def remove_stale_partials(out: Path) -> tuple[int, int]:
+def remove_stale_partials(out: Path, locked: bool) -> tuple[int, int]:
     """Remove the partial folders of `out` whose run is gone; returns (folders, bytes) removed.
-    Call it holding `out`'s lock, so that no live run is writing one of them."""
+    `locked`: the caller holds `out`'s lock, so no live run can be starting one of them."""
     prefix = f".{out.name}.partial-"
     folders = nbytes = 0
     with os.scandir(out.parent) as entries:
         stale = [Path(e.path) for e in entries
-                 if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False) and not _owner_alive(Path(e.path))]
+                 if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False) and not _owner_alive(Path(e.path), locked)]
     for folder in stale:
         size = _tree_bytes(folder)
         with _signals_deferred():
@@ -258,6 +260,8 @@ def _lock(out: Path) -> _Lock:
                              f"or choose another output name", out) from None
         except OSError:          # a filesystem without flock: go on unlocked
             os.close(fd)
+            with suppress(OSError):
+                os.unlink(path)
             return _Lock(path, None)
         try:   # the previous holder unlinks the file as it lets go: lock the one at the path
             if os.path.samestat(os.fstat(fd), os.stat(path)):
@@ -273,10 +277,8 @@ def _lock(out: Path) -> _Lock:
 def _unlock(lock: _Lock) -> None:
     if lock.fd is None:
         return
-    try:
+    with suppress(OSError):
         os.unlink(lock.path)     # while still holding it: see _lock
-    except OSError:
-        pass
     os.close(lock.fd)
 
 
@@ -295,7 +297,7 @@ def claim_output(out: Path, force: bool) -> Iterator[Path]:
     else:
         lock = _held[out] = _lock(out)
         try:
-            folders, nbytes = remove_stale_partials(out)
+            folders, nbytes = remove_stale_partials(out, locked=lock.fd is not None)
         except BaseException:
             del _held[out]
             _unlock(lock)

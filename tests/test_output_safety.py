@@ -218,3 +218,22 @@ def test_a_signal_handled_inside_a_c_callback_still_stops_the_command(capfd):
         assert stopped.value.signum == signal.SIGTERM
     assert "Exception ignored" not in capfd.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL     # restored after the command
+
+
+def test_where_nothing_can_be_locked_only_recorded_dead_owners_go(random_hub, tmp_path, monkeypatch):
+    """A filesystem without flock: the run goes on unlocked, and a folder with no owner record
+    yet may be a run that is just starting, so it stays."""
+    def no_flock(fd, operation):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(files.fcntl, "flock", no_flock)
+    starting = tmp_path / ".out.gguf.partial-starting"
+    starting.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = tmp_path / ".out.gguf.partial-gone"
+    gone.mkdir()
+    (gone / files.OWNER).write_text(f"{dead.pid} {files._boot_id()} -\n")
+    result = run_cli("convert", random_hub, "-o", tmp_path / "out.gguf")
+    assert result.exit_code == 0, result.output
+    assert "removed 1 partial folder " in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.gguf.partial-starting", "out.gguf"]
