@@ -130,9 +130,22 @@ def companions_of(encoding, tensor) -> tuple[Companion, ...]:
     return tuple(getattr(encoding, "companions", lambda t: ())(tensor))
 
 
-def type_nbytes(ggml_type: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
-    block, size = GGML_QUANT_SIZES[ggml_type]
-    n = int(np.prod(shape))
+def ggml_type(type_name: str | GGMLQuantizationType) -> GGMLQuantizationType:
+    """A ggml type from its name in any case ("q4_k", "Q4_K"), or the type itself."""
+    return type_name if isinstance(type_name, GGMLQuantizationType) else GGMLQuantizationType[type_name.upper()]
+
+
+def block_size(type_name: str | GGMLQuantizationType) -> int:
+    return GGML_QUANT_SIZES[ggml_type(type_name)][0]
+
+
+def type_nbytes(type_name: str | GGMLQuantizationType, shape: tuple[int, ...] | int) -> int:
+    """Bytes of a tensor of `shape` (or of n values) in a ggml type: the one place nemoq turns
+    a block format into bytes, from gguf-py's GGML_QUANT_SIZES. Whole blocks only: a width that
+    is not a multiple of the block counts what llama.cpp could not store (plans use it to price
+    the type a tensor could not take)."""
+    block, size = GGML_QUANT_SIZES[ggml_type(type_name)]
+    n = shape if isinstance(shape, int) else int(np.prod(shape))
     return n // block * size
 
 

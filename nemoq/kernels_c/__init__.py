@@ -13,23 +13,15 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from nemoq.kernels_c.build import KernelStatus, library, status
 
 __all__ = ["KernelStatus", "status", "quantize_rows", "dequantize_rows", "available", "KERNEL_FORMATS"]
 
-# format name -> (block size, bytes per block): the formats with a C kernel
-KERNEL_FORMATS = {
-    "q8_0": (32, 34),
-    "q5_0": (32, 22),
-    "q4_0": (32, 18),
-    "iq4_nl": (32, 18),
-    "q4_k": (256, 144),
-    "q5_k": (256, 176),
-    "q6_k": (256, 210),
-    "mxfp4": (32, 17),
-    "nvfp4": (64, 36),
-}
+# format name -> (block size, bytes per block), gguf-py's sizes: the formats with a C kernel
+KERNEL_FORMATS = {name: GGML_QUANT_SIZES[GGMLQuantizationType[name.upper()]]
+                  for name in ("q8_0", "q5_0", "q4_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "mxfp4", "nvfp4")}
 
 # Threads for quantizing (None: all cores); `nemoq quantize --threads` sets it.
 THREADS: int | None = None
@@ -158,7 +150,8 @@ def dequantize_rows(fmt: str, data: np.ndarray, threads: int | None = None) -> n
     return out
 
 
-SCALE_SEARCH_FORMATS = {"mxfp4": 39, "nvfp4": 40}   # nemoq_scale_errors' formats, by ggml type id
+# nemoq_scale_errors' formats; the C function takes the ggml type id
+SCALE_SEARCH_FORMATS = {name: int(GGMLQuantizationType[name.upper()]) for name in ("mxfp4", "nvfp4")}
 
 
 def scale_errors(fmt: str, rows: np.ndarray, scales: np.ndarray, importance: np.ndarray | None = None,

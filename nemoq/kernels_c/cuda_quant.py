@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from nemoq.kernels_c import quantizer_inputs
 from nemoq.kernels_c.cuda import NVCC_FLAGS, build_and_load
@@ -29,12 +30,8 @@ LIB_NAME = "libnemoq_quant_cuda.so"
 FLAGS = [*NVCC_FLAGS, "-fmad=false", "-Xcompiler", "-ffp-contract=off"]
 
 # format name -> (ggml type id, values per block, bytes per block): what quants.cu quantizes
-CUDA_QUANT_FORMATS = {
-    "q8_0": (8, 32, 34),
-    "q4_k": (12, 256, 144),
-    "q5_k": (13, 256, 176),
-    "nvfp4": (40, 64, 36),
-}
+CUDA_QUANT_FORMATS = {name: (int(t), *GGML_QUANT_SIZES[t]) for name, t in
+                      ((n, GGMLQuantizationType[n.upper()]) for n in ("q8_0", "q4_k", "q5_k", "nvfp4"))}
 
 _p, _i64, _int, _buf = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_char_p
 _SIGNATURES = {

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from nemoq.convert.dtypes import block_size, type_nbytes
 from nemoq.quant.formats import FORMATS
 
 ACTIVATIONS = ("f32", "q8")   # what the matrices multiply: the float32 vector or its 8-bit rounding
@@ -34,11 +35,10 @@ Q8_K_WEIGHTS = ("q4_k", "q5_k", "q6_k")   # the formats ggml multiplies with Q8_
 
 
 def row_bytes(fmt: str, n: int) -> int:
-    """Bytes of one row of n values in block format `fmt`."""
-    f = FORMATS[fmt]
-    if n % f.block_size:
-        raise ValueError(f"{fmt}: row width {n} is not a multiple of the block size {f.block_size}")
-    return n // f.block_size * f.type_size
+    """Bytes of one row of n values in block format `fmt` (a whole number of blocks)."""
+    if n % block_size(fmt):
+        raise ValueError(f"{fmt}: row width {n} is not a multiple of the block size {block_size(fmt)}")
+    return type_nbytes(fmt, n)
 
 
 def expert_shapes(x: np.ndarray, up: np.ndarray, down: np.ndarray, up_format: str, down_format: str):

@@ -15,18 +15,10 @@ from typing import Callable, Iterable
 
 import gguf
 
+from nemoq.convert.dtypes import block_size, type_nbytes
 from nemoq.convert.plan import TensorSpec
 
 FT = gguf.LlamaFileType
-
-
-def block_size(type_name: str) -> int:
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]][0]
-
-
-def type_bytes(type_name: str, n_elements: int) -> int:
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
-    return n_elements // block * size
 
 
 # When a type's block does not divide the row width: the next format to try. For the types of
@@ -205,7 +197,7 @@ class TypedTensor:
     def nbytes(self) -> int:
         from nemoq.quant.tensor_scale import takes_scale
         scales = 4 * self.spec.n_matrices if self.scaled and takes_scale(self.spec, self.type) else 0  # `.scale`
-        return type_bytes(self.type, self.spec.n_elements) + scales
+        return type_nbytes(self.type, self.spec.n_elements) + scales
 
     @property
     def fell_back(self) -> bool:
@@ -295,7 +287,7 @@ def summarize(typed: list[TypedTensor]) -> PlanSummary:
         fallback_tensors=len(fallbacks),
         fallback_elements=sum(t.spec.n_elements for t in fallbacks),
         quantizable_elements=sum(t.spec.n_elements for t in quantizable),
-        wanted_bytes=sum(t.nbytes - type_bytes(t.type, t.spec.n_elements) + type_bytes(t.wanted, t.spec.n_elements)
+        wanted_bytes=sum(t.nbytes - type_nbytes(t.type, t.spec.n_elements) + type_nbytes(t.wanted, t.spec.n_elements)
                          for t in typed),
     )
 
