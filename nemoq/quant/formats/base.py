@@ -3,6 +3,12 @@
 A format turns float32 rows into ggml blocks and back. Quantizers may take an importance
 vector (llama.cpp's imatrix: one non-negative weight per column) and then minimise
 sum_i w_i (x_i - dequantized_i)^2 instead of the plain squared error.
+
+Every block is scale fields plus one code per value, and value i = a_i * code_values[code_i] + b_i
+where a and b follow from the scale fields alone (`grid`). Rounding algorithms that choose each
+value's code themselves (nemoq/quant/compensate.py) read a block's grid, write codes with
+`with_codes` and scale fields with `with_fields`; each format declares where both live and how
+they pack, and its own quantizer and dequantizer use the same helpers.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ class Format:
     ggml_type: ClassVar[GGMLQuantizationType]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
+    code_values: ClassVar[np.ndarray]  # float32: the level of each code
+    code_bytes: ClassVar[slice]  # where a block keeps its codes
+    field_bytes: ClassVar[slice]  # ... and its scale fields
 
     def __init_subclass__(cls, ggml_type: GGMLQuantizationType, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -77,6 +86,51 @@ class Format:
         """uint8 (n_blocks, type_size) -> float32 (n_blocks, block_size)."""
         raise NotImplementedError
 
+    # Each format also declares its anatomy: the layout of codes and scale fields, and the grid.
+    def pack_codes(self, q: np.ndarray) -> np.ndarray:
+        """Codes uint8 (..., block_size) -> the bytes at code_bytes (..., n)."""
+        raise NotImplementedError
+
+    def unpack_codes(self, b: np.ndarray) -> np.ndarray:
+        """The bytes at code_bytes (..., n) -> codes uint8 (..., block_size)."""
+        raise NotImplementedError
+
+    def pack_fields(self, *fields: np.ndarray) -> np.ndarray:
+        """Scale fields, each (..., [k]) -> the bytes at field_bytes (..., n)."""
+        raise NotImplementedError
+
+    def unpack_fields(self, b: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The bytes at field_bytes (n_blocks, n) -> the scale fields, each (n_blocks, [k])."""
+        raise NotImplementedError
+
+    def grid_of(self, *fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scale fields -> (a, b), each float32 (n_blocks, block_size): value = a * code_values[code] + b,
+        in the same float32 operations as dequantize_blocks."""
+        raise NotImplementedError
+
+    def codes(self, blocks: np.ndarray) -> np.ndarray:
+        """uint8 (n_blocks, type_size) -> each value's code (n_blocks, block_size)."""
+        return self.unpack_codes(blocks[:, self.code_bytes])
+
+    def with_codes(self, blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """A copy of blocks with codes q (n_blocks, block_size), scale fields kept."""
+        out = blocks.copy()
+        out[:, self.code_bytes] = self.pack_codes(np.asarray(q, dtype=np.uint8))
+        return out
+
+    def fields(self, blocks: np.ndarray) -> tuple[np.ndarray, ...]:
+        return self.unpack_fields(blocks[:, self.field_bytes])
+
+    def with_fields(self, blocks: np.ndarray, *fields: np.ndarray) -> np.ndarray:
+        """A copy of blocks with new scale fields, codes kept."""
+        out = blocks.copy()
+        out[:, self.field_bytes] = self.pack_fields(*fields)
+        return out
+
+    def grid(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(a, b) of each value of the blocks; see grid_of."""
+        return self.grid_of(*self.fields(blocks))
+
     def best_of(self, x: np.ndarray, w: np.ndarray, *candidates: np.ndarray) -> np.ndarray:
         """Per block, the candidate encoding with the lowest weighted squared error (the first on ties).
 
@@ -122,3 +176,18 @@ def pack_nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 def unpack_nibbles(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return b & 0x0F, b >> 4
+
+
+def pack_halves(q: np.ndarray) -> np.ndarray:
+    """4-bit codes (..., 2h) -> (..., h) bytes: byte j holds code j (low nibble) and code j + h (high)."""
+    h = q.shape[-1] // 2
+    return pack_nibbles(q[..., :h], q[..., h:])
+
+
+def unpack_halves(b: np.ndarray) -> np.ndarray:
+    return np.concatenate(unpack_nibbles(b), axis=-1)
+
+
+def per_value(a: np.ndarray, n: int) -> np.ndarray:
+    """Per-group values (n_blocks, groups) -> per value (n_blocks, groups * n), each repeated n times."""
+    return np.repeat(np.asarray(a, dtype=np.float32), n, axis=-1)

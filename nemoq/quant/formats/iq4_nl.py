@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from nemoq.quant.formats.base import Format, f16_bytes, metric_weights, pack_nibbles, read_f16, unpack_nibbles
+from nemoq.quant.formats.base import Format, f16_bytes, metric_weights, pack_halves, per_value, read_f16, unpack_halves
 from nemoq.quant.formats.search import (
     GROUP_MAX_EPS, Grid, divide, dot, full, groups_first, groups_last, refine_on_grid, signed_absmax,
 )
@@ -50,6 +50,8 @@ def scale_search(xt, w, inverse_scales):
 
 
 class IQ4_NL(Format, ggml_type=GGMLQuantizationType.IQ4_NL):
+    code_values = KVALUES
+    field_bytes, code_bytes = slice(0, 2), slice(2, 18)
     # ggml: d = max / 127 first, then id = (itry - 127) / max for itry in -7..7
     ggml_scales = [lambda m: 1 / (m / 127)] + [lambda m, t=t: (t - 127) / m for t in range(-7, 8)]
     # ours: the largest value mapped to either end of the table, times these factors (8 spaced
@@ -87,10 +89,24 @@ class IQ4_NL(Format, ggml_type=GGMLQuantizationType.IQ4_NL):
 
     def pack(self, d, idx):
         q = groups_last(idx).astype(np.uint8).reshape(*d.shape, 32)
-        out = np.concatenate([f16_bytes(d), pack_nibbles(q[..., :16], q[..., 16:])], axis=-1)
+        out = np.concatenate([self.pack_fields(d), self.pack_codes(q)], axis=-1)
         return out.reshape(d.shape[0], -1)
 
+    def pack_codes(self, q):
+        return pack_halves(q)
+
+    def unpack_codes(self, b):
+        return unpack_halves(b)
+
+    def pack_fields(self, d):
+        return f16_bytes(d)
+
+    def unpack_fields(self, b):
+        return (read_f16(b),)
+
+    def grid_of(self, d):
+        return per_value(d[:, None], 32), np.zeros((d.shape[0], 32), np.float32)
+
     def dequantize_blocks(self, blocks):
-        d = read_f16(blocks[:, :2])
-        lo, hi = unpack_nibbles(blocks[:, 2:])
-        return d[:, None] * KVALUES[np.concatenate([lo, hi], axis=-1)]
+        (d,) = self.fields(blocks)
+        return d[:, None] * KVALUES[self.codes(blocks)]

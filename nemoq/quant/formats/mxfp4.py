@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from nemoq.quant.formats.base import Format, metric_weights, pack_nibbles, unpack_nibbles
+from nemoq.quant.formats.base import Format, metric_weights, pack_halves, per_value, unpack_halves
 from nemoq.quant.formats.search import Grid, divide, dot, full, groups_first, groups_last
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=np.float32)
@@ -70,6 +70,8 @@ def e8m0_half(e: np.ndarray) -> np.ndarray:
 
 
 class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
+    code_values = KVALUES  # times half the scale
+    field_bytes, code_bytes = slice(0, 1), slice(1, 17)
     steps = (0, -2, -1, 1)  # exponents tried, relative to ggml's (first)
 
     def quantize_rows(self, x, importance=None):
@@ -98,10 +100,25 @@ class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
     def pack(self, e, xt):
         """Exponents (rows, blocks) and values (32, rows, blocks) -> (rows, blocks * 17) bytes."""
         q = groups_last(e2m1_encode(xt, 2 * e8m0_half(e))).reshape(*e.shape, 32)
-        out = np.concatenate([e[..., None], pack_nibbles(q[..., :16], q[..., 16:])], axis=-1)
+        out = np.concatenate([self.pack_fields(e), self.pack_codes(q)], axis=-1)
         return out.reshape(e.shape[0], -1)
 
+    def pack_codes(self, q):
+        return pack_halves(q)
+
+    def unpack_codes(self, b):
+        return unpack_halves(b)
+
+    def pack_fields(self, e):
+        return np.asarray(e, dtype=np.uint8)[..., None]
+
+    def unpack_fields(self, b):
+        return (b[:, 0],)
+
+    def grid_of(self, e):
+        return per_value(e8m0_half(e)[:, None], 32), np.zeros((e.shape[0], 32), np.float32)
+
     def dequantize_blocks(self, blocks):
-        lo, hi = unpack_nibbles(blocks[:, 1:])
+        (e,) = self.fields(blocks)
         with np.errstate(over="ignore"):  # e = 255 overflows to inf, as in ggml
-            return e8m0_half(blocks[:, 0])[:, None] * KVALUES[np.concatenate([lo, hi], axis=-1)]
+            return e8m0_half(e)[:, None] * KVALUES[self.codes(blocks)]

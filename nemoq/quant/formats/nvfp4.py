@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from nemoq.quant.formats.base import Format, metric_weights, pack_nibbles, unpack_nibbles
+from nemoq.quant.formats.base import Format, metric_weights, pack_halves, per_value, unpack_halves
 from nemoq.quant.formats.mxfp4 import KVALUES, best_e2m1_scale, e2m1_encode
 from nemoq.quant.formats.search import full, groups_first, groups_last
 
@@ -43,6 +43,8 @@ def fp32_to_ue4m3(x: np.ndarray) -> np.ndarray:
 
 
 class NVFP4(Format, ggml_type=GGMLQuantizationType.NVFP4):
+    code_values = KVALUES  # times half the group's scale
+    field_bytes, code_bytes = slice(0, 4), slice(4, 36)
     steps = (0, *range(-8, 0), 1)  # codes tried relative to ggml's (first): an octave below to a step above
 
     def quantize_rows(self, x, importance=None):
@@ -63,12 +65,28 @@ class NVFP4(Format, ggml_type=GGMLQuantizationType.NVFP4):
     def pack(self, code, xt):
         """Scale codes (rows, groups) and values (16, rows, groups) -> (rows, groups / 4 * 36) bytes."""
         rows = code.shape[0]
-        q = groups_last(e2m1_encode(xt, UE4M3[code])).reshape(rows, -1, 4, 16)
-        qs = pack_nibbles(q[..., :8], q[..., 8:]).reshape(rows, -1, 32)
-        return np.concatenate([code.astype(np.uint8).reshape(rows, -1, 4), qs], axis=-1).reshape(rows, -1)
+        q = groups_last(e2m1_encode(xt, UE4M3[code])).reshape(rows, -1, 64)
+        out = np.concatenate([self.pack_fields(code.reshape(rows, -1, 4)), self.pack_codes(q)], axis=-1)
+        return out.reshape(rows, -1)
+
+    def pack_codes(self, q):
+        """Codes (..., 64) -> (..., 32): in group g, byte j holds code j (low) and code j + 8 (high)."""
+        return pack_halves(q.reshape(*q.shape[:-1], 4, 16)).reshape(*q.shape[:-1], 32)
+
+    def unpack_codes(self, b):
+        return unpack_halves(b.reshape(*b.shape[:-1], 4, 8)).reshape(*b.shape[:-1], 64)
+
+    def pack_fields(self, code):
+        return np.asarray(code, dtype=np.uint8)
+
+    def unpack_fields(self, b):
+        return (b,)
+
+    def grid_of(self, code):
+        return per_value(UE4M3[code] / 2, 16), np.zeros((code.shape[0], 64), np.float32)
 
     def dequantize_blocks(self, blocks):
-        d = UE4M3[blocks[:, :4]] / 2  # halved, for the doubled E2M1 table, as in ggml
-        lo, hi = unpack_nibbles(blocks[:, 4:].reshape(-1, 4, 8))
-        q = KVALUES[np.concatenate([lo, hi], axis=-1)]
+        (code,) = self.fields(blocks)
+        d = UE4M3[code] / 2  # halved, for the doubled E2M1 table, as in ggml
+        q = KVALUES[self.codes(blocks)].reshape(-1, 4, 16)
         return (d[..., None] * q).reshape(-1, 64)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from nemoq.quant.formats.base import Format, f16_bytes, metric_weights, pack_nibbles, read_f16, unpack_nibbles
+from nemoq.quant.formats.base import Format, f16_bytes, metric_weights, pack_halves, per_value, read_f16, unpack_halves
 from nemoq.quant.formats.search import (
     Grid, full, groups_first, groups_last, make_qx_quants, refine_on_grid, signed_absmax,
 )
@@ -20,6 +20,8 @@ from nemoq.quant.formats.search import (
 
 class Q4_0(Format, ggml_type=GGMLQuantizationType.Q4_0):
     nmax = 8  # signed levels -nmax .. nmax-1
+    code_values = np.arange(-nmax, nmax, dtype=np.float32)  # code q holds level q - nmax
+    field_bytes, code_bytes = slice(0, 2), slice(2, 18)
     # ours: the largest value mapped to level -nmax * factor; 12 factors spaced geometrically from
     # 0.85 to 2.5, written out because a library's exp/log (numpy's geomspace) rounds differently
     # on different CPUs and releases, and every bit of a target can change output bytes
@@ -55,13 +57,26 @@ class Q4_0(Format, ggml_type=GGMLQuantizationType.Q4_0):
         return d, np.minimum(2 * self.nmax - 1, q) - self.nmax
 
     def pack(self, d, l):
-        """d (rows, blocks), signed levels l (32, rows, blocks) -> (rows, blocks * 18) bytes."""
+        """d (rows, blocks), signed levels l (32, rows, blocks) -> (rows, blocks * type_size) bytes."""
         q = groups_last(l + self.nmax).astype(np.uint8).reshape(*d.shape, 32)
-        out = np.concatenate([f16_bytes(d), pack_nibbles(q[..., :16], q[..., 16:])], axis=-1)
+        out = np.concatenate([self.pack_fields(d), self.pack_codes(q)], axis=-1)
         return out.reshape(d.shape[0], -1)
 
+    def pack_codes(self, q):
+        return pack_halves(q)
+
+    def unpack_codes(self, b):
+        return unpack_halves(b)
+
+    def pack_fields(self, d):
+        return f16_bytes(d)
+
+    def unpack_fields(self, b):
+        return (read_f16(b),)
+
+    def grid_of(self, d):
+        return per_value(d[:, None], 32), np.zeros((d.shape[0], 32), np.float32)
+
     def dequantize_blocks(self, blocks):
-        d = read_f16(blocks[:, :2])
-        lo, hi = unpack_nibbles(blocks[:, 2:])
-        q = np.concatenate([lo, hi], axis=-1).astype(np.int8) - np.int8(self.nmax)
-        return d[:, None] * q.astype(np.float32)
+        (d,) = self.fields(blocks)
+        return d[:, None] * self.code_values[self.codes(blocks)]

@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq.quant.formats.base import (
-    Format, f16_bytes, f16_round, metric_weights, pack_nibbles, read_f16, unpack_nibbles,
+    Format, f16_bytes, f16_round, metric_weights, pack_nibbles, per_value, read_f16, unpack_nibbles,
 )
 from nemoq.quant.formats.search import (
     divide, dot, full, groups_first, groups_last, make_qkx_quants, make_qp_quants, nearest_int, total,
@@ -43,6 +43,8 @@ def unpack_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class Q4_K(Format, ggml_type=GGMLQuantizationType.Q4_K):
     nmax = 15
+    code_values = np.arange(nmax + 1, dtype=np.float32)
+    field_bytes, code_bytes = slice(0, 16), slice(16, 144)
     ref_search = (-1.0, 0.1, 20)  # (rmin, rdelta, nstep) of make_qkx2_quants in the _ref quantizer
     imatrix_search = (-0.9, 0.05, 36)  # ... of make_qkx3_quants in the importance path
     our_search = (-1.5, 0.4, 15)  # ... of our own search: wider, coarser
@@ -106,25 +108,35 @@ class Q4_K(Format, ggml_type=GGMLQuantizationType.Q4_K):
 
     def pack(self, d, dmin, sc, m, L):
         rows = d.shape[0]
-        scales = pack_scales(groups_last(sc).reshape(rows, -1, 8), groups_last(m).reshape(rows, -1, 8))
-        levels = groups_last(L, 2).astype(np.uint8).reshape(rows, -1, 8, 32)
-        parts = [f16_bytes(d), f16_bytes(dmin), scales, self.pack_levels(levels)]
+        sc, m = groups_last(sc).reshape(rows, -1, 8), groups_last(m).reshape(rows, -1, 8)
+        levels = groups_last(L, 2).astype(np.uint8).reshape(rows, -1, 256)
+        parts = [self.pack_fields(d, dmin, sc, m), self.pack_codes(levels)]
         return np.concatenate(parts, axis=-1).reshape(rows, -1)
 
-    def pack_levels(self, q):
-        """Levels (rows, blocks, 8, 32) -> (rows, blocks, 128): groups 2c and 2c + 1 share bytes 32c to 32c + 31."""
-        q = q.reshape(*q.shape[:2], 4, 2, 32)
-        return pack_nibbles(q[..., 0, :], q[..., 1, :]).reshape(*q.shape[:2], 128)
+    def pack_codes(self, q):
+        """Levels (..., 256) -> (..., 128): groups 2c and 2c + 1 share bytes 32c to 32c + 31."""
+        q = q.reshape(*q.shape[:-1], 4, 2, 32)
+        return pack_nibbles(q[..., 0, :], q[..., 1, :]).reshape(*q.shape[:-3], 128)
 
-    def unpack_levels(self, blocks):
-        lo, hi = unpack_nibbles(blocks[:, 16:144].reshape(-1, 4, 1, 32))
-        return np.concatenate([lo, hi], axis=2)  # (n, 4, 2, 32) -> group 2c + h
+    def unpack_codes(self, b):
+        lo, hi = unpack_nibbles(b.reshape(*b.shape[:-1], 4, 1, 32))
+        return np.concatenate([lo, hi], axis=-2).reshape(*b.shape[:-1], 256)  # group 2c + h
+
+    def pack_fields(self, d, dmin, sc, m):
+        return np.concatenate([f16_bytes(d), f16_bytes(dmin), pack_scales(sc, m)], axis=-1)
+
+    def unpack_fields(self, b):
+        return (read_f16(b[:, 0:2]), read_f16(b[:, 2:4]), *unpack_scales(b[:, 4:16]))
+
+    def grid_of(self, d, dmin, sc, m):
+        dd = d[:, None] * sc.astype(np.float32)
+        dm = dmin[:, None] * m.astype(np.float32)
+        return per_value(dd, 32), per_value(-dm, 32)
 
     def dequantize_blocks(self, blocks):
         n = blocks.shape[0]
-        d, dmin = read_f16(blocks[:, 0:2]), read_f16(blocks[:, 2:4])
-        sc, m = unpack_scales(blocks[:, 4:16])
-        q = self.unpack_levels(blocks).reshape(n, 8, 32).astype(np.float32)
+        d, dmin, sc, m = self.fields(blocks)
+        q = self.codes(blocks).reshape(n, 8, 32).astype(np.float32)
         dd = (d[:, None] * sc.astype(np.float32))[..., None]
         dm = (dmin[:, None] * m.astype(np.float32))[..., None]
         return (dd * q - dm).reshape(n, 256)

@@ -10,23 +10,19 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from nemoq.quant.formats.base import f16_bytes, pack_nibbles, read_f16, unpack_nibbles
+from nemoq.quant.formats.base import pack_halves, unpack_halves
 from nemoq.quant.formats.q4_0 import Q4_0
-from nemoq.quant.formats.search import groups_last
 
 
 class Q5_0(Q4_0, ggml_type=GGMLQuantizationType.Q5_0):
     nmax = 16
+    code_values = np.arange(-nmax, nmax, dtype=np.float32)
+    code_bytes = slice(2, 22)
 
-    def pack(self, d, l):
-        q = groups_last(l + self.nmax).astype(np.uint8).reshape(*d.shape, 32)
+    def pack_codes(self, q):
         qh = np.packbits(q >> 4, axis=-1, bitorder="little")
-        out = np.concatenate([f16_bytes(d), qh, pack_nibbles(q[..., :16], q[..., 16:])], axis=-1)
-        return out.reshape(d.shape[0], -1)
+        return np.concatenate([qh, pack_halves(q & 0x0F)], axis=-1)
 
-    def dequantize_blocks(self, blocks):
-        d = read_f16(blocks[:, :2])
-        high = np.unpackbits(blocks[:, 2:6], axis=-1, bitorder="little")
-        lo, hi = unpack_nibbles(blocks[:, 6:])
-        q = (np.concatenate([lo, hi], axis=-1) | (high << 4)).astype(np.int8) - np.int8(self.nmax)
-        return d[:, None] * q.astype(np.float32)
+    def unpack_codes(self, b):
+        high = np.unpackbits(b[..., :4], axis=-1, bitorder="little")
+        return unpack_halves(b[..., 4:]) | (high << 4)

@@ -15,13 +15,18 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from nemoq.quant.formats.base import Format, f16_bytes, f16_round, metric_weights, pack_nibbles, read_f16
+from nemoq.quant.formats.base import Format, f16_bytes, f16_round, metric_weights, pack_nibbles, per_value, read_f16
 from nemoq.quant.formats.search import (
     GROUP_MAX_EPS, divide, dot, full, groups_first, groups_last, make_qx_quants, nearest_int, signed_absmax,
 )
 
 
+SHIFTS = np.array([0, 2, 4, 6], np.uint8)[:, None]  # where value 32k + l of a half keeps its high bits
+
+
 class Q6_K(Format, ggml_type=GGMLQuantizationType.Q6_K):
+    code_values = np.arange(-32, 32, dtype=np.float32)  # code q holds level q - 32
+    field_bytes, code_bytes = slice(192, 210), slice(0, 192)
     # ours: the largest value mapped to level -32 * factor, 0.6 to 1.05 in steps of 0.025 (written
     # out, as Q4_0's: the bits of each factor shape the output bytes)
     search_factors = np.array([
@@ -69,20 +74,38 @@ class Q6_K(Format, ggml_type=GGMLQuantizationType.Q6_K):
 
     def pack(self, d, sc, L):
         rows = d.shape[0]
-        q = (groups_last(L, 2) + 32).astype(np.uint8).reshape(rows, -1, 2, 4, 32)
-        ql = pack_nibbles(q[:, :, :, :2], q[:, :, :, 2:]).reshape(rows, -1, 128)
-        qh = ((q >> 4) << np.array([0, 2, 4, 6], np.uint8)[:, None]).sum(axis=-2, dtype=np.uint8)
-        qh = qh.reshape(rows, -1, 64)
-        scales = groups_last(sc).astype(np.int8).view(np.uint8).reshape(rows, -1, 16)
-        return np.concatenate([ql, qh, scales, f16_bytes(d)], axis=-1).reshape(rows, -1)
+        q = (groups_last(L, 2) + 32).astype(np.uint8).reshape(rows, -1, 256)
+        fields = self.pack_fields(d, groups_last(sc).reshape(rows, -1, 16))
+        return np.concatenate([self.pack_codes(q), fields], axis=-1).reshape(rows, -1)
+
+    def pack_codes(self, q):
+        """Codes (..., 256) -> ql (128 bytes), qh (64 bytes)."""
+        lead = q.shape[:-1]
+        q = q.reshape(*lead, 2, 4, 32)
+        ql = pack_nibbles(q[..., :2, :], q[..., 2:, :]).reshape(*lead, 128)
+        qh = ((q >> 4) << SHIFTS).sum(axis=-2, dtype=np.uint8).reshape(*lead, 64)
+        return np.concatenate([ql, qh], axis=-1)
+
+    def unpack_codes(self, b):
+        lead = b.shape[:-1]
+        ql = b[..., :128].reshape(*lead, 2, 2, 32)
+        qh = b[..., 128:192].reshape(*lead, 2, 1, 32)
+        low = np.concatenate([ql & 0x0F, ql >> 4], axis=-2)  # (..., 2, 4, 32)
+        high = (qh >> SHIFTS) & 3
+        return (low | (high << 4)).reshape(*lead, 256)
+
+    def pack_fields(self, d, sc):
+        """The 16 int8 group scales, then d."""
+        return np.concatenate([sc.astype(np.int8).view(np.uint8), f16_bytes(d)], axis=-1)
+
+    def unpack_fields(self, b):
+        return read_f16(b[:, 16:18]), b[:, :16].view(np.int8)
+
+    def grid_of(self, d, sc):
+        return per_value(d[:, None] * sc.astype(np.float32), 16), np.zeros((d.shape[0], 256), np.float32)
 
     def dequantize_blocks(self, blocks):
         n = blocks.shape[0]
-        ql = blocks[:, :128].reshape(n, 2, 2, 32)
-        qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
-        sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
-        d = read_f16(blocks[:, 208:210])
-        low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # (n, 2, 4, 32)
-        high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
-        q = ((low | (high << 4)).astype(np.int8) - np.int8(32)).astype(np.float32).reshape(n, 16, 16)
-        return ((d[:, None] * sc)[..., None] * q).reshape(n, 256)
+        d, sc = self.fields(blocks)
+        q = self.code_values[self.codes(blocks)].reshape(n, 16, 16)
+        return ((d[:, None] * sc.astype(np.float32))[..., None] * q).reshape(n, 256)

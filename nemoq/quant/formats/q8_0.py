@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from nemoq.quant.formats.base import Format, f16_bytes, read_f16
+from nemoq.quant.formats.base import Format, f16_bytes, per_value, read_f16
 
 
 def round_half_away(x: np.ndarray) -> np.ndarray:
@@ -20,17 +20,35 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
 
 
 class Q8_0(Format, ggml_type=GGMLQuantizationType.Q8_0):
+    code_values = np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32)  # the code is the int8's byte
+    field_bytes, code_bytes = slice(0, 2), slice(2, 34)
+
     def quantize_rows(self, x, importance=None):
         blocks = x.reshape(-1, 32)
         d = np.abs(blocks).max(axis=1) / np.float32(127)
         with np.errstate(divide="ignore"):
             inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
         qs = round_half_away(blocks * inv[:, None]).astype(np.int8)
-        out = np.concatenate([f16_bytes(d), qs.view(np.uint8)], axis=1)
+        out = np.concatenate([self.pack_fields(d), self.pack_codes(qs.view(np.uint8))], axis=1)
         return out.reshape(x.shape[0], -1)
 
     ggml_rows = quantize_rows
 
+    def pack_codes(self, q):
+        return q
+
+    def unpack_codes(self, b):
+        return b
+
+    def pack_fields(self, d):
+        return f16_bytes(d)
+
+    def unpack_fields(self, b):
+        return (read_f16(b),)
+
+    def grid_of(self, d):
+        return per_value(d[:, None], 32), np.zeros((d.shape[0], 32), np.float32)
+
     def dequantize_blocks(self, blocks):
-        d = read_f16(blocks[:, :2])
-        return d[:, None] * blocks[:, 2:].view(np.int8).astype(np.float32)
+        (d,) = self.fields(blocks)
+        return d[:, None] * self.codes(blocks).view(np.int8).astype(np.float32)
