@@ -1,0 +1,358 @@
+"""Error-compensating rounding (GPTQ, Frantar et al. 2022) for every block format nemoq writes.
+
+A linear layer computes y = W x. Calibration gives H = sum over tokens of x x^T (n, n), and
+rounding W to Q costs tr((W - Q) H (W - Q)^T) = sum over tokens ||(W - Q) x||^2: the output
+error. Importance-weighted rounding sees only diag H. GPTQ rounds one column at a time and
+moves each column's rounding error onto the columns not yet rounded, where the correlations in
+H let them cancel it; with U the upper Cholesky factor of H^-1 (H^-1 = U^T U), row j of U is
+exactly the update that is optimal for the columns after j.
+
+ggml's formats round to a grid that each block's scale fields set, so the sweep goes block
+column by block column (32, 64 or 256 columns):
+  1. scales: the format's own importance-weighted quantizer on the block's current,
+     error-updated weights chooses the scale fields (f16 d, k-quant sub-scales and mins, E8M0,
+     UE4M3 group scales);
+  2. codes: column by column, the nearest value on that grid, each column's error pushed into
+     the block's later columns through U;
+  3. refit: the scale fields refitted for those codes by least squares under the block's true
+     error metric (FP4 scales are codes: a search over neighbouring codes), kept per block only
+     where the output error drops;
+  4. the block's error is pushed into all later columns at once (GPTQ's lazy batch update).
+
+numpy only: this is the reference. compensated_quantize is the entry point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nemoq.quant.formats import FORMATS, Format
+
+# Defaults, measured on synthetic layers (n = 512) against the output error on 8192 held-out
+# tokens (docs/quantize.md): with fewer tokens than columns H is rank-deficient and compensation
+# fits the calibration tokens at the expense of others; more damping limits that.
+DAMPING = 0.01  # lambda: H + lambda * mean(diag H) * I, GPTQ's default; best from 2n tokens on
+FEW_TOKENS_DAMPING = 0.1  # at least this lambda with fewer tokens than columns
+DAMPING_LADDER = (0.1, 1.0, 10.0)  # tried in turn when Cholesky fails with the lambda asked for
+MIN_TOKENS = 64  # fewer calibration tokens than this: importance-weighted rounding instead
+
+
+@dataclass(frozen=True)
+class Compensated:
+    """The block bytes of one matrix (or a stack of experts) and what compensation bought."""
+
+    blocks: np.ndarray  # uint8 (rows, n / block_size * type_size) in GGUF layout; (experts, rows, ...) for a stack
+    error: float  # relative output error of `blocks`: sqrt(tr(D H D^T) / tr(W H W^T)), D = W - Q
+    error_rounding: float  # ... of importance-weighted rounding (the format's quantize, importance = diag H)
+    energy: float  # tr(W H W^T) = sum over tokens ||W x||^2, the denominator of both errors
+    damping: float  # the lambda used; nan where no factorisation was made
+    fallback: str | None = None  # why `blocks` are importance-weighted rounding instead, or None
+    experts: tuple[Compensated, ...] = ()  # one report per matrix of a stack
+
+
+def compensated_quantize(
+    fmt: str, w: np.ndarray, h: np.ndarray, *, damping: float = DAMPING,
+    importance: np.ndarray | None = None, tokens: int | None = None, refit: bool = True,
+) -> Compensated:
+    """Quantize W (rows, n) to format `fmt`, compensating rounding errors through H (n, n).
+
+    h: sum over calibration tokens of x x^T (any positive multiple of it: the mean too).
+    importance: weights of the reference rounding and of any fallback (default diag H).
+    tokens: how many tokens h sums, where known: below MIN_TOKENS the result is
+    importance-weighted rounding, below n the damping is at least FEW_TOKENS_DAMPING.
+    A stack of experts, w (experts, rows, n) with h (experts, n, n) (importance (experts, n) and
+    tokens (experts,) likewise), is quantized one matrix at a time; each has its report in
+    `experts`, and the errors on top are those of the whole stack.
+    """
+    f = FORMATS[fmt]
+    w, h = np.asarray(w), np.asarray(h)
+    if w.ndim == 3:
+        per = [compensated_quantize(
+            fmt, w[e], h[e], damping=damping, refit=refit,
+            importance=None if importance is None else importance[e],
+            tokens=None if tokens is None else int(np.asarray(tokens)[e]),
+        ) for e in range(w.shape[0])]
+        return stack(per)
+    rows, n = w.shape
+    if n % f.block_size:
+        raise ValueError(f"{fmt}: row length {n} is not a multiple of the block size {f.block_size}")
+    if h.shape != (n, n) or not np.isfinite(h).all():
+        raise ValueError(f"{fmt}: H must be a finite ({n}, {n}) matrix, got shape {h.shape}")
+    h = h.astype(np.float64)
+    w = w.astype(np.float32)
+    if importance is None:
+        importance = np.diag(h) if np.diag(h).any() else None
+    rounded = f.quantize(w, None if importance is None else np.maximum(importance, 0))
+    energy = output_energy(w, h)
+    error_rounding = relative_error(f, w, rounded, h, energy)
+
+    def fallback(reason: str, lam: float = np.nan) -> Compensated:
+        return Compensated(rounded, error_rounding, error_rounding, energy, lam, reason)
+
+    if not np.diag(h).any():
+        return fallback("no calibration input (H = 0)")
+    if tokens is not None and tokens < MIN_TOKENS:
+        return fallback(f"{tokens} calibration tokens, fewer than {MIN_TOKENS}")
+    if tokens is not None and tokens < n:
+        damping = max(damping, FEW_TOKENS_DAMPING)
+    factor = inverse_cholesky(h, damping)
+    if factor is None:
+        return fallback(f"H is singular even with damping {DAMPING_LADDER[-1]}")
+    u, lam = factor
+    blocks = sweep(f, w, u, refit=refit)
+    error = relative_error(f, w, blocks, h, energy)
+    if error > error_rounding:
+        return fallback("importance-weighted rounding had the lower output error", lam)
+    return Compensated(blocks, error, error_rounding, energy, lam)
+
+
+def inverse_cholesky(h: np.ndarray, damping: float) -> tuple[np.ndarray, float] | None:
+    """U, upper triangular with U^T U = (H + lambda mean(diag H) I)^-1, and the lambda used.
+
+    A dead column (diag H = 0: no input ever reaches it) gets H_jj = 1 as in GPTQ: it is then
+    uncoupled, keeps its weights, is rounded plainly on its block's grid and pushes no error.
+    Where Cholesky fails (H numerically singular: fewer tokens than columns, duplicated
+    inputs) lambda rises along DAMPING_LADDER; None if it fails there too.
+    """
+    h = h.copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    mean_diag = np.diag(h).mean()
+    eye = np.eye(len(h))
+    for lam in (damping, *(x for x in DAMPING_LADDER if x > damping)):
+        try:
+            # H = R R^T with R upper (the Cholesky factor of H with rows and columns reversed,
+            # reversed back), so H^-1 = R^-T R^-1 and U = R^-1: GPTQ's cholesky(H^-1, upper)
+            # without forming H^-1
+            r = np.linalg.cholesky((h + lam * mean_diag * eye)[::-1, ::-1])[::-1, ::-1]
+            u = np.linalg.inv(r)
+        except np.linalg.LinAlgError:
+            continue
+        if np.isfinite(u).all():
+            return u, lam
+    return None
+
+
+def sweep(f: Format, w: np.ndarray, u: np.ndarray, *, refit: bool = True, lazy: bool = True) -> np.ndarray:
+    """GPTQ over block columns: returns the blocks (rows, n / block_size * type_size).
+
+    lazy: push each column's error into the rest of its block only, and the block's error into
+    the later blocks at once (one matrix product per block); otherwise into every later column
+    right away, as the paper's plain loop. Both give the same codes up to float rounding.
+    """
+    rows, n = w.shape
+    bs = f.block_size
+    w = w.astype(np.float64)  # becomes the error-updated weights as the sweep moves right
+    out = np.empty((rows, n // bs, f.type_size), np.uint8)
+    for k in range(0, n, bs):
+        B, rest = slice(k, k + bs), slice(k + bs, n)
+        u_b = u[B, B]
+        w_b = w[:, B].copy()  # the block's weights as the sweep reaches it
+        blocks = f.quantize(w_b.astype(np.float32), block_importance(u_b)).reshape(rows, f.type_size)
+        span = bs if lazy else n - k
+        codes, pushed = round_on_grid(f, blocks, w[:, k:k + span], u[k:k + bs, k:k + span])
+        blocks = f.with_codes(blocks, codes)
+        v = np.linalg.inv(u_b)  # the block's error in the metric of step 3: ||(w_b - q_b) v||^2
+        if refit:
+            blocks = refit_scales(f, blocks, w_b, v)
+        err = (w_b - values(f, blocks)) @ v  # GPTQ's scaled errors (w - q) / U_jj, for the final q
+        w[:, rest] -= (err - (0 if lazy else pushed)) @ u[B, rest]
+        out[:, k // bs] = blocks
+    return out.reshape(rows, -1)
+
+
+def block_importance(u_b: np.ndarray) -> np.ndarray:
+    """Weights for choosing a block's scales: 1 / U_jj^2, the cost of a unit error in column j
+    once every later column compensates it (GPTQ's error weight). diag H and the diagonal of the
+    block's Schur complement gave output errors within 2% of it on the test layers, either way."""
+    return (1 / np.diag(u_b) ** 2).astype(np.float32)
+
+
+def round_on_grid(f: Format, blocks: np.ndarray, w: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ's inner loop over one block's columns: the nearest grid value of each column's
+    current weights, its scaled error pushed into the columns of w after it.
+
+    blocks: (rows, type_size), whose scale fields set the grid; w: (rows, span) weights from the
+    block's first column on, updated in place; u: the matching rows (bs, span) of U.
+    Returns the codes (rows, bs) and the scaled errors (rows, bs).
+    """
+    bs = f.block_size
+    a, b = f.grid(blocks)
+    fallback_codes = f.codes(blocks)  # where a = 0 every code gives b; keep the quantizer's
+    levels, level_codes = np.unique(f.code_values, return_index=True)  # sorted; -0 maps to +0
+    codes = np.empty(a.shape, np.uint8)
+    err = np.empty(a.shape)
+    for j in range(bs):
+        codes[:, j] = nearest_code(w[:, j], a[:, j], b[:, j], levels, level_codes, fallback_codes[:, j])
+        q = a[:, j] * f.code_values[codes[:, j]] + b[:, j]  # float32, as dequantize computes it
+        err[:, j] = (w[:, j] - q) / u[j, j]
+        w[:, j + 1:] -= np.outer(err[:, j], u[j, j + 1:])
+    return codes, err
+
+
+def nearest_code(w, a, b, levels, level_codes, keep):
+    """Per row, the code whose value a * level + b is nearest to w (ties to the larger level)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (w - b) / a  # |a * level + b - w| = |a| |level - t|
+    i = np.clip(np.searchsorted(levels, t), 1, len(levels) - 1)
+    lower, upper = levels[i - 1], levels[i]
+    i = np.where(np.abs(t - lower) < np.abs(upper - t), i - 1, i)
+    return np.where(a != 0, level_codes[i], keep)
+
+
+def values(f: Format, blocks: np.ndarray) -> np.ndarray:
+    """The dequantized values of blocks (rows, type_size), from their grid (as dequantize)."""
+    a, b = f.grid(blocks)
+    return (a * f.code_values[f.codes(blocks)] + b).astype(np.float64)
+
+
+# --- step 3: refitting the scale fields for fixed codes ------------------------------------------
+# A block's error, given that later columns compensate it, is ||(w_b - q_b) v||^2 per row with
+# v = U_bb^-1 (the block's Schur complement is v v^T). For the linear formats q_b is linear in
+# the scale parameters, so least squares gives them; stored fields are rounded (f16, 6-bit or
+# int8 integers), so each candidate is kept only in the blocks where it lowers that error.
+
+
+def block_error(f: Format, blocks, w_b, v) -> np.ndarray:
+    """Per row, ||(w_b - q) v||^2: what the block adds to the output error."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (((w_b - values(f, blocks)) @ v) ** 2).sum(axis=1)
+
+
+def keep_better(f: Format, blocks, candidate, w_b, v) -> np.ndarray:
+    """Per row, whichever of blocks and candidate has the lower block error (blocks on ties)."""
+    better = block_error(f, candidate, w_b, v) < block_error(f, blocks, w_b, v)
+    return np.where(better[:, None], candidate, blocks)
+
+
+def least_squares(target: np.ndarray, basis: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Per row, coefficients c (rows, p) minimising ||(target - c @ basis) v||^2.
+
+    target (rows, bs), basis (rows, p, bs). A small ridge keeps rows with an empty basis vector
+    (a group whose codes are all zero) solvable; their coefficient comes out 0.
+    """
+    rows, p, bs = basis.shape
+    tv = target @ v
+    bv = (basis.reshape(-1, bs) @ v).reshape(rows, p, bs)
+    g = bv @ bv.transpose(0, 2, 1)
+    r = (bv @ tv[..., None])[..., 0]
+    ridge = 1e-12 * np.trace(g, axis1=1, axis2=2)[:, None, None] / p + 1e-300
+    return np.linalg.solve(g + ridge * np.eye(p), r[..., None])[..., 0]
+
+
+def group_masks(groups: int, size: int) -> np.ndarray:
+    """(groups, groups * size): row g is 1 on the values of group g."""
+    return np.kron(np.eye(groups), np.ones(size))
+
+
+def refit_scales(f: Format, blocks, w_b, v) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return REFITS[f.name](f, blocks, w_b, v)
+
+
+def refit_d(f, blocks, w_b, v):
+    """Formats with one scale per block, value = d * level (Q8_0, Q5_0, Q4_0, IQ4_NL)."""
+    level = f.code_values[f.codes(blocks)][:, None, :].astype(np.float64)
+    (d,) = least_squares(w_b, level, v).T
+    return keep_better(f, blocks, f.with_fields(blocks, d), w_b, v)
+
+
+def refit_q6_k(f, blocks, w_b, v):
+    """value = d * sc[g] * level: the 16 group scales s_g = d * sc[g] by least squares, stored as
+    int8 multiples of d; then d itself for those integers."""
+    d, sc = f.fields(blocks)
+    level = f.code_values[f.codes(blocks)].astype(np.float64)
+    s = least_squares(w_b, group_masks(16, 16)[None] * level[:, None, :], v)
+    sc_new = np.clip(np.rint(s / d[:, None]), -128, 127)
+    blocks = keep_better(f, blocks, f.with_fields(blocks, d, np.where(np.isfinite(sc_new), sc_new, sc)), w_b, v)
+    d, sc = f.fields(blocks)
+    (d_new,) = least_squares(w_b, (level * np.repeat(sc.astype(np.float64), 16, axis=1))[:, None, :], v).T
+    return keep_better(f, blocks, f.with_fields(blocks, d_new, sc), w_b, v)
+
+
+def refit_k_quant(f, blocks, w_b, v):
+    """Q4_K, Q5_K: value = d * sc[g] * level - dmin * m[g]. The 8 group scales and 8 group mins by
+    least squares, stored as 6-bit multiples of d and dmin; then d and dmin for those integers."""
+    d, dmin, sc, m = f.fields(blocks)
+    level = f.code_values[f.codes(blocks)].astype(np.float64)
+    mask = group_masks(8, 32)
+    basis = np.concatenate([mask[None] * level[:, None, :], -np.broadcast_to(mask, (len(level), 8, 256))], axis=1)
+    c = least_squares(w_b, basis, v)
+    sc_new = np.clip(np.rint(c[:, :8] / d[:, None]), 0, 63)
+    m_new = np.clip(np.rint(c[:, 8:] / dmin[:, None]), 0, 63)
+    sc_new, m_new = np.where(np.isfinite(sc_new), sc_new, sc), np.where(np.isfinite(m_new), m_new, m)
+    blocks = keep_better(f, blocks, f.with_fields(blocks, d, dmin, sc_new, m_new), w_b, v)
+    d, dmin, sc, m = f.fields(blocks)
+    scaled = level * np.repeat(sc.astype(np.float64), 32, axis=1)
+    offset = -np.repeat(m.astype(np.float64), 32, axis=1)
+    d_new, dmin_new = least_squares(w_b, np.stack([scaled, offset], axis=1), v).T
+    return keep_better(f, blocks, f.with_fields(blocks, d_new, dmin_new, sc, m), w_b, v)
+
+
+def search_mxfp4(f, blocks, w_b, v):
+    """E8M0 is a power of two: try the exponents next to the chosen one for the same codes."""
+    for step in (-1, 1):
+        (e,) = f.fields(blocks)
+        candidate = f.with_fields(blocks, np.clip(e.astype(np.int64) + step, 0, 254))
+        blocks = keep_better(f, blocks, candidate, w_b, v)
+    return blocks
+
+
+def search_nvfp4(f, blocks, w_b, v):
+    """Each group's UE4M3 scale code and its neighbours (codes are ordered like their values),
+    one group at a time, for the same E2M1 codes."""
+    for g in range(4):
+        for step in (-1, 1):
+            (code,) = f.fields(blocks)
+            code = code.astype(np.int64)
+            code[:, g] = np.clip(code[:, g] + step, 1, 0x7E)
+            blocks = keep_better(f, blocks, f.with_fields(blocks, code), w_b, v)
+    return blocks
+
+
+REFITS = {
+    "q8_0": refit_d, "q5_0": refit_d, "q4_0": refit_d, "iq4_nl": refit_d,
+    "q4_k": refit_k_quant, "q5_k": refit_k_quant, "q6_k": refit_q6_k,
+    "mxfp4": search_mxfp4, "nvfp4": search_nvfp4,
+}
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def output_energy(w: np.ndarray, h: np.ndarray) -> float:
+    """tr(W H W^T) = sum over tokens ||W x||^2."""
+    w = w.astype(np.float64)
+    return float(((w @ h) * w).sum())
+
+
+def relative_error(f: Format, w: np.ndarray, blocks: np.ndarray, h: np.ndarray, energy: float) -> float:
+    """||(W - Q) X|| / ||W X|| through H: sqrt(tr(D H D^T) / tr(W H W^T)); 0 where both are 0."""
+    d = w.astype(np.float64) - f.dequantize(blocks).astype(np.float64)
+    num = max(float(((d @ h) * d).sum()), 0.0)
+    if energy <= 0:
+        return 0.0 if num == 0 else float("inf")
+    return float(np.sqrt(num / energy))
+
+
+def stack(per: list[Compensated]) -> Compensated:
+    """One report for a stack of experts: errors over the whole stack, the largest damping."""
+    energy = sum(c.energy for c in per)
+
+    def pooled(attr: str) -> float:
+        if energy <= 0:
+            return 0.0
+        return float(np.sqrt(sum(getattr(c, attr) ** 2 * c.energy for c in per) / energy))
+
+    reasons = sorted({c.fallback for c in per if c.fallback})
+    fallback = None
+    if reasons:
+        count = sum(c.fallback is not None for c in per)
+        fallback = f"{count} of {len(per)} experts: " + "; ".join(reasons)
+    lams = [c.damping for c in per if np.isfinite(c.damping)]
+    return Compensated(
+        np.stack([c.blocks for c in per]), pooled("error"), pooled("error_rounding"), energy,
+        max(lams) if lams else float("nan"), fallback, tuple(per),
+    )
