@@ -74,7 +74,8 @@ def test_compensation_lowers_the_output_error_below_importance_rounding(fmt):
     plain = FORMATS[fmt].quantize(w, np.diag(h))
     assert r.error_rounding == pytest.approx(output_error(fmt, w, plain, x), rel=1e-6)
     assert r.error == pytest.approx(output_error(fmt, w, r.blocks, x), rel=1e-6)
-    assert r.error / r.error_rounding < MAX_RATIO[fmt], f"{fmt}: {r.error:.4g} vs rounding {r.error_rounding:.4g}"
+    ratio = r.error / r.error_rounding
+    assert ratio < MAX_RATIO[fmt], f"{fmt}: {r.error:.4g} vs rounding {r.error_rounding:.4g}"
 
 
 @pytest.mark.parametrize("fmt", NAMES)

@@ -43,7 +43,7 @@ MIN_TOKENS = 64  # fewer calibration tokens than this: importance-weighted round
 class Compensated:
     """The block bytes of one matrix (or a stack of experts) and what compensation bought."""
 
-    blocks: np.ndarray  # uint8 (rows, n / block_size * type_size) in GGUF layout; (experts, rows, ...) for a stack
+    blocks: np.ndarray  # uint8 (rows, n / block_size * type_size), GGUF layout; (experts, rows, ...) for a stack
     error: float  # relative output error of `blocks`: sqrt(tr(D H D^T) / tr(W H W^T)), D = W - Q
     error_rounding: float  # ... of importance-weighted rounding (the format's quantize, importance = diag H)
     energy: float  # tr(W H W^T) = sum over tokens ||W x||^2, the denominator of both errors
@@ -113,8 +113,9 @@ def inverse_cholesky(h: np.ndarray, damping: float) -> tuple[np.ndarray, float] 
 
     A dead column (diag H = 0: no input ever reaches it) gets H_jj = 1 as in GPTQ: it is then
     uncoupled, keeps its weights, is rounded plainly on its block's grid and pushes no error.
-    Where Cholesky fails (H numerically singular: fewer tokens than columns, duplicated
-    inputs) lambda rises along DAMPING_LADDER; None if it fails there too.
+    A rank-deficient H (fewer tokens than columns, duplicated inputs) factors once damped; where
+    Cholesky still fails (H lost positive definiteness, as one accumulated in low precision can,
+    or no damping was asked for) lambda rises along DAMPING_LADDER; None if it fails there too.
     """
     h = h.copy()
     dead = np.diag(h) == 0
@@ -170,7 +171,7 @@ def block_importance(u_b: np.ndarray) -> np.ndarray:
     return (1 / np.diag(u_b) ** 2).astype(np.float32)
 
 
-def round_on_grid(f: Format, blocks: np.ndarray, w: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def round_on_grid(f: Format, blocks: np.ndarray, w: np.ndarray, u: np.ndarray):
     """GPTQ's inner loop over one block's columns: the nearest grid value of each column's
     current weights, its scaled error pushed into the columns of w after it.
 
@@ -266,7 +267,8 @@ def refit_q6_k(f, blocks, w_b, v):
     level = f.code_values[f.codes(blocks)].astype(np.float64)
     s = least_squares(w_b, group_masks(16, 16)[None] * level[:, None, :], v)
     sc_new = np.clip(np.rint(s / d[:, None]), -128, 127)
-    blocks = keep_better(f, blocks, f.with_fields(blocks, d, np.where(np.isfinite(sc_new), sc_new, sc)), w_b, v)
+    sc_new = np.where(np.isfinite(sc_new), sc_new, sc)
+    blocks = keep_better(f, blocks, f.with_fields(blocks, d, sc_new), w_b, v)
     d, sc = f.fields(blocks)
     (d_new,) = least_squares(w_b, (level * np.repeat(sc.astype(np.float64), 16, axis=1))[:, None, :], v).T
     return keep_better(f, blocks, f.with_fields(blocks, d_new, sc), w_b, v)
@@ -278,7 +280,8 @@ def refit_k_quant(f, blocks, w_b, v):
     d, dmin, sc, m = f.fields(blocks)
     level = f.code_values[f.codes(blocks)].astype(np.float64)
     mask = group_masks(8, 32)
-    basis = np.concatenate([mask[None] * level[:, None, :], -np.broadcast_to(mask, (len(level), 8, 256))], axis=1)
+    mins = np.broadcast_to(-mask, (len(level), 8, 256))
+    basis = np.concatenate([mask[None] * level[:, None, :], mins], axis=1)
     c = least_squares(w_b, basis, v)
     sc_new = np.clip(np.rint(c[:, :8] / d[:, None]), 0, 63)
     m_new = np.clip(np.rint(c[:, 8:] / dmin[:, None]), 0, 63)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from nemoq.quant.formats.base import Format, f16_bytes, metric_weights, pack_halves, per_value, read_f16, unpack_halves
+from nemoq.quant.formats.base import (
+    Format, f16_bytes, metric_weights, pack_halves, per_value, read_f16, unpack_halves,
+)
 from nemoq.quant.formats.search import (
     GROUP_MAX_EPS, Grid, divide, dot, full, groups_first, groups_last, refine_on_grid, signed_absmax,
 )

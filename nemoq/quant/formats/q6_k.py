@@ -15,7 +15,9 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from nemoq.quant.formats.base import Format, f16_bytes, f16_round, metric_weights, pack_nibbles, per_value, read_f16
+from nemoq.quant.formats.base import (
+    Format, f16_bytes, f16_round, metric_weights, pack_nibbles, per_value, read_f16,
+)
 from nemoq.quant.formats.search import (
     GROUP_MAX_EPS, divide, dot, full, groups_first, groups_last, make_qx_quants, nearest_int, signed_absmax,
 )

@@ -20,7 +20,7 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
 
 
 class Q8_0(Format, ggml_type=GGMLQuantizationType.Q8_0):
-    code_values = np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32)  # the code is the int8's byte
+    code_values = np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32)  # code: the int8's byte
     field_bytes, code_bytes = slice(0, 2), slice(2, 34)
 
     def quantize_rows(self, x, importance=None):
