@@ -109,5 +109,5 @@ class Q6_K(Format, ggml_type=GGMLQuantizationType.Q6_K):
     def dequantize_blocks(self, blocks):
         n = blocks.shape[0]
         d, sc = self.fields(blocks)
-        q = self.code_values[self.codes(blocks)].reshape(n, 16, 16)
+        q = (self.codes(blocks).astype(np.int8) - np.int8(32)).astype(np.float32).reshape(n, 16, 16)
         return ((d[:, None] * sc.astype(np.float32))[..., None] * q).reshape(n, 256)
