@@ -220,20 +220,32 @@ def _fields(cfg: dict, path: Path) -> dict[str, Any]:
         else:
             key, value = keys[0], default(values) if callable(default) else default
         values[name] = _typed(value, kind, key, lo, hi, path)
-    problem = expert_count_problem(values, FIELD_KEYS)
+    check_relations(values, FIELD_KEYS, path)
+    return values
+
+
+def check_field(name: str, value: Any, key: str, path: Path):
+    """One ModelConfig field's value, read from `key` of any file, checked as config.json's is."""
+    kind, lo, hi = FIELD_RULES[name]
+    return _typed(value, kind, key, lo, hi, path)
+
+
+def check_relations(values: dict[str, Any], names: dict[str, str], path: Path) -> None:
+    """What must hold between the fields (by ModelConfig field; `names`: how the file calls them)."""
+    problem = expert_count_problem(values, names)
     if problem:
         raise NemoqError(problem, path)
     d_inner = values["mamba_heads"] * values["mamba_head_dim"]
-    derived = {"mamba_num_heads x mamba_head_dim": d_inner,
+    derived = {f"{names['mamba_heads']} x {names['mamba_head_dim']}": d_inner,
                "the Mamba in_proj rows": 2 * d_inner + 2 * values["ssm_groups"] * values["ssm_state"]
                + values["mamba_heads"],
-               "num_attention_heads x head_dim": values["n_heads"] * values["head_dim"]}
+               f"{names['n_heads']} x {names['head_dim']}": values["n_heads"] * values["head_dim"]}
     for what, size in derived.items():
         if size > MAX_SIZE:
             raise NemoqError(f"{what} is {size}, more than a GGUF dimension holds", path)
     if d_inner % values["ssm_groups"]:
-        raise NemoqError(f"n_groups ({values['ssm_groups']}) does not divide the Mamba inner size {d_inner}", path)
-    return values
+        raise NemoqError(f"{names['ssm_groups']} ({values['ssm_groups']}) does not divide the Mamba inner "
+                         f"size {d_inner}", path)
 
 
 def _check_token_ids(cfg: dict, path: Path) -> None:
@@ -247,6 +259,7 @@ def _check_token_ids(cfg: dict, path: Path) -> None:
 
 
 FIELD_KEYS = {name: keys[0] for name, keys, *_ in FIELDS}
+FIELD_RULES = {name: (kind, lo, hi) for name, _, kind, _, lo, hi in FIELDS}
 
 
 def load_config(model_dir: Path) -> ModelConfig:
