@@ -165,6 +165,17 @@ def test_dead_columns_keep_their_weights_rounded_plainly_and_push_no_error():
         np.testing.assert_allclose(np.abs(q[:, dead] - w[:, dead]), nearest, rtol=1e-6, atol=1e-9)
 
 
+def test_q8_0_codes_stay_within_ggmls_range_when_errors_push_beyond_the_scale():
+    """Weights pushed past -127 d by earlier columns' errors round to -127, never to the int8
+    -128 that ggml never writes (and that int8 dot products with a sign trick mishandle)."""
+    f = FORMATS["q8_0"]
+    w = np.full((2, 32), 0.5, np.float32)
+    blocks = f.quantize(w)                           # d = 0.5 / 127
+    w[:, 5:] = -0.5 * 200 / 127                      # as if errors had pushed them to -200 d
+    codes, _ = compensate.round_on_grid(f, blocks, w.astype(np.float64), np.eye(32))
+    assert codes.view(np.int8)[:, 5:].tolist() == [[-127] * 27] * 2
+
+
 def test_rank_deficient_h_works_with_the_default_damping():
     """40 tokens for 256 columns, and two duplicated input columns: H has rank 40."""
     w, _, x = layer(n=256, rows=16)

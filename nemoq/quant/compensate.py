@@ -182,7 +182,7 @@ def round_on_grid(f: Format, blocks: np.ndarray, w: np.ndarray, u: np.ndarray):
     bs = f.block_size
     a, b = f.grid(blocks)
     fallback_codes = f.codes(blocks)  # where a = 0 every code gives b; keep the quantizer's
-    levels, level_codes = np.unique(f.code_values, return_index=True)  # sorted; -0 maps to +0
+    levels, level_codes = f.written_levels()
     codes = np.empty(a.shape, np.uint8)
     err = np.empty(a.shape)
     for j in range(bs):

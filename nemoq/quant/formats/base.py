@@ -42,6 +42,10 @@ class Format:
     def __repr__(self) -> str:
         return f"<format {self.name}: {self.block_size} values in {self.type_size} bytes>"
 
+    def written_levels(self) -> tuple[np.ndarray, np.ndarray]:
+        """The levels a quantizer may write, sorted, and a code for each (-0 maps to +0)."""
+        return np.unique(self.code_values, return_index=True)
+
     def quantize(self, x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """float32 rows (..., n) -> uint8 rows (..., n / block_size * type_size)."""
         x = np.ascontiguousarray(x, dtype=np.float32)

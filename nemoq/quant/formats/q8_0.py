@@ -34,6 +34,12 @@ class Q8_0(Format, ggml_type=GGMLQuantizationType.Q8_0):
 
     ggml_rows = quantize_rows
 
+    def written_levels(self):
+        """-127..127: ggml never writes -128 (|x / d| <= 127), and runtimes' int8 dot products
+        may count on |q| <= 127 (x86's sign trick negates q), so no quantizer of ours does."""
+        levels, codes = super().written_levels()
+        return levels[1:], codes[1:]
+
     def pack_codes(self, q):
         return q
 
