@@ -21,6 +21,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
@@ -56,7 +57,7 @@ class TensorInfo:
 class Header:
     version: int
     byte_order: str            # "<" or ">"
-    keys: tuple[str, ...]
+    values: dict[str, Any]     # key -> its scalar or string value (None for an array)
     alignment: int
     data_start: int
     tensors: tuple[TensorInfo, ...]
@@ -111,13 +112,15 @@ class _Walk:
             self.fail(f"{what} has unknown value type {code}")
 
     def value(self, kind: GGUFValueType, key: str, depth: int = 0):
-        """Skip one value; return it when it is a scalar (general.alignment is read so)."""
+        """Walk past one value; return it when it is a scalar or a string (None for an array)."""
         if kind in SCALARS:
             return self.take(SCALARS[kind], f"the value of {key}")
         if kind == V.STRING:
             n = self.take("Q", f"the length of {key}'s string")
+            start = self.pos
             self.skip(n, f"{key}'s string")
-            return None
+            # decoded only outside arrays: 100k+ token strings are checked by gguf-py's reader
+            return None if depth else bytes(self.buf[start:self.pos]).decode("utf-8", "replace")
         if depth >= MAX_NESTING:
             self.fail(f"{key} nests arrays more than {MAX_NESTING} deep")
         item = self.value_type(f"{key}'s array items")
@@ -174,10 +177,10 @@ def check_header(path: Path) -> Header:
         if n_tensors * MIN_TENSOR_INFO_BYTES > w.remaining():
             w.fail(f"the tensor count is {n_tensors}, more than a {size}-byte file can hold")
 
-        keys, alignment = {}, DEFAULT_ALIGNMENT      # a dict: ordered, and a fast `in`
+        values, alignment = {}, DEFAULT_ALIGNMENT
         for i in range(n_kv):
             key = w.string(f"key {i}")
-            if key in keys:
+            if key in values:
                 w.fail(f"key {key} appears twice")
             kind = w.value_type(key)
             value = w.value(kind, key)
@@ -185,7 +188,7 @@ def check_header(path: Path) -> Header:
                 if kind != V.UINT32 or value <= 0 or value & (value - 1):
                     w.fail(f"general.alignment must be a power of two (uint32), not {kind.name} {value}")
                 alignment = value
-            keys[key] = kind
+            values[key] = value
 
         infos, names = [], set()
         for i in range(n_tensors):
@@ -206,4 +209,4 @@ def check_header(path: Path) -> Header:
             raise NemoqError(f"truncated: tensor {name} ends at byte {data_start + offset + nbytes}, "
                              f"the file has {size} bytes (incomplete download?)", path)
         tensors.append(TensorInfo(name, dims, qtype, offset, nbytes))
-    return Header(version, w.order, tuple(keys), alignment, data_start, tuple(tensors))
+    return Header(version, w.order, values, alignment, data_start, tuple(tensors))

@@ -101,11 +101,11 @@ def check_loadable(path: Path) -> None:
     (its load_hparams and norm ops assert on them rather than report). Values of the wrong type are
     left to llama.cpp, which reports those itself."""
     from nemoq.convert.config import MAX_LAYERS, expert_count_problem
-    from nemoq.gguf_file import read_gguf
+    from nemoq.gguf_check import check_header
 
     def integer(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
-    meta = read_gguf(path).metadata
+    meta = check_header(path).values   # the header walk alone: no tokenizer arrays parsed
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         return
