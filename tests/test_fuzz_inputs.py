@@ -1,5 +1,8 @@
 """Seeded fuzzing of every file nemoq reads, through the commands that read them.
 
+Files: a GGUF model, an imatrix (GGUF and llama.cpp's legacy .dat), a safetensors shard, and a
+checkpoint's config.json, tokenizer.json, tokenizer_config.json and safetensors index.
+
 Each case damages one good file (truncation, flipped header bits, huge counts and lengths, wrong
 value types, deleted or odd JSON values, ...) and runs one command on it in-process. Whatever the
 damage, the command either succeeds or prints exactly one `error:` line naming the file, exits 1,
@@ -41,7 +44,12 @@ MUTATIONS = {
     "safetensors": ("truncate", "truncate_data", "flip", "header_length", "header_json", "header_json"),
     "config": ("truncate", "flip", "delete", "odd_value", "odd_value", "odd_value", "top_level"),
     "tokenizer": ("truncate", "flip", "delete", "odd_value", "odd_value", "odd_value", "top_level"),
+    "tokenizer_config": ("truncate", "flip", "delete", "odd_value", "odd_value", "top_level"),
+    "index": ("truncate", "flip", "delete", "odd_value", "odd_value", "top_level"),
 }
+# the checkpoint's JSON files, by file kind
+JSON_FILES = {"config": "config.json", "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
+              "index": "model.safetensors.index.json"}
 # (file kind, command, cases)
 TARGETS = (
     ("gguf", "info", 40), ("gguf", "quantize", 30), ("gguf", "eval", 30), ("gguf", "calibrate", 25),
@@ -49,11 +57,16 @@ TARGETS = (
     ("safetensors", "convert", 30), ("safetensors", "quantize", 15), ("safetensors", "calibrate", 15),
     ("config", "convert", 30), ("config", "dry_run", 15), ("config", "quantize", 10), ("config", "calibrate", 15),
     ("tokenizer", "convert", 25), ("tokenizer", "calibrate", 15),
+    ("tokenizer_config", "convert", 15), ("tokenizer_config", "calibrate", 15),
+    ("index", "convert", 15), ("index", "quantize", 5),
 )
 CASES = [(kind, command, i) for kind, command, n in TARGETS for i in range(n)]
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
-# tokenizer.json's parts a mutation aims at (its vocab alone would take most draws)
-TOKENIZER_FOCUS = ((), ("model",), ("model", "vocab"), ("model", "merges"), ("added_tokens",), ("pre_tokenizer",))
+# the parts of a JSON file a mutation aims at (a tokenizer's vocab alone would take most draws)
+FOCUS = {
+    "tokenizer": ((), ("model",), ("model", "vocab"), ("model", "merges"), ("added_tokens",), ("pre_tokenizer",)),
+    "tokenizer_config": ((), ("bos_token",), ("eos_token",), ("chat_template",), ("add_bos_token",)),
+}
 
 
 @dataclass
@@ -157,7 +170,7 @@ def _mutate_file(p: Pristine, kind: str, rng: random.Random, src: Path, dst: Pat
         else:
             new, what = mutate_bytes(data, rng, mutation, header_end)
     else:
-        focus = rng.choice(TOKENIZER_FOCUS) if kind == "tokenizer" else ()
+        focus = rng.choice(FOCUS.get(kind, ((),)))
         new, what = mutate_json(data, rng, mutation, focus)
     dst.write_bytes(new)
     return f"{mutation}: {what}"
@@ -170,11 +183,10 @@ def prepare(p: Pristine, kind: str, command: str, rng: random.Random | None, wor
     inputs.mkdir(parents=True)
     out.mkdir()
     ckpt, gguf_file, imatrix, damaged = p.ckpt, p.gguf, None, None
-    if kind in ("safetensors", "config", "tokenizer"):
+    if kind == "safetensors" or kind in JSON_FILES:
         ckpt = inputs / "ckpt"
         ckpt.mkdir()
-        name = {"config": "config.json", "tokenizer": "tokenizer.json"}.get(kind) or \
-            (rng.choice(SHARDS) if rng else SHARDS[0])
+        name = JSON_FILES.get(kind) or (rng.choice(SHARDS) if rng else SHARDS[0])
         for f in p.ckpt.iterdir():
             if f.name != name:
                 (ckpt / f.name).symlink_to(f)

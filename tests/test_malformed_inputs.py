@@ -230,3 +230,20 @@ def test_quantize_rejects_legacy_imatrix_with_impossible_length(random_hub, tmp_
     path.write_bytes(blob + b"\0" * 64)
     result = run_cli("quantize", random_hub, "-o", out_dir / "q.gguf", "--recipe", "Q4_K_M", "--imatrix", path)
     assert_fails(result, path, out_dir, fragment)
+
+
+@pytest.mark.parametrize("file,damage,fragment", [
+    ("tokenizer_config.json", lambda p: edit_json(p, lambda c: c.update({"chat_template": [1, 2]})),
+     "chat_template must be a string or a list"),
+    ("chat_template.jinja", lambda p: p.write_bytes(b"\xff{{ messages }}"), "not UTF-8"),
+])
+def test_convert_and_calibrate_reject_a_malformed_chat_template(random_hub, tmp_path, out_dir, file, damage, fragment):
+    ckpt = copy_checkpoint(random_hub, tmp_path / "ckpt")
+    damage(ckpt / file)
+    result = run_cli("convert", ckpt, "-o", out_dir / "m.gguf", "--outtype", "f16")   # a TypeError when writing
+    assert_fails(result, ckpt / file, out_dir, fragment)
+    text = tmp_path / "text.txt"
+    text.write_text("words " * 200)
+    result = run_cli("calibrate", ckpt, "-o", out_dir / "im.gguf", "--data", text, "--ctx", "8", "--tokens", "16",
+                     "--device", "cpu")
+    assert_fails(result, ckpt / file, out_dir, fragment)

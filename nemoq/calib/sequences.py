@@ -57,10 +57,6 @@ class ModelText:
         return texts
 
 
-def _token_text(value) -> str:
-    return value.get("content", "") if isinstance(value, dict) else (value or "")
-
-
 def _special_token(config: dict, key: str, path: Path) -> str:
     """A tokenizer_config.json special token: a string, or an object with its "content"."""
     value = config.get(key)
@@ -70,20 +66,17 @@ def _special_token(config: dict, key: str, path: Path) -> str:
     return text
 
 
-def _chat_template(config: dict, path: Path) -> str | None:
+def _chat_template(config: dict) -> str | None:
     template = config.get("chat_template")
     if isinstance(template, list):   # named templates: use the default one
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                        None)
-    if template is not None and not isinstance(template, str):
-        raise NemoqError("chat_template must be a string or a list of {\"name\", \"template\"}", path)
+        template = next((t["template"] for t in template if t["name"] == "default"), None)
     return template
 
 
 def checkpoint_text(folder: Path) -> ModelText:
     from tokenizers import Tokenizer
 
-    from nemoq.convert.config import read_json_object
+    from nemoq.convert.tokenizer import read_chat_template, read_tokenizer_config
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise NemoqError("no tokenizer.json: calibration tokenizes with the model's own tokenizer", folder)
@@ -92,10 +85,10 @@ def checkpoint_text(folder: Path) -> ModelText:
     except Exception as e:   # the tokenizers library raises plain Exception for any bad file
         raise NemoqError(f"the tokenizers library cannot load it ({e})", path) from None
     config_path = folder / "tokenizer_config.json"
-    config = read_json_object(config_path) if config_path.is_file() else {}
-    template = _chat_template(config, config_path)
+    config = read_tokenizer_config(config_path) if config_path.is_file() else {}
+    template = _chat_template(config)
     if template is None and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        template = read_chat_template(folder / "chat_template.jinja")
     bos, eos = _special_token(config, "bos_token", config_path), _special_token(config, "eos_token", config_path)
     return ModelText(lambda text: tokenizer.encode(text, add_special_tokens=False).ids, template,
                      (bos, tokenizer.token_to_id(bos) if bos else None),

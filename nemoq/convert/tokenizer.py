@@ -102,13 +102,36 @@ def _is_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def read_tokenizer_config(path: Path) -> dict:
+    """tokenizer_config.json, its chat_template a string or a list of named template strings."""
+    config = read_json_object(path)
+    template = config.get("chat_template")
+    named = isinstance(template, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in template)
+    if template is not None and not isinstance(template, str) and not named:
+        raise NemoqError('chat_template must be a string or a list of {"name": ..., "template": ...} strings', path)
+    return config
+
+
+def read_chat_template(path: Path) -> str:
+    """A chat_template.jinja file's text."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NemoqError(f"not UTF-8 text (byte {e.start})", path) from None
+    except OSError as e:
+        raise NemoqError(f"cannot read ({e.strerror or e})", path) from None
+
+
 def _special_vocab(model_dir: Path, vocab_size: int, path: Path) -> gguf.SpecialVocab:
     """gguf-py's special tokens, merges and chat template. It reads tokenizer.json,
-    tokenizer_config.json and config.json itself; the last two are checked before (config.py,
-    below), so what it still trips over is in tokenizer.json."""
-    config = model_dir / "tokenizer_config.json"
+    tokenizer_config.json, chat_template.jinja and config.json itself; those are checked before
+    (config.py, here), so what it still trips over is in tokenizer.json."""
+    config, template = model_dir / "tokenizer_config.json", model_dir / "chat_template.jinja"
     if config.is_file():
-        read_json_object(config)
+        read_tokenizer_config(config)
+    if template.is_file():
+        read_chat_template(template)
     try:
         return gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
