@@ -100,12 +100,31 @@ def quantize(
     tensor_scales: bool = typer.Option(True, "--tensor-scales/--no-tensor-scales",
                                        help="Give NVFP4/MXFP4 matrices a per-matrix `.scale` tensor (better "
                                        "quality; llama.cpp builds without NVFP4 support cannot load it)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Run calibration text through the model layer by "
+                                   "layer and round every quantized matrix with error compensation (GPTQ) "
+                                   "through its inputs' statistics: lower KLD, same bytes per weight."),
+    data: Optional[Path] = typer.Option(None, "--data", help="With --calibrate: calibration text, as for "
+                                        "nemoq calibrate (default: the corpus nemoq ships, train split)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", min=1, help="With --calibrate: use at most this many "
+                                         "tokens (default 65536)."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", min=2, help="With --calibrate: tokens per sequence (default 512)."),
+    device: Optional[str] = typer.Option(None, "--device", help="With --calibrate: auto (cuda > mps > cpu), cpu, "
+                                         "cuda or mps."),
+    imatrix_out: Optional[Path] = typer.Option(None, "--imatrix-out", help="With --calibrate: also write the "
+                                               "importance matrix (llama.cpp's format) of the same tokens."),
 ) -> None:
     """Quantize a checkpoint in one pass with a recipe (types per tensor, honest about bits)."""
     from nemoq import kernels_c
     kernels_c.THREADS = threads
-    _run(_quantize, src, outfile, recipe, tensor_type, dry_run, imatrix, tensor_scales, force=force,
-         split_max_size=parse_size(split_max_size) if split_max_size else 0)
+    split = parse_size(split_max_size) if split_max_size else 0
+    calibration = {"data": data, "tokens": tokens, "ctx": ctx, "device": device, "imatrix_out": imatrix_out}
+    if calibrate:
+        _run(_quantize_calibrated, src, outfile, recipe, tensor_type, tensor_scales, dry_run, imatrix,
+             {k: v for k, v in calibration.items() if v is not None}, force=force, split_max_size=split)
+        return
+    given = [f"--{k.replace('_', '-')}" for k, v in calibration.items() if v is not None]
+    _run(_quantize, src, outfile, recipe, tensor_type, dry_run, imatrix, tensor_scales, given, force=force,
+         split_max_size=split)
 
 
 def _report_plan(typed, specs, layer_kinds, recipe, table: bool = True) -> None:
@@ -117,17 +136,25 @@ def _report_plan(typed, specs, layer_kinds, recipe, table: bool = True) -> None:
     report.quant_plan(Console(), typed, summary, recipe, table=table, alternatives=alternatives)
 
 
-def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: list[str], dry_run: bool,
-              imatrix_path: Optional[Path], tensor_scales: bool = True, **options) -> None:
-    from nemoq import report
-    from nemoq.quant.recipes import RECIPES, chooser, parse_override, plan_types
+def _recipe_and_overrides(recipe_name: str, overrides: list[str]):
+    from nemoq.quant.recipes import RECIPES, parse_override
     recipe = RECIPES.get(recipe_name.upper())
     if recipe is None:
         raise NemoqError(f"unknown recipe {recipe_name!r}; known: {', '.join(RECIPES)}")
     try:
-        parsed = [parse_override(o) for o in overrides]
+        return recipe, [parse_override(o) for o in overrides]
     except ValueError as e:
         raise NemoqError(str(e)) from None
+
+
+def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: list[str], dry_run: bool,
+              imatrix_path: Optional[Path], tensor_scales: bool = True, calibration_options: list[str] = (),
+              **options) -> None:
+    from nemoq import report
+    from nemoq.quant.recipes import chooser, plan_types
+    if calibration_options:
+        raise NemoqError(f"{', '.join(calibration_options)} only go with --calibrate")
+    recipe, parsed = _recipe_and_overrides(recipe_name, overrides)
     if dry_run:
         from nemoq.convert.config import load_config
         from nemoq.convert.plan import tensor_specs
@@ -162,6 +189,29 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
                       f"(e.g. {escape(kept[0])})")
 
 
+def _quantize_calibrated(src: str, outfile: Optional[Path], recipe_name: str, overrides: list[str],
+                         tensor_scales: bool, dry_run: bool, imatrix_path: Optional[Path], calibration: dict,
+                         **options) -> None:
+    from nemoq import report
+    from nemoq.calib.calibrated import quantize_calibrated
+    if dry_run:
+        raise NemoqError("--dry-run plans without reading weights, --calibrate runs the model: use one of them")
+    if imatrix_path is not None:
+        raise NemoqError("--calibrate computes its own statistics from the calibration text; --imatrix is for "
+                         "quantizing without it: use one of them")
+    if outfile is None:
+        raise NemoqError("--outfile is required")
+    recipe, parsed = _recipe_and_overrides(recipe_name, overrides)
+    with report.layer_progress(console, "calibrated quantizing") as (on_start, on_progress):
+        result = quantize_calibrated(src, outfile, recipe, overrides=parsed, tensor_scales=tensor_scales,
+                                     on_start=on_start, on_progress=on_progress, **calibration, **options)
+    _report_plan(result.typed, [t.spec for t in result.typed], result.layer_kinds, recipe, table=False)
+    report.calibration_summary(Console(), result)
+    report.conversion_summary(console, result.conversion, [])
+    if result.imatrix_output is not None:
+        console.print(f"[green]wrote[/] {escape(str(result.imatrix_output))}")
+
+
 @app.command()
 def calibrate(
     src: str = typer.Argument(..., help="Checkpoint folder, hub repo id, or an F32/F16/BF16 GGUF."),
@@ -179,23 +229,11 @@ def calibrate(
 
 
 def _calibrate(src: str, outfile: Path, data: Optional[Path], tokens: int, ctx: int, device: str, force: bool) -> None:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from nemoq import report
     from nemoq.calib.calibrate import calibrate
     from nemoq.calib.coverage import FALLBACK, FEW_SHARE
 
-    columns = (TextColumn("[bold]calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("calibrating", total=None, rate="")
-
-        def on_start(sequences: int, layers: int) -> None:
-            console.print(f"{sequences} sequences of {ctx} tokens")
-            progress.update(task, total=layers)
-
-        def on_progress(p) -> None:
-            progress.update(task, completed=p.layers_done, rate=f"{p.tokens_per_second:,.0f} tokens/s")
+    with report.layer_progress(console, "calibrating") as (on_start, on_progress):
         result = calibrate(src, outfile, data=data, tokens=tokens, ctx=ctx, device=device, force=force,
                            on_start=on_start, on_progress=on_progress)
     report.expert_coverage(Console(), result.coverage, FEW_SHARE, FALLBACK)

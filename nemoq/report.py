@@ -8,8 +8,8 @@ from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
 
 STRING_PREVIEW = 60
@@ -31,6 +31,51 @@ def byte_progress(console: Console, label: str, total: int) -> Iterator[Callable
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+@contextmanager
+def layer_progress(console: Console, label: str) -> Iterator[tuple[Callable, Callable]]:
+    """(on_start(sequences, steps), on_progress(forward.Progress)) for the layer-streamed commands."""
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(label, total=None, rate="")
+
+        def on_start(sequences: int, steps: int) -> None:
+            console.print(f"{sequences} calibration sequences through {steps - 1} layers and the output head")
+            progress.update(task, total=steps)
+
+        def on_progress(p) -> None:
+            progress.update(task, completed=p.layers_done, rate=f"{p.tokens_per_second:,.0f} tokens/s")
+        yield on_start, on_progress
+
+
+def calibration_summary(console: Console, result) -> None:
+    """Per calibrated tensor: the relative output error on the calibration tokens with error
+    compensation and with importance-weighted rounding, the worst expert, and any fallback."""
+    table = Table(title=f"output error ||(W - Q) X|| / ||W X|| on {result.tokens:,} calibration tokens",
+                  caption="compensated: error-compensated rounding; rounding: importance-weighted rounding")
+    for col in ("tensor", "type", "tokens", "compensated", "rounding", "ratio", "worst expert"):
+        table.add_column(col, justify="left" if col in ("tensor", "type") else "right", no_wrap=True)
+    for m in result.matrices:
+        worst = "-"
+        if m.worst_expert is not None:
+            e, err, err_rounding = m.worst_expert
+            worst = f"#{e} {err:.4f} ({err / err_rounding if err_rounding else 1:.2f})"
+        table.add_row(m.name.removesuffix(".weight"), m.type.upper(), f"{m.tokens:,}", f"{m.error:.4f}",
+                      f"{m.error_rounding:.4f}", f"{m.ratio:.2f}", worst)
+    console.print(table)
+    for m in result.matrices:
+        if m.fallback:
+            console.print(f"[yellow]fallback[/] {escape(m.name)}: importance-weighted rounding "
+                          f"({escape(m.fallback)})")
+    ratios = sorted(m.ratio for m in result.matrices)
+    if ratios:
+        fallbacks = sum(m.fallback is not None for m in result.matrices)
+        console.print(f"compensated / rounding error: median {ratios[len(ratios) // 2]:.2f}, range "
+                      f"{ratios[0]:.2f}-{ratios[-1]:.2f}; {fallbacks} of {len(ratios)} tensor(s) with a fallback")
+    feed = "the quantized layers' outputs (sequential)" if result.sequential else "the full-precision outputs"
+    console.print(f"{result.tokens:,} tokens on {result.device} in {result.seconds:.1f} s; each layer fed {feed}")
 
 
 def conversion_summary(console: Console, result, fallbacks: list[tuple[str, str]]) -> None:

@@ -152,20 +152,32 @@ def route(x: torch.Tensor, w: Weights, cfg: ModelConfig) -> tuple[torch.Tensor, 
 def moe(x: torch.Tensor, w: Weights, cfg: ModelConfig, record: Record) -> torch.Tensor:
     shape = x.shape
     x = x.reshape(-1, shape[-1])
+    return (routed_experts(x, w, cfg, record) + shared_expert(x, w, record)).reshape(shape)
+
+
+def routed_experts(x: torch.Tensor, w: Weights, cfg: ModelConfig, record: Record) -> torch.Tensor:
+    """x (tokens, hidden): each token through its top-k experts, weighted by the router."""
     ids, weights = route(x, w, cfg)
     out = torch.zeros_like(x)
     up, down = w["ffn_up_exps.weight"], w["ffn_down_exps.weight"]
     for e in torch.unique(ids).tolist():
         token, slot = torch.where(ids == e)
-        xe = x[token]
-        record(w.name("ffn_up_exps.weight"), xe, e)
-        hidden = relu2(linear(xe, up[e]))
-        record(w.name("ffn_down_exps.weight"), hidden, e)
-        out.index_add_(0, token, linear(hidden, down[e]) * weights[token, slot, None])
-    record(w.name("ffn_up_shexp.weight"), x, None)
-    hidden = relu2(linear(x, w["ffn_up_shexp.weight"]))
-    record(w.name("ffn_down_shexp.weight"), hidden, None)
-    return (out + linear(hidden, w["ffn_down_shexp.weight"])).reshape(shape)
+        out.index_add_(0, token, expert(x[token], up[e], down[e], w, e, record) * weights[token, slot, None])
+    return out
+
+
+def expert(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, w: Weights, e: int | None,
+           record: Record) -> torch.Tensor:
+    """One squared-ReLU expert on the tokens routed to it (routed expert e, or the shared one)."""
+    kind = "exps" if e is not None else "shexp"
+    record(w.name(f"ffn_up_{kind}.weight"), x, e)
+    hidden = relu2(linear(x, up))
+    record(w.name(f"ffn_down_{kind}.weight"), hidden, e)
+    return linear(hidden, down)
+
+
+def shared_expert(x: torch.Tensor, w: Weights, record: Record) -> torch.Tensor:
+    return expert(x, w["ffn_up_shexp.weight"], w["ffn_down_shexp.weight"], w, None, record)
 
 
 MIXERS = {"mamba": mamba2, "attention": attention, "moe": moe}

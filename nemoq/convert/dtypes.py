@@ -104,7 +104,8 @@ class Encoding(Protocol):
     """encode() may return a view of a reused buffer: write it out before the next call.
 
     An encoding may also have `companions(tensor) -> tuple[Companion, ...]`: small tensors
-    written right after the one it encodes."""
+    written right after the one it encodes; and `chunks() -> Iterable[np.ndarray]`: the tensor's
+    bytes made without the source's rows (which the writer then does not read)."""
     ggml_type: GGMLQuantizationType
 
     def nbytes(self, shape: tuple[int, ...]) -> int: ...

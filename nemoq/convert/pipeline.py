@@ -136,7 +136,8 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
     result = ConvertResult([], [], plan.layout, plan.skipped)
     start = time.perf_counter()
     copied = [is_byte_copy(t, enc) for t, enc in zip(tensors, encodings)]
-    read = [t for t, c in zip(tensors, copied) if not c]
+    made = [produces_bytes(enc) for enc in encodings]
+    read = [t for t, c, m in zip(tensors, copied, made) if not c and not m]
     with atomic_outputs(out, force, needed=total) as tmp, Prefetcher(read, CHUNK_BYTES) as prefetch, \
             StreamingGGUFWriter(tmp, source.architecture, split_max_size=split_max_size) as writer:
         source.add_metadata(writer)
@@ -152,7 +153,7 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t, enc, copy, cs in zip(tensors, encodings, copied, extras):
+        for t, enc, copy, make, cs in zip(tensors, encodings, copied, made, extras):
             report = TensorReport(t.name, t.shape, enc.ggml_type.name, enc.nbytes(t.shape))
 
             def copied_chunks():
@@ -177,7 +178,7 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
                     yield enc.encode(rows, t.chunk_dtype)
                     if on_progress is not None:
                         on_progress(nbytes)
-            writer.write_tensor_chunks(copied_chunks() if copy else encoded_chunks())
+            writer.write_tensor_chunks(enc.chunks() if make else copied_chunks() if copy else encoded_chunks())
             if report.non_finite:
                 message = f"{t.name}: {report.non_finite} NaN/Inf value(s) in {t.sources[0].name}"
                 if strict:
@@ -199,6 +200,12 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
 def is_byte_copy(t: PlannedTensor, enc: Encoding) -> bool:
     """Stored exactly as the source holds it (bf16 -> BF16 ...): no decoding needed."""
     return t.transform.values is None and getattr(enc, "copies", lambda dtype: False)(t.source_dtype)
+
+
+def produces_bytes(enc: Encoding) -> bool:
+    """An encoding with `chunks()` makes its tensor's bytes itself (calibrated quantization, which
+    reads the weights layer by layer on its own): the writer does not read the source for it."""
+    return callable(getattr(enc, "chunks", None))
 
 
 def plan_bytes(plan: Plan) -> int:

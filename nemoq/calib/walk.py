@@ -1,0 +1,403 @@
+"""The layer walk of calibrated quantization: each matrix quantized from the inputs it sees.
+
+The calibration tokens' hidden states go through the model one layer at a time, as in
+`nemoq calibrate` (forward.py). For every matrix of a layer, H = sum over tokens of x x^T of
+its input is accumulated in float64 on the device, and each matrix the recipe quantizes is
+handed with its H to nemoq.quant.compensate, which returns its blocks.
+
+Sequential (the default, `SEQUENTIAL`): inputs are those of the quantized model. A layer's
+matrices go in stages (`STAGES`): a stage's inputs are computed with the matrices of the earlier
+stages already quantized (attention output sees the quantized q, k and v), the next layer gets
+the quantized layer's output, and the first layer the embeddings as the file stores them.
+Otherwise every input is the full-precision model's, as `nemoq calibrate` sees them.
+
+Routed experts are done one at a time, so one expert's H is alive at a time: the router runs
+once over every token (it stays F32), then each expert gathers its tokens from the layer's
+input, accumulates H_up, quantizes up, computes down's input with that up, accumulates H_down,
+quantizes down, and adds its output to the layer's. Experts without tokens go last and are
+rounded with the mean importance of the layer's other experts (as `--imatrix` does).
+
+Memory: one layer's weights, the hidden states (twice during an MoE layer: its input and its
+output), one stage's H matrices and the quantized bytes of one layer (until they are written).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from nemoq.calib import blocks
+from nemoq.calib.forward import HiddenStates, Progress, batches
+from nemoq.calib.imatrix_file import ImportanceMatrix
+from nemoq.calib.weights import LayerLoader, Weights
+from nemoq.convert.config import ModelConfig
+from nemoq.convert.plan import Plan
+from nemoq.errors import NemoqError
+from nemoq.quant.compensate import Compensated, compensated_quantize, stack
+from nemoq.quant.encodings import BLOCK_ENCODINGS
+from nemoq.quant.tensor_scale import SCALE_RULES, best_scale
+
+# Measured on the bundled trained model (docs/quantize.md, "Calibrated quantization"): KLD vs
+# F32 over the held-out split with the quantized model's inputs against the full-precision ones.
+SEQUENTIAL = True
+
+# Matrices per layer kind, in stages: a stage's inputs depend only on earlier stages' matrices.
+STAGES = {
+    "mamba": (("ssm_in.weight",), ("ssm_out.weight",)),
+    "attention": (("attn_q.weight", "attn_k.weight", "attn_v.weight"), ("attn_output.weight",)),
+    "moe": (("ffn_up_shexp.weight",), ("ffn_down_shexp.weight",)),   # routed experts: one at a time
+}
+EXPERTS = ("ffn_up_exps.weight", "ffn_down_exps.weight")
+HEAD = "output.weight"
+
+# compensate.py's linear algebra is many small factorisations and products: with OpenBLAS's
+# threads (beside torch's) a 320 x 320 Cholesky took 25 ms on 2 cores instead of 0.7 ms.
+BLAS_THREADS = 1
+
+
+@dataclass(frozen=True)
+class Target:
+    """How the recipe quantizes one matrix."""
+    type: str       # a block format of nemoq.quant.formats
+    scaled: bool    # quantized as x / scale with a per-matrix `.scale` tensor (NVFP4, MXFP4)
+
+
+@dataclass
+class Quantized:
+    """One tensor's bytes as the walk made them, with its per-matrix scales."""
+    blocks: np.ndarray           # GGUF rows (rows, bytes); (experts, rows, bytes) for a stack
+    scales: np.ndarray | None    # float32 (matrices,) for a `.scale` tensor
+
+
+@dataclass(frozen=True)
+class MatrixReport:
+    """What calibration bought on one tensor (experts pooled), on the calibration tokens."""
+    name: str
+    type: str
+    tokens: int                  # tokens that reached it (summed over experts)
+    error: float                 # ||(W - Q) X|| / ||W X|| with compensation
+    error_rounding: float        # ... with importance-weighted rounding
+    fallback: str | None
+    worst_expert: tuple[int, float, float] | None = None   # (expert, error, error_rounding)
+
+    @property
+    def ratio(self) -> float:
+        return self.error / self.error_rounding if self.error_rounding > 0 else 1.0
+
+
+class Gram:
+    """sum over tokens of x x^T of one matrix's input, and the tokens summed."""
+
+    def __init__(self, n: int, device: torch.device):
+        # float64 on the device; MPS has none: each batch's float32 product is widened on the CPU
+        self.on_cpu = device.type == "mps"
+        self.h = torch.zeros((n, n), dtype=torch.float64, device="cpu" if self.on_cpu else device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        if self.on_cpu:
+            self.h += (x.T @ x).cpu().double()
+        else:
+            x = x.double()
+            self.h.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    def numpy(self) -> np.ndarray:
+        return self.h.cpu().numpy()
+
+
+class _StageRecorded(Exception):
+    """Every input of the stage is recorded: the rest of the layer is not needed."""
+
+
+class LayerWalk:
+    """Quantizes the targets layer by layer, on demand: `result(name)` walks on until the step
+    (layer, or the output head) that holds `name` is done. Results of earlier steps are dropped,
+    so ask in the file's order."""
+
+    def __init__(self, plan: Plan, cfg: ModelConfig, sequences: np.ndarray, targets: dict[str, Target], *,
+                 device: torch.device, sequential: bool = SEQUENTIAL,
+                 stored_embeddings: Callable[[np.ndarray], np.ndarray] | None = None,
+                 on_progress: Callable[[Progress], None] | None = None):
+        self.cfg, self.sequences, self.targets = cfg, sequences, targets
+        self.device, self.sequential = device, sequential
+        self.stored_embeddings = stored_embeddings
+        self.on_progress = on_progress
+        self.loader = LayerLoader(plan, device)
+        self.parts = batches(*sequences.shape)
+        self.hidden: HiddenStates | None = None
+        self.step = 0                                   # next step: layers 0..n-1, then the head
+        self.results: dict[str, Quantized] = {}         # the last step's
+        self.reports: list[MatrixReport] = []
+        self.sums: dict[str, np.ndarray] = {}           # imatrix statistics: sum x^2 per column
+        self.counts: dict[str, np.ndarray] = {}
+        self.start = time.perf_counter()
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.n_layers + 1
+
+    @property
+    def tokens(self) -> int:
+        return int(self.sequences.size)
+
+    def result(self, name: str) -> Quantized:
+        step = step_of(name, self.cfg.n_layers)
+        while self.step <= step:
+            self.advance()
+        if name not in self.results:
+            raise RuntimeError(f"{name}: asked for after its layer was left, or not a calibrated tensor")
+        return self.results[name]
+
+    def finish(self) -> None:
+        """Walk the remaining steps (their statistics are wanted, if not their bytes)."""
+        while self.step < self.steps:
+            self.advance()
+
+    def close(self) -> None:
+        if self.hidden is not None:
+            self.hidden.close()
+            self.hidden = None
+
+    def imatrix(self, datasets: list[str]) -> ImportanceMatrix:
+        n, ctx = self.sequences.shape
+        return ImportanceMatrix(dict(self.sums), dict(self.counts), datasets, n, ctx)
+
+    # --- steps -----------------------------------------------------------------------------
+
+    def advance(self) -> None:
+        self.results = {}
+        with torch.no_grad():
+            if self.hidden is None:
+                self._embed()
+            if self.step < self.cfg.n_layers:
+                weights = self.loader.layer(self.step)
+                kind = self.cfg.layer_kinds[self.step]
+                if kind == "moe":
+                    self._moe(weights)
+                else:
+                    self._staged(kind, weights)
+                del weights
+            else:
+                self._head()
+        self.step += 1
+        if self.on_progress is not None:
+            self.on_progress(Progress(self.step, self.steps, self.tokens, time.perf_counter() - self.start))
+
+    def _embed(self) -> None:
+        n, ctx = self.sequences.shape
+        self.hidden = HiddenStates((n, ctx, self.cfg.hidden))
+        ids, where = np.unique(self.sequences, return_inverse=True)
+        embd = self.loader.globals("token_embd.weight")["token_embd.weight"]
+        rows = embd[torch.from_numpy(ids.astype(np.int64)).to(embd.device)].float().cpu().numpy()
+        del embd
+        if self.sequential and self.stored_embeddings is not None:
+            rows = self.stored_embeddings(rows)
+        where = where.reshape(n, ctx)
+        for part in self.parts:
+            self.hidden.data[part] = rows[where[part]]
+
+    def _staged(self, kind: str, w: Weights) -> None:
+        stages = STAGES[kind] if self.sequential else (sum(STAGES[kind], ()),)
+        for stage in stages:
+            names = [w.name(short) for short in stage]
+            grams = self._grams(lambda x, record: blocks.layer(x, kind, w, self.cfg, record), names)
+            for name, short in zip(names, stage):
+                self._quantize_matrix(name, w, short, grams[name])
+        self._through(lambda x: blocks.layer(x, kind, w, self.cfg, ignore))
+
+    def _head(self) -> None:
+        norm = self.loader.globals("output_norm.weight")["output_norm.weight"]
+        grams = self._grams(lambda x, record: record(HEAD, blocks.rms_norm(x, norm, self.cfg.norm_eps), None), [HEAD])
+        if HEAD in self.targets:
+            head = self.loader.globals(HEAD)
+            self._quantize_matrix(HEAD, head, HEAD, grams[HEAD])
+        self.close()
+
+    def _moe(self, w: Weights) -> None:
+        norm = w["attn_norm.weight"]
+
+        def normed(x: torch.Tensor) -> torch.Tensor:
+            return blocks.rms_norm(x, norm, self.cfg.norm_eps)
+
+        # the shared expert, in its stages, and the routing of every token
+        for stage in STAGES["moe"]:
+            (short,) = stage
+            name = w.name(short)
+            grams = self._grams(lambda x, record: blocks.shared_expert(normed(x), w, record), [name])
+            self._quantize_matrix(name, w, short, grams[name])
+        n, ctx, hidden = self.hidden.data.shape
+        k = self.cfg.n_experts_used
+        ids, gates = np.empty((n * ctx, k), np.int64), np.empty((n * ctx, k), np.float32)
+        out = HiddenStates((n, ctx, hidden))
+        for part in self.parts:
+            x = torch.from_numpy(np.asarray(self.hidden.data[part])).to(self.device)
+            xn = normed(x)
+            e, g = blocks.route(xn.reshape(-1, hidden), w, self.cfg)
+            rows = slice(part.start * ctx, part.stop * ctx)
+            ids[rows], gates[rows] = e.cpu().numpy(), g.cpu().numpy()
+            out.data[part] = (x + blocks.shared_expert(xn, w, ignore)).cpu().numpy()
+
+        # the routed experts, one at a time; those without tokens last
+        flat_in, flat_out = self.hidden.data.reshape(-1, hidden), out.data.reshape(-1, hidden)
+        tokens = np.bincount(ids.reshape(-1), minlength=self.cfg.n_experts)
+        order = [e for e in range(self.cfg.n_experts) if tokens[e]] + [e for e in range(self.cfg.n_experts)
+                                                                       if not tokens[e]]
+        up, down = (ExpertStack(w.name(short), short, self.cfg.n_experts, w[short].shape[-1]) for short in EXPERTS)
+        for e in order:
+            token, slot = np.nonzero(ids == e)
+            x = normed(torch.from_numpy(np.asarray(flat_in[token])).to(self.device))
+            up_e = self._quantize_expert(up, e, w, x)
+            h = blocks.relu2(blocks.linear(x, up_e))
+            down_e = self._quantize_expert(down, e, w, h)
+            y = blocks.linear(h, down_e) * torch.from_numpy(gates[token, slot, None]).to(self.device)
+            flat_out[token] += y.cpu().numpy()
+        for s in (up, down):
+            self._finish_stack(s)
+        self.hidden.close()
+        self.hidden = out
+
+    # --- statistics ----------------------------------------------------------------------------
+
+    def _grams(self, forward: Callable, names: list[str]) -> dict[str, Gram]:
+        """H of each named input over every token; `forward(x, record)` runs one batch."""
+        wanted, grams = set(names), {}
+        last: list = [None, None]   # the last tensor recorded and its Gram: q, k and v share one input
+
+        def record(name: str, x: torch.Tensor, expert) -> None:
+            if name not in wanted:
+                return
+            if x is last[0]:
+                grams.setdefault(name, last[1])
+            else:
+                gram = grams.setdefault(name, Gram(x.shape[-1], self.device))
+                gram.add(x)
+                last[:] = [x, gram]
+            seen.add(name)
+            if seen == wanted:
+                raise _StageRecorded
+
+        for part in self.parts:
+            seen: set[str] = set()
+            last[:] = [None, None]
+            try:
+                forward(torch.from_numpy(np.asarray(self.hidden.data[part])).to(self.device), record)
+            except _StageRecorded:
+                pass
+        for name in names:
+            self._count(name, None, grams[name])
+        return grams
+
+    def _count(self, name: str, expert: int | None, gram: Gram) -> None:
+        """The imatrix's statistics: diag H (sum x^2 per column) and the tokens."""
+        if name not in self.sums:
+            n_mat = self.cfg.n_experts if expert is not None else 1
+            self.sums[name] = np.zeros((n_mat, gram.h.shape[0]), np.float64)
+            self.counts[name] = np.zeros(n_mat, np.float64)
+        self.sums[name][expert or 0] = torch.diagonal(gram.h).cpu().numpy()
+        self.counts[name][expert or 0] = gram.tokens
+
+    def _through(self, layer: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for part in self.parts:
+            x = torch.from_numpy(np.asarray(self.hidden.data[part])).to(self.device)
+            self.hidden.data[part] = layer(x).cpu().numpy()
+
+    # --- quantizing ------------------------------------------------------------------------------
+
+    def _quantize_matrix(self, name: str, w: Weights, short: str, gram: Gram) -> None:
+        """Quantize w[short] if it is a target; with `sequential`, later inputs see its values."""
+        if name not in self.targets:
+            return
+        c, scale, values = self._quantize(name, w[short], gram)
+        self.results[name] = Quantized(c.blocks, None if scale is None else np.array([scale], np.float32))
+        self.reports.append(report_of(name, self.targets[name].type, c, gram.tokens))
+        if self.sequential:
+            w[short] = values
+
+    def _quantize_expert(self, s: "ExpertStack", e: int, w: Weights, x: torch.Tensor) -> torch.Tensor:
+        """H of expert e's input x, the expert quantized; the weights its next step should use."""
+        gram = Gram(x.shape[-1], self.device)
+        if x.shape[0]:
+            gram.add(x)
+        self._count(s.name, e, gram)
+        matrix = w[s.short][e]
+        if s.name not in self.targets:
+            return matrix
+        c, scale, values = self._quantize(s.name, matrix, gram, None if gram.tokens else s.mean_importance())
+        s.add(e, c, scale, gram)
+        return values if self.sequential else matrix
+
+    def _quantize(self, name: str, matrix: torch.Tensor, gram: Gram, importance: np.ndarray | None = None):
+        """(report with blocks, the `.scale` or None, the values as stored on the device)."""
+        target = self.targets[name]
+        w, h = matrix.float().cpu().numpy(), gram.numpy()
+        if not np.isfinite(h).all() or not np.isfinite(w).all():
+            raise NemoqError(f"{name}: NaN/Inf in the weights or in the calibration inputs that reach them")
+        scale = None
+        if target.scaled:
+            mean_square = np.diag(h) / gram.tokens if gram.tokens else importance
+            base = BLOCK_ENCODINGS[target.type]
+            scale = float(best_scale(base, w, None if mean_square is None else mean_square.astype(np.float32),
+                                     SCALE_RULES[target.type]))
+            w = w / np.float32(scale)
+        with threadpool_limits(BLAS_THREADS, user_api="blas"):
+            c = compensated_quantize(target.type, w, h, importance=importance, tokens=gram.tokens)
+        values = BLOCK_ENCODINGS[target.type].dequantize(c.blocks).reshape(w.shape)
+        if scale is not None:
+            values = values * np.float32(scale)
+        return c, scale, torch.from_numpy(values).to(self.device)
+
+    def _finish_stack(self, s: "ExpertStack") -> None:
+        if s.name not in self.targets:
+            return
+        c = stack(s.reports)
+        scales = np.array(s.scales, np.float32) if self.targets[s.name].scaled else None
+        self.results[s.name] = Quantized(c.blocks, scales)
+        self.reports.append(report_of(s.name, self.targets[s.name].type, c, int(sum(s.tokens))))
+
+
+class ExpertStack:
+    """One stacked expert tensor being quantized an expert at a time."""
+
+    def __init__(self, name: str, short: str, n_experts: int, n: int):
+        self.name, self.short = name, short
+        self.reports: list[Compensated | None] = [None] * n_experts
+        self.scales = [1.0] * n_experts
+        self.tokens = [0] * n_experts
+        self.importance_sum, self.seen = np.zeros(n, np.float64), 0
+
+    def add(self, e: int, c: Compensated, scale: float | None, gram: Gram) -> None:
+        self.reports[e], self.tokens[e] = c, gram.tokens
+        self.scales[e] = 1.0 if scale is None else scale
+        if gram.tokens:
+            self.importance_sum += torch.diagonal(gram.h).cpu().numpy() / gram.tokens
+            self.seen += 1
+
+    def mean_importance(self) -> np.ndarray | None:
+        """For an expert that saw no token: the mean importance of the experts that did."""
+        return (self.importance_sum / self.seen).astype(np.float32) if self.seen else None
+
+
+def report_of(name: str, type_name: str, c: Compensated, tokens: int) -> MatrixReport:
+    worst = None
+    if c.experts:
+        e = max(range(len(c.experts)), key=lambda i: c.experts[i].error)
+        worst = (e, c.experts[e].error, c.experts[e].error_rounding)
+    return MatrixReport(name, type_name, tokens, c.error, c.error_rounding, c.fallback, worst)
+
+
+def step_of(name: str, n_layers: int) -> int:
+    """The walk's step that quantizes `name`: its layer, or n_layers for the output head."""
+    if name.startswith("blk."):
+        return int(name.split(".")[1])
+    return n_layers
+
+
+def ignore(name: str, x: torch.Tensor, expert) -> None:
+    pass
