@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from jinja2 import TemplateError
 
 from nemoq.calib.data import Item
 from nemoq.errors import NemoqError
@@ -134,7 +135,12 @@ def make_sequences(items: list[Item], text: ModelText, ctx: int, max_tokens: int
     wanted = max_tokens // ctx * ctx
     ids: list[int] = []
     for item in items:
-        for rendered in text.render(item):
+        try:
+            rendered_texts = text.render(item)
+        except (TemplateError, TypeError) as e:   # a template's raise_exception, or a chat it cannot join
+            raise NemoqError(f"the model's chat template fails on a chat of the calibration data "
+                             f"({type(e).__name__}: {e})", where) from None
+        for rendered in rendered_texts:
             ids.extend(text.encode(rendered))
             if text.eos[1] is not None:
                 ids.append(text.eos[1])
