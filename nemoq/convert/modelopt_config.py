@@ -83,14 +83,17 @@ def read_quant_config(model_dir: Path) -> QuantConfig | None:
     per_module: dict = {}
     if algo == MIXED:
         layers = section.get("quantized_layers") or {}
+        if not isinstance(layers, dict):
+            raise NemoqError("quantized_layers must map module names to {\"quant_algo\": ...}", path)
         per_module = {m: str(v.get("quant_algo")) for m, v in layers.items() if isinstance(v, dict)}
         unknown = sorted({a for a in per_module.values() if a not in ALGORITHMS})
         if unknown:
             raise NemoqError(f"quantized_layers use quant_algo {', '.join(unknown)}; nemoq reads "
                              f"{', '.join(ALGORITHMS)}", path)
-        groups = {v.get("group_size") for v in layers.values() if isinstance(v, dict) and v.get("quant_algo") == "NVFP4"}
-        if groups - {None, NVFP4_GROUP}:
-            raise NemoqError(f"NVFP4 group_size {sorted(groups - {None, NVFP4_GROUP})[0]} in quantized_layers: "
+        odd = [v.get("group_size") for v in layers.values() if isinstance(v, dict) and v.get("quant_algo") == "NVFP4"
+               and v.get("group_size") not in (None, NVFP4_GROUP)]
+        if odd:
+            raise NemoqError(f"NVFP4 group_size {odd[0]} in quantized_layers: "
                              f"GGUF's NVFP4 needs groups of {NVFP4_GROUP}", path)
     elif algo not in ALGORITHMS:
         raise NemoqError(f"unsupported quant_algo {algo!r}; nemoq reads {', '.join([*ALGORITHMS, MIXED])}", path)
