@@ -1,0 +1,157 @@
+"""What `nemoq quantize --calibrate` buys: KLD vs the F32 file on held-out text, per recipe, for
+plain rounding, `--imatrix` (from `nemoq calibrate`) and `--calibrate` on the same tokens.
+
+    .venv/bin/python bench/calibrated.py [--recipes Q4_K_M IQ4_NL ...] [--tokens 65536] [--feeds] [--json FILE]
+
+Model: the bundled trained tests/data/nemotron-tiny (--model for another). Calibration: the
+corpus' train split (the default data of both commands); held-out text: its val split, which
+shares no source item with it. Every held-out token after the first half chunk is scored: the
+chunks of --eval-ctx tokens are scored in their second half, as llama-perplexity does, and once
+more with the chunk starts shifted by half a chunk. Ratios of mean KLD come with a standard error
+from the paired per-token differences (delta method: se(a/b) = sd(a_i - r b_i) / (sqrt(n) mean b)).
+
+Times and peak RSS: `nemoq calibrate` and `nemoq quantize --calibrate`, each a child process on
+the same tokens. --feeds also measures the walk's other choice of inputs (nemoq.calib.walk.SEQUENTIAL:
+the full-precision model's, or the quantized model's) against the default. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from measure import git_state, spawn_timed  # noqa: E402
+
+RECIPES = ("Q4_K_M", "IQ4_NL", "NQ4", "NVFP4", "MXFP4_MOE", "Q6_K", "NQ5", "Q8_0")
+NEMOQ = str(ROOT / ".venv" / "bin" / "nemoq")
+
+
+def other_feed() -> str:
+    from nemoq.calib.walk import SEQUENTIAL
+    return "full-precision" if SEQUENTIAL else "sequential"
+
+
+OTHER_FEED = other_feed()
+
+
+def held_out_kld(base: Path, models: list[Path], text: str, ctx: int) -> list[np.ndarray]:
+    """Per-token KLD(base || model) of each model over the held-out tokens (two chunk alignments)."""
+    from nemoq.eval.metrics import kl_rows
+    from nemoq.eval.model import LlamaModel
+
+    with LlamaModel(base, ctx) as m:
+        tokens = m.tokenize(text)
+        chunks = []
+        for shift in (0, ctx // 2):
+            layout = m.layout(len(tokens) - shift, ctx, None)
+            chunks += [(layout.chunk(tokens[shift:], i), layout.first) for i in range(layout.n_chunks)]
+        base_logp = [m.scored_logprobs(ids, first).astype(np.float32) for ids, first in chunks]
+    klds = []
+    for path in models:
+        with LlamaModel(path, ctx) as m:
+            klds.append(np.concatenate([kl_rows(b.astype(np.float64), m.scored_logprobs(ids, first))
+                                        for b, (ids, first) in zip(base_logp, chunks)]))
+    return klds
+
+
+def ratio(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """mean(a) / mean(b) and its standard error from the paired per-token values."""
+    r = a.mean() / b.mean()
+    return float(r), float((a - r * b).std(ddof=1) / (math.sqrt(len(a)) * b.mean()))
+
+
+def run(argv: list, log: Path) -> tuple[float, float]:
+    seconds, rss, code, _ = spawn_timed([str(a) for a in argv], log)
+    if code != 0:
+        raise SystemExit(f"{' '.join(map(str, argv[:3]))} failed ({code}):\n{log.read_text()}")
+    return seconds, rss / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=ROOT / "tests" / "data" / "nemotron-tiny")
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--eval-ctx", type=int, default=256)
+    ap.add_argument("--variants", nargs="+", default=["plain", "imatrix", "calibrate"])
+    ap.add_argument("--feeds", action="store_true", help="also the walk with its other choice of inputs")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / ".cache" / "calibrated")
+    ap.add_argument("--json", type=Path, help="write the figures to this file")
+    args = ap.parse_args()
+
+    from tests.fixtures.corpus import load_texts
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    base = work / "base-F32.gguf"
+    run([NEMOQ, "convert", args.model, "-o", base, "--outtype", "f32", "--force"], work / "convert.log")
+    tokens = ["--tokens", args.tokens, "--ctx", args.ctx]
+    imatrix = work / "imatrix.gguf"
+    times = {"calibrate": run([NEMOQ, "calibrate", args.model, "-o", imatrix, "--force", *tokens],
+                              work / "calibrate.log")}
+
+    files: dict[tuple[str, str], Path] = {}
+    for recipe in args.recipes:
+        for variant in args.variants:
+            out = work / f"{recipe}-{variant}.gguf"
+            extra = {"plain": [], "imatrix": ["--imatrix", imatrix], "calibrate": ["--calibrate", *tokens]}[variant]
+            seconds = run([NEMOQ, "quantize", args.model, "-o", out, "--recipe", recipe, "--force", *extra],
+                          work / f"{recipe}-{variant}.log")
+            times[f"{recipe} {variant}"] = seconds
+            files[recipe, variant] = out
+        if args.feeds:
+            from nemoq.calib.calibrated import quantize_calibrated
+            from nemoq.calib.walk import SEQUENTIAL
+            from nemoq.quant.recipes import RECIPES as ALL
+            out = work / f"{recipe}-{OTHER_FEED}.gguf"
+            quantize_calibrated(args.model, out, ALL[recipe], tokens=args.tokens, ctx=args.ctx, force=True,
+                                sequential=not SEQUENTIAL)
+            files[recipe, OTHER_FEED] = out
+
+    text = "\n\n".join(load_texts("val"))
+    keys = list(files)
+    klds = dict(zip(keys, held_out_kld(base, [files[k] for k in keys], text, args.eval_ctx)))
+    n = len(next(iter(klds.values())))
+    print(f"{args.model.name}: KLD vs F32 over {n:,} held-out tokens; calibration {args.tokens:,} tokens "
+          f"(x {args.ctx}) of the train split")
+    figures = {"model": str(args.model), "held_out_tokens": n, "tokens": args.tokens, "ctx": args.ctx,
+               "eval_ctx": args.eval_ctx, "recipes": {}, "times": {}, "code": git_state()}
+    head = f"{'recipe':<11}{'bpw':>6}" + "".join(f"{v:>13}" for v in args.variants + ([OTHER_FEED] if args.feeds else []))
+    print(head + f"{'cal/plain':>16}{'cal/imatrix':>16}" + (f"{'cal/' + OTHER_FEED:>16}" if args.feeds else ""))
+    for recipe in args.recipes:
+        row = {v: float(klds[recipe, v].mean()) for (r, v) in keys if r == recipe}
+        size = files[recipe, args.variants[0]].stat().st_size
+        entry = {"kld": row, "kld_stderr": {v: float(klds[recipe, v].std(ddof=1) / math.sqrt(n)) for v in row},
+                 "bytes": size}
+        cells = "".join(f"{row[v]:>13.5f}" for v in row)
+        pairs = [("calibrate", "plain"), ("calibrate", "imatrix")] + ([("calibrate", OTHER_FEED)] if args.feeds else [])
+        for a, b in pairs:
+            if (recipe, a) in klds and (recipe, b) in klds:
+                r, se = ratio(klds[recipe, a], klds[recipe, b])
+                entry[f"{a}/{b}"] = [r, se]
+                cells += f"{r:>10.3f} ±{se:.3f}"
+        figures["recipes"][recipe] = entry
+        from nemoq.gguf_file import read_gguf
+        weights = sum(int(np.prod(t.shape)) for t in read_gguf(files[recipe, args.variants[0]]).tensors)
+        print(f"{recipe:<11}{8 * size / weights:>6.2f}{cells}")
+    for name, (seconds, rss) in times.items():
+        figures["times"][name] = {"seconds": round(seconds, 1), "peak_rss_gb": round(rss, 3)}
+    cal = [(k, v) for k, v in times.items() if k.endswith("calibrate")]
+    print(f"nemoq calibrate: {times['calibrate'][0]:.1f} s, peak RSS {times['calibrate'][1]:.2f} GB")
+    for name, (seconds, rss) in cal[1:]:
+        print(f"quantize {name}: {seconds:.1f} s, peak RSS {rss:.2f} GB")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
