@@ -106,6 +106,8 @@ def gguf_text(path: Path) -> ModelText:
         llm = Llama(str(path), vocab_only=True, verbose=False)
     except ValueError as e:   # llama-cpp-python's "Failed to load model from file"
         raise NemoqError(f"llama.cpp could not load this model's vocabulary ({e})", path) from None
+    except TemplateError as e:   # llama-cpp-python compiles the model's chat templates on load
+        raise NemoqError(f"its chat template is not valid Jinja ({e})", path) from None
     tokens = meta.get("tokenizer.ggml.tokens")
     template = meta.get("tokenizer.chat_template")
     if not isinstance(tokens, list) or template is not None and not isinstance(template, str):

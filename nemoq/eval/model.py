@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from jinja2 import TemplateError
 
 from nemoq.errors import NemoqError
 from nemoq.eval.metrics import log_softmax
@@ -148,6 +149,8 @@ class LlamaModel:
         except ValueError as e:   # llama-cpp-python's "Failed to load model from file"
             why = LLAMA_LOGS.errors[0] if LLAMA_LOGS.errors else str(e)   # the first says what
             raise NemoqError(f"llama.cpp could not load this model ({why})", self.path) from None
+        except TemplateError as e:   # llama-cpp-python compiles the model's chat templates on load
+            raise NemoqError(f"its chat template is not valid Jinja ({e})", self.path) from None
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self.n_vocab = self.llm.n_vocab()
