@@ -48,6 +48,21 @@ def zeros_and_spikes(rng, block_size):
     return x
 
 
+def signed_zeros(rng, block_size):
+    """Mostly zeros of either sign (a product with 0 keeps the sign), so whole blocks of -0 and +0."""
+    return rng.standard_normal((ROWS, N)) * (rng.random((ROWS, N)) < 0.05)
+
+
+def small_and_large(rng, block_size):
+    """Rows of tiny (1e-5) and large (3e3) values: scales far from 1 in either direction."""
+    return rng.standard_normal((ROWS, N)) * np.where(np.arange(ROWS) % 2, 1e-5, 3e3)[:, None]
+
+
+def single_block(rng, block_size):
+    """One row of one 256-value block: numpy reduces over axes of length 1 in other orders."""
+    return rng.standard_t(3, (1, 256))
+
+
 def real_weights(rng, block_size):
     """Rows of two different kinds of matrix of the trained tiny model (bf16 -> float32) whose
     width fits the block size, e.g. token_embd + ssm_in, or ssm_out + attn_output for k-quants."""
@@ -75,7 +90,8 @@ def real_weights(rng, block_size):
 
 
 CASES = {f.__name__.replace("_", "-"): f for f in (
-    gaussian, heavy_tailed, outlier_columns, zeros_and_spikes, real_weights,
+    gaussian, heavy_tailed, outlier_columns, zeros_and_spikes, signed_zeros, small_and_large, single_block,
+    real_weights,
 )}
 
 
@@ -151,23 +167,20 @@ def test_quantize_error_is_not_above_ggml(name, case, weighted):
     assert ours_err <= ggml_err * (1 + SLACK), f"{name} {case}: error {ours_err:.6g} > ggml {ggml_err:.6g}"
 
 
-def exact_port(name: str, weighted: bool) -> bool:
-    """Whether our port of ggml's quantizer must give ggml's bytes exactly: yes where ggml does no
-    search; the searches may choose differently on near-ties, where ggml's C sums round differently."""
-    return name in ("q8_0", "mxfp4", "nvfp4") or (name in ("q4_0", "q5_0") and not weighted)
-
-
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", NAMES)
 def test_ggml_port_reproduces_ggml_bytes(name, case, weighted):
+    """Every block of the port (Format.ggml_rows) equals ggml's: the same float32 operations in the
+    same order, so near-ties fall the same way. (MXFP4's exponent is exact where ggml's log2f may
+    round up for maxima a few ulps below a power of two, which no case here has: mxfp4.py.)"""
     fmt = FORMATS[name]
     x = case_matrix(case, fmt.block_size)
     imp = importance_for(x.shape[1]) if weighted else None
     ours = fmt.ggml_rows(x, imp).reshape(-1, fmt.type_size)
     ref = ggml_quantize(x, fmt.ggml_type, imp).reshape(-1, fmt.type_size)
-    same = (ours == ref).all(axis=1).mean()
-    assert same == 1 if exact_port(name, weighted) else same >= 0.75, f"{name} {case}: {same:.1%} of blocks equal"
+    differ = np.flatnonzero((ours != ref).any(axis=1))
+    assert differ.size == 0, f"{name} {case}: {differ.size} of {len(ref)} blocks differ from ggml's, first {differ[:5]}"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -124,10 +124,10 @@ static inline vd vclipd(vd v, double lo, double hi) {
 /* search.divide: a / b where b != 0, else 0 */
 static inline vf vdiv(vf a, vf b) { return sel(b != F(0.0f), a / b, F(0.0f)); }
 
-/* search.signed_absmax per lane (first on ties) */
+/* search.signed_absmax per lane (first on ties; +0 for a group of zeros, as ggml) */
 static inline vf v_signed_absmax(const vf * x, int n) {
-    vf amax = vabs(x[0]), out = x[0];
-    for (int i = 1; i < n; i++) {
+    vf amax = F(0.0f), out = F(0.0f);
+    for (int i = 0; i < n; i++) {
         const vf a = vabs(x[i]);
         const vi gt = a > amax;
         amax = sel(gt, a, amax);

@@ -17,7 +17,7 @@
  *    C libraries (log2f, expf, powf) decides an output bit;
  *  - sums over a group (search.dot / search.total) add in order from +0; the per-block errors
  *    of Format.best_of are numpy's pairwise sum (pairwise_sum below); Q4_0/Q5_0's per-row
- *    mean square is numpy's pairwise sum over the row;
+ *    mean square adds the row in order, as ggml;
  *  - rounding is rint (ties to even, numpy's np.rint) except where numpy truncates;
  *  - nearest-level lookups give what search.Grid's tables give;
  *  - ties: first candidate wins (np.argmin, strict `<` / `>` updates), as in numpy.
@@ -85,12 +85,12 @@ static inline uint16_t fp64_to_fp16(double f) {
 static inline float clipf(float v, float lo, float hi) { return np_minf(np_maxf(v, lo), hi); }
 
 /* search.signed_absmax of a float or double array: the value of largest magnitude, with its
- * sign (first on ties). */
+ * sign (first on ties); +0 for zeros. */
 #define signed_absmax(x, n) __extension__({                                                  \
     const __typeof__((x)[0]) * p_ = (x);                                                      \
     int best_ = 0;                                                                            \
     for (int i_ = 1; i_ < (n); i_++) if (fabs(p_[i_]) > fabs(p_[best_])) best_ = i_;          \
-    p_[best_];                                                                                \
+    p_[best_] == 0 ? (__typeof__((x)[0]))0 : p_[best_];                                       \
 })
 
 /* numpy's pairwise summation (pairwise_sum in loops_utils.h.src), which np.sum uses along a
@@ -117,32 +117,8 @@ static inline float pairwise_sum(const float * a, int64_t n) {
     return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
 }
 
-/* The same over x[i] * x[i], without a temporary row. */
-static inline float pairwise_sumsq(const float * a, int64_t n) {
-    if (n < 8) {
-        float res = -0.0f;
-        for (int64_t i = 0; i < n; i++) res += a[i] * a[i];
-        return res;
-    }
-    if (n <= 128) {
-        float r[8];
-        for (int j = 0; j < 8; j++) r[j] = a[j] * a[j];
-        int64_t i;
-        for (i = 8; i < n - (n % 8); i += 8) {
-            for (int j = 0; j < 8; j++) r[j] += a[i + j] * a[i + j];
-        }
-        float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-        for (; i < n; i++) res += a[i] * a[i];
-        return res;
-    }
-    int64_t n2 = n / 2;
-    n2 -= n2 % 8;
-    return pairwise_sumsq(a, n2) + pairwise_sumsq(a + n2, n - n2);
-}
-
 /* np.sum(axis=-1) of a row: the reduction starts from the identity 0. */
 static inline float np_sum(const float * a, int64_t n) { return 0.0f + pairwise_sum(a, n); }
-static inline float np_sum_sq_row(const float * a, int64_t n) { return 0.0f + pairwise_sumsq(a, n); }
 
 /* Format.best_of's error of one block: sum of (w * diff) * diff, numpy's pairwise order.
  * w may be NULL (all ones). */

@@ -56,16 +56,15 @@ DEFINE_REFINE_ON_GRID(v_refine_iq4_nl, iq4nl_grid_level, iq4nl_grid_index)
  * Returns d, 0 for the zero blocks. (2 id) * x is 2 (id * x) but where id * x is subnormal, and
  * there both are in cells -1 or 0, which share a level. */
 static vf v_iq4_nl_scale_search(const vf * x, const vf * w, const vf * ids, int n, vi zero) {
-    vf wx[32];
-    for (int i = 0; i < 32; i++) wx[i] = w[i] * x[i];
     vf d = F(0.0f), best = F(0.0f);
     for (int k = 0; k < n; k++) {
         const vf id2 = ids[k] * F(2.0f);
         vf sumqx = F(0.0f), sumq2 = F(0.0f);
         for (int i = 0; i < 32; i++) {
             const vf q = lookup(IQ4NL_LEVEL, iq4nl_row_near(id2 * x[i]));
-            sumqx += wx[i] * q;
-            sumq2 += (w[i] * q) * q;
+            const vf wq = w[i] * q;   /* (w q) x, as ggml rounds it */
+            sumqx += wq * x[i];
+            sumq2 += wq * q;
         }
         const vi pos = sumq2 > F(0.0f);
         const vf this_d = sel(pos, sumqx / sumq2, F(0.0f));

@@ -17,7 +17,7 @@ static vf v_make_qkx_quants(int nmax, float rmin, float rdelta, int nstep, const
     for (int i = 0; i < 32; i++) {
         L[i] = vclip(vrint((x[i] - mn) * iscale), 0.0f, fn);
         const vf diff = ((scale * L[i]) + mn) - x[i];
-        best += (w[i] * diff) * diff;
+        best += w[i] * (diff * diff);
     }
     vf lv[32];
     for (int step = 0; step <= nstep; step++) {
@@ -39,7 +39,7 @@ static vf v_make_qkx_quants(int nmax, float rmin, float rdelta, int nstep, const
         const vf this_min = sel(positive, F(0.0f), m);
         for (int i = 0; i < 32; i++) {
             const vf diff = ((this_scale * lv[i]) + this_min) - x[i];
-            cur += (w[i] * diff) * diff;
+            cur += w[i] * (diff * diff);
         }
         const vi better = (det > F(0.0f)) & (cur < best);
         best = sel(better, cur, best);
@@ -241,12 +241,10 @@ static void quantize_k(const float * x, uint8_t * out, int64_t nrows, int64_t n_
             if (!importance) {
                 k_ggml_ref(xt, nmax, ref_rmin, ref_rdelta, ref_nstep, &k);
             } else {
-                /* sigma2 = 2 * sum(x^2) / 256, summed value-major (term 8i + g is value i of group g) */
+                /* sigma2 = 2 * sum(x^2) / 256, added in order as ggml */
                 float s = 0.0f;
                 vf qw[32];
-                for (int i = 0; i < 32; i++) {
-                    for (int g = 0; g < 8; g++) s += xt[i][g] * xt[i][g];
-                }
+                for (int v = 0; v < QK_K; v++) s += xb[v] * xb[v];
                 const float sigma2 = (2.0f * s) / 256.0f;
                 for (int i = 0; i < 32; i++) qw[i] = wt[i] * vsqrt(F(sigma2) + xt[i] * xt[i]);
                 k_fit(xt, qw, nmax, -0.9f, 0.05f, 36, &k);

@@ -24,7 +24,7 @@ HD float make_qkx_quants(int nmax, float rmin, float rdelta, int nstep, const fl
     for (int i = 0; i < 32; i++) {
         L[i] = clip(rintf((x[i] - mn) * iscale), 0.0f, fn);
         const float diff = ((scale * L[i]) + mn) - x[i];
-        best += (w[i] * diff) * diff;
+        best += w[i] * (diff * diff);
     }
     float lv[32];
     for (int step = 0; step <= nstep; step++) {
@@ -46,7 +46,7 @@ HD float make_qkx_quants(int nmax, float rmin, float rdelta, int nstep, const fl
         const float this_min = positive ? 0.0f : m;
         for (int i = 0; i < 32; i++) {
             const float diff = ((this_scale * lv[i]) + this_min) - x[i];
-            cur += (w[i] * diff) * diff;
+            cur += w[i] * (diff * diff);
         }
         if (det > 0.0f && cur < best) {
             best = cur;
@@ -218,10 +218,9 @@ HD void quantize_unit_k(const float * x, Weights w, uint8_t * o) {
     if (!w.p) {
         k_ggml_ref(x, nmax, ref_rmin, ref_rdelta, ref_nstep, k);
     } else {
-        // sigma2 = 2 * sum(x^2) / 256, summed value-major: value i of each group g in turn
+        // sigma2 = 2 * sum(x^2) / 256, added in order as ggml
         float s = 0.0f, qw[256];
-        for (int i = 0; i < 32; i++)
-            for (int g = 0; g < 8; g++) s += x[32 * g + i] * x[32 * g + i];
+        for (int v = 0; v < 256; v++) s += x[v] * x[v];
         const float sigma2 = (2.0f * s) / 256.0f;
         for (int v = 0; v < 256; v++) qw[v] = w[v] * sqrtf(sigma2 + x[v] * x[v]);
         k_fit(x, Weights{qw}, nmax, -0.9f, 0.05f, 36, k);

@@ -79,10 +79,10 @@ class Format:
         raise NotImplementedError
 
     def ggml_rows(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        """What ggml's quantizer (ggml_quantize_chunk) makes of these rows, ported to numpy.
-
-        Exact where ggml's arithmetic is; the scale searches may pick differently on near-ties,
-        where ggml's C sums round differently. quantize_rows never does worse than this.
+        """What ggml's quantizer (ggml_quantize_chunk) makes of these rows, ported to numpy: ggml's
+        bytes exactly (tests/test_formats.py), every float32 operation in ggml's order. (MXFP4's
+        exponent is the exact floor of log2, where ggml's log2f may round up: mxfp4.py.)
+        quantize_rows never does worse than this.
         """
         raise NotImplementedError
 

@@ -34,12 +34,12 @@ def scale_search(xt, w, inverse_scales):
     zero = np.abs(max_) < GROUP_MAX_EPS
     max_ = np.where(zero, np.float32(1), max_)
     w = full(w, xt.shape)
-    wx = w * xt
     best = d = None
     with np.errstate(divide="ignore", invalid="ignore"):
         for inverse_scale in inverse_scales:
             q = GRID(inverse_scale(max_) * xt)
-            sumqx, sumq2 = dot(wx, q), dot(w * q, q)
+            wq = w * q
+            sumqx, sumq2 = dot(wq, xt), dot(wq, q)  # (w q) x, as ggml rounds it
             this_d = np.where(sumq2 > 0, sumqx / sumq2, np.float32(0))
             if best is None:
                 d, best = this_d, this_d * sumqx

@@ -46,7 +46,7 @@ class Q4_0(Format, ggml_type=GGMLQuantizationType.Q4_0):
         xt = groups_first(x, 32)
         if importance is None:
             return self.pack(*self.ggml_ref(xt))
-        sigma2 = (x * x).sum(axis=-1) / x.shape[-1]
+        sigma2 = np.cumsum(x * x, axis=-1)[:, -1] / x.shape[-1]  # summed in order, as ggml (np.sum is pairwise)
         qw = groups_first(importance[None, :], 32) * np.sqrt(sigma2[:, None] + xt * xt)
         return self.pack(*make_qx_quants(xt, self.nmax, qw))
 

@@ -3,8 +3,9 @@
 Layout: the values of a group run down axis 0, x has shape (n, *groups) and x[:, g] is group g;
 per-group results have shape `groups`. (With the short within-group axis first, numpy's
 broadcasts and reductions run over long contiguous rows, several times faster than groups along
-the last axis.) Weights broadcast against x. Arithmetic stays in float32 as in the C code, so the
-ports choose what ggml chooses except where the C sums round differently (near-ties).
+the last axis.) Weights broadcast against x. Arithmetic stays in float32 as in the C code, each
+product rounded and each sum added in ggml's order, so the ports choose exactly what ggml chooses,
+near-ties included.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ def divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def signed_absmax(x: np.ndarray) -> np.ndarray:
-    """The value of largest magnitude in each group, with its sign (the first one on ties)."""
-    return np.take_along_axis(x, np.abs(x).argmax(axis=0)[None], axis=0)[0]
+    """The value of largest magnitude in each group, with its sign (the first one on ties); +0 for a
+    group of zeros, as ggml's running max starts from +0 (so Q4_0's d = max / -8 is -0 there)."""
+    m = np.take_along_axis(x, np.abs(x).argmax(axis=0)[None], axis=0)[0]
+    return np.where(m == 0, np.zeros_like(m), m)
 
 
 def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray, targets=None) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +122,7 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
     mn = np.minimum(x.min(axis=0), 0)
     mx = x.max(axis=0)
     flat = mx <= mn
-    sum_w, sum_x = w.sum(axis=0), dot(w, x)
+    sum_w, sum_x = total(w), dot(w, x)
 
     def levels(iscale, mn):
         t = x - mn
@@ -130,7 +133,8 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
         diff = scale * l
         diff += min_
         diff -= x
-        return dot(w * diff, diff)
+        diff *= diff
+        return dot(w, diff)  # w * diff^2, as ggml rounds it
 
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = nmax / np.where(flat, np.float32(1), mx - mn)
@@ -142,7 +146,7 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
             rng = np.where(flat, np.float32(1), mx - mn)
             l = levels((np.float32(rmin) + np.float32(rdelta) * step + nmax) / rng, mn)
             wl = w * l
-            sum_l, sum_l2, sum_xl = wl.sum(axis=0), dot(wl, l), dot(wl, x)
+            sum_l, sum_l2, sum_xl = total(wl), dot(wl, l), dot(wl, x)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -187,7 +191,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
 
     L = np.minimum(nmax, nearest_int(iscale * x))
     sumlx, suml2 = dot(w * x, L), dot(w * L, L)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # large weights overflow as in ggml
         for _ in range(5):  # ggml stops early once a pass changes nothing; further passes would not either
             for i in range(x.shape[0]):
                 wi, xi, li = w[i], x[i], L[i]  # li is a view: updating it updates L
