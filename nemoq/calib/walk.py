@@ -26,6 +26,7 @@ output), one stage's H matrices and the quantized bytes of one layer (until they
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -398,11 +399,27 @@ class ExpertStack:
 
 
 def report_of(name: str, type_name: str, c: Compensated, tokens: int) -> MatrixReport:
-    worst = None
-    if c.experts:
-        e = max(range(len(c.experts)), key=lambda i: c.experts[i].error)
-        worst = (e, c.experts[e].error, c.experts[e].error_rounding)
-    return MatrixReport(name, type_name, tokens, c.error, c.error_rounding, c.fallback, worst)
+    if not c.experts:
+        return MatrixReport(name, type_name, tokens, c.error, c.error_rounding, c.fallback)
+    e = max(range(len(c.experts)), key=lambda i: c.experts[i].error)
+    worst = (e, c.experts[e].error, c.experts[e].error_rounding)
+    return MatrixReport(name, type_name, tokens, c.error, c.error_rounding, expert_fallbacks(c.experts), worst)
+
+
+def expert_fallbacks(experts: tuple[Compensated, ...]) -> str | None:
+    """Which experts fell back, grouped by why ("3 of 128 experts (#4,#9,#17): fewer than 64 tokens")."""
+    why: dict[str, list[int]] = {}
+    for i, c in enumerate(experts):
+        if c.fallback:
+            reason = re.sub(r"^\d+ calibration tokens, (fewer than \d+)$", r"\1 tokens", c.fallback)
+            why.setdefault(reason, []).append(i)
+    if not why:
+        return None
+    return "; ".join(f"{len(e)} of {len(experts)} experts ({_ids(e)}): {reason}" for reason, e in why.items())
+
+
+def _ids(experts: list[int], limit: int = 8) -> str:
+    return ",".join(f"#{i}" for i in experts[:limit]) + (",..." if len(experts) > limit else "")
 
 
 def step_of(name: str, n_layers: int) -> int:
