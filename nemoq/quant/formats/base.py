@@ -73,9 +73,16 @@ class Format:
         values = self.dequantize_blocks(data.reshape(-1, self.type_size))
         return values.reshape(*data.shape[:-1], data.shape[-1] // self.type_size * self.block_size)
 
-    # Each format implements these three.
+    # Each format implements ggml_rows, search_rows (or quantize_rows) and dequantize_blocks.
     def quantize_rows(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        """float32 (rows, n) -> uint8 (rows, n / block_size * type_size)."""
+        """float32 (rows, n) -> uint8 (rows, n / block_size * type_size): per block the better of
+        ggml's encoding and nemoq's own search (ggml's on ties)."""
+        w = metric_weights(x, importance)
+        return self.best_of(x, w, self.ggml_rows(x, importance), self.search_rows(x, importance))
+
+    def search_rows(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        """nemoq's own search alone: the encoding with the lowest weighted squared error it finds,
+        without ggml's as a candidate (tests/test_format_searches.py measures it against ggml's)."""
         raise NotImplementedError
 
     def ggml_rows(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:

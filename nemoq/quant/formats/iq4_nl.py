@@ -72,13 +72,12 @@ class IQ4_NL(Format, ggml_type=GGMLQuantizationType.IQ4_NL):
         factors = self.search_factors if weighted else self.search_factors[:self.plain_factors]
         return [np.float32(t * f) for t in (KVALUES[0], KVALUES[-1]) for f in factors]
 
-    def quantize_rows(self, x, importance=None):
+    def search_rows(self, x, importance=None):
         xt = groups_first(x, 32)
-        w = metric_weights(x, importance)
-        wt = full(groups_first(w, 32), xt.shape)
+        wt = full(groups_first(metric_weights(x, importance), 32), xt.shape)
         targets = self.targets(weighted=importance is not None)
         d, _ = scale_search(xt, wt, [lambda m, t=t: t / m for t in targets])
-        return self.best_of(x, w, self.ggml_rows(x, importance), self.pack(*refine_on_grid(xt, wt, d, GRID)))
+        return self.pack(*refine_on_grid(xt, wt, d, GRID))
 
     def ggml_rows(self, x, importance=None):
         xt = groups_first(x, 32)

@@ -74,13 +74,16 @@ class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
     field_bytes, code_bytes = slice(0, 1), slice(1, 17)
     steps = (0, -2, -1, 1)  # exponents tried, relative to ggml's (first)
 
-    def quantize_rows(self, x, importance=None):
+    def search_rows(self, x, importance=None):
+        """ggml's exponent and its neighbours, the best per block (so never worse than ggml's)."""
         xt = groups_first(x, 32)  # (32, rows, blocks)
         wt = full(groups_first(metric_weights(x, importance), 32), xt.shape)
         e = self.ggml_exponent(xt)
         exps = [np.clip(e + step, 0, 254).astype(np.uint8) for step in self.steps]
         pick = best_e2m1_scale(xt, wt, [2 * e8m0_half(e) for e in exps])
         return self.pack(np.choose(pick, exps), xt)
+
+    quantize_rows = search_rows   # ggml's exponent is the search's first candidate
 
     def ggml_rows(self, x, importance=None):
         xt = groups_first(x, 32)

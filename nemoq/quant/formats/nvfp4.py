@@ -47,7 +47,8 @@ class NVFP4(Format, ggml_type=GGMLQuantizationType.NVFP4):
     field_bytes, code_bytes = slice(0, 4), slice(4, 36)
     steps = (0, *range(-8, 0), 1)  # codes tried relative to ggml's (first): an octave below to a step above
 
-    def quantize_rows(self, x, importance=None):
+    def search_rows(self, x, importance=None):
+        """ggml's scale code and the codes an octave below to a step above, the best per group."""
         xt = groups_first(x, 16)  # (16, rows, groups)
         wt = full(groups_first(metric_weights(x, importance), 16), xt.shape)
         amax = np.abs(xt).max(axis=0)
@@ -56,6 +57,8 @@ class NVFP4(Format, ggml_type=GGMLQuantizationType.NVFP4):
         codes[0] = ggml_code
         pick = best_e2m1_scale(xt, wt, [UE4M3[c] for c in codes])
         return self.pack(np.choose(pick, codes), xt)
+
+    quantize_rows = search_rows   # ggml's scale code is the search's first candidate
 
     def ggml_rows(self, x, importance=None):
         """quantize_row_nvfp4_ref: the scale code nearest to max|x| / 6, values rounded to nearest."""

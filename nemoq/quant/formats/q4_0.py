@@ -33,14 +33,13 @@ class Q4_0(Format, ggml_type=GGMLQuantizationType.Q4_0):
         2.0547280855282986, 2.2664554294803034, 2.5,
     ])
 
-    def quantize_rows(self, x, importance=None):
+    def search_rows(self, x, importance=None):
         xt = groups_first(x, 32)  # (32, rows, blocks)
-        w = metric_weights(x, importance)
-        wt = full(groups_first(w, 32), xt.shape)
+        wt = full(groups_first(metric_weights(x, importance), 32), xt.shape)
         targets = (self.nmax * self.search_factors).astype(np.float32)   # a float32 search, as ggml's
         d, _ = make_qx_quants(xt, self.nmax, wt, targets)
         d, idx = refine_on_grid(xt, wt, d, Grid(np.arange(-self.nmax, self.nmax), 0.5))
-        return self.best_of(x, w, self.ggml_rows(x, importance), self.pack(d, idx - self.nmax))
+        return self.pack(d, idx - self.nmax)
 
     def ggml_rows(self, x, importance=None):
         xt = groups_first(x, 32)

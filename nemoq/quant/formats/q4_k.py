@@ -49,13 +49,13 @@ class Q4_K(Format, ggml_type=GGMLQuantizationType.Q4_K):
     imatrix_search = (-0.9, 0.05, 36)  # ... of make_qkx3_quants in the importance path
     our_search = (-1.5, 0.4, 15)  # ... of our own search: wider, coarser
 
-    def quantize_rows(self, x, importance=None):
+    def search_rows(self, x, importance=None):
+        """Our fit, and the same refitted, whichever is better per super-block."""
         xt = groups_first(x, 8, 32)  # (32 values, 8 groups, rows, super-blocks)
         w = metric_weights(x, importance)
         wt = full(groups_first(w, 8, 32), xt.shape)
         ours = self.fit(xt, wt, self.our_search)
-        candidates = [self.ggml_rows(x, importance), self.pack(*ours), self.pack(*self.refit(xt, wt, *ours))]
-        return self.best_of(x, w, *candidates)
+        return self.best_of(x, w, self.pack(*ours), self.pack(*self.refit(xt, wt, *ours)))
 
     def ggml_rows(self, x, importance=None):
         xt = groups_first(x, 8, 32)

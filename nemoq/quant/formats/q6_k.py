@@ -36,13 +36,13 @@ class Q6_K(Format, ggml_type=GGMLQuantizationType.Q6_K):
         0.9, 0.925, 0.9500000000000001, 0.9750000000000001, 1.0, 1.0250000000000001, 1.05,
     ])
 
-    def quantize_rows(self, x, importance=None):
+    def search_rows(self, x, importance=None):
+        """Our search, and the same with the int8 scales refitted, whichever is better per super-block."""
         xt = groups_first(x, 16, 16)  # (16 values, 16 groups, rows, super-blocks)
         w = metric_weights(x, importance)
         wt = full(groups_first(w, 16, 16), xt.shape)
         ours = self.store_scales(xt, *make_qx_quants(xt, 32, wt, 32 * self.search_factors))
-        candidates = [self.ggml_rows(x, importance), self.pack(*ours), self.pack(*self.refit(xt, wt, *ours))]
-        return self.best_of(x, w, *candidates)
+        return self.best_of(x, w, self.pack(*ours), self.pack(*self.refit(xt, wt, *ours)))
 
     def ggml_rows(self, x, importance=None):
         xt = groups_first(x, 16, 16)
