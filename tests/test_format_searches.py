@@ -10,13 +10,14 @@ nemoq's own search does anything. Here:
 - an importance vector concentrated on some columns lowers the error on those columns, for every
   format, and for the FP4 formats through the per-matrix `.scale` search (tensor_scale.py) too.
 
-Where the search may be worse than ggml's port on a block, and why: for Q4_0, Q5_0, IQ4_NL,
+Where the search may be worse than ggml's port on a block, and why: for Q4_0, Q5_0, Q5_1, IQ4_NL,
 Q4_K, Q5_K and Q6_K it is a different search, not a superset of ggml's. Its candidate scales are
 other points (Q4_0: the largest value mapped to -8 x 0.85 .. 2.5, ggml's -8 +- 0.9 in steps of
 0.1), it fits with the error's own weights where ggml weights by x^2, mean|x| + |x| or
 importance * sqrt(sigma^2 + x^2), and the f16 rounding of the scales comes after either search
 (a constant block is exact at ggml's d = max / -8 and not at a fitted d). That is why quantize
-keeps the better of the two per block. MXFP4 and NVFP4 search ggml's own scale among their
+keeps the better of the two per block (on the trained model's weights the search alone loses 0.1%
+to 36% of the blocks, MEASURED below). MXFP4 and NVFP4 search ggml's own scale among their
 candidates, and so are never worse on any block.
 """
 
@@ -34,28 +35,30 @@ from nemoq.quant.formats.base import metric_weights
 from nemoq.quant.tensor_scale import SCALE_RULES, ScaledEncoding, best_scale
 from tests.test_formats import CASES, TINY_MODEL, case_matrix, importance_for
 
-SEARCHING = ["q5_0", "q4_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "mxfp4", "nvfp4"]   # Q8_0 has no search
+SEARCHING = ["q5_1", "q5_0", "q4_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "mxfp4", "nvfp4"]   # Q8_0 has no search
 SUPERSET = {"mxfp4", "nvfp4"}   # their search includes ggml's scale
 
 # Shares of real-weight blocks (real_blocks below) where the search alone is strictly better /
 # worse than ggml's port by the error it minimises, measured (plain, importance). The test asks
 # for at least half the measured share better, and at most twice the measured share worse.
 MEASURED = {   # name: ((better, worse) plain, (better, worse) importance)
-    "q5_0": ((0.722, 0.276), (0.822, 0.118)),
-    "q4_0": ((0.898, 0.099), (0.914, 0.038)),
-    "iq4_nl": ((0.809, 0.176), (0.894, 0.056)),
-    "q4_k": ((0.697, 0.303), (0.747, 0.253)),
-    "q5_k": ((0.703, 0.297), (0.653, 0.347)),
-    "q6_k": ((0.998, 0.002), (0.955, 0.045)),
-    "mxfp4": ((0.154, 0.0), (0.189, 0.0)),
-    "nvfp4": ((0.868, 0.0), (0.971, 0.0)),
+    "q5_1": ((0.999, 0.001), (0.787, 0.180)),
+    "q5_0": ((0.720, 0.278), (0.821, 0.118)),
+    "q4_0": ((0.895, 0.102), (0.912, 0.038)),
+    "iq4_nl": ((0.799, 0.183), (0.892, 0.054)),
+    "q4_k": ((0.691, 0.309), (0.717, 0.283)),
+    "q5_k": ((0.688, 0.312), (0.641, 0.359)),
+    "q6_k": ((0.998, 0.002), (0.957, 0.043)),
+    "mxfp4": ((0.155, 0.0), (0.196, 0.0)),
+    "nvfp4": ((0.860, 0.0), (0.968, 0.0)),
 }
 
 
 @functools.cache
 def real_matrices(block_size: int) -> tuple[np.ndarray, ...]:
-    """The first 64 rows of one matrix of each kind of the trained tiny model (bf16 -> float32)
-    whose width is a multiple of block_size."""
+    """The first rows (64, or 256 for the k-quants: only two kinds of matrix are 256 wide) of one
+    matrix of each kind of the trained tiny model (bf16 -> float32) whose width is a multiple of
+    block_size."""
     from safetensors import safe_open
     files = sorted(TINY_MODEL.glob("*.safetensors"))
     if not files:
@@ -67,7 +70,8 @@ def real_matrices(block_size: int) -> tuple[np.ndarray, ...]:
                 shape = f.get_slice(name).get_shape()
                 kind = re.sub(r"\.\d+\.", ".N.", name)
                 if len(shape) == 2 and shape[1] % block_size == 0 and "gate.weight" not in name and kind not in kinds:
-                    picked.append(np.ascontiguousarray(f.get_tensor(name)[:64].float().numpy()))
+                    rows = 64 * max(1, block_size // 64)
+                    picked.append(np.ascontiguousarray(f.get_tensor(name)[:rows].float().numpy()))
                     kinds.add(kind)
     return tuple(picked)
 
@@ -144,7 +148,7 @@ def concentrated(n: int, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
 
 # Error on the important columns with importance / without, measured (the larger of the
 # real-weights and gaussian cases); the test asks for a ratio at most half-way between it and 1.
-IMPORTANCE_RATIO = {"q5_0": 0.41, "q4_0": 0.39, "iq4_nl": 0.35, "q4_k": 0.31, "q5_k": 0.36, "q6_k": 0.29,
+IMPORTANCE_RATIO = {"q5_1": 0.26, "q5_0": 0.41, "q4_0": 0.39, "iq4_nl": 0.35, "q4_k": 0.31, "q5_k": 0.36, "q6_k": 0.29,
                     "mxfp4": 0.95, "nvfp4": 0.43}
 
 

@@ -1,9 +1,10 @@
 """Block formats against ggml itself (libggml through ctypes) and gguf-py.
 
 - dequantize equals gguf-py's bit for bit, on random valid blocks, on our output and on ggml's;
-- Q8_0 quantizes to ggml's bytes;
+- each format's port of ggml's quantizer (Format.ggml_rows) gives ggml_quantize_chunk's bytes on
+  every block, with and without an importance vector; Q8_0's quantize is that port;
 - every other format's quantizer has a (importance-)weighted squared error no larger than
-  ggml's ggml_quantize_chunk on the same tensor, with and without an importance vector.
+  ggml's on the same tensor (by construction: see test_format_searches.py for the search alone).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from nemoq.quant.formats import FORMATS
 from tests.ggml_oracle import ggml_quantize
 
-NAMES = ["q8_0", "q5_0", "q4_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "mxfp4", "nvfp4"]
+NAMES = ["q8_0", "q5_1", "q5_0", "q4_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "mxfp4", "nvfp4"]
 ROWS, N = 24, 1024  # N is a multiple of every block size (256 for the k-quants)
 SLACK = 1e-6  # relative, for float rounding only
 TINY_MODEL = Path(__file__).resolve().parent / "data" / "nemotron-tiny"
@@ -123,7 +124,7 @@ def test_registry_lists_the_formats_with_gguf_sizes():
 
 # Offsets of the f16 fields of each block: random bytes there would be NaN or inf.
 F16_FIELDS = {
-    "q8_0": [0], "q5_0": [0], "q4_0": [0], "iq4_nl": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208],
+    "q8_0": [0], "q5_1": [0, 2], "q5_0": [0], "q4_0": [0], "iq4_nl": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208],
 }
 
 

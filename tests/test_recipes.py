@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -135,13 +137,12 @@ def test_quantize_refuses_an_already_quantized_gguf(tiny_model, tmp_path):
     assert not (tmp_path / "again.gguf").exists()
 
 
-# llama.cpp's recipes (the ones llama_model_quantize writes): nemoq types every tensor as
-# llama.cpp does, on the trained model (8 experts: llama.cpp's 8-expert attention rules) and on
-# a random one with 16 experts, five attention layers (its use_more_bits counts attention
-# layers for attn_v) and 256-wide rows where the k-quants fit.
+# llama.cpp's recipes (the ones llama_model_quantize writes): nemoq's file is llama.cpp's, tensor
+# for tensor (names, shapes, types, fallbacks included), on the trained model (8 experts:
+# llama.cpp's 8-expert attention rules) and on a random one with 16 experts, five attention
+# layers (its use_more_bits counts attention layers for attn_v) and 256-wide rows where the
+# k-quants fit. Both files are made from the same F32 GGUF and read with gguf-py.
 LLAMA_RECIPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "IQ4_NL", "MXFP4_MOE")
-# nemoq has no Q5_1, llama.cpp's fallback for Q5_K rows that are not a multiple of 256
-NO_Q5_1 = {"Q5_1": "Q5_0"}
 
 
 @pytest.fixture(scope="module")
@@ -153,27 +154,116 @@ def wide_attention_gguf(tmp_path_factory):
         hybrid_override_pattern="M*E*M*E*M*E", hidden_size=256, n_routed_experts=16,
         num_attention_heads=8, num_key_value_heads=2, head_dim=32, moe_intermediate_size=96,
         moe_shared_expert_intermediate_size=128))
-    return model, convert(model, root / "f32.gguf", "--outtype", "f32")
+    return convert(model, root / "f32.gguf", "--outtype", "f32")
 
 
-def llama_types(src, out, ftype: int) -> dict[str, str]:
+def tensor_types(path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, type name) of every tensor of a GGUF file, as gguf-py reads it."""
+    import gguf
+    return {t.name: (tuple(int(n) for n in t.shape), t.tensor_type.name) for t in gguf.GGUFReader(path).tensors}
+
+
+def llama_quantize(src, out, ftype: int):
     import ctypes
 
     import llama_cpp
-
-    from nemoq.gguf_file import read_gguf
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread, params.ftype = 2, ftype
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
-    return {t.name: NO_Q5_1.get(t.type_name, t.type_name) for t in read_gguf(out).tensors}
+    return out
+
+
+def differences(ours: dict, theirs: dict) -> dict:
+    return {k: (ours.get(k), theirs.get(k)) for k in sorted({*ours, *theirs}) if ours.get(k) != theirs.get(k)}
 
 
 @pytest.mark.parametrize("recipe", LLAMA_RECIPES)
-def test_llama_cpp_recipes_type_every_tensor_as_llama_cpp(recipe, tiny_model, tiny_gguf_f32,
-                                                          wide_attention_gguf, tmp_path):
-    for model, f32 in ((tiny_model, tiny_gguf_f32), wide_attention_gguf):
-        config = load_config(model)
-        ours = {t.spec.name: t.type.upper()
-                for t in plan_types(tensor_specs(config), RECIPES[recipe], config.layer_kinds)}
-        theirs = llama_types(f32, tmp_path / f"{recipe}.gguf", RECIPES[recipe].file_type.value)
-        assert ours == theirs, {k: (v, theirs.get(k)) for k, v in ours.items() if theirs.get(k) != v}
+def test_llama_cpp_recipes_make_llama_cpps_file_tensor_for_tensor(recipe, tiny_gguf_f32, wide_attention_gguf,
+                                                                  tmp_path):
+    for i, f32 in enumerate((tiny_gguf_f32, wide_attention_gguf)):
+        ours, theirs = tmp_path / f"nemoq-{i}.gguf", tmp_path / f"llama-{i}.gguf"
+        result = run_cli("quantize", f32, "-o", ours, "--recipe", recipe, "--no-tensor-scales")
+        assert result.exit_code == 0, result.output
+        llama_quantize(f32, theirs, RECIPES[recipe].file_type.value)
+        theirs_types = tensor_types(theirs)
+        assert tensor_types(ours) == theirs_types, differences(tensor_types(ours), theirs_types)
+        if recipe == "MXFP4_MOE":   # by default nemoq adds a `.scale` companion to each FP4 tensor
+            scaled = tmp_path / f"nemoq-scaled-{i}.gguf"
+            assert run_cli("quantize", f32, "-o", scaled, "--recipe", recipe).exit_code == 0
+            extra = {k: v for k, v in tensor_types(scaled).items() if k not in theirs_types}
+            assert {k: v for k, v in tensor_types(scaled).items() if k in theirs_types} == theirs_types
+            fp4 = [k for k, (_, t) in theirs_types.items() if t == "MXFP4"]
+            assert sorted(extra) == sorted(k.removesuffix(".weight") + ".scale" for k in fp4)
+            assert {t for _, t in extra.values()} == {"F32"}
+
+
+# nemoq's own recipes, typed from the rules docs/quantize.md states for them (written out here,
+# independently of recipes.py's tables and plan_types): on the trained model's file, and on the
+# plan for Nemotron 3 Nano's config.
+KEPT_F32 = re.compile(r"norm|ssm_a$|ssm_d$|ssm_dt|ssm_conv1d|ffn_gate_inp|exp_probs_b")
+
+
+def mamba_next_to_attention(pattern: str) -> set[int]:
+    """Mamba layers whose neighbouring mixer layer (MoE layers are not mixers) is attention."""
+    mixers = [i for i, kind in enumerate(pattern) if kind in "M*"]
+    found = set()
+    for a, b in zip(mixers, mixers[1:]):
+        if {pattern[a], pattern[b]} == {"M", "*"}:
+            found.add(a if pattern[a] == "M" else b)
+    return found
+
+
+def documented_type(recipe: str, name: str, near_attention: bool) -> str:
+    """The type docs/quantize.md gives a tensor in NQ4, NQ5 or NVFP4 (before any fallback)."""
+    if KEPT_F32.search(name) or name.endswith(".bias"):
+        return "F32"
+    attention = re.search(r"attn_(q|k|v|output)\.weight", name) is not None
+    mamba = re.search(r"ssm_(in|out)\.weight", name) is not None
+    if name == "output.weight" or (name == "token_embd.weight" and recipe != "NQ4"):
+        return "Q8_0"   # NQ4's embeddings: Q5_0 (below)
+    if attention or (mamba and near_attention):
+        return "Q8_0"
+    if recipe == "NVFP4":
+        return "NVFP4"  # routed and shared experts, the other Mamba projections
+    rules = {
+        "NQ4": {"ffn_(up|down)_exps": "IQ4_NL", "ssm_out": "Q6_K", "ssm_in": "Q5_0", "token_embd": "Q5_0",
+                "ffn_up_shexp": "Q5_0", "ffn_down_shexp": "Q8_0"},
+        "NQ5": {"ffn_(up|down)_exps": "Q5_0", "ssm_out": "Q8_0", "ssm_in": "Q5_0", "ffn_up_shexp": "Q5_0",
+                "ffn_down_shexp": "Q8_0"},
+    }[recipe]
+    return next(t for pattern, t in rules.items() if re.search(pattern, name))
+
+
+def documented_types(recipe: str, names_and_widths, pattern: str) -> dict[str, str]:
+    near = mamba_next_to_attention(pattern)
+    out = {}
+    for name, width in names_and_widths:
+        layer = re.match(r"blk\.(\d+)\.", name)
+        t = documented_type(recipe, name, layer is not None and int(layer.group(1)) in near)
+        if t == "Q6_K" and width % 256:   # llama.cpp's fallback table, as documented
+            t = "Q8_0"
+        out[name] = t
+    return out
+
+
+def test_mamba_layers_next_to_attention_in_nano():
+    pattern = json.loads((REAL / "config.json").read_text())["hybrid_override_pattern"]
+    assert sorted(mamba_next_to_attention(pattern)) == sorted(
+        i for i in range(len(pattern)) if LayerFacts(load_config(REAL).layer_kinds).next_to_attention(i))
+    assert mamba_next_to_attention("MEM*EME") == {2, 5} and mamba_next_to_attention("M*EMEME*") == {0, 3, 5}
+
+
+@pytest.mark.parametrize("recipe", ["NQ4", "NQ5", "NVFP4"])
+def test_nemoq_recipes_type_tensors_as_documented(recipe, tiny_model, tmp_path):
+    out = tmp_path / f"{recipe}.gguf"
+    assert run_cli("quantize", tiny_model, "-o", out, "--recipe", recipe, "--no-tensor-scales").exit_code == 0
+    written = tensor_types(out)
+    pattern = json.loads((tiny_model / "config.json").read_text())["hybrid_override_pattern"]
+    expected = documented_types(recipe, [(k, shape[0]) for k, (shape, _) in written.items()], pattern)
+    assert {k: t for k, (_, t) in written.items()} == expected
+
+    config = load_config(REAL)   # Nemotron 3 Nano: the plan from its config.json alone
+    planned = {t.spec.name: t.type.upper() for t in typed_for(config, recipe)}
+    nano = json.loads((REAL / "config.json").read_text())["hybrid_override_pattern"]
+    specs = {s.name: s.row_width for s in tensor_specs(config)}
+    assert planned == documented_types(recipe, specs.items(), nano)

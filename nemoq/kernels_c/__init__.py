@@ -21,7 +21,7 @@ __all__ = ["KernelStatus", "status", "quantize_rows", "dequantize_rows", "availa
 
 # format name -> (block size, bytes per block), gguf-py's sizes: the formats with a C kernel
 KERNEL_FORMATS = {name: GGML_QUANT_SIZES[GGMLQuantizationType[name.upper()]]
-                  for name in ("q8_0", "q5_0", "q4_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "mxfp4", "nvfp4")}
+                  for name in ("q8_0", "q5_1", "q5_0", "q4_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "mxfp4", "nvfp4")}
 
 # Threads for quantizing (None: all cores); `nemoq quantize --threads` sets it.
 THREADS: int | None = None

@@ -15,9 +15,9 @@ HD float make_qkx_quants(int nmax, float rmin, float rdelta, int nstep, const fl
                          float * the_min, float * L) {
     const float fn = (float)nmax;
     float mn = x[0], mx = x[0], sum_w = 0.0f, sum_x = 0.0f, best = 0.0f;
-    for (int i = 1; i < 32; i++) { mn = np_minf(mn, x[i]); mx = np_maxf(mx, x[i]); }
+    for (int i = 1; i < 32; i++) { mn = np_minf(x[i], mn); mx = np_maxf(x[i], mx); }   // the first of equals stays
     for (int i = 0; i < 32; i++) { sum_w += w[i]; sum_x += w[i] * x[i]; }
-    mn = np_minf(mn, 0.0f);
+    mn = mn > 0.0f ? 0.0f : mn;
     const bool flat = mx <= mn;
     const float iscale = fn / (flat ? 1.0f : mx - mn);
     float scale = 1.0f / iscale;

@@ -24,10 +24,11 @@ FT = gguf.LlamaFileType
 # When a type's block does not divide the row width: the next format to try. For the types of
 # llama.cpp's recipes this is llama.cpp's own table (tensor_type_fallback), so a recipe with
 # its name makes the same file and the two compare tensor for tensor; the plan says how many
-# weights fell back and what that costs in bits. nemoq has no Q5_1, llama.cpp's choice for Q5_K.
+# weights fell back and what that costs in bits.
 FALLBACKS = {
     "q4_k": "q5_0",     # 4.5 -> 5.5 bpw (for a 4-bit file at these widths: IQ4_NL, NQ4)
-    "q5_k": "q5_0",     # 5.5 bpw either way
+    "q5_k": "q5_1",     # 5.5 -> 6 bpw
+    "q5_1": "q8_0",
     "q6_k": "q8_0",     # no 32-block 6-bit format; 8.5 bpw
     "iq4_nl": "q8_0",
     "q5_0": "q8_0",

@@ -21,12 +21,13 @@ from nemoq.quant.formats.nvfp4 import NVFP4
 from nemoq.quant.formats.q4_0 import Q4_0
 from nemoq.quant.formats.q4_k import Q4_K
 from nemoq.quant.formats.q5_0 import Q5_0
+from nemoq.quant.formats.q5_1 import Q5_1
 from nemoq.quant.formats.q5_k import Q5_K
 from nemoq.quant.formats.q6_k import Q6_K
 from nemoq.quant.formats.q8_0 import Q8_0
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Q8_0(), Q5_0(), Q4_0(), IQ4_NL(), Q4_K(), Q5_K(), Q6_K(), MXFP4(), NVFP4(),
+    Q8_0(), Q5_1(), Q5_0(), Q4_0(), IQ4_NL(), Q4_K(), Q5_K(), Q6_K(), MXFP4(), NVFP4(),
 )}
 
 __all__ = ["FORMATS", "Format"]

@@ -79,6 +79,16 @@ def signed_absmax(x: np.ndarray) -> np.ndarray:
     return np.where(m == 0, np.zeros_like(m), m)
 
 
+def running_min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's min and max as ggml's loops find them (`if (x[i] < min) min = x[i]`): of equal
+    values the first stays, so a group's zero minimum keeps its first zero's sign (Q5_1 stores it)."""
+    mn, mx = x[0].copy(), x[0].copy()
+    for v in x[1:]:
+        np.copyto(mn, v, where=v < mn)
+        np.copyto(mx, v, where=v > mx)
+    return mn, mx
+
+
 def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray, targets=None) -> tuple[np.ndarray, np.ndarray]:
     """Levels l in [-nmax, nmax-1] and a scale d with x ~ d * l (ggml's make_qx_quants with rmse_type 1).
 
@@ -119,8 +129,8 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
     min <= 0), and keeps whichever gives the lowest weighted squared error. Returns (scale, -min, L).
     """
     w = full(w, x.shape)
-    mn = np.minimum(x.min(axis=0), 0)
-    mx = x.max(axis=0)
+    mn, mx = running_min_max(x)
+    mn[mn > 0] = 0
     flat = mx <= mn
     sum_w, sum_x = total(w), dot(w, x)
 
