@@ -60,8 +60,10 @@ def test_unseen_expert_gets_the_layer_mean(tiny_model):
     assert im.unseen_experts("blk.1.ffn_up_exps.weight") == 1
 
 
-@pytest.mark.parametrize("recipe", ["NQ4", "Q4_K_M"])
+@pytest.mark.parametrize("recipe", ["NQ4", "Q4_K_M", "NVFP4", "MXFP4_MOE"])
 def test_quantize_with_imatrix_lowers_the_weighted_error(recipe, tiny_model, tmp_path):
+    """The routed experts' importance-weighted error, with their `.scale` where the FP4 recipes
+    write one (tensor_scale.ScaledEncoding: importance reaches the scale search and the blocks)."""
     from safetensors import safe_open
     im = synthetic_imatrix(tiny_model, unseen_expert=5)
     write_imatrix(tmp_path / "im.gguf", im)
@@ -82,10 +84,14 @@ def test_quantize_with_imatrix_lowers_the_weighted_error(recipe, tiny_model, tmp
     imp = im.importance(name)
 
     def weighted_error(path):
-        t = read_gguf(path).tensor_data(name)
+        contents = read_gguf(path)
+        t = contents.tensor_data(name)
         fmt = FORMATS[t.tensor_type.name.lower()]
         deq = fmt.dequantize(np.asarray(t.data).reshape(original.shape[0] * original.shape[1], -1))
         deq = deq.reshape(original.shape)
+        scale_name = name.removesuffix(".weight") + ".scale"
+        if recipe in ("NVFP4", "MXFP4_MOE"):
+            deq = deq * np.asarray(contents.tensor_data(scale_name).data).reshape(-1, 1, 1)
         return float((imp[:, None, :] * (deq - original) ** 2).sum())
     assert weighted_error(weighted) < weighted_error(plain)
 
