@@ -12,7 +12,12 @@ import numpy as np
 def _hf_model(checkpoint: str, clamp_dt: bool):
     import torch
     from transformers import NemotronHForCausalLM
-    model = NemotronHForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model, info = NemotronHForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, output_loading_info=True)
+    model.eval()
+    if model.config.tie_word_embeddings and "lm_head.weight" in info["missing_keys"]:
+        # transformers 5's NemotronHForCausalLM ties nothing (_tied_weights_keys = {}): a tied
+        # checkpoint's lm_head would stay random. Tied means the output projection is the embeddings.
+        model.lm_head.weight = model.model.embeddings.weight
     if not clamp_dt:
         # transformers' torch path clamps the Mamba step size at time_step_min; the mamba_ssm
         # kernels the model was trained with (dt_limit=(0, inf)) and llama.cpp do not.

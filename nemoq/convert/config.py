@@ -22,6 +22,19 @@ LAYER_KIND_BY_BLOCK_TYPE = {
     "full_attention": "attention", "attention": "attention",
     "mlp": "mlp",
 }
+# How llama.cpp's converter finds the layer count (TextModel: the first of these keys present). Its
+# NemotronH class replaces it by len(layers_block_type) when that list is there, then asserts that
+# the pattern (hybrid_override_pattern, else layers_block_type) has that many layers.
+LAYER_COUNT_KEYS = ("n_layers", "num_hidden_layers", "n_layer", "num_layers")
+
+# llama.cpp's nemotron_h_moe graph hard-codes its activations (src/models/nemotron-h.cpp: squared
+# ReLU in the routed and shared experts; graph-context-mamba.cpp: SiLU after the Mamba conv1d).
+# config.json key -> (the names transformers' ACT2FN maps to that function, what llama.cpp computes);
+# an absent key means transformers' default, the first name. The gated norm's SiLU has no key.
+ACTIVATIONS = {
+    "mamba_hidden_act": (("silu", "swish"), "silu after the Mamba conv1d"),
+    "mlp_hidden_act": (("relu2",), "relu2 (squared ReLU) in the routed and shared experts"),
+}
 
 # Sizes end up in uint32 GGUF fields and int32 ggml dimensions; llama.cpp loads at most
 # LLAMA_MAX_LAYERS layers and LLAMA_MAX_EXPERTS experts (src/llama-hparams.h), both 512.
@@ -54,6 +67,7 @@ FIELDS: tuple[tuple[str, tuple[str, ...], type, Any, float, float], ...] = (
     ("n_expert_groups", ("n_group",), int, 1, 1, MAX_EXPERTS),
     ("n_expert_groups_used", ("topk_group",), int, 1, 1, MAX_EXPERTS),
     ("n_mtp_layers", ("num_nextn_predict_layers",), int, 0, 0, MAX_LAYERS),
+    ("tied_embeddings", ("tie_word_embeddings",), bool, False, 0, 1),
 )
 # Token ids gguf-py's SpecialVocab reads from config.json (it refuses negative ones).
 SPECIAL_TOKEN_KEYS = tuple(f"{t}_token_id" for t in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"))
@@ -98,6 +112,7 @@ class ModelConfig:
     n_expert_groups_used: int
     n_mtp_layers: int
     raw: dict
+    tied_embeddings: bool = False   # lm_head may be absent: llama.cpp then reads token_embd for the output
 
     @property
     def n_layers(self) -> int:
@@ -147,30 +162,59 @@ def read_json_object(path: Path) -> dict:
     return data
 
 
-def _layer_kinds(cfg: dict, path: Path) -> tuple[str, ...]:
-    pattern, block_types = cfg.get("hybrid_override_pattern"), cfg.get("layers_block_type")
-    if pattern is not None:
-        if not isinstance(pattern, str):
-            raise NemoqError(f"hybrid_override_pattern must be a string like \"MEM*E\", not {pattern!r}", path)
-        table, items = LAYER_KIND_BY_PATTERN_CHAR, list(pattern)
-    elif isinstance(block_types, list) and all(isinstance(i, str) for i in block_types):
-        table, items = LAYER_KIND_BY_BLOCK_TYPE, block_types
-    elif block_types is not None:
-        raise NemoqError("layers_block_type must be a list of layer kind names", path)
-    else:
-        raise NemoqError("has neither hybrid_override_pattern nor layers_block_type", path)
+def _kinds(key: str, items: list, table: dict[str, str], path: Path) -> tuple[str, ...]:
     unknown = sorted({i for i in items if i not in table})
     if unknown:
-        raise NemoqError(f"unknown layer kinds {unknown} in the layer pattern", path)
+        raise NemoqError(f"unknown layer kinds {unknown} in {key}", path)
     if len(items) > MAX_LAYERS:
-        raise NemoqError(f"the layer pattern has {len(items)} layers; llama.cpp loads at most {MAX_LAYERS}", path)
-    kinds = tuple(table[i] for i in items)
+        raise NemoqError(f"{key} has {len(items)} layers; llama.cpp loads at most {MAX_LAYERS}", path)
+    return tuple(table[i] for i in items)
+
+
+def _layer_kinds(cfg: dict, path: Path) -> tuple[str, ...]:
+    """The layer pattern, from either spelling. nemoq and llama.cpp read hybrid_override_pattern
+    first, transformers layers_block_type: when both are there they must agree."""
+    pattern, block_types = cfg.get("hybrid_override_pattern"), cfg.get("layers_block_type")
+    if pattern is not None and not isinstance(pattern, str):
+        raise NemoqError(f"hybrid_override_pattern must be a string like \"MEM*E\", not {pattern!r}", path)
+    if block_types is not None and not (isinstance(block_types, list) and all(isinstance(i, str) for i in block_types)):
+        raise NemoqError("layers_block_type must be a list of layer kind names", path)
+    if pattern is None and block_types is None:
+        raise NemoqError("has neither hybrid_override_pattern nor layers_block_type", path)
+    listed = None if block_types is None else _kinds("layers_block_type", block_types, LAYER_KIND_BY_BLOCK_TYPE, path)
+    kinds = listed if pattern is None else _kinds("hybrid_override_pattern", list(pattern), LAYER_KIND_BY_PATTERN_CHAR, path)
+    if listed is not None and listed != kinds:
+        raise NemoqError(f"hybrid_override_pattern ({pattern}) and layers_block_type ({pattern_of(listed)}) "
+                         "describe different layers (llama.cpp reads the first, transformers the second); "
+                         "remove the wrong one", path)
+    _check_layer_count(cfg, kinds, path)
     if "mlp" in kinds:
         raise NemoqError("dense MLP layers ('-') belong to the non-MoE nemotron_h architecture, "
                          "which nemoq does not convert (supported: nemotron_h_moe)", path)
     if "moe" not in kinds:
         raise NemoqError("the layer pattern has no MoE layer ('E'); nemoq converts nemotron_h_moe only", path)
     return kinds
+
+
+def _check_layer_count(cfg: dict, kinds: tuple[str, ...], path: Path) -> None:
+    """num_hidden_layers against the pattern string, as llama.cpp's converter asserts. With a
+    layers_block_type list, llama.cpp and transformers both take the count from the list."""
+    key = next((k for k in LAYER_COUNT_KEYS if cfg.get(k) is not None), None)
+    if cfg.get("layers_block_type") is not None or key is None:
+        return
+    count = _typed(cfg[key], int, key, 0, MAX_SIZE, path)
+    if count != len(kinds):
+        raise NemoqError(f"{key} is {count}, but hybrid_override_pattern has {len(kinds)} layers; "
+                         "llama.cpp's converter refuses the mismatch: correct whichever is wrong", path)
+
+
+def _check_activations(cfg: dict, path: Path) -> None:
+    """Activations other than those llama.cpp hard-codes would give a GGUF computing another model."""
+    for key, (accepted, computed) in ACTIVATIONS.items():
+        value = cfg.get(key)
+        if value is not None and value not in accepted:
+            raise NemoqError(f"{key} is {json.dumps(value)[:40]}; llama.cpp's nemotron_h_moe always computes "
+                             f"{computed}, so the GGUF would compute another model", path)
 
 
 def _typed(value: Any, kind: type, key: str, lo: float, hi: float, path: Path):
@@ -277,5 +321,6 @@ def load_config(model_dir: Path) -> ModelConfig:
     if cfg.get("moe_latent_size") is not None:
         raise NemoqError("moe_latent_size (latent MoE projections) is not supported yet", path)
     _check_token_ids(cfg, path)
+    _check_activations(cfg, path)
     return ModelConfig(path=path, architecture=SUPPORTED_ARCHITECTURES[arch], layer_kinds=_layer_kinds(cfg, path),
                        raw=cfg, **_fields(cfg, path))

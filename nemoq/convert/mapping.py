@@ -54,6 +54,7 @@ class Row:
     keep_f32: bool = False          # small or precision-critical: never stored below F32
     stacked: bool = False           # one source tensor per expert ({xid}), stacked on a new axis 0
     if_config: str | None = None    # row applies only when this config key is true
+    absent_if: str | None = None    # the source may be missing when this ModelConfig field is true
 
     def gguf_name(self, layer: int | None) -> str:
         base = TENSOR_NAMES[self.tensor].format(bid=layer)
@@ -113,7 +114,10 @@ HEAD_ROWS = (
 )
 TAIL_ROWS = (
     Row("{prefix}.norm_f.weight", MT.OUTPUT_NORM, "weight", ("hidden",), keep_f32=True),
-    Row("lm_head.weight", MT.OUTPUT, "weight", ("vocab", "hidden")),
+    # A tied checkpoint may have no lm_head: llama.cpp's converter then writes no output.weight and
+    # llama.cpp multiplies by token_embd instead. An lm_head that is there is converted (transformers
+    # and llama.cpp both use it, tied or not).
+    Row("lm_head.weight", MT.OUTPUT, "weight", ("vocab", "hidden"), absent_if="tied_embeddings"),
 )
 
 # The two checkpoint layouts: how the model prefix and the expert storage are recognised.

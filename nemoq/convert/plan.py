@@ -149,7 +149,9 @@ def _listing(names: list[str]) -> str:
 def build_plan(config: ModelConfig, tensors: dict[str, TensorRef], model_dir: Path) -> Plan:
     prefix = _detect_prefix(tensors, model_dir)
     expert_layout = _detect_expert_layout(tensors, prefix, config.layers_of("moe")[0])
-    specs = tensor_specs(config, prefix, expert_layout)
+    specs = [spec for spec in tensor_specs(config, prefix, expert_layout)
+             if not (spec.row.absent_if and getattr(config, spec.row.absent_if)
+                     and not any(n in tensors for n in spec.source_names))]
     missing = [n for spec in specs for n in spec.source_names if n not in tensors]
     if missing:
         raise NemoqError(f"checkpoint is missing {len(missing)} tensor(s) the config requires: "
