@@ -38,7 +38,7 @@ from tests.test_formats import CASES, TINY_MODEL, case_matrix, importance_for
 SEARCHING = ["q5_1", "q5_0", "q4_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "mxfp4", "nvfp4"]   # Q8_0 has no search
 SUPERSET = {"mxfp4", "nvfp4"}   # their search includes ggml's scale
 
-# Shares of real-weight blocks (real_blocks below) where the search alone is strictly better /
+# Shares of real-weight blocks (real_matrices below) where the search alone is strictly better /
 # worse than ggml's port by the error it minimises, measured (plain, importance). The test asks
 # for at least half the measured share better, and at most twice the measured share worse.
 MEASURED = {   # name: ((better, worse) plain, (better, worse) importance)
@@ -206,7 +206,7 @@ def test_importance_reaches_fp4_tensors_with_a_scale(fmt):
     base, rule = BLOCK_ENCODINGS[fmt], SCALE_RULES[fmt]
     for e in range(x.shape[0]):
         ratio = column_error(x[e], y_weighted[e], columns[e]) / column_error(x[e], y_plain[e], columns[e])
-        assert ratio <= (1 + IMPORTANCE_RATIO[fmt]) / 2, f"{fmt} expert {e}: error on the important columns x{ratio:.3f}"
+        assert ratio <= (1 + IMPORTANCE_RATIO[fmt]) / 2, f"{fmt} expert {e}: important columns' error x{ratio:.3f}"
         assert scales[e] == best_scale(base, x[e], importance[e], rule)   # the scale search weighs by it too
 
 

@@ -61,7 +61,7 @@ class Q4_K(Format, ggml_type=GGMLQuantizationType.Q4_K):
         xt = groups_first(x, 8, 32)
         if importance is None:
             return self.pack(*self.ggml_ref(xt))
-        sigma2 = 2 * total((xt * xt).swapaxes(0, 1).reshape(256, *xt.shape[2:])) / 256  # in ggml's order: x[0], x[1], ...
+        sigma2 = 2 * total((xt * xt).swapaxes(0, 1).reshape(256, *xt.shape[2:])) / 256  # x[0] + x[1] + ...
         qw = groups_first(importance[None, :], 8, 32) * np.sqrt(sigma2 + xt * xt)
         return self.pack(*self.fit(xt, qw, self.imatrix_search))
 
