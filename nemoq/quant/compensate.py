@@ -260,6 +260,13 @@ def refit_d(f, blocks, w_b, v):
     return keep_better(f, blocks, f.with_fields(blocks, d), w_b, v)
 
 
+def refit_dm(f, blocks, w_b, v):
+    """Q5_1: value = d * level + m: d and m by least squares."""
+    level = f.code_values[f.codes(blocks)].astype(np.float64)
+    d, m = least_squares(w_b, np.stack([level, np.ones_like(level)], axis=1), v).T
+    return keep_better(f, blocks, f.with_fields(blocks, d, m), w_b, v)
+
+
 def refit_q6_k(f, blocks, w_b, v):
     """value = d * sc[g] * level: the 16 group scales s_g = d * sc[g] by least squares, stored as
     int8 multiples of d; then d itself for those integers."""
@@ -316,7 +323,7 @@ def search_nvfp4(f, blocks, w_b, v):
 
 
 REFITS = {
-    "q8_0": refit_d, "q5_0": refit_d, "q4_0": refit_d, "iq4_nl": refit_d,
+    "q8_0": refit_d, "q5_0": refit_d, "q4_0": refit_d, "iq4_nl": refit_d, "q5_1": refit_dm,
     "q4_k": refit_k_quant, "q5_k": refit_k_quant, "q6_k": refit_q6_k,
     "mxfp4": search_mxfp4, "nvfp4": search_nvfp4,
 }
