@@ -157,6 +157,16 @@ def wide_attention_gguf(tmp_path_factory):
     return convert(model, root / "f32.gguf", "--outtype", "f32")
 
 
+@pytest.fixture(scope="module")
+def tied_gguf(tmp_path_factory):
+    """Tied embeddings, no lm_head: llama.cpp types token_embd as its output projection."""
+    from tests.conftest import convert
+    from tests.fixtures.checkpoints import write_checkpoint
+    root = tmp_path_factory.mktemp("tied")
+    model = write_checkpoint(root / "model", dtype="float32", config_overrides=dict(tie_word_embeddings=True))
+    return convert(model, root / "f32.gguf", "--outtype", "f32")
+
+
 def tensor_types(path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, type name) of every tensor of a GGUF file, as gguf-py reads it."""
     import gguf
@@ -179,8 +189,9 @@ def differences(ours: dict, theirs: dict) -> dict:
 
 @pytest.mark.parametrize("recipe", LLAMA_RECIPES)
 def test_llama_cpp_recipes_make_llama_cpps_file_tensor_for_tensor(recipe, tiny_gguf_f32, wide_attention_gguf,
-                                                                  tmp_path):
-    for i, f32 in enumerate((tiny_gguf_f32, wide_attention_gguf)):
+                                                                  tied_gguf, tmp_path):
+    assert "output.weight" not in tensor_types(tied_gguf)
+    for i, f32 in enumerate((tiny_gguf_f32, wide_attention_gguf, tied_gguf)):
         ours, theirs = tmp_path / f"nemoq-{i}.gguf", tmp_path / f"llama-{i}.gguf"
         result = run_cli("quantize", f32, "-o", ours, "--recipe", recipe, "--no-tensor-scales")
         assert result.exit_code == 0, result.output

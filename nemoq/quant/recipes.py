@@ -230,8 +230,12 @@ def plan_types(specs: Iterable[TensorSpec], recipe: Recipe, layer_kinds: tuple[s
     specs = list(specs)
     facts = LayerFacts.from_specs(specs, layer_kinds)
     overrides = list(overrides)
+    # Tied embeddings: without output.weight, llama.cpp runs the output projection on token_embd
+    # and its recipes type token_embd as the output (llama_tensor_get_type's !has_output)
+    tied = not any(spec.name == "output.weight" for spec in specs)
     typed = []
     for spec in specs:
+        rule_name = "output.weight" if tied and spec.name == "token_embd.weight" else spec.name
         if spec.keep_f32 or len(spec.shape) < 2:
             typed.append(TypedTensor(spec, "f32", "f32", "kept F32 (norm, SSM parameter or router)"))
             continue
@@ -242,7 +246,7 @@ def plan_types(specs: Iterable[TensorSpec], recipe: Recipe, layer_kinds: tuple[s
                 break
         else:
             for rule in recipe.rules:
-                if re.search(rule.pattern, spec.name) and PREDICATES[rule.when](facts, spec.layer):
+                if re.search(rule.pattern, rule_name) and PREDICATES[rule.when](facts, spec.layer):
                     wanted, reason = rule.type, rule.why or rule.pattern
                     break
         final, why = _fit(wanted, spec.row_width)
