@@ -19,15 +19,17 @@ $(STAMP): pyproject.toml
 	touch $@
 
 RECIPES := Q8_0 Q4_K_M NVFP4 NQ4
+CALIB_TOKENS := 16384
 
-# The whole path on the bundled trained model: convert, calibrate, quantize, evaluate.
+# The whole path on the bundled trained model: convert, then quantize with calibration (each
+# matrix rounded with error compensation from the calibration text's activations), evaluate.
 demo: $(STAMP)
 	mkdir -p $(DEMO)
 	$(BIN)/nemoq convert $(MODEL) -o $(DEMO)/tiny-F16.gguf --outtype f16 --force
 	$(BIN)/nemoq info $(DEMO)/tiny-F16.gguf --max-tensors 12
-	$(BIN)/nemoq calibrate $(MODEL) -o $(DEMO)/imatrix.gguf --force
 	for r in $(RECIPES); do \
-	  $(BIN)/nemoq quantize $(MODEL) -o $(DEMO)/tiny-$$r.gguf --recipe $$r --imatrix $(DEMO)/imatrix.gguf --force || exit 1; \
+	  $(BIN)/nemoq quantize $(MODEL) -o $(DEMO)/tiny-$$r.gguf --recipe $$r --calibrate --tokens $(CALIB_TOKENS) \
+	    --force || exit 1; \
 	done
 	$(BIN)/python -c "from tests.fixtures.corpus import load_texts; print('\n\n'.join(load_texts('val')))" > $(DEMO)/held-out.txt
 	$(BIN)/nemoq eval --compare $(foreach r,$(RECIPES),$(DEMO)/tiny-$(r).gguf) --base $(DEMO)/tiny-F16.gguf \

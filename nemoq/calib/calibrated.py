@@ -26,7 +26,7 @@ from nemoq.calib.imatrix_file import write_imatrix
 from nemoq.calib.sequences import make_sequences, model_text
 from nemoq.calib.walk import SEQUENTIAL, LayerWalk, MatrixReport, Target
 from nemoq.convert.dtypes import Companion, Encoding, type_nbytes
-from nemoq.convert.pipeline import ConvertResult, open_source, write_gguf
+from nemoq.convert.pipeline import ConvertResult, open_source, plan_bytes, write_gguf
 from nemoq.files import atomic_outputs, claim_outputs
 from nemoq.quant.formats import FORMATS
 from nemoq.quant.recipes import Recipe, TypedTensor, chooser, plan_types
@@ -126,6 +126,7 @@ def quantize_calibrated(src: str | Path, out: Path, recipe: Recipe, *, overrides
         start = time.perf_counter()
         try:
             result = write_gguf(source, out, choose, recipe.file_type, force=force, split_max_size=split_max_size)
+            result.bytes_read += plan_bytes(source.plan)   # the walk reads every weight once more
             if imatrix_out is not None:
                 walk.finish()
                 with atomic_outputs(imatrix_out, force) as tmp:
