@@ -82,6 +82,7 @@ def _convert(src: str, outfile: Path, outtype: str, pre: Optional[str], **option
     with report.byte_progress(console, "converting", plan_bytes(source.plan)) as advance:
         result = write_gguf(source, outfile, choose, file_type, on_progress=advance, **options)
     report.conversion_summary(console, result, fallbacks)
+    _say_llama_cpp_build([t.name for t in result.tensors])
 
 
 @app.command()
@@ -136,6 +137,26 @@ def _report_plan(typed, specs, layer_kinds, recipe, table: bool = True) -> None:
     report.quant_plan(Console(), typed, summary, recipe, table=table, alternatives=alternatives)
 
 
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        console.print(f"[yellow]warning[/]: {escape(w)}", highlight=False, soft_wrap=True)
+
+
+NO_SCALES_HINT = "; --no-tensor-scales writes the file without them"
+
+
+def _say_llama_cpp_build(tensor_names, planned: bool = False, hint: str = "") -> None:
+    """One line when a file carries `.scale` companions: the llama.cpp build it needs."""
+    from nemoq.convert.mapping import llama_cpp_build_for
+    names = [n for n in tensor_names if n.endswith((".scale", ".input_scale"))]
+    build = llama_cpp_build_for(names)
+    if build:
+        carries = "the file will carry" if planned else "this file carries"
+        console.print(f"{carries} {len(names)} .scale tensor(s): it needs llama.cpp b{build} or newer (older builds "
+                      f"refuse the file or run it without the scales; docs/quantize.md){hint}",
+                      highlight=False, soft_wrap=True)
+
+
 def _recipe_and_overrides(recipe_name: str, overrides: list[str]):
     from nemoq.quant.recipes import RECIPES, parse_override
     recipe = RECIPES.get(recipe_name.upper())
@@ -151,7 +172,7 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
               imatrix_path: Optional[Path], tensor_scales: bool = True, calibration_options: list[str] = (),
               **options) -> None:
     from nemoq import report
-    from nemoq.quant.recipes import chooser, plan_types
+    from nemoq.quant.recipes import chooser, file_type_of, override_warnings, plan_types, recipe_label
     if calibration_options:
         raise NemoqError(f"{', '.join(calibration_options)} only go with --calibrate")
     recipe, parsed = _recipe_and_overrides(recipe_name, overrides)
@@ -161,14 +182,20 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
         from nemoq.convert.source import resolve_config
         config = load_config(resolve_config(src))
         specs = tensor_specs(config)
+        _warn(override_warnings(specs, parsed))
         typed = plan_types(specs, recipe, config.layer_kinds, parsed, tensor_scales)
         _report_plan(typed, specs, config.layer_kinds, recipe)
+        from nemoq.quant.tensor_scale import scale_name, takes_scale
+        _say_llama_cpp_build([scale_name(t.spec.name) for t in typed if t.scaled and takes_scale(t.spec, t.type)],
+                             planned=True, hint=NO_SCALES_HINT)
         return
     if outfile is None:
         raise NemoqError("--outfile is required (or use --dry-run)")
     from nemoq.convert.pipeline import open_source, plan_bytes, write_gguf
     source = open_source(src)
-    typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.layer_kinds, parsed, tensor_scales)
+    specs = [t.spec for t in source.plan.tensors]
+    _warn(override_warnings(specs, parsed))
+    typed = plan_types(specs, recipe, source.layer_kinds, parsed, tensor_scales)
     imatrix = None
     if imatrix_path is not None:
         from nemoq.calib.imatrix_file import read_imatrix
@@ -179,9 +206,11 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
             console.print(f"[yellow]imatrix has no statistics for {len(uncovered)} quantized tensor(s)[/] "
                           f"(e.g. {escape(uncovered[0])}): quantized without importance")
     with report.byte_progress(console, "quantizing", plan_bytes(source.plan)) as advance:
-        result = write_gguf(source, outfile, chooser(typed, imatrix), recipe.file_type, on_progress=advance, **options)
-    _report_plan(typed, [t.spec for t in source.plan.tensors], source.layer_kinds, recipe, table=False)
+        result = write_gguf(source, outfile, chooser(typed, imatrix), file_type_of(recipe, typed, source.layer_kinds),
+                            recipe=recipe_label(recipe, parsed), on_progress=advance, **options)
+    _report_plan(typed, specs, source.layer_kinds, recipe, table=False)
     report.conversion_summary(console, result, [])
+    _say_llama_cpp_build([t.name for t in result.tensors], hint=NO_SCALES_HINT)
     from nemoq.convert.modelopt_gguf import kept_as_stored
     kept = kept_as_stored(result.tensors)
     if kept:
@@ -205,9 +234,12 @@ def _quantize_calibrated(src: str, outfile: Optional[Path], recipe_name: str, ov
     with report.layer_progress(console, "calibrated quantizing") as (on_start, on_progress):
         result = quantize_calibrated(src, outfile, recipe, overrides=parsed, tensor_scales=tensor_scales,
                                      on_start=on_start, on_progress=on_progress, **calibration, **options)
+    from nemoq.quant.recipes import override_warnings
+    _warn(override_warnings([t.spec for t in result.typed], parsed))
     _report_plan(result.typed, [t.spec for t in result.typed], result.layer_kinds, recipe, table=False)
     report.calibration_summary(Console(), result)
     report.conversion_summary(console, result.conversion, [])
+    _say_llama_cpp_build([t.name for t in result.conversion.tensors], hint=NO_SCALES_HINT)
     if result.imatrix_output is not None:
         console.print(f"[green]wrote[/] {escape(str(result.imatrix_output))}")
 

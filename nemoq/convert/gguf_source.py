@@ -22,7 +22,8 @@ from nemoq.gguf_file import read_gguf
 
 FLOAT_TYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
 # Keys that describe the file rather than the model: written anew.
-NOT_COPIED = ("GGUF.", "general.file_type", "general.quantization_version", "general.size_label", "split.")
+NOT_COPIED = ("GGUF.", "general.file_type", "general.quantization_version", "general.size_label", "split.",
+              "nemoq.")
 ALL_ROWS = (mapping.HEAD_ROWS + mapping.TAIL_ROWS + mapping.LAYER_ROWS + mapping.MAMBA_ROWS
             + mapping.ATTENTION_ROWS + mapping.MOE_ROWS + mapping.PER_EXPERT_ROWS)
 LAYER_NAME = re.compile(r"^blk\.(\d+)\.")

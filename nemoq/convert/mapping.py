@@ -7,6 +7,7 @@ transform and whether it stays F32. Adding an architecture variant is adding row
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Callable
@@ -126,8 +127,33 @@ EXPERT_LAYOUTS = {"per-expert": PER_EXPERT_ROWS, "fused": FUSED_EXPERT_ROWS}
 
 # GGUF weights whose `<name>.scale` (one multiplier per matrix) llama.cpp loads and applies to
 # the matmul output, checked against llama-cpp-python; `output.scale` makes it refuse the file.
-SCALE_LOADED = frozenset({MT.SSM_IN, MT.SSM_OUT, MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V, MT.ATTN_OUT,
-                          MT.FFN_UP_EXP, MT.FFN_DOWN_EXP, MT.FFN_UP_SHEXP, MT.FFN_DOWN_SHEXP})
+# With the first llama.cpp release (bNNNN) that does so for nemotron_h_moe, read in llama.cpp's
+# sources (docs/quantize.md): the Mamba projections and the (shared) experts came with PR #20561
+# (b8372); attention with PR #21245 (April 2026: b8827 applies them, b8475 loads and ignores them).
+SCALE_LOADED_SINCE = {
+    MT.SSM_IN: 8372, MT.SSM_OUT: 8372, MT.FFN_UP_EXP: 8372, MT.FFN_DOWN_EXP: 8372,
+    MT.FFN_UP_SHEXP: 8372, MT.FFN_DOWN_SHEXP: 8372,
+    MT.ATTN_Q: 8827, MT.ATTN_K: 8827, MT.ATTN_V: 8827, MT.ATTN_OUT: 8827,
+}
+SCALE_LOADED = frozenset(SCALE_LOADED_SINCE)
+# `<name>.input_scale` (ModelOpt's activation scale; weight-only matmuls do not use it): b8827's
+# loader takes it, b8475's refuses the file.
+INPUT_SCALE_LOADED_SINCE = 8827
+
+
+def llama_cpp_build_for(tensor_names) -> int:
+    """The oldest llama.cpp release (its bNNNN number) that loads and applies every `.scale` and
+    `.input_scale` tensor among these GGUF names; 0 when there is none."""
+    since = {TENSOR_NAMES[k]: build for k, build in SCALE_LOADED_SINCE.items()}
+    needed = 0
+    for name in tensor_names:
+        base, _, suffix = name.rpartition(".")
+        generic = re.sub(r"^blk\.\d+\.", "blk.{bid}.", base)
+        if suffix == "scale" and generic in since:
+            needed = max(needed, since[generic])
+        elif suffix == "input_scale":
+            needed = max(needed, INPUT_SCALE_LOADED_SINCE)
+    return needed
 
 # Tensors of the multi-token-prediction head: skipped on purpose and reported.
 SKIPPED_PREFIXES = ("mtp.",)

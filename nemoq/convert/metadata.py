@@ -17,6 +17,10 @@ def _per_layer(config: ModelConfig, kind: str, value: int) -> list[int]:
     return [value if k == kind else 0 for k in config.layer_kinds]
 
 
+# The recipe (and --tensor-type overrides) that typed a quantized file, as the user gave them:
+# general.file_type can only name llama.cpp's recipes, not "NQ4".
+RECIPE_KEY = "nemoq.recipe"
+
 # A hybrid without positional encoding is not limited by its training length; as llama.cpp's
 # converter does, advertise at least 2^20 tokens (the model card's 1M context).
 MIN_CONTEXT_LENGTH = 2**20

@@ -16,7 +16,7 @@ import numpy as np
 
 from nemoq.convert.config import load_config, pattern_of
 from nemoq.convert.dtypes import FLOAT_ENCODINGS, Encoding, companions_of, count_non_finite
-from nemoq.convert.metadata import add_hparams, add_size_label
+from nemoq.convert.metadata import RECIPE_KEY, add_hparams, add_size_label
 from nemoq.convert.modelopt_gguf import as_stored_chooser, resolve_kept
 from nemoq.convert.modelopt_tensors import FP8, NVFP4, attach_companions
 from nemoq.convert.output import FileRange, StreamingGGUFWriter, split_names
@@ -120,9 +120,10 @@ def dominant_dtype(plan: Plan) -> str:
 
 
 def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, force: bool = False,
-               split_max_size: int = 0, strict: bool = False,
+               split_max_size: int = 0, strict: bool = False, recipe: str = "",
                on_progress: Callable[[int], None] | None = None) -> ConvertResult:
-    """Stream `source` into `out` (or its splits), each tensor encoded as `choose` says."""
+    """Stream `source` into `out` (or its splits), each tensor encoded as `choose` says; `recipe`
+    names the recipe that typed them (metadata.RECIPE_KEY)."""
     plan = source.plan
     # ModelOpt NVFP4 kept as stored is then read as ggml bytes (and may bring `.scale` companions)
     tensors, encodings = resolve_kept(plan.tensors, [choose(t) for t in plan.tensors])
@@ -142,6 +143,8 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
             StreamingGGUFWriter(tmp, source.architecture, split_max_size=split_max_size) as writer:
         source.add_metadata(writer)
         writer.add_file_type(int(file_type))
+        if recipe:
+            writer.add_string(RECIPE_KEY, recipe)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for t, enc, cs in zip(tensors, encodings, extras):
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), enc.nbytes(t.shape), raw_dtype=enc.ggml_type)

@@ -20,6 +20,20 @@ from nemoq.convert.plan import TensorSpec
 
 FT = gguf.LlamaFileType
 
+# general.file_type names the llama.cpp recipe that made a file (llama.cpp's own mixes, Q4_K_M
+# or MXFP4_MOE, are labelled that way). A file no llama.cpp recipe makes (nemoq's own recipes, or
+# any recipe whose types --tensor-type changed) gets what llama.cpp's loader writes down for a file
+# without the key: the file type of its dominant tensor type with the GUESSED bit set
+# (llama_model_loader), which llama.cpp shows as e.g. "IQ4_NL - 4.5 bpw (guessed)".
+GUESSED = FT.GUESSED
+# llama_model_loader's table, tensor type -> the file type it guesses from it
+GUESSED_FILE_TYPES = {
+    "f32": FT.ALL_F32, "f16": FT.MOSTLY_F16, "bf16": FT.MOSTLY_BF16, "q8_0": FT.MOSTLY_Q8_0,
+    "q6_k": FT.MOSTLY_Q6_K, "q5_k": FT.MOSTLY_Q5_K_M, "q5_1": FT.MOSTLY_Q5_1, "q5_0": FT.MOSTLY_Q5_0,
+    "q4_k": FT.MOSTLY_Q4_K_M, "q4_0": FT.MOSTLY_Q4_0, "iq4_nl": FT.MOSTLY_IQ4_NL,
+    "mxfp4": FT.MOSTLY_MXFP4_MOE, "nvfp4": FT.MOSTLY_NVFP4,
+}
+
 
 # When a type's block does not divide the row width: the next format to try. For the types of
 # llama.cpp's recipes this is llama.cpp's own table (tensor_type_fallback), so a recipe with
@@ -114,7 +128,7 @@ class Rule:
 class Recipe:
     name: str
     base: str
-    file_type: FT
+    file_type: int        # general.file_type: llama.cpp's for its recipes, with GUESSED for nemoq's
     rules: tuple[Rule, ...] = ()
     description: str = ""
 
@@ -159,14 +173,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("MXFP4_MOE", "q8_0", FT.MOSTLY_MXFP4_MOE, (
         Rule(EXPERTS, "mxfp4", why="routed experts in MXFP4, the rest Q8_0 (as llama.cpp)"),
     ), "MXFP4 routed experts, Q8_0 elsewhere"),
-    Recipe("NVFP4", "nvfp4", FT.MOSTLY_NVFP4, (
+    Recipe("NVFP4", "nvfp4", FT.MOSTLY_NVFP4 | GUESSED, (
         Rule(r"token_embd|^output\.weight", "q8_0", why="embeddings and output stay >= 8 bits (as NVIDIA's release)"),
         Rule(ATTENTION, "q8_0", why="attention stays >= 8 bits (as NVIDIA's release)"),
         Rule(MAMBA, "q8_0", "next_to_attention", "Mamba layers next to attention stay >= 8 bits"),
     ), "NVFP4 experts and Mamba projections, following NVIDIA's NVFP4 release"),
     # nemoq's own: formats with 32-value blocks fit 2688 / 1856 / 3712, and bits go where
     # hybrid models are sensitive (ssm_out, attention, Mamba next to attention, expert down).
-    Recipe("NQ4", "iq4_nl", FT.MOSTLY_IQ4_NL, (
+    Recipe("NQ4", "iq4_nl", FT.MOSTLY_IQ4_NL | GUESSED, (
         Rule(r"token_embd", "q5_0", why="embeddings: 5 bits"),
         Rule(r"^output\.weight", "q8_0", why="output projection"),
         Rule(ATTENTION, "q8_0", why="attention is sensitive and small"),
@@ -176,7 +190,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         Rule(r"ffn_down_shexp", "q8_0", why="the shared expert sees every token"),
         Rule(r"ffn_up_shexp", "q5_0", why="the shared expert sees every token"),
     ), "nemoq 4-bit: IQ4_NL experts, more bits where the hybrid is sensitive (~4.7 bpw)"),
-    Recipe("NQ5", "q5_0", FT.MOSTLY_Q5_0, (
+    Recipe("NQ5", "q5_0", FT.MOSTLY_Q5_0 | GUESSED, (
         Rule(r"^output\.weight|token_embd", "q8_0", why="embeddings and output"),
         Rule(ATTENTION, "q8_0", why="attention is sensitive and small"),
         Rule(MAMBA, "q8_0", "next_to_attention", "Mamba layers next to attention"),
@@ -203,6 +217,11 @@ class TypedTensor:
     @property
     def fell_back(self) -> bool:
         return self.type != self.wanted
+
+
+def stays_f32(spec: TensorSpec) -> bool:
+    """Norms, SSM parameters, the router and every 1-D tensor: F32 whatever the recipe."""
+    return spec.keep_f32 or len(spec.shape) < 2
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -236,7 +255,7 @@ def plan_types(specs: Iterable[TensorSpec], recipe: Recipe, layer_kinds: tuple[s
     typed = []
     for spec in specs:
         rule_name = "output.weight" if tied and spec.name == "token_embd.weight" else spec.name
-        if spec.keep_f32 or len(spec.shape) < 2:
+        if stays_f32(spec):
             typed.append(TypedTensor(spec, "f32", "f32", "kept F32 (norm, SSM parameter or router)"))
             continue
         wanted, reason = recipe.base, f"{recipe.name} base type"
@@ -252,6 +271,54 @@ def plan_types(specs: Iterable[TensorSpec], recipe: Recipe, layer_kinds: tuple[s
         final, why = _fit(wanted, spec.row_width)
         typed.append(TypedTensor(spec, final, wanted, reason, why, scaled=tensor_scales))
     return typed
+
+
+def file_type_of(recipe: Recipe, typed: list[TypedTensor], layer_kinds: tuple[str, ...]) -> int:
+    """general.file_type of the file a plan makes: the recipe's own when the plan types every
+    tensor as the recipe does, else the guessed file type of the type holding the most weights."""
+    own = plan_types([t.spec for t in typed], recipe, layer_kinds)
+    if [t.type for t in own] == [t.type for t in typed]:
+        return int(recipe.file_type)
+    weights: dict[str, int] = {}
+    for t in typed:
+        weights[t.type] = weights.get(t.type, 0) + t.spec.n_elements
+    return int(GUESSED_FILE_TYPES[max(weights, key=weights.get)] | GUESSED)
+
+
+def recipe_label(recipe: Recipe, overrides: Iterable[tuple[str, str]] = ()) -> str:
+    """What metadata.RECIPE_KEY records: 'NQ4', or 'NQ4 --tensor-type ffn_up_exps=q8_0'."""
+    return " ".join([recipe.name, *(f"--tensor-type {pattern}={type_name}" for pattern, type_name in overrides)])
+
+
+KEPT_F32_WHY = ("norms, SSM parameters and the router stay F32 in every recipe (tiny and precision-critical; "
+                "llama.cpp's own quantizer never quantizes them either)")
+
+
+def override_warnings(specs: Iterable[TensorSpec], overrides: Iterable[tuple[str, str]]) -> list[str]:
+    """The --tensor-type overrides that change nothing, or less than they say, one sentence each:
+    a pattern that matches no tensor, matches tensors kept F32 (named, and why), or matches only
+    tensors an earlier override already sets (plan_types applies the first matching one)."""
+    specs = list(specs)
+    warnings, taken = [], set()
+    for pattern, type_name in overrides:
+        flag = f"--tensor-type {pattern}={type_name}"
+        matched = [s for s in specs if re.search(pattern, s.name)]
+        kept = [s.name for s in matched if stays_f32(s)]
+        others = [s.name for s in matched if not stays_f32(s)]
+        if not matched:
+            warnings.append(f"{flag} matches no tensor of this model: it changes nothing")
+        if kept and type_name != "f32":
+            warnings.append(f"{flag} matches {len(kept)} tensor(s) that stay F32 ({_some(kept)}): {KEPT_F32_WHY}")
+        if others and taken.issuperset(others):
+            warnings.append(f"{flag} changes nothing: every tensor it matches ({_some(others)}) is set by an "
+                            f"earlier --tensor-type (the first matching one wins)")
+        taken.update(others)
+    return warnings
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 @dataclass(frozen=True)
