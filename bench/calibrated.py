@@ -117,6 +117,13 @@ def main() -> None:
                                 sequential=not SEQUENTIAL)
             files[recipe, OTHER_FEED] = out
 
+    from nemoq.gguf_file import read_gguf
+    for recipe in args.recipes:   # same plan, same bytes per weight, whatever the rounding
+        tables = {v: [(t.name, tuple(t.shape), t.type_name) for t in read_gguf(f).tensors]
+                  for (r, v), f in files.items() if r == recipe}
+        if len({repr(t) for t in tables.values()}) != 1:
+            raise SystemExit(f"{recipe}: the files' tensor tables differ ({', '.join(tables)})")
+
     text = "\n\n".join(load_texts("val"))
     keys = list(files)
     klds = dict(zip(keys, held_out_kld(base, [files[k] for k in keys], text, args.eval_ctx)))
@@ -140,7 +147,6 @@ def main() -> None:
                 entry[f"{a}/{b}"] = [r, se]
                 cells += f"{r:>10.3f} ±{se:.3f}"
         figures["recipes"][recipe] = entry
-        from nemoq.gguf_file import read_gguf
         weights = sum(int(np.prod(t.shape)) for t in read_gguf(files[recipe, args.variants[0]]).tensors)
         print(f"{recipe:<11}{8 * size / weights:>6.2f}{cells}")
     for name, (seconds, rss) in times.items():
