@@ -211,6 +211,10 @@ def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: li
     _report_plan(typed, specs, source.layer_kinds, recipe, table=False)
     report.conversion_summary(console, result, [])
     _say_llama_cpp_build([t.name for t in result.tensors], hint=NO_SCALES_HINT)
+    _report_kept(result)
+
+
+def _report_kept(result) -> None:
     from nemoq.convert.modelopt_gguf import kept_as_stored
     kept = kept_as_stored(result.tensors)
     if kept:
@@ -240,6 +244,7 @@ def _quantize_calibrated(src: str, outfile: Optional[Path], recipe_name: str, ov
     report.calibration_summary(Console(), result)
     report.conversion_summary(console, result.conversion, [])
     _say_llama_cpp_build([t.name for t in result.conversion.tensors], hint=NO_SCALES_HINT)
+    _report_kept(result.conversion)
     if result.imatrix_output is not None:
         console.print(f"[green]wrote[/] {escape(str(result.imatrix_output))}")
 

@@ -48,6 +48,9 @@ def test_calibrated_file_is_the_plain_plan_tensor_for_tensor(recipe, wide_random
     assert "output error" in result.output and "compensated" in result.output
     table = tensor_table(calibrated)
     assert table == tensor_table(plain)
+    ours, theirs = read_gguf(calibrated).metadata, read_gguf(plain).metadata
+    assert ours.pop("nemoq.recipe") == f"{recipe} --calibrate" and theirs.pop("nemoq.recipe") == recipe
+    assert ours == theirs                 # general.file_type included
     from nemoq.convert.pipeline import open_source
     source = open_source(wide_random)
     typed = {t.spec.name: t.type for t in plan_types([t.spec for t in source.plan.tensors], RECIPES[recipe],

@@ -29,7 +29,7 @@ from nemoq.convert.dtypes import Companion, Encoding, type_nbytes
 from nemoq.convert.pipeline import ConvertResult, open_source, plan_bytes, write_gguf
 from nemoq.files import atomic_outputs, claim_outputs
 from nemoq.quant.formats import FORMATS
-from nemoq.quant.recipes import Recipe, TypedTensor, chooser, plan_types
+from nemoq.quant.recipes import Recipe, TypedTensor, chooser, file_type_of, plan_types, recipe_label
 from nemoq.quant.tensor_scale import scale_name, takes_scale
 
 UNCALIBRATED = ("token_embd.weight",)   # a row lookup, not a matmul: no input statistics
@@ -99,6 +99,7 @@ def quantize_calibrated(src: str | Path, out: Path, recipe: Recipe, *, overrides
     """Quantize `src` with `recipe` into `out`, every quantized matrix error-compensated through
     the H of its inputs on the calibration tokens; `imatrix_out` also gets the diagonal of each
     H (llama.cpp's imatrix) for tools that take one."""
+    overrides = list(overrides)
     outputs = [Path(out)] + ([Path(imatrix_out)] if imatrix_out is not None else [])
     with claim_outputs(outputs, force):    # before the long walk, not after it
         torch_device = pick_device(device)
@@ -125,7 +126,8 @@ def quantize_calibrated(src: str | Path, out: Path, recipe: Recipe, *, overrides
 
         start = time.perf_counter()
         try:
-            result = write_gguf(source, out, choose, recipe.file_type, force=force, split_max_size=split_max_size)
+            result = write_gguf(source, out, choose, file_type_of(recipe, typed, source.layer_kinds), force=force,
+                                split_max_size=split_max_size, recipe=recipe_label(recipe, overrides) + " --calibrate")
             result.bytes_read += plan_bytes(source.plan)   # the walk reads every weight once more
             if imatrix_out is not None:
                 walk.finish()
