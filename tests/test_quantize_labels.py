@@ -190,3 +190,18 @@ def test_the_build_a_file_needs_is_its_latest_scale_kind():
     assert llama_cpp_build_for(["blk.1.ffn_up_exps.scale", "blk.0.ssm_out.scale", "blk.1.ffn_down_shexp.scale"]) == 8372
     assert llama_cpp_build_for(["blk.1.ffn_up_exps.scale", "blk.5.attn_output.scale"]) == 8827
     assert llama_cpp_build_for(["blk.1.ffn_up_exps.input_scale"]) == 8827
+
+
+def test_convert_of_a_modelopt_nvfp4_checkpoint_says_which_llama_cpp_its_scales_need(tmp_path):
+    """NVIDIA's weight_scale_2 that does not fold becomes `.scale` (and input_scale `.input_scale`)."""
+    pytest.importorskip("torch")
+    from tests.fixtures.modelopt import write_modelopt_checkpoint
+    ckpt = write_modelopt_checkpoint(tmp_path / "ckpt", scale_2="realistic")
+    result = run_cli("convert", ckpt, "-o", tmp_path / "a.gguf")
+    assert result.exit_code == 0, result.output
+    names = types(tmp_path / "a.gguf")
+    assert any(n.endswith(".input_scale") for n in names)
+    scales = [n for n in names if n.endswith((".scale", ".input_scale"))]
+    assert f"this file carries {len(scales)} .scale tensor(s): it needs llama.cpp b8827 or newer" in \
+        " ".join(result.output.split())
+    assert "--no-tensor-scales" not in result.output   # a quantize option
