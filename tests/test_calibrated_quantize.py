@@ -89,6 +89,25 @@ def test_few_tokens_per_expert_fall_back_and_say_so(random_hub, tmp_path):
     assert "fallback blk.0.ssm_in" not in text   # 128 tokens: compensated, more damped
 
 
+def test_an_expert_no_token_reaches_is_rounded_and_reported(tmp_path):
+    import safetensors.torch
+    ckpt = write_checkpoint(tmp_path / "ckpt", layout="hub", dtype="float32")
+    bias = "backbone.layers.1.mixer.gate.e_score_correction_bias"
+    shard = ckpt / json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"][bias]
+    tensors = safetensors.torch.load_file(shard)
+    tensors[bias][3] = -100.0             # the router never picks expert 3 of layer 1
+    safetensors.torch.save_file(tensors, shard, metadata={"format": "pt"})
+    out, imatrix = tmp_path / "q.gguf", tmp_path / "imatrix.gguf"
+    result = run_cli("quantize", ckpt, "-o", out, "--recipe", "Q8_0", "--calibrate", *SMALL, "--imatrix-out", imatrix)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for name in ("ffn_up_exps", "ffn_down_exps"):
+        assert f"fallback blk.1.{name}.weight: importance-weighted rounding (1 of 8 experts (#3): no calibration " \
+               "input (H = 0))" in text, result.output
+    assert read_imatrix(imatrix).counts["blk.1.ffn_up_exps.weight"][3] == 0
+    assert finite_logits(out)
+
+
 @pytest.fixture(scope="module")
 def trained_files(tmp_path_factory, tiny_model):
     """The trained model as F32, quantized plainly and with --calibrate (and its --imatrix-out)."""
