@@ -199,6 +199,42 @@ def unpack_halves(b: np.ndarray) -> np.ndarray:
     return np.concatenate(unpack_nibbles(b), axis=-1)
 
 
+def pack_five_bits(q: np.ndarray) -> np.ndarray:
+    """5-bit codes (..., 32) -> 4 bytes of fifth bits (bit j: code j's, little-endian) then the
+    low nibbles as pack_halves (Q5_0, Q5_1)."""
+    qh = np.packbits(q >> 4, axis=-1, bitorder="little")
+    return np.concatenate([qh, pack_halves(q & 0x0F)], axis=-1)
+
+
+def unpack_five_bits(b: np.ndarray) -> np.ndarray:
+    high = np.unpackbits(b[..., :4], axis=-1, bitorder="little")
+    return unpack_halves(b[..., 4:]) | (high << 4)
+
+
+class OneScale:
+    """Blocks that start with one f16 scale d, value = d * level (Q8_0, Q4_0, Q5_0, IQ4_NL)."""
+
+    def pack_fields(self, d):
+        return f16_bytes(d)
+
+    def unpack_fields(self, b):
+        return (read_f16(b),)
+
+    def grid_of(self, d):
+        n = self.block_size
+        return per_value(d[:, None], n), np.zeros((d.shape[0], n), np.float32)
+
+
+class NibbleCodes:
+    """4-bit codes, byte j holding code j and code j + 16 (Q4_0, IQ4_NL)."""
+
+    def pack_codes(self, q):
+        return pack_halves(q)
+
+    def unpack_codes(self, b):
+        return unpack_halves(b)
+
+
 def per_value(a: np.ndarray, n: int) -> np.ndarray:
     """Per-group values (n_blocks, groups) -> per value (n_blocks, groups * n), each repeated n times."""
     return np.repeat(np.asarray(a, dtype=np.float32), n, axis=-1)

@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq.quant.formats.base import (
-    Format, f16_bytes, metric_weights, pack_halves, per_value, read_f16, unpack_halves,
+    Format, NibbleCodes, OneScale, metric_weights,
 )
 from nemoq.quant.formats.search import (
     GROUP_MAX_EPS, Grid, divide, dot, full, groups_first, groups_last, refine_on_grid, signed_absmax,
@@ -51,7 +51,7 @@ def scale_search(xt, w, inverse_scales):
     return d, GRID.index(xt * divide(np.float32(1), d))
 
 
-class IQ4_NL(Format, ggml_type=GGMLQuantizationType.IQ4_NL):
+class IQ4_NL(OneScale, NibbleCodes, Format, ggml_type=GGMLQuantizationType.IQ4_NL):
     code_values = KVALUES
     field_bytes, code_bytes = slice(0, 2), slice(2, 18)
     # ggml: d = max / 127 first, then id = (itry - 127) / max for itry in -7..7
@@ -92,21 +92,6 @@ class IQ4_NL(Format, ggml_type=GGMLQuantizationType.IQ4_NL):
         q = groups_last(idx).astype(np.uint8).reshape(*d.shape, 32)
         out = np.concatenate([self.pack_fields(d), self.pack_codes(q)], axis=-1)
         return out.reshape(d.shape[0], -1)
-
-    def pack_codes(self, q):
-        return pack_halves(q)
-
-    def unpack_codes(self, b):
-        return unpack_halves(b)
-
-    def pack_fields(self, d):
-        return f16_bytes(d)
-
-    def unpack_fields(self, b):
-        return (read_f16(b),)
-
-    def grid_of(self, d):
-        return per_value(d[:, None], 32), np.zeros((d.shape[0], 32), np.float32)
 
     def dequantize_blocks(self, blocks):
         (d,) = self.fields(blocks)

@@ -13,14 +13,14 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq.quant.formats.base import (
-    Format, f16_bytes, metric_weights, pack_halves, per_value, read_f16, unpack_halves,
+    Format, NibbleCodes, OneScale, metric_weights,
 )
 from nemoq.quant.formats.search import (
     Grid, full, groups_first, groups_last, make_qx_quants, refine_on_grid, signed_absmax,
 )
 
 
-class Q4_0(Format, ggml_type=GGMLQuantizationType.Q4_0):
+class Q4_0(OneScale, NibbleCodes, Format, ggml_type=GGMLQuantizationType.Q4_0):
     nmax = 8  # signed levels -nmax .. nmax-1
     code_values = np.arange(-nmax, nmax, dtype=np.float32)  # code q holds level q - nmax
     field_bytes, code_bytes = slice(0, 2), slice(2, 18)
@@ -62,21 +62,6 @@ class Q4_0(Format, ggml_type=GGMLQuantizationType.Q4_0):
         q = groups_last(l + self.nmax).astype(np.uint8).reshape(*d.shape, 32)
         out = np.concatenate([self.pack_fields(d), self.pack_codes(q)], axis=-1)
         return out.reshape(d.shape[0], -1)
-
-    def pack_codes(self, q):
-        return pack_halves(q)
-
-    def unpack_codes(self, b):
-        return unpack_halves(b)
-
-    def pack_fields(self, d):
-        return f16_bytes(d)
-
-    def unpack_fields(self, b):
-        return (read_f16(b),)
-
-    def grid_of(self, d):
-        return per_value(d[:, None], 32), np.zeros((d.shape[0], 32), np.float32)
 
     def dequantize_blocks(self, blocks):
         (d,) = self.fields(blocks)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from nemoq.quant.formats.base import pack_halves, unpack_halves
+from nemoq.quant.formats.base import pack_five_bits, unpack_five_bits
 from nemoq.quant.formats.q4_0 import Q4_0
 
 
@@ -20,9 +20,7 @@ class Q5_0(Q4_0, ggml_type=GGMLQuantizationType.Q5_0):
     code_bytes = slice(2, 22)
 
     def pack_codes(self, q):
-        qh = np.packbits(q >> 4, axis=-1, bitorder="little")
-        return np.concatenate([qh, pack_halves(q & 0x0F)], axis=-1)
+        return pack_five_bits(q)
 
     def unpack_codes(self, b):
-        high = np.unpackbits(b[..., :4], axis=-1, bitorder="little")
-        return unpack_halves(b[..., 4:]) | (high << 4)
+        return unpack_five_bits(b)

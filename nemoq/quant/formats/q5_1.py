@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq.quant.formats.base import (
-    Format, f16_bytes, f16_round, metric_weights, pack_halves, per_value, read_f16, unpack_halves,
+    Format, f16_bytes, f16_round, metric_weights, pack_five_bits, per_value, read_f16, unpack_five_bits,
 )
 from nemoq.quant.formats.search import (
     divide, full, groups_first, groups_last, make_qkx_quants, nearest_int, running_min_max,
@@ -64,12 +64,10 @@ class Q5_1(Format, ggml_type=GGMLQuantizationType.Q5_1):
         return out.reshape(d.shape[0], -1)
 
     def pack_codes(self, q):
-        qh = np.packbits(q >> 4, axis=-1, bitorder="little")
-        return np.concatenate([qh, pack_halves(q & 0x0F)], axis=-1)
+        return pack_five_bits(q)
 
     def unpack_codes(self, b):
-        high = np.unpackbits(b[..., :4], axis=-1, bitorder="little")
-        return unpack_halves(b[..., 4:]) | (high << 4)
+        return unpack_five_bits(b)
 
     def pack_fields(self, d, m):
         return np.concatenate([f16_bytes(d), f16_bytes(m)], axis=-1)

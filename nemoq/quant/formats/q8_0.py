@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from nemoq.quant.formats.base import Format, f16_bytes, per_value, read_f16
+from nemoq.quant.formats.base import Format, OneScale
 
 
 def round_half_away(x: np.ndarray) -> np.ndarray:
@@ -19,7 +19,7 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * (floor + np.floor(2 * (a - floor)))
 
 
-class Q8_0(Format, ggml_type=GGMLQuantizationType.Q8_0):
+class Q8_0(OneScale, Format, ggml_type=GGMLQuantizationType.Q8_0):
     code_values = np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32)  # code: the int8's byte
     field_bytes, code_bytes = slice(0, 2), slice(2, 34)
 
@@ -45,15 +45,6 @@ class Q8_0(Format, ggml_type=GGMLQuantizationType.Q8_0):
 
     def unpack_codes(self, b):
         return b
-
-    def pack_fields(self, d):
-        return f16_bytes(d)
-
-    def unpack_fields(self, b):
-        return (read_f16(b),)
-
-    def grid_of(self, d):
-        return per_value(d[:, None], 32), np.zeros((d.shape[0], 32), np.float32)
 
     def dequantize_blocks(self, blocks):
         (d,) = self.fields(blocks)
