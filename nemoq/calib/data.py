@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nemoq.errors import NemoqError
+from nemoq.inputs import read_text
 
 DATA_SUFFIXES = (".txt", ".jsonl")
 
@@ -27,15 +28,6 @@ def corpus_items(split: str = "train") -> list[Item]:
     from nemoq.calib.corpus import iter_records
     return [Item(r.text, list(r.messages) if r.messages else None, list(r.tools) if r.tools else None)
             for r in iter_records(split)]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise NemoqError(f"not UTF-8 text (byte {e.start}); convert it to UTF-8", path) from None
-    except OSError as e:
-        raise NemoqError(f"cannot read ({e.strerror or e})", path) from None
 
 
 def _jsonl_items(path: Path, text: str) -> list[Item]:
@@ -57,7 +49,7 @@ def _jsonl_items(path: Path, text: str) -> list[Item]:
 
 
 def file_items(path: Path) -> list[Item]:
-    text = _read_text(path)
+    text = read_text(path, "convert it to UTF-8")
     if path.suffix == ".jsonl":
         return _jsonl_items(path, text)
     return [Item(text)] if text.strip() else []

@@ -6,9 +6,10 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from nemoq.errors import NemoqError
+from nemoq.inputs import read_json_object
 
 # architectures[0] in config.json -> GGUF architecture name
 SUPPORTED_ARCHITECTURES = {"NemotronHForCausalLM": "nemotron_h_moe"}
@@ -145,21 +146,6 @@ class ModelConfig:
             "group_width": self.d_inner // self.ssm_groups, "conv_kernel": self.conv_kernel,
             "experts": self.n_experts, "expert_ff": self.expert_ff, "shared_ff": self.shared_ff,
         }
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object; anything else is one error naming the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NemoqError(f"not valid JSON ({e})", path) from None
-    except OSError as e:
-        raise NemoqError(f"cannot read ({e.strerror or e})", path) from None
-    except RecursionError:
-        raise NemoqError("not valid JSON (nested too deeply)", path) from None
-    if not isinstance(data, dict):
-        raise NemoqError(f"expected a JSON object, found {type(data).__name__}", path)
-    return data
 
 
 def _kinds(key: str, items: list, table: dict[str, str], path: Path) -> tuple[str, ...]:

@@ -10,11 +10,11 @@ NVIDIA ModelOpt writes `hf_quant_config.json` (`{"producer": ..., "quantization"
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from nemoq.errors import NemoqError
+from nemoq.inputs import read_json_object
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 CONFIG = "config.json"
@@ -45,27 +45,17 @@ class QuantConfig:
         return f"ModelOpt {self.algo}{group}, {len(self.exclude)} excluded module pattern(s)"
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NemoqError(f"not valid JSON ({e})", path) from None
-    if not isinstance(data, dict):
-        raise NemoqError("expected a JSON object", path)
-    return data
-
-
 def _declared(model_dir: Path) -> tuple[dict, Path] | None:
     """The quantization section and its file: hf_quant_config.json first, then config.json."""
     hf = model_dir / HF_QUANT_CONFIG
     if hf.is_file():
-        section = _read_json(hf).get("quantization")
+        section = read_json_object(hf).get("quantization")
         if not isinstance(section, dict):
             raise NemoqError("no \"quantization\" section", hf)
         return section, hf
     config = model_dir / CONFIG
     if config.is_file():
-        section = _read_json(config).get("quantization_config")
+        section = read_json_object(config).get("quantization_config")
         if isinstance(section, dict) and str(section.get("quant_method", "")).lower() == "modelopt":
             return section, config
         if isinstance(section, dict) and section.get("quant_algo") is not None:

@@ -155,7 +155,7 @@ def read_shard_header(path: Path) -> dict[str, TensorRef]:
 
 def _weight_map(index: Path) -> dict[str, str]:
     """The index's tensor name -> shard file name, each shard a file beside the index."""
-    from nemoq.convert.config import read_json_object
+    from nemoq.inputs import read_json_object
     weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise NemoqError("not a valid safetensors index (no weight_map object)", index)

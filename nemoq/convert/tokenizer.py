@@ -14,7 +14,7 @@ from pathlib import Path
 import gguf
 from gguf import TokenType
 
-from nemoq.convert.config import read_json_object
+from nemoq.inputs import read_json_object, read_text
 from nemoq.errors import NemoqError
 
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -115,12 +115,7 @@ def read_tokenizer_config(path: Path) -> dict:
 
 def read_chat_template(path: Path) -> str:
     """A chat_template.jinja file's text."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise NemoqError(f"not UTF-8 text (byte {e.start})", path) from None
-    except OSError as e:
-        raise NemoqError(f"cannot read ({e.strerror or e})", path) from None
+    return read_text(path)
 
 
 def _special_vocab(model_dir: Path, vocab_size: int, path: Path) -> gguf.SpecialVocab:
