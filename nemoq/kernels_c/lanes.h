@@ -57,6 +57,14 @@ static inline vf join_f(vd lo, vd hi) {
     return r;
 }
 
+/* sum(x^2) / n over a whole row, added in order from 0 as ggml does (Q4_0, Q5_0 and Q5_1 weight
+ * their importance by sqrt(this + x^2)) */
+static inline float row_mean_square(const float * x, int64_t n) {
+    float s = 0.0f;
+    for (int64_t j = 0; j < n; j++) s += x[j] * x[j];
+    return s / (float)n;
+}
+
 static inline vf vabs(vf x) { return (vf)((vi)x & I(0x7fffffff)); }
 static inline vd vabsd(vd x) {
     const int64_t m = 0x7fffffffffffffffLL;

@@ -29,12 +29,7 @@ void nemoq_quantize_q5_1(const float * x, uint8_t * out, int64_t nrows, int64_t 
     const int64_t nb = n_per_row / QK5_1;
     for (int64_t r = 0; r < nrows; r++) {
         const float * xr = x + r * n_per_row;
-        /* q5_1.py ggml_rows: sigma2 = sum(x^2) / n over the row, added in order as ggml */
-        float sigma2 = 0.0f;
-        if (importance) {
-            for (int64_t j = 0; j < n_per_row; j++) sigma2 += xr[j] * xr[j];
-            sigma2 /= (float)n_per_row;
-        }
+        const float sigma2 = importance ? row_mean_square(xr, n_per_row) : 0.0f;
         for (int64_t b0 = 0; b0 < nb; b0 += NL) {
             vf xt[32], wt[32], qg[32], qo[32], y[32], dg, mg, neg_min;
             load_blocks(xr, importance, b0, nb, QK5_1, xt, wt);
