@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from nemoq.calib.coverage import LayerCoverage, expert_coverage
@@ -57,6 +58,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def calibration_sequences(source, data: Path | None, ctx: int, tokens: int) -> tuple[np.ndarray, list[str]]:
+    """The calibration text (--data, or the shipped corpus) as token sequences (n, ctx) in the
+    source's own template and tokenizer, and the dataset names an imatrix records."""
+    items, datasets = load_items(data)
+    return make_sequences(items, model_text(source), ctx, tokens, str(data) if data else "nemoq corpus"), datasets
+
+
 def calibrate(src: str | Path, out: Path, *, data: Path | None = None, tokens: int = DEFAULT_TOKENS,
               ctx: int = DEFAULT_CTX, device: str = "auto", force: bool = False,
               on_start: Callable[[int, int], None] | None = None,
@@ -67,8 +75,7 @@ def calibrate(src: str | Path, out: Path, *, data: Path | None = None, tokens: i
         torch_device = pick_device(device)
         source = open_source(src)
         cfg = config_of(source)
-        items, datasets = load_items(data)
-        sequences = make_sequences(items, model_text(source), ctx, tokens, str(data) if data else "nemoq corpus")
+        sequences, datasets = calibration_sequences(source, data, ctx, tokens)
         if on_start is not None:
             on_start(sequences.shape[0], cfg.n_layers + 1)
         stats = ActivationStats(cfg.n_experts)

@@ -18,12 +18,10 @@ from typing import Callable, Iterable, Iterator
 import gguf
 import numpy as np
 
-from nemoq.calib.calibrate import DEFAULT_CTX, DEFAULT_TOKENS, pick_device
-from nemoq.calib.data import load_items
+from nemoq.calib.calibrate import DEFAULT_CTX, DEFAULT_TOKENS, calibration_sequences, pick_device
 from nemoq.calib.forward import Progress
 from nemoq.calib.hparams import config_of
 from nemoq.calib.imatrix_file import write_imatrix
-from nemoq.calib.sequences import make_sequences, model_text
 from nemoq.calib.walk import SEQUENTIAL, LayerWalk, MatrixReport, Target
 from nemoq.convert.dtypes import Companion, Encoding, type_nbytes
 from nemoq.convert.pipeline import ConvertResult, open_source, plan_bytes, write_gguf
@@ -107,8 +105,7 @@ def quantize_calibrated(src: str | Path, out: Path, recipe: Recipe, *, overrides
         cfg = config_of(source)
         typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.layer_kinds, overrides,
                            tensor_scales)
-        items, datasets = load_items(data)
-        sequences = make_sequences(items, model_text(source), ctx, tokens, str(data) if data else "nemoq corpus")
+        sequences, datasets = calibration_sequences(source, data, ctx, tokens)
         plain = chooser(typed)
         encodings = {t.name: plain(t) for t in source.plan.tensors}
         targets = {t.spec.name: Target(t.type, t.scaled and takes_scale(t.spec, t.type))
