@@ -37,6 +37,13 @@ def patched(src: Path, dst: Path, code: str, position: int, value) -> Path:
     return dst
 
 
+def with_metadata_u32(src: Path, dst: Path, key: str, value: int) -> Path:
+    """A copy of src whose uint32 metadata value `key` is `value` (in place: same layout)."""
+    import gguf
+    field = gguf.GGUFReader(src).fields[key]
+    return patched(src, dst, "<I", field.offset + sum(p.nbytes for p in field.parts[:3]), value)
+
+
 @pytest.fixture
 def out_dir(tmp_path) -> Path:
     out = tmp_path / "out"
@@ -92,10 +99,7 @@ def test_gguf_with_unknown_tensor_type(random_hub_gguf, tmp_path, code):
 
 
 def test_gguf_whose_expert_count_would_abort_llama_cpp(random_hub_gguf, tmp_path, out_dir):
-    import gguf
-    field = gguf.GGUFReader(random_hub_gguf).fields["nemotron_h_moe.expert_used_count"]
-    position = field.offset + sum(p.nbytes for p in field.parts[:3])
-    bad = patched(random_hub_gguf, tmp_path / "bad.gguf", "<I", position, 9)
+    bad = with_metadata_u32(random_hub_gguf, tmp_path / "bad.gguf", "nemotron_h_moe.expert_used_count", 9)
     text = tmp_path / "text.txt"
     text.write_text("words " * 200)
     result = run_cli("eval", bad, "--data", text, "--ctx", "8", "--json", out_dir / "eval.json")
@@ -106,10 +110,7 @@ def test_gguf_whose_expert_count_would_abort_llama_cpp(random_hub_gguf, tmp_path
 
 
 def test_calibrate_refuses_gguf_whose_metadata_contradicts_its_tensors(random_hub_gguf, tmp_path, out_dir):
-    import gguf
-    field = gguf.GGUFReader(random_hub_gguf).fields["nemotron_h_moe.embedding_length"]
-    position = field.offset + sum(p.nbytes for p in field.parts[:3])
-    bad = patched(random_hub_gguf, tmp_path / "bad.gguf", "<I", position, 48)
+    bad = with_metadata_u32(random_hub_gguf, tmp_path / "bad.gguf", "nemotron_h_moe.embedding_length", 48)
     text = tmp_path / "text.txt"
     text.write_text("words " * 200)
     result = run_cli("calibrate", bad, "-o", out_dir / "im.gguf", "--data", text, "--ctx", "8", "--tokens", "16",
