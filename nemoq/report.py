@@ -151,17 +151,17 @@ def kernel_info(console: Console, status, formats, moe_formats=(), moe_row_dots:
     console.print(f"  library:  {escape(str(status.library))}")
     console.print(f"  compiler: {status.compiler} {escape(' '.join(status.flags))}")
     console.print(f"  formats:  {', '.join(formats)}")
-    if moe_row_dots:
-        console.print(f"  MoE matvec: {', '.join(moe_formats)} ({moe_row_dots} row dots; activations f32 or q8_0)")
+    if moe_row_dots:   # the reference kernel: no command runs it (docs/kernels.md)
+        console.print(f"  MoE reference matvec: {', '.join(moe_formats)} ({moe_row_dots})")
 
 
 def cuda_info(console: Console, status, moe_formats, quant_formats) -> None:
-    """nvcc, the two CUDA libraries (MoE matvec, quantizer) and the GPUs the CUDA runtime sees."""
+    """nvcc, the two CUDA libraries (MoE reference matvec, quantizer) and the GPUs the CUDA runtime sees."""
     compiler = escape(status.nvcc) if status.nvcc else "[yellow]not found[/]"
     console.print(f"CUDA: nvcc {compiler}, GPUs: {status.devices}")
     if not status.devices:   # the message's last part says why the runtime (or nvidia-smi) sees none
         console.print(f"  [yellow]{escape(status.message.split('; ', 1)[-1])}[/]")
-    rows = (("MoE matvec", status.built, status.message, status.library, moe_formats),
+    rows = (("MoE reference matvec", status.built, status.message, status.library, moe_formats),
             ("quantizer", status.quantizer == "built", status.quantizer, status.quantizer_library, quant_formats))
     for name, built, message, library, formats in rows:
         state = "[green]built[/]" if built else f"[yellow]not built[/] ({escape(message)})"

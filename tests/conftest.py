@@ -52,21 +52,3 @@ def random_hub_gguf(tmp_path_factory, random_hub) -> Path:
 def fresh_checkpoint(tmp_path) -> Path:
     """A float32 hub-layout checkpoint a test may damage."""
     return write_checkpoint(tmp_path / "ckpt", layout="hub", dtype="float32")
-
-
-@pytest.fixture(scope="session")
-def portable_moe_functions(tmp_path_factory) -> dict:
-    """The MoE kernels built with -DNEMOQ_MOE_PORTABLE (the plain C that CPUs without AVX2 run),
-    bound as nemoq.kernels_c.moe binds its own library."""
-    import ctypes
-    import subprocess
-
-    from nemoq.kernels_c import build, moe
-    cc = build.compiler()
-    if cc is None:
-        pytest.skip("no C compiler")
-    target = tmp_path_factory.mktemp("portable") / "libmoe_portable.so"
-    sources = [str(build.SOURCE_DIR / name) for name in moe.SOURCES]
-    subprocess.run([cc, *build.flags(), "-DNEMOQ_MOE_PORTABLE", *sources, "-o", str(target), "-lm"],
-                   check=True, capture_output=True)
-    return moe._bind(ctypes.CDLL(str(target)))

@@ -171,7 +171,8 @@ def test_info_kernels_reports_the_library():
     assert result.exit_code == 0, result.output
     assert "built" in result.output and "q8_0" in result.output
     from nemoq.kernels_c import moe
-    assert f"MoE matvec: {', '.join(moe.MOE_FORMATS)} ({moe.row_dots()} row dots" in " ".join(result.output.split())
+    out = " ".join(result.output.split())
+    assert f"MoE reference matvec: {', '.join(moe.MOE_FORMATS)} ({moe.row_dots()})" in out
 
 
 def test_widen_equals_numpy_for_every_half_and_bfloat16_value():

@@ -1,14 +1,14 @@
-"""The CUDA twin of the MoE kernel (moe.cu): built with nvcc where it exists, loaded with ctypes.
+"""nvcc builds of nemoq's CUDA sources, and the CUDA twin of the MoE reference kernel (moe.cu).
 
-    from nemoq.kernels_c.cuda import cuda_status, CudaExperts
+    from nemoq.kernels_c.cuda import cuda_status, moe_matvec_cuda
     print(cuda_status())                      # nvcc found? built? GPUs?
-    experts = CudaExperts(up, down, "nvfp4", "nvfp4")   # uploads both stacks once
-    y = experts.matvec(x, expert_ids, expert_weights)   # (T, H) float32, as kernels_c.moe.moe_matvec
+    y = moe_matvec_cuda(x, expert_ids, expert_weights, up, down, "nvfp4", "nvfp4")   # as kernels_c.moe.moe_matvec
 
-The library is cached per user like the C kernels (nemoq.kernels_c.build.cache_dir()), keyed by
-a hash of moe.cu (and the files it includes), nvcc's version and the flags; it links the CUDA runtime statically, so it
-loads (and reports "no GPU") on machines without a driver. `emulate_matvec` runs moe.cu's own
-decoding and per-lane arithmetic on the CPU, which tests the CUDA code where no GPU is present.
+Each library (moe.cu here, quants.cu in cuda_quant.py) is cached per user like the C kernels
+(nemoq.kernels_c.build.cache_dir()), keyed by a hash of its source (and the files it includes),
+nvcc's version and the flags; it links the CUDA runtime statically, so it loads (and reports
+"no GPU") on machines without a driver. `emulate_matvec` runs moe.cu's per-thread code on the
+CPU, which tests the CUDA code where no GPU is present.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from nemoq.kernels_c.build import cache_dir
-from nemoq.kernels_c.moe import MOE_FORMATS, TYPE_IDS, Routing, route
-from nemoq.quant.moe_reference import expert_shapes
+from nemoq.kernels_c.moe import MOE_FORMATS, MoeInputs, moe_inputs, pointer
+
+__all__ = ["MOE_FORMATS", "CudaStatus", "build_and_load", "cuda_status", "emulate_matvec", "moe_matvec_cuda", "nvcc"]
 
 SOURCE = Path(__file__).resolve().parent / "moe.cu"
 KERNELS_DIR = SOURCE.parent
@@ -40,12 +41,15 @@ ARCH = os.environ.get("NEMOQ_CUDA_ARCH", "sm_80")
 NVCC_FLAGS = ["-O3", "-std=c++20", "-shared", "-Xcompiler", "-fPIC",
               "-gencode", f"arch=compute_{ARCH[3:]},code=[{ARCH},compute_{ARCH[3:]}]"]
 BUILD_TIMEOUT_S = 600
+# moe.cu: no fused multiply-adds on the device, none contracted on the host (the emulation's
+# compiler), so that its sums are moe.c's, bit for bit.
+MOE_FLAGS = [*NVCC_FLAGS, "-fmad=false", "-Xcompiler", "-ffp-contract=off"]
 
 
 @dataclass(frozen=True)
 class CudaStatus:
     nvcc: str | None          # the compiler found, or None
-    built: bool               # moe.cu compiled and loaded
+    built: bool               # moe.cu (the MoE reference's twin) compiled and loaded
     library: Path | None
     devices: int              # GPUs the CUDA runtime sees (0 without a driver or GPU)
     message: str              # why not built, or why no device
@@ -110,8 +114,10 @@ _SIGNATURES = {
     "nemoq_moe_cuda_device_count": ([_buf, _int], _int),
     "nemoq_moe_cuda_upload": ([_p, _i64, _buf, _int], _p),
     "nemoq_moe_cuda_free": ([_p], _int),
-    "nemoq_moe_cuda_matvec": ([_p, _int, _p, _int, _i64, _i64, _i64, _p, _i64, _i64, _p, _p, _i64, _p, _p,
-                               _p, _p, _p, _p, _p, _int, _buf, _int], _int),
+    # up, up type, down, down type, E, I, H, x, T, k, expert_ids, expert_weights, up_scale, down_scale, out,
+    # emulate, err, errlen
+    "nemoq_moe_cuda_matvec": ([_p, _int, _p, _int, _i64, _i64, _i64, _p, _i64, _i64, _p, _p, _p, _p, _p,
+                               _int, _buf, _int], _int),
 }
 
 
@@ -142,7 +148,7 @@ def build_and_load(source: Path, lib_name: str, flags: list[str], signatures: di
 
 @lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str, Path | None]:
-    return build_and_load(SOURCE, LIB_NAME, NVCC_FLAGS, _SIGNATURES)
+    return build_and_load(SOURCE, LIB_NAME, MOE_FLAGS, _SIGNATURES)
 
 
 def library() -> ctypes.CDLL | None:
@@ -182,43 +188,6 @@ def cuda_status() -> CudaStatus:
     return CudaStatus(nvcc(), True, path, devices, f"built; {why}", *quant_state)
 
 
-def _token_slots(r: Routing, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token t's slots, in slot order: token_slot[token_start[t] .. token_start[t + 1]]."""
-    order = np.argsort(r.slot_token, kind="stable").astype(np.int32)
-    counts = np.bincount(r.slot_token, minlength=n_tokens)
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), order
-
-
-def _call(lib, up_ptr, down_ptr, up_format, down_format, n_experts, n_ff, x, expert_ids, expert_weights,
-          up_scale, down_scale, emulate: bool) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n_tokens, hidden = x.shape
-    r = route(expert_ids, expert_weights, n_experts, n_tokens)
-    token_start, token_slot = _token_slots(r, n_tokens)
-    scales = [None if s is None else np.ascontiguousarray(s, dtype=np.float32).reshape(n_experts)
-              for s in (up_scale, down_scale)]
-    out = np.empty((n_tokens, hidden), np.float32)
-    err = _errbuf()
-
-    def ptr(a):
-        return None if a is None else a.ctypes.data
-
-    code = lib.nemoq_moe_cuda_matvec(
-        up_ptr, TYPE_IDS[up_format], down_ptr, TYPE_IDS[down_format], n_experts, n_ff, hidden, ptr(x), n_tokens,
-        len(r.group_expert), ptr(r.group_expert), ptr(r.group_start), r.n_slots, ptr(r.slot_token),
-        ptr(r.slot_weight), ptr(token_start), ptr(token_slot), ptr(scales[0]), ptr(scales[1]), ptr(out),
-        int(emulate), err, len(err))
-    if code:
-        raise RuntimeError(f"nemoq CUDA MoE kernel: {err.value.decode(errors='replace')}")
-    return out
-
-
-def _check_formats(up_format: str, down_format: str) -> None:
-    for name, fmt in (("up_format", up_format), ("down_format", down_format)):
-        if fmt not in TYPE_IDS:
-            raise ValueError(f"{name} {fmt!r}: the MoE kernel reads {', '.join(MOE_FORMATS)}")
-
-
 def _require_library() -> ctypes.CDLL:
     lib = library()
     if lib is None:
@@ -226,62 +195,53 @@ def _require_library() -> ctypes.CDLL:
     return lib
 
 
-class CudaExperts:
-    """One layer's expert stacks on the GPU; matvec as kernels_c.moe.moe_matvec. close() frees them."""
+def _call(lib: ctypes.CDLL, a: MoeInputs, up_ptr, down_ptr, emulate: bool) -> np.ndarray:
+    n_tokens, hidden = a.x.shape
+    out = np.empty((n_tokens, hidden), np.float32)
+    err = _errbuf()
+    code = lib.nemoq_moe_cuda_matvec(up_ptr, a.up_type, down_ptr, a.down_type, a.n_experts, a.n_ff, hidden,
+                                     pointer(a.x), n_tokens, a.expert_ids.shape[1], pointer(a.expert_ids),
+                                     pointer(a.expert_weights), pointer(a.up_scale), pointer(a.down_scale),
+                                     pointer(out), int(emulate), err, len(err))
+    if code:
+        raise RuntimeError(f"nemoq CUDA MoE kernel: {err.value.decode(errors='replace')}")
+    return out
 
-    def __init__(self, up: np.ndarray, down: np.ndarray, up_format: str, down_format: str):
-        _check_formats(up_format, down_format)
-        self.lib = _require_library()
-        self.up_format, self.down_format = up_format, down_format
-        self.n_experts, self.n_ff = up.shape[:2]
-        self.hidden = down.shape[1]
-        expert_shapes(np.zeros((1, self.hidden), np.float32), up, down, up_format, down_format)
-        self._device: list[int] = []
-        try:
-            self.up_ptr, self.down_ptr = (self._upload(np.ascontiguousarray(a)) for a in (up, down))
-        except BaseException:
-            self.close()
-            raise
 
-    def _upload(self, a: np.ndarray) -> int:
+class _Uploads:
+    """Device copies of host arrays, freed on exit."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib, self.pointers = lib, []
+
+    def __call__(self, a: np.ndarray) -> int:
         err = _errbuf()
         p = self.lib.nemoq_moe_cuda_upload(a.ctypes.data, a.nbytes, err, len(err))
         if not p:
             raise RuntimeError(f"nemoq CUDA MoE kernel: {err.value.decode(errors='replace')}")
-        self._device.append(p)
+        self.pointers.append(p)
         return p
-
-    def matvec(self, x, expert_ids, expert_weights, *, up_scale=None, down_scale=None) -> np.ndarray:
-        if np.shape(x)[-1] != self.hidden:
-            raise ValueError(f"x has {np.shape(x)[-1]} columns, the experts take {self.hidden}")
-        return _call(self.lib, self.up_ptr, self.down_ptr, self.up_format, self.down_format, self.n_experts,
-                     self.n_ff, x, expert_ids, expert_weights, up_scale, down_scale, emulate=False)
-
-    def close(self) -> None:
-        while self._device:
-            self.lib.nemoq_moe_cuda_free(self._device.pop())
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        while self.pointers:
+            self.lib.nemoq_moe_cuda_free(self.pointers.pop())
 
 
-def moe_matvec_cuda(x, expert_ids, expert_weights, up, down, up_format, down_format, *,
+def moe_matvec_cuda(x, expert_ids, expert_weights, up, down, up_format: str, down_format: str, *,
                     up_scale=None, down_scale=None) -> np.ndarray:
-    """One call on the GPU, uploading the stacks first (use CudaExperts to upload once)."""
-    with CudaExperts(up, down, up_format, down_format) as experts:
-        return experts.matvec(x, expert_ids, expert_weights, up_scale=up_scale, down_scale=down_scale)
-
-
-def emulate_matvec(x, expert_ids, expert_weights, up, down, up_format, down_format, *,
-                   up_scale=None, down_scale=None) -> np.ndarray:
-    """moe.cu's decoding and warp arithmetic run on the CPU, lane by lane (slow; for tests)."""
-    _check_formats(up_format, down_format)
+    """kernels_c.moe.moe_matvec on the GPU, bit for bit: the stacks uploaded, the call run, the
+    stacks freed. RuntimeError without a build or a GPU."""
+    a = moe_inputs(x, expert_ids, expert_weights, up, down, up_format, down_format, up_scale, down_scale)
     lib = _require_library()
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    _, _, n_experts, n_ff = expert_shapes(x, up, down, up_format, down_format)
-    up, down = np.ascontiguousarray(up), np.ascontiguousarray(down)
-    return _call(lib, up.ctypes.data, down.ctypes.data, up_format, down_format, n_experts, n_ff, x,
-                 expert_ids, expert_weights, up_scale, down_scale, emulate=True)
+    with _Uploads(lib) as upload:
+        return _call(lib, a, upload(a.up), upload(a.down), emulate=False)
+
+
+def emulate_matvec(x, expert_ids, expert_weights, up, down, up_format: str, down_format: str, *,
+                   up_scale=None, down_scale=None) -> np.ndarray:
+    """moe.cu's per-thread code run on the CPU, one thread after another (for tests)."""
+    a = moe_inputs(x, expert_ids, expert_weights, up, down, up_format, down_format, up_scale, down_scale)
+    return _call(_require_library(), a, pointer(a.up), pointer(a.down), emulate=True)

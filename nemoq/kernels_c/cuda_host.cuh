@@ -1,6 +1,5 @@
-// Host-side CUDA plumbing shared by moe.cu and quants.cu (and bench/moe_timing.cu, through
-// moe.cu): errors as ctypes messages, device buffers and timing events freed when they go out of
-// scope, the format dispatch, the number of GPUs.
+// Host-side CUDA plumbing shared by moe.cu and quants.cu: errors as ctypes messages, device
+// buffers and timing events freed when they go out of scope, the format dispatch, the number of GPUs.
 #pragma once
 
 #include <cuda_runtime.h>
