@@ -12,7 +12,13 @@ from nemoq.errors import NemoqError
 from nemoq.inputs import read_json_object
 
 # architectures[0] in config.json -> GGUF architecture name
-SUPPORTED_ARCHITECTURES = {"NemotronHForCausalLM": "nemotron_h_moe"}
+SUPPORTED_ARCHITECTURES = {"NemotronHForCausalLM": "nemotron_h_moe", "NemotronHPuzzleForCausalLM": "nemotron_h_moe"}
+# Puzzle checkpoints describe their layers in `block_configs` (one dict per layer: block_type and,
+# for MoE layers, its own expert width and top-k) instead of one pattern and one size.
+PUZZLE_ARCHITECTURE = "NemotronHPuzzleForCausalLM"
+# llama.cpp reads these two per layer (expert_feed_forward_length, expert_used_count arrays); any
+# other per-block value must equal the model-wide one, which is all its graph can hold.
+PUZZLE_PER_LAYER = {"moe_intermediate_size": "expert_ff", "num_experts_per_tok": "n_experts_used"}
 
 # Both spellings of the layer pattern: the hub's `hybrid_override_pattern` characters and
 # transformers-5's `layers_block_type` names (older exports say "mamba" / "attention").
@@ -68,12 +74,13 @@ FIELDS: tuple[tuple[str, tuple[str, ...], type, Any, float, float], ...] = (
     ("n_expert_groups", ("n_group",), int, 1, 1, MAX_EXPERTS),
     ("n_expert_groups_used", ("topk_group",), int, 1, 1, MAX_EXPERTS),
     ("n_mtp_layers", ("num_nextn_predict_layers",), int, 0, 0, MAX_LAYERS),
+    ("latent", ("moe_latent_size",), int, 0, 0, MAX_SIZE),
     ("tied_embeddings", ("tie_word_embeddings",), bool, False, 0, 1),
 )
 # Token ids gguf-py's SpecialVocab reads from config.json (it refuses negative ones).
 SPECIAL_TOKEN_KEYS = tuple(f"{t}_token_id" for t in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"))
 # Fields where an explicit 0 means "not set", as configs in the wild use it.
-ZERO_IS_UNSET = {"context_length", "n_kv_heads", "head_dim", "n_mtp_layers"}
+ZERO_IS_UNSET = {"context_length", "n_kv_heads", "head_dim", "n_mtp_layers", "latent"}
 
 
 def pattern_of(layer_kinds: tuple[str, ...]) -> str:
@@ -114,6 +121,9 @@ class ModelConfig:
     n_mtp_layers: int
     raw: dict
     tied_embeddings: bool = False   # lm_head may be absent: llama.cpp then reads token_embd for the output
+    latent: int = 0                 # LatentMoE (moe_latent_size): routed experts work in this width; 0: none
+    # Puzzle: (expert width, top-k) of every layer, (0, 0) on non-MoE layers; () when uniform
+    per_layer_moe: tuple[tuple[int, int], ...] = ()
 
     @property
     def n_layers(self) -> int:
@@ -136,6 +146,26 @@ class ModelConfig:
         return [i for i, k in enumerate(self.layer_kinds) if k == kind]
 
     @property
+    def is_puzzle(self) -> bool:
+        return bool(self.per_layer_moe)
+
+    @property
+    def mtp_layer(self) -> int | None:
+        """The GGUF layer index of the multi-token-prediction block llama.cpp appends, if any.
+        Puzzle's MTP head is laid out otherwise and llama.cpp drops it, so nemoq does too."""
+        return self.n_layers if self.n_mtp_layers and not self.is_puzzle else None
+
+    def expert_ff_of(self, layer: int) -> int:
+        return self.per_layer_moe[layer][0] if self.is_puzzle and layer < self.n_layers else self.expert_ff
+
+    def experts_used_of(self, layer: int) -> int:
+        return self.per_layer_moe[layer][1] if self.is_puzzle and layer < self.n_layers else self.n_experts_used
+
+    def dims_of(self, layer: int | None) -> dict[str, int]:
+        """dims, with this layer's own expert width (Puzzle)."""
+        return self.dims if layer is None else {**self.dims, "expert_ff": self.expert_ff_of(layer)}
+
+    @property
     def dims(self) -> dict[str, int]:
         """Named sizes that mapping tables use to state the shape every tensor must have."""
         return {
@@ -145,6 +175,8 @@ class ModelConfig:
             "mamba_heads": self.mamba_heads, "ssm_groups": self.ssm_groups,
             "group_width": self.d_inner // self.ssm_groups, "conv_kernel": self.conv_kernel,
             "experts": self.n_experts, "expert_ff": self.expert_ff, "shared_ff": self.shared_ff,
+            # routed experts read and write the latent width when the model has one (LatentMoE)
+            "expert_io": self.latent or self.hidden, "latent": self.latent, "hidden_x2": 2 * self.hidden,
         }
 
 
@@ -304,9 +336,44 @@ def load_config(model_dir: Path) -> ModelConfig:
     if arch is None:
         raise NemoqError(f"unsupported architecture {archs or cfg.get('model_type')!r}; "
                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}", path)
-    if cfg.get("moe_latent_size") is not None:
-        raise NemoqError("moe_latent_size (latent MoE projections) is not supported yet", path)
     _check_token_ids(cfg, path)
     _check_activations(cfg, path)
+    per_layer: tuple[tuple[int, int], ...] = ()
+    if arch == PUZZLE_ARCHITECTURE:
+        cfg, per_layer = puzzle_layers(cfg, path)
     return ModelConfig(path=path, architecture=SUPPORTED_ARCHITECTURES[arch], layer_kinds=_layer_kinds(cfg, path),
-                       raw=cfg, **_fields(cfg, path))
+                       raw=cfg, per_layer_moe=per_layer, **_fields(cfg, path))
+
+
+def puzzle_layers(cfg: dict, path: Path) -> tuple[dict, tuple[tuple[int, int], ...]]:
+    """A Puzzle config as a uniform one (layers_block_type from block_configs, the first MoE layer's
+    sizes as the model-wide ones) plus each layer's (expert width, top-k), as llama.cpp reads it."""
+    blocks = cfg.get("block_configs")
+    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, dict) for b in blocks):
+        raise NemoqError(f"{PUZZLE_ARCHITECTURE} needs block_configs, a list of one object per layer", path)
+    kinds = _kinds("block_configs", [str(b.get("block_type")) for b in blocks], LAYER_KIND_BY_BLOCK_TYPE, path)
+    per_layer = []
+    for i, (kind, block) in enumerate(zip(kinds, blocks)):
+        for key, value in block.items():
+            if key not in ("block_type", *PUZZLE_PER_LAYER) and value is not None and value != cfg.get(key):
+                raise NemoqError(f"block_configs[{i}] sets {key} to {json.dumps(value)[:40]}; llama.cpp reads only "
+                                 f"{' and '.join(PUZZLE_PER_LAYER)} per layer", path)
+        if kind != "moe":
+            per_layer.append((0, 0))
+            continue
+        missing = [k for k in PUZZLE_PER_LAYER if block.get(k) is None]
+        if missing:
+            raise NemoqError(f"block_configs[{i}] is an MoE layer without {' or '.join(missing)}", path)
+        per_layer.append(tuple(_typed(block[k], int, f"block_configs[{i}].{k}", 1, MAX_SIZE, path)
+                               for k in PUZZLE_PER_LAYER))
+    if "moe" not in kinds:
+        raise NemoqError("the layer pattern has no MoE layer ('E'); nemoq converts nemotron_h_moe only", path)
+    first_moe = blocks[kinds.index("moe")]
+    uniform = {**cfg, **{k: first_moe[k] for k in PUZZLE_PER_LAYER},
+               "layers_block_type": [b["block_type"] for b in blocks]}
+    # llama.cpp takes the layers from block_configs; a pattern string beside it must say the same
+    uniform.pop("num_hidden_layers", None)
+    for i, (width, top_k) in enumerate(per_layer):
+        if top_k > uniform.get("n_routed_experts", top_k):
+            raise NemoqError(f"block_configs[{i}].num_experts_per_tok is {top_k}, more than n_routed_experts", path)
+    return uniform, tuple(per_layer)

@@ -8,7 +8,7 @@ transform and whether it stays F32. Adding an architecture variant is adding row
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Callable
 
@@ -55,6 +55,7 @@ class Row:
     keep_f32: bool = False          # small or precision-critical: never stored below F32
     stacked: bool = False           # one source tensor per expert ({xid}), stacked on a new axis 0
     if_config: str | None = None    # row applies only when this config key is true
+    if_field: str | None = None     # row applies only when this ModelConfig field is set (non-zero)
     absent_if: str | None = None    # the source may be missing when this ModelConfig field is true
 
     def gguf_name(self, layer: int | None) -> str:
@@ -84,23 +85,28 @@ ATTENTION_ROWS = (
     Row("mixer.o_proj.weight", MT.ATTN_OUT, "weight", ("hidden", "q_dim")),
 )
 
+# Router and shared expert read the full-width input, also in a LatentMoE layer.
 MOE_ROWS = (
     Row("mixer.gate.weight", MT.FFN_GATE_INP, "weight", ("experts", "hidden"), keep_f32=True),
     Row("mixer.gate.e_score_correction_bias", MT.FFN_EXP_PROBS_B, "bias", ("experts",), keep_f32=True),
     Row("mixer.shared_experts.up_proj.weight", MT.FFN_UP_SHEXP, "weight", ("shared_ff", "hidden")),
     Row("mixer.shared_experts.down_proj.weight", MT.FFN_DOWN_SHEXP, "weight", ("hidden", "shared_ff")),
+    # LatentMoE (Nemotron 3 Super): the routed experts run between these two projections
+    Row("mixer.fc1_latent_proj.weight", MT.MOE_LATENT_DOWN, "weight", ("latent", "hidden"), if_field="latent"),
+    Row("mixer.fc2_latent_proj.weight", MT.MOE_LATENT_UP, "weight", ("hidden", "latent"), if_field="latent"),
 )
 
-# The hub checkpoint stores one tensor per expert; llama.cpp wants one (E, out, in) stack.
+# The hub checkpoint stores one tensor per expert; llama.cpp wants one (E, out, in) stack. Experts
+# read and write "expert_io": the hidden width, or the latent width of a LatentMoE model.
 PER_EXPERT_ROWS = (
-    Row("mixer.experts.{xid}.up_proj.weight", MT.FFN_UP_EXP, "weight", ("expert_ff", "hidden"), stacked=True),
-    Row("mixer.experts.{xid}.down_proj.weight", MT.FFN_DOWN_EXP, "weight", ("hidden", "expert_ff"), stacked=True),
+    Row("mixer.experts.{xid}.up_proj.weight", MT.FFN_UP_EXP, "weight", ("expert_ff", "expert_io"), stacked=True),
+    Row("mixer.experts.{xid}.down_proj.weight", MT.FFN_DOWN_EXP, "weight", ("expert_io", "expert_ff"), stacked=True),
 )
 
 # transformers-5 save_pretrained already fuses them in llama.cpp's order.
 FUSED_EXPERT_ROWS = (
-    Row("mixer.experts.up_proj", MT.FFN_UP_EXP, "weight", ("experts", "expert_ff", "hidden")),
-    Row("mixer.experts.down_proj", MT.FFN_DOWN_EXP, "weight", ("experts", "hidden", "expert_ff")),
+    Row("mixer.experts.up_proj", MT.FFN_UP_EXP, "weight", ("experts", "expert_ff", "expert_io")),
+    Row("mixer.experts.down_proj", MT.FFN_DOWN_EXP, "weight", ("experts", "expert_io", "expert_ff")),
 )
 
 ROWS_BY_LAYER_KIND = {
@@ -108,6 +114,29 @@ ROWS_BY_LAYER_KIND = {
     "attention": LAYER_ROWS + ATTENTION_ROWS,
     "moe": LAYER_ROWS + MOE_ROWS,
 }
+
+
+def _under(prefix: str, rows: tuple[Row, ...]) -> tuple[Row, ...]:
+    return tuple(replace(row, source=prefix + row.source) for row in rows)
+
+
+# The multi-token-prediction block, as NVIDIA's hub checkpoints name it (under `mtp.layers.`):
+# sub-layer 0 fuses the next token's embedding with the trunk's hidden state (enorm, hnorm, eh_proj)
+# and runs attention, sub-layer 1 an MoE and the head's own final norm. llama.cpp folds both into
+# one extra block (layer index = block count of the trunk; llama.cpp's converter does the same).
+MTP_ROWS = (
+    Row("0.enorm.weight", MT.NEXTN_ENORM, "weight", ("hidden",), keep_f32=True),
+    Row("0.hnorm.weight", MT.NEXTN_HNORM, "weight", ("hidden",), keep_f32=True),
+    Row("0.eh_proj.weight", MT.NEXTN_EH_PROJ, "weight", ("hidden", "hidden_x2")),
+    *_under("0.", LAYER_ROWS + ATTENTION_ROWS),
+    Row("1.norm.weight", MT.ATTN_POST_NORM, "weight", ("hidden",), keep_f32=True),   # the MoE's input norm
+    *_under("1.", MOE_ROWS),
+    # llama.cpp applies it as a mean-centred LayerNorm (vLLM and TensorRT-LLM: RMSNorm); docs/convert.md
+    Row("1.final_layernorm.weight", MT.NEXTN_SHARED_HEAD_NORM, "weight", ("hidden",), keep_f32=True),
+)
+MTP_EXPERT_LAYOUTS = {layout: _under("1.", rows) for layout, rows in (
+    ("per-expert", PER_EXPERT_ROWS), ("fused", FUSED_EXPERT_ROWS))}
+MTP_PREFIX = "mtp.layers."
 
 # Whole-model tensors; "{prefix}" is the checkpoint's model prefix (backbone / model).
 HEAD_ROWS = (
@@ -155,7 +184,8 @@ def llama_cpp_build_for(tensor_names) -> int:
             needed = max(needed, INPUT_SCALE_LOADED_SINCE)
     return needed
 
-# Tensors of the multi-token-prediction head: skipped on purpose and reported.
+# Tensors of the multi-token-prediction head when it is not converted (--no-mtp, Puzzle): skipped on
+# purpose and reported.
 SKIPPED_PREFIXES = ("mtp.",)
 
 GGUF_ARCH = MODEL_ARCH.NEMOTRON_H_MOE

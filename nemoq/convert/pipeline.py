@@ -75,16 +75,17 @@ class Source:
     description: str
 
 
-def open_checkpoint_source(src: str | Path, pre: str | None = None) -> Source:
+def open_checkpoint_source(src: str | Path, pre: str | None = None, mtp: bool = True) -> Source:
+    """`mtp=False`: leave out the multi-token-prediction block (--no-mtp)."""
     path = resolve_source(src)
     config = load_config(path)
     tensors, quantization = attach_companions(open_checkpoint(path), path)   # ModelOpt: weight + scales as one
-    plan = build_plan(config, tensors, path)
+    plan = build_plan(config, tensors, path, mtp)
     vocab = load_vocab(path, config.vocab, pre)
     name = Path(str(src).rstrip("/")).name
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
-        add_hparams(writer, config, name)
+        add_hparams(writer, config, name, plan.mtp_layers)
         vocab.add_to(writer)
     return Source(path, name, config.architecture, config.layer_kinds, plan, add_metadata,
                   f"{config.n_layers} layers ({pattern_of(config.layer_kinds)}), layout {plan.layout}{quantization}")
@@ -134,7 +135,7 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
     total = sum(enc.nbytes(t.shape) + sum(c.nbytes for c in cs) for t, enc, cs in zip(tensors, encodings, extras))
     out = Path(out).absolute()
 
-    result = ConvertResult([], [], plan.layout, plan.skipped)
+    result = ConvertResult([], [], plan.layout, plan.skipped, warnings=list(plan.notes))
     start = time.perf_counter()
     copied = [is_byte_copy(t, enc) for t, enc in zip(tensors, encodings)]
     made = [produces_bytes(enc) for enc in encodings]

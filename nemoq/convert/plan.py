@@ -100,6 +100,8 @@ class Plan:
     tensors: list[PlannedTensor]
     layout: str
     skipped: list[str] = field(default_factory=list)   # deliberately not converted (MTP head)
+    mtp_layers: int = 0                                # MTP blocks written (appended after the trunk)
+    notes: list[str] = field(default_factory=list)     # what the user should know about the plan
 
 
 def _detect_prefix(tensors: dict[str, TensorRef], model_dir: Path) -> str:
@@ -115,14 +117,18 @@ def _detect_expert_layout(tensors: dict[str, TensorRef], prefix: str, moe_layer:
     return "fused" if fused_name in tensors else "per-expert"
 
 
-def tensor_specs(config: ModelConfig, prefix: str = "backbone", expert_layout: str = "per-expert") -> list[TensorSpec]:
-    """Every GGUF tensor the config implies, in file order, from the mapping tables."""
-    dims = config.dims
+def tensor_specs(config: ModelConfig, prefix: str = "backbone", expert_layout: str = "per-expert",
+                 mtp: bool = True, mtp_expert_layout: str = "per-expert") -> list[TensorSpec]:
+    """Every GGUF tensor the config implies, in file order, from the mapping tables; with `mtp`,
+    the multi-token-prediction block the config declares (config.mtp_layer) after the trunk."""
     specs: list[TensorSpec] = []
 
     def add(row: Row, source_names: list[str], layer: int | None, kind: str | None) -> None:
         if row.if_config and not config.raw.get(row.if_config, True):
             return
+        if row.if_field and not getattr(config, row.if_field):
+            return
+        dims = config.dims_of(layer)
         source_shape = tuple(d if isinstance(d, int) else dims[d] for d in row.shape)
         shape = mapping.TRANSFORMS[row.transform].reshape(source_shape, dims)
         if row.stacked:
@@ -139,17 +145,41 @@ def tensor_specs(config: ModelConfig, prefix: str = "backbone", expert_layout: s
             add(row, [base.format(xid=x) for x in range(config.n_experts)] if row.stacked else [base], layer, kind)
     for row in mapping.TAIL_ROWS:
         add(row, [row.source.format(prefix=prefix)], None, None)
+    if mtp and config.mtp_layer is not None:
+        for row in mapping.MTP_ROWS + mapping.MTP_EXPERT_LAYOUTS[mtp_expert_layout]:
+            base = mapping.MTP_PREFIX + row.source
+            add(row, [base.format(xid=x) for x in range(config.n_experts)] if row.stacked else [base],
+                config.mtp_layer, "mtp")
     return specs
+
+
+def _mtp_plan(config: ModelConfig, tensors: dict[str, TensorRef], keep: bool, model_dir: Path) -> tuple[bool, str, list[str]]:
+    """Whether the MTP block is converted, its expert layout, and a note when the config declares
+    one that is not written."""
+    present = any(n.startswith(mapping.MTP_PREFIX) for n in tensors)
+    if config.mtp_layer is None or not keep:
+        return False, "per-expert", []
+    if not present:
+        return False, "per-expert", [
+            f"config.json declares {config.n_mtp_layers} multi-token-prediction layer(s) but the checkpoint has "
+            "no mtp.* tensors (transformers drops them on load, so its saves have none): no MTP block written"]
+    if config.n_mtp_layers != 1:
+        raise NemoqError(f"num_nextn_predict_layers is {config.n_mtp_layers}; llama.cpp loads one MTP block "
+                         "(convert with --no-mtp to drop it)", model_dir)
+    fused = f"{mapping.MTP_PREFIX}{mapping.MTP_EXPERT_LAYOUTS['fused'][0].source}" in tensors
+    return True, "fused" if fused else "per-expert", []
 
 
 def _listing(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def build_plan(config: ModelConfig, tensors: dict[str, TensorRef], model_dir: Path) -> Plan:
+def build_plan(config: ModelConfig, tensors: dict[str, TensorRef], model_dir: Path, mtp: bool = True) -> Plan:
+    """`mtp=False` (--no-mtp) leaves the multi-token-prediction block out, reported as skipped."""
     prefix = _detect_prefix(tensors, model_dir)
     expert_layout = _detect_expert_layout(tensors, prefix, config.layers_of("moe")[0])
-    specs = [spec for spec in tensor_specs(config, prefix, expert_layout)
+    with_mtp, mtp_layout, notes = _mtp_plan(config, tensors, mtp, model_dir)
+    specs = [spec for spec in tensor_specs(config, prefix, expert_layout, with_mtp, mtp_layout)
              if not (spec.row.absent_if and getattr(config, spec.row.absent_if)
                      and not any(n in tensors for n in spec.source_names))]
     missing = [n for spec in specs for n in spec.source_names if n not in tensors]
@@ -171,4 +201,4 @@ def build_plan(config: ModelConfig, tensors: dict[str, TensorRef], model_dir: Pa
         raise NemoqError(f"checkpoint has {len(unexpected)} tensor(s) that config.json does not explain "
                          f"(wrong config, or an unsupported variant): {_listing(unexpected)}",
                          tensors[unexpected[0]].shard)
-    return Plan(planned, f"{prefix}.* / {expert_layout} experts", skipped)
+    return Plan(planned, f"{prefix}.* / {expert_layout} experts", skipped, int(with_mtp), notes)
