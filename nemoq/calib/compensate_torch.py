@@ -1,0 +1,224 @@
+"""The fast path of error-compensated rounding: nemoq.quant.compensate's sweep at real widths.
+
+Same algorithm, same blocks (tests/test_compensate_fast.py pairs it with the numpy reference
+for every format); what changes is where the time goes. Per Nano expert matrix the reference
+spends it in float64 products on one core (H^-1's factor through a general inverse, the output
+errors as W H W^T, the block updates) and in numpy's per-column loop and format searches. Here:
+
+- H's factor, the updates of the not-yet-rounded columns and the output errors are torch
+  products on the walk's device (CPU, CUDA, MPS), in `dtype` (float32 by default: GPTQ's own
+  precision; float64 reproduces the reference's codes);
+- the updates go in batches of BATCH columns (GPTQ's lazy batch: one product per batch for the
+  columns after it; inside the batch, per format block, in float64 on the CPU);
+- each block's scale search is the format's C kernel on the whole (rows, block) slice, and the
+  column loop is C too (nemoq/kernels_c/round_on_grid.c), a row at a time; the refit is the
+  reference's own code;
+- the output errors come from the Cholesky factor R of the damped H (H + lambda I = R R^T),
+  which the factorisation makes anyway: tr(D H D^T) = ||D R||^2 - lambda ||D||^2, R triangular,
+  and the compensated error is the sweep's own sum of squared scaled errors (GPTQ's loss: the
+  scaled errors E satisfy W - Q = E U, so ||E||^2 = ||(W - Q) R||^2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nemoq.kernels_c import rounding
+from nemoq.quant import compensate as ref
+from nemoq.quant.compensate import DAMPING, DAMPING_LADDER, FEW_TOKENS_DAMPING, MIN_TOKENS, Compensated
+from nemoq.quant.encodings import BLOCK_ENCODINGS
+from nemoq.quant.formats import FORMATS, Format
+
+BATCH = 128            # columns per lazy update (GPTQ's block size); a k-quant's 256 where larger
+PRODUCT_COLUMNS = 512  # columns of R per product when multiplying by a triangular R
+
+
+def compensated_quantize(
+    fmt: str, w: np.ndarray, h: np.ndarray | torch.Tensor, *, damping: float = DAMPING,
+    importance: np.ndarray | None = None, tokens: int | None = None, refit: bool = True,
+    inputs: np.ndarray | torch.Tensor | None = None, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Compensated:
+    """nemoq.quant.compensate.compensated_quantize, its linear algebra in torch on `device`.
+
+    Same arguments, fallbacks and report; h may be a torch tensor (a Gram on the device).
+    inputs: the tokens (tokens, n) that h sums, where at hand: with fewer tokens than half the
+    columns the output errors are measured through them, which costs less than through H.
+    dtype: of the products; H's factor is float64 wherever the device has it (MPS has not).
+    """
+    f = FORMATS[fmt]
+    w = np.asarray(w)
+    if w.ndim == 3:
+        per = [compensated_quantize(
+            fmt, w[e], h[e], damping=damping, refit=refit, device=device, dtype=dtype,
+            importance=None if importance is None else importance[e],
+            tokens=None if tokens is None else int(np.asarray(tokens)[e]),
+        ) for e in range(w.shape[0])]
+        return ref.stack(per)
+    rows, n = w.shape
+    if n % f.block_size:
+        raise ValueError(f"{fmt}: row length {n} is not a multiple of the block size {f.block_size}")
+    device = torch.device(device)
+    wide = torch.float32 if device.type == "mps" else torch.float64
+    h = torch.as_tensor(h).to(device, wide)
+    if tuple(h.shape) != (n, n) or not torch.isfinite(h).all():
+        raise ValueError(f"{fmt}: H must be a finite ({n}, {n}) matrix, got shape {tuple(h.shape)}")
+    w = w.astype(np.float32)
+    diag = h.diagonal().double().cpu().numpy()
+    if importance is None:
+        importance = diag.astype(np.float32) if diag.any() else None
+    enc = BLOCK_ENCODINGS[fmt]
+    rounded = enc.quantize(w, None if importance is None else np.maximum(importance, 0))
+    matrices = np.stack([w.astype(np.float64), w - enc.dequantize(rounded).astype(np.float64)])  # W, W - Q_rounding
+    through_inputs = inputs is not None and len(inputs) < n / 2
+
+    def fallback(reason: str, lam: float = np.nan) -> Compensated:
+        if through_inputs:
+            energy, err = norms_through(torch.as_tensor(inputs).to(device, dtype).T, matrices)
+        else:
+            energy, err = quadratic_forms(h, matrices)
+        return Compensated(rounded, relative(err, energy), relative(err, energy), energy, lam, reason)
+
+    if not diag.any():
+        return fallback("no calibration input (H = 0)")
+    if tokens is not None and tokens < MIN_TOKENS:
+        return fallback(f"{tokens} calibration tokens, fewer than {MIN_TOKENS}")
+    if tokens is not None and tokens < n:
+        damping = max(damping, FEW_TOKENS_DAMPING)
+    factor = cholesky_factor(h, damping)
+    if factor is None:
+        return fallback(f"H is singular even with damping {DAMPING_LADDER[-1]}")
+    r, lam, shift = factor
+    del h
+    blocks, loss, shifted = sweep(f, torch.from_numpy(w).to(device, dtype), r, shift, dtype, refit=refit)
+    if through_inputs:
+        energy, error_rounding = norms_through(torch.as_tensor(inputs).to(device, dtype).T, matrices)
+    else:
+        energy, error_rounding = (a - b for a, b in zip(
+            norms_through(r.to(dtype), matrices, triangular=True), shifted_norms(shift, matrices)))
+    error, error_rounding = relative(loss - shifted, energy), relative(error_rounding, energy)
+    if error > error_rounding:
+        return Compensated(rounded, error_rounding, error_rounding, energy, lam,
+                           "importance-weighted rounding had the lower output error")
+    return Compensated(blocks, error, error_rounding, energy, lam)
+
+
+def relative(err: float, energy: float) -> float:
+    """sqrt(err / energy) as compensate.relative_error: 0 where both are 0."""
+    err = max(err, 0.0)
+    if energy <= 0:
+        return 0.0 if err == 0 else float("inf")
+    return float(np.sqrt(err / energy))
+
+
+# --- H's factor ------------------------------------------------------------------------------
+
+
+def cholesky_factor(h: torch.Tensor, damping: float):
+    """As compensate.inverse_cholesky, but the factor itself: (R, lambda, shift) with R upper
+    triangular, R R^T = H' = H + lambda mean(diag H) I (dead columns' H_jj set to 1 first: U =
+    R^-1 is the reference's factor) and shift (n,) = diag(H' - H); None where Cholesky fails
+    along the damping ladder."""
+    n = h.shape[0]
+    h = h.clone()
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1
+    mean_diag = float(h.diagonal().double().mean())
+    for lam in (damping, *(x for x in DAMPING_LADDER if x > damping)):
+        h.diagonal().add_(lam * mean_diag)
+        # the Cholesky factor of H with rows and columns reversed, reversed back: upper R, H = R R^T
+        low, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+        h.diagonal().sub_(lam * mean_diag)
+        if info.item() == 0 and torch.isfinite(low).all() and bool((low.diagonal() > 0).all()):
+            return low.flip(0, 1), lam, np.full(n, lam * mean_diag) + dead.cpu().numpy()
+    return None
+
+
+# --- output errors ---------------------------------------------------------------------------
+
+
+def quadratic_forms(h: torch.Tensor, x: np.ndarray) -> list[float]:
+    """tr(X_i H X_i^T) for each matrix X_i of the stack x (k, rows, n), through H itself."""
+    out = []
+    for xi in x:
+        t = torch.from_numpy(xi).to(h.device, h.dtype)
+        out.append(float(((t @ h) * t).sum(dtype=torch.float64)))
+    return out
+
+
+def norms_through(m: torch.Tensor, x: np.ndarray, triangular: bool = False) -> list[float]:
+    """||X_i M||^2 for each X_i of the stack x (k, rows, n). M upper triangular (`triangular`):
+    column block J of X M needs only X's columns up to J's last."""
+    k, rows, n = x.shape
+    t = torch.from_numpy(x.reshape(k * rows, n)).to(m.device, m.dtype)
+    sums = torch.zeros(k, dtype=torch.float64, device=m.device)
+    step = PRODUCT_COLUMNS if triangular else m.shape[1]
+    for j in range(0, m.shape[1], step):
+        end = min(j + step, m.shape[1])
+        part = t[:, :end if triangular else n] @ m[:end if triangular else n, j:end]
+        sums += part.square().reshape(k, -1).sum(1, dtype=torch.float64)
+    return [float(s) for s in sums.cpu()]
+
+
+def shifted_norms(shift: np.ndarray, x: np.ndarray) -> list[float]:
+    """sum_j shift_j ||X_i[:, j]||^2: what H' adds to tr(X_i H X_i^T)."""
+    return [float(v) for v in ((x * x).sum(axis=1) * shift).sum(axis=1)]
+
+
+# --- the sweep -------------------------------------------------------------------------------
+
+
+def sweep(f: Format, w: torch.Tensor, r: torch.Tensor, shift: np.ndarray, dtype: torch.dtype, *,
+          refit: bool = True) -> tuple[np.ndarray, float, float]:
+    """compensate.sweep, left-looking: a block's error-updated weights are
+    W'_b = W_b + D_<b R_<b,b U_bb, with D = W - Q of the blocks done and U_bb = R_bb^-1 (equal
+    to the reference's right-looking updates, since W - Q = E U). One product per batch of BATCH
+    columns for what the earlier batches push into it, the batch's own blocks in float64.
+
+    Returns the blocks (rows, n / block_size * type_size), the sum of the squared scaled errors
+    E = (W - Q) R (= tr(D H' D^T)) and sum_j shift_j ||D_j||^2, both float64."""
+    rows, n = w.shape
+    bs, step = f.block_size, max(BATCH, f.block_size)
+    out = np.empty((rows, n // bs, f.type_size), np.uint8)
+    d = torch.zeros_like(w)
+    r_products = r.to(dtype)
+    loss = shifted = 0.0
+    for k0 in range(0, n, step):
+        K = slice(k0, min(k0 + step, n))
+        pushed = (d[:, :k0] @ r_products[:k0, K]).to("cpu", torch.float64).numpy()
+        wk = w[:, K].to("cpu", torch.float64).numpy()
+        rk = r[K, K].to("cpu", torch.float64).numpy()
+        dk = np.zeros_like(wk)
+        for k in range(0, wk.shape[1], bs):
+            B = slice(k, k + bs)
+            r_b = rk[B, B]
+            u_b = np.linalg.inv(r_b)
+            w_b = wk[:, B] + (pushed[:, B] + dk[:, :k] @ rk[:k, B]) @ u_b
+            out[:, (k0 + k) // bs], q_b = block(f, w_b, u_b, r_b, refit)
+            dk[:, B] = wk[:, B] - q_b
+            loss += float((((w_b - q_b) @ r_b) ** 2).sum())
+        shifted += float(((dk * dk).sum(axis=0) * shift[K]).sum())
+        d[:, K] = torch.from_numpy(dk).to(d.device, d.dtype)
+    return out.reshape(rows, -1), loss, shifted
+
+
+def block(f: Format, w_b: np.ndarray, u_b: np.ndarray, r_b: np.ndarray, refit: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One format block: scales, codes, refit (compensate.sweep's body) on its error-updated
+    weights w_b (rows, block_size). Returns its blocks (rows, type_size) and values."""
+    rows = w_b.shape[0]
+    blocks = BLOCK_ENCODINGS[f.name].quantize(w_b.astype(np.float32), ref.block_importance(u_b))
+    blocks = blocks.reshape(rows, f.type_size)
+    blocks = f.with_codes(blocks, round_codes(f, blocks, w_b.copy(), u_b))
+    if refit:
+        blocks = ref.refit_scales(f, blocks, w_b, r_b)
+    return blocks, ref.values(f, blocks)
+
+
+def round_codes(f: Format, blocks: np.ndarray, w_b: np.ndarray, u_b: np.ndarray) -> np.ndarray:
+    """compensate.round_on_grid's codes (w_b is updated in place): in C where the kernels are built."""
+    if not rounding.available():
+        return ref.round_on_grid(f, blocks, w_b, u_b)[0]
+    a, b = f.grid(blocks)
+    levels, level_codes = f.written_levels()
+    return rounding.round_on_grid(w_b, a, b, u_b, levels, level_codes, f.code_values, f.codes(blocks))[0]

@@ -1,0 +1,46 @@
+/* GPTQ's inner loop over one block's columns (compensate.py's round_on_grid and nearest_code):
+ * each column's weight rounded to the nearest value on its block's grid, the column's scaled
+ * error pushed into the block's later columns through U. Rows are independent, so a row at a
+ * time. Every operation in numpy's order and precision (double weights and U, float32 grid):
+ * the codes equal the numpy reference's. */
+#include <stdint.h>
+
+/* The first index i in levels[0..n) with levels[i] >= t (numpy's searchsorted, side left). */
+static int64_t search_left(const float * levels, int64_t n, double t) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if ((double)levels[mid] < t) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+/* w: (rows, ldw) doubles, the block's bs columns first, updated in place; a, b: (rows, bs) grid;
+ * u: (bs, ldu) doubles, U's rows and columns of the block; levels (n_levels, sorted) with a code
+ * each; code_values: each code's level; keep: the codes where a = 0. Out: codes and the scaled
+ * errors (w - q) / u_jj, both (rows, bs). */
+void nemoq_round_on_grid(double * w, int64_t ldw, const float * a, const float * b, int64_t rows, int64_t bs,
+                         const double * u, int64_t ldu, const float * levels, const uint8_t * level_codes,
+                         int64_t n_levels, const float * code_values, const uint8_t * keep,
+                         uint8_t * codes, double * err) {
+    for (int64_t r = 0; r < rows; r++) {
+        double * wr = w + r * ldw;
+        for (int64_t j = 0; j < bs; j++) {
+            const int64_t k = r * bs + j;
+            uint8_t code = keep[k];
+            if (a[k] != 0.0f) {
+                const double t = (wr[j] - (double)b[k]) / (double)a[k];
+                int64_t i = search_left(levels, n_levels, t);
+                i = i < 1 ? 1 : (i > n_levels - 1 ? n_levels - 1 : i);
+                const double lower = levels[i - 1], upper = levels[i];
+                if (__builtin_fabs(t - lower) < __builtin_fabs(upper - t)) i -= 1;
+                code = level_codes[i];
+            }
+            codes[k] = code;
+            const float q = a[k] * code_values[code] + b[k];   /* float32, as dequantize */
+            const double e = (wr[j] - (double)q) / u[j * ldu + j];
+            err[k] = e;
+            for (int64_t c = j + 1; c < bs; c++) wr[c] -= e * u[j * ldu + c];
+        }
+    }
+}

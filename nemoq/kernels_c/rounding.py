@@ -1,0 +1,39 @@
+"""GPTQ's column loop of one block (round_on_grid.c) through ctypes: the codes of
+nemoq.quant.compensate.round_on_grid, rows in C instead of columns in numpy
+(tests/test_compensate_fast.py pairs them)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from nemoq.kernels_c.build import library
+
+_P, _N = ctypes.c_void_p, ctypes.c_int64
+_ARGS = [_P, _N, _P, _P, _N, _N, _P, _N, _P, _P, _N, _P, _P, _P, _P]
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def round_on_grid(w: np.ndarray, a: np.ndarray, b: np.ndarray, u: np.ndarray, levels: np.ndarray,
+                  level_codes: np.ndarray, code_values: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w: float64 (rows, bs), a view whose rows are contiguous (updated in place, as the numpy
+    loop does); a, b: the grid (rows, bs); u: float64 (bs, bs), rows contiguous; levels and
+    level_codes: Format.written_levels(); keep: the codes where a = 0.
+    Returns the codes uint8 (rows, bs) and the scaled errors float64 (rows, bs)."""
+    rows, bs = w.shape
+    if w.dtype != np.float64 or w.strides[1] != 8 or u.dtype != np.float64 or u.strides[1] != 8:
+        raise ValueError("round_on_grid: w and u must be float64 with contiguous rows")
+    a, b = (np.ascontiguousarray(x, np.float32) for x in (a, b))
+    levels, code_values = (np.ascontiguousarray(x, np.float32) for x in (levels, code_values))
+    level_codes, keep = (np.ascontiguousarray(x, np.uint8) for x in (level_codes, keep))
+    codes, err = np.empty((rows, bs), np.uint8), np.empty((rows, bs), np.float64)
+    fn = library().nemoq_round_on_grid
+    fn.argtypes, fn.restype = _ARGS, None
+    fn(w.ctypes.data, w.strides[0] // 8, a.ctypes.data, b.ctypes.data, rows, bs, u.ctypes.data, u.strides[0] // 8,
+       levels.ctypes.data, level_codes.ctypes.data, len(levels), code_values.ctypes.data, keep.ctypes.data,
+       codes.ctypes.data, err.ctypes.data)
+    return codes, err
