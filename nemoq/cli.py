@@ -1,4 +1,5 @@
-"""nemoq command line: parses arguments, calls the library, shows progress and tables."""
+"""nemoq command line: parses arguments into each command's options (nemoq.commands), calls the
+command, and shows its progress, messages and tables."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 import signal
 import sys
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -60,29 +62,25 @@ def convert(
                                       "recognise the tokenizer's regex."),
 ) -> None:
     """Convert a Nemotron-H MoE checkpoint (hub or transformers-5 layout) to GGUF."""
-    _run(_convert, src, outfile, outtype.value, pre, force=force,
-         split_max_size=parse_size(split_max_size) if split_max_size else 0, strict=strict)
+    from nemoq.commands.base import Output
+    from nemoq.commands.convert import ConvertOptions
+    opts = ConvertOptions(src, Output(outfile, force, _split_size(split_max_size)), outtype.value, pre, strict)
+    _run(_convert, opts)
 
 
-def _convert(src: str, outfile: Path, outtype: str, pre: Optional[str], **options) -> None:
+def _split_size(text: Optional[str]) -> int:
+    return parse_size(text) if text else 0
+
+
+def _convert(opts) -> None:
     from nemoq import report
-    from nemoq.convert.pipeline import dominant_dtype, float_chooser, open_checkpoint_source, plan_bytes, write_gguf
+    from nemoq.commands.convert import convert
 
-    source = open_checkpoint_source(src, pre)
-    if outtype in ("auto", "f32", "f16", "bf16"):
-        choose, file_type = float_chooser(outtype, dominant_dtype(source.plan))
-        fallbacks = []
-    else:
-        from nemoq.quant.recipes import RECIPES, chooser, plan_types
-        recipe = RECIPES[outtype.upper()]
-        typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.layer_kinds)
-        choose, file_type = chooser(typed), recipe.file_type
-        fallbacks = [(t.spec.name, f"{t.fallback_why}: {t.type}") for t in typed if t.fell_back]
-    console.print(f"[bold]{escape(str(source.path))}[/]: {len(source.plan.tensors)} tensors, {source.description}")
-    with report.byte_progress(console, "converting", plan_bytes(source.plan)) as advance:
-        result = write_gguf(source, outfile, choose, file_type, on_progress=advance, **options)
-    report.conversion_summary(console, result, fallbacks)
-    _say_llama_cpp_build([t.name for t in result.tensors])
+    def on_source(source) -> None:
+        console.print(f"[bold]{escape(str(source.path))}[/]: {len(source.plan.tensors)} tensors, {source.description}")
+    outcome = convert(opts, on_source, partial(report.byte_progress, console))
+    report.conversion_summary(console, outcome.result, outcome.fallbacks)
+    _say_scales(outcome.scales)
 
 
 @app.command()
@@ -115,138 +113,53 @@ def quantize(
                                                "importance matrix (llama.cpp's format) of the same tokens."),
 ) -> None:
     """Quantize a checkpoint in one pass with a recipe (types per tensor, honest about bits)."""
-    from nemoq import kernels_c
-    kernels_c.THREADS = threads
-    split = parse_size(split_max_size) if split_max_size else 0
-    calibration = {"data": data, "tokens": tokens, "ctx": ctx, "device": device, "imatrix_out": imatrix_out}
-    if calibrate:
-        _run(_quantize_calibrated, src, outfile, recipe, tensor_type, tensor_scales, dry_run, imatrix,
-             {k: v for k, v in calibration.items() if v is not None}, force=force, split_max_size=split)
-        return
-    given = [f"--{k.replace('_', '-')}" for k, v in calibration.items() if v is not None]
-    _run(_quantize, src, outfile, recipe, tensor_type, dry_run, imatrix, tensor_scales, given, force=force,
-         split_max_size=split)
-
-
-def _report_plan(typed, specs, layer_kinds, recipe, table: bool = True) -> None:
-    """The plan's summary, and when most of the weights fell back, the recipes that fit."""
-    from nemoq import report
-    from nemoq.quant.recipes import recipes_that_fit, summarize
-    summary = summarize(typed)
-    alternatives = recipes_that_fit(specs, layer_kinds) if summary.warn_fallbacks else []
-    report.quant_plan(Console(), typed, summary, recipe, table=table, alternatives=alternatives)
-
-
-def _warn(warnings: list[str]) -> None:
-    for w in warnings:
-        console.print(f"[yellow]warning[/]: {escape(w)}", highlight=False, soft_wrap=True)
+    from nemoq.commands.base import Output
+    from nemoq.commands.quantize import CalibrationOptions, QuantizeOptions, RecipeOptions
+    opts = QuantizeOptions(
+        src, Output(outfile, force, _split_size(split_max_size)),
+        RecipeOptions(recipe, tuple(tensor_type), tensor_scales), imatrix=imatrix, dry_run=dry_run, threads=threads,
+        calibration=CalibrationOptions(calibrate, data, tokens, ctx, device, imatrix_out))
+    _run(_quantize, opts)
 
 
 NO_SCALES_HINT = "; --no-tensor-scales writes the file without them"
 
 
-def _say_llama_cpp_build(tensor_names, planned: bool = False, hint: str = "") -> None:
+def _quantize(opts) -> None:
+    from nemoq import report
+    from nemoq.commands.quantize import quantize
+    outcome = quantize(opts, _show_plan_warnings, partial(report.byte_progress, console),
+                       partial(report.layer_progress, console))
+    plan = outcome.plan
+    report.quant_plan(Console(), plan.typed, plan.summary, plan.recipe, table=opts.dry_run,
+                      alternatives=plan.alternatives())
+    if outcome.calibration is not None:
+        report.calibration_summary(Console(), outcome.calibration)
+    if outcome.result is not None:
+        report.conversion_summary(console, outcome.result, [])
+    _say_scales(outcome.scales, NO_SCALES_HINT)
+    if outcome.kept:
+        console.print(f"kept {len(outcome.kept)} ModelOpt NVFP4 tensor(s) as the checkpoint stores them "
+                      f"(e.g. {escape(outcome.kept[0])})")
+    if outcome.imatrix_output is not None:
+        console.print(f"[green]wrote[/] {escape(str(outcome.imatrix_output))}")
+
+
+def _show_plan_warnings(plan) -> None:
+    for w in plan.warnings:
+        console.print(f"[yellow]warning[/]: {escape(w)}", highlight=False, soft_wrap=True)
+    if plan.uncovered:
+        console.print(f"[yellow]imatrix has no statistics for {len(plan.uncovered)} quantized tensor(s)[/] "
+                      f"(e.g. {escape(plan.uncovered[0])}): quantized without importance")
+
+
+def _say_scales(notice, hint: str = "") -> None:
     """One line when a file carries `.scale` companions: the llama.cpp build it needs."""
-    from nemoq.convert.mapping import llama_cpp_build_for
-    names = [n for n in tensor_names if n.endswith((".scale", ".input_scale"))]
-    build = llama_cpp_build_for(names)
-    if build:
-        carries = "the file will carry" if planned else "this file carries"
-        console.print(f"{carries} {len(names)} .scale tensor(s): it needs llama.cpp b{build} or newer (older builds "
-                      f"refuse the file or run it without the scales; docs/quantize.md){hint}",
+    if notice is not None:
+        carries = "the file will carry" if notice.planned else "this file carries"
+        console.print(f"{carries} {notice.count} .scale tensor(s): it needs llama.cpp b{notice.build} or newer "
+                      f"(older builds refuse the file or run it without the scales; docs/quantize.md){hint}",
                       highlight=False, soft_wrap=True)
-
-
-def _recipe_and_overrides(recipe_name: str, overrides: list[str]):
-    from nemoq.quant.recipes import RECIPES, parse_override
-    recipe = RECIPES.get(recipe_name.upper())
-    if recipe is None:
-        raise NemoqError(f"unknown recipe {recipe_name!r}; known: {', '.join(RECIPES)}")
-    try:
-        return recipe, [parse_override(o) for o in overrides]
-    except ValueError as e:
-        raise NemoqError(str(e)) from None
-
-
-def _quantize(src: str, outfile: Optional[Path], recipe_name: str, overrides: list[str], dry_run: bool,
-              imatrix_path: Optional[Path], tensor_scales: bool = True, calibration_options: list[str] = (),
-              **options) -> None:
-    from nemoq import report
-    from nemoq.quant.recipes import chooser, file_type_of, override_warnings, plan_types, recipe_label
-    if calibration_options:
-        raise NemoqError(f"{', '.join(calibration_options)} only go with --calibrate")
-    recipe, parsed = _recipe_and_overrides(recipe_name, overrides)
-    if dry_run:
-        from nemoq.convert.config import load_config
-        from nemoq.convert.plan import tensor_specs
-        from nemoq.convert.source import resolve_config
-        config = load_config(resolve_config(src))
-        specs = tensor_specs(config)
-        _warn(override_warnings(specs, parsed))
-        typed = plan_types(specs, recipe, config.layer_kinds, parsed, tensor_scales)
-        _report_plan(typed, specs, config.layer_kinds, recipe)
-        from nemoq.quant.tensor_scale import scale_name, takes_scale
-        _say_llama_cpp_build([scale_name(t.spec.name) for t in typed if t.scaled and takes_scale(t.spec, t.type)],
-                             planned=True, hint=NO_SCALES_HINT)
-        return
-    if outfile is None:
-        raise NemoqError("--outfile is required (or use --dry-run)")
-    from nemoq.convert.pipeline import open_source, plan_bytes, write_gguf
-    source = open_source(src)
-    specs = [t.spec for t in source.plan.tensors]
-    _warn(override_warnings(specs, parsed))
-    typed = plan_types(specs, recipe, source.layer_kinds, parsed, tensor_scales)
-    imatrix = None
-    if imatrix_path is not None:
-        from nemoq.calib.imatrix_file import read_imatrix
-        from nemoq.quant.recipes import check_imatrix
-        imatrix = read_imatrix(imatrix_path)
-        uncovered = check_imatrix(typed, imatrix, imatrix_path)
-        if uncovered:
-            console.print(f"[yellow]imatrix has no statistics for {len(uncovered)} quantized tensor(s)[/] "
-                          f"(e.g. {escape(uncovered[0])}): quantized without importance")
-    with report.byte_progress(console, "quantizing", plan_bytes(source.plan)) as advance:
-        result = write_gguf(source, outfile, chooser(typed, imatrix), file_type_of(recipe, typed, source.layer_kinds),
-                            recipe=recipe_label(recipe, parsed), on_progress=advance, **options)
-    _report_plan(typed, specs, source.layer_kinds, recipe, table=False)
-    report.conversion_summary(console, result, [])
-    _say_llama_cpp_build([t.name for t in result.tensors], hint=NO_SCALES_HINT)
-    _report_kept(result)
-
-
-def _report_kept(result) -> None:
-    from nemoq.convert.modelopt_gguf import kept_as_stored
-    kept = kept_as_stored(result.tensors)
-    if kept:
-        console.print(f"kept {len(kept)} ModelOpt NVFP4 tensor(s) as the checkpoint stores them "
-                      f"(e.g. {escape(kept[0])})")
-
-
-def _quantize_calibrated(src: str, outfile: Optional[Path], recipe_name: str, overrides: list[str],
-                         tensor_scales: bool, dry_run: bool, imatrix_path: Optional[Path], calibration: dict,
-                         **options) -> None:
-    from nemoq import report
-    from nemoq.calib.calibrated import quantize_calibrated
-    if dry_run:
-        raise NemoqError("--dry-run plans without reading weights, --calibrate runs the model: use one of them")
-    if imatrix_path is not None:
-        raise NemoqError("--calibrate computes its own statistics from the calibration text; --imatrix is for "
-                         "quantizing without it: use one of them")
-    if outfile is None:
-        raise NemoqError("--outfile is required")
-    recipe, parsed = _recipe_and_overrides(recipe_name, overrides)
-    with report.layer_progress(console, "calibrated quantizing") as (on_start, on_progress):
-        result = quantize_calibrated(src, outfile, recipe, overrides=parsed, tensor_scales=tensor_scales,
-                                     on_start=on_start, on_progress=on_progress, **calibration, **options)
-    from nemoq.quant.recipes import override_warnings
-    _warn(override_warnings([t.spec for t in result.typed], parsed))
-    _report_plan(result.typed, [t.spec for t in result.typed], result.layer_kinds, recipe, table=False)
-    report.calibration_summary(Console(), result)
-    report.conversion_summary(console, result.conversion, [])
-    _say_llama_cpp_build([t.name for t in result.conversion.tensors], hint=NO_SCALES_HINT)
-    _report_kept(result.conversion)
-    if result.imatrix_output is not None:
-        console.print(f"[green]wrote[/] {escape(str(result.imatrix_output))}")
 
 
 @app.command()
@@ -262,17 +175,16 @@ def calibrate(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
 ) -> None:
     """Compute an importance matrix (per-column mean x^2 of every quantized matrix) for quantize --imatrix."""
-    _run(_calibrate, src, outfile, data, tokens, ctx, device, force)
+    from nemoq.commands.base import Output
+    from nemoq.commands.calibrate import CalibrateOptions
+    _run(_calibrate, CalibrateOptions(src, Output(outfile, force), data, tokens, ctx, device))
 
 
-def _calibrate(src: str, outfile: Path, data: Optional[Path], tokens: int, ctx: int, device: str, force: bool) -> None:
+def _calibrate(opts) -> None:
     from nemoq import report
-    from nemoq.calib.calibrate import calibrate
+    from nemoq.commands.calibrate import calibrate
+    result = calibrate(opts, partial(report.layer_progress, console))
     from nemoq.calib.coverage import FALLBACK, FEW_SHARE
-
-    with report.layer_progress(console, "calibrating") as (on_start, on_progress):
-        result = calibrate(src, outfile, data=data, tokens=tokens, ctx=ctx, device=device, force=force,
-                           on_start=on_start, on_progress=on_progress)
     report.expert_coverage(Console(), result.coverage, FEW_SHARE, FALLBACK)
     console.print(f"{result.tokens:,} tokens on {result.device} in {result.seconds:.1f} s "
                   f"({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s), "
@@ -308,76 +220,40 @@ def eval_command(
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
 ) -> None:
     """Perplexity, KL divergence against a base model, and a CI gate (exit 1 when it fails)."""
-    gates = {"max_ppl_ratio": max_ppl_ratio, "max_kld": max_kld, "min_top1": min_top1}
-    gated = any(v is not None for v in gates.values()) or baseline is not None
-    conflicts = (   # (wrong, what to say): usage errors, exit code 2
-        (not compare and len(models) != 1, "give one model, or several with --compare"),
-        (data is None, "--data is required"),
-        (base is not None and base_logits is not None, "--base and --base-logits exclude each other"),
-        (base_logits is not None and save_logits is not None, "--save-logits needs a base model, not --base-logits"),
-        (compare and base is None, "--compare needs --base"),
-        (compare and (base_logits or save_logits or gated), "--compare takes no --base-logits, --save-logits or gate"),
-        (plot is not None and not compare, "--plot goes with --compare"),
-        ((noise_floor or noise_floor_model) and base is None, "--noise-floor needs --base"),
-        (any(v is not None for v in gates.values()) and base is None and base_logits is None,
-         "--max-ppl-ratio, --max-kld and --min-top1 need --base or --base-logits"),
-    )
-    for wrong, message in conflicts:
-        if wrong:
-            raise typer.BadParameter(message)
-    _run(_eval, models, data, ctx, chunks, base, base_logits, save_logits, top_k, json_out, baseline, tolerance,
-         gates, compare, plot, noise_floor, noise_floor_model, threads, force)
+    from nemoq.commands.evaluate import BaseOptions, EvalInputs, EvalOptions, GateOptions, usage_error
+    opts = EvalOptions(
+        EvalInputs(tuple(models), data, ctx, chunks),
+        BaseOptions(base, base_logits, save_logits, top_k, noise_floor, noise_floor_model),
+        GateOptions(max_ppl_ratio, max_kld, min_top1, baseline, tolerance),
+        compare=compare, plot=plot, json_out=json_out, threads=threads, force=force, llama_logs=state["verbose"])
+    problem = usage_error(opts)
+    if problem:
+        raise typer.BadParameter(problem)   # a usage error: exit code 2
+    _run(_eval, opts)
 
 
-def _eval(models, data, ctx, chunks, base, base_logits, save_logits, top_k, json_out, baseline, tolerance, gates,
-          compare, plot, noise_floor, noise_floor_model, threads, force) -> None:
+def _eval(opts) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from nemoq.eval import gate, report as eval_report, results, run
-    from nemoq.eval.model import LLAMA_LOGS
-    from nemoq.eval.text import load_text
-    from nemoq.files import claim_outputs
-    LLAMA_LOGS.show = state["verbose"]    # otherwise its lines land among the tables
-    outputs = [p for p in (json_out, save_logits, plot) if p is not None]
-    with claim_outputs(outputs, force):   # before a long run: not written over, nor by two runs at once
-        if plot is not None:
-            from nemoq.eval.plot import pyplot
-            pyplot()
-        opts = run.RunOptions(text=load_text(data), data=data, ctx=ctx, chunks=chunks, threads=threads, top_k=top_k,
-                              force=force)
-        previous = results.read_baseline(baseline) if baseline is not None else None
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=True) as progress:
-            def track(label: str, total: int):
-                task = progress.add_task(label, total=total)
-                return lambda: progress.advance(task)
-            if compare:
-                record = run.compare(models, base, opts, noise_floor_model, track=track)
-            else:
-                record = run.evaluate(models[0], opts, base=base, base_logits=base_logits, save_logits=save_logits,
-                                      noise_floor=noise_floor, noise_floor_model=noise_floor_model, track=track)
-        out = Console(width=None if sys.stdout.isatty() else 120)   # CI logs: room for file names
-        if compare:
-            eval_report.compare_table(out, record)
-            if plot is not None:
-                from nemoq.eval.plot import plot_compare
-                plot_compare(record, plot, force)
-                console.print(f"[green]wrote[/] {escape(str(plot))}")
-        else:
-            eval_report.eval_summary(out, record)
-            checks = gate.check_limits(record, gates)
-            if previous is not None:
-                checks += gate.check_baseline(record, previous, baseline, tolerance)
-            record = gate.with_gates(record, checks)
-            if checks:
-                eval_report.gate_table(out, checks)
-        if save_logits is not None:
-            console.print(f"[green]wrote[/] {escape(str(save_logits))}")
-        if json_out is not None:
-            results.write_json(record, json_out, force)
-            console.print(f"[green]wrote[/] {escape(str(json_out))}")
-        if not record.get("passed", True):
-            console.print("[bold red]gate failed[/]")
-            raise typer.Exit(1)
+    from nemoq.commands.evaluate import evaluate
+    from nemoq.eval import report as eval_report
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        def track(label: str, total: int):
+            task = progress.add_task(label, total=total)
+            return lambda: progress.advance(task)
+        outcome = evaluate(opts, track)
+    out = Console(width=None if sys.stdout.isatty() else 120)   # CI logs: room for file names
+    if opts.compare:
+        eval_report.compare_table(out, outcome.record)
+    else:
+        eval_report.eval_summary(out, outcome.record)
+        if outcome.checks:
+            eval_report.gate_table(out, outcome.checks)
+    for path in outcome.written:
+        console.print(f"[green]wrote[/] {escape(str(path))}")
+    if not outcome.passed:
+        console.print("[bold red]gate failed[/]")
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -23,8 +25,19 @@ __all__ = ["KernelStatus", "status", "quantize_rows", "dequantize_rows", "availa
 KERNEL_FORMATS = {name: GGML_QUANT_SIZES[GGMLQuantizationType[name.upper()]]
                   for name in ("q8_0", "q5_1", "q5_0", "q4_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "mxfp4", "nvfp4")}
 
-# Threads for quantizing (None: all cores); `nemoq quantize --threads` sets it.
+# Threads for quantizing (None: all cores): set for one command with quantize_threads().
 THREADS: int | None = None
+
+
+@contextmanager
+def quantize_threads(threads: int | None) -> Iterator[None]:
+    """The quantizers use `threads` (None: all cores) inside the block, the previous count after."""
+    global THREADS
+    before, THREADS = THREADS, threads
+    try:
+        yield
+    finally:
+        THREADS = before
 
 # (src, dst, nrows, n_per_row[, importance or NULL])
 _DEQUANT_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
