@@ -60,11 +60,14 @@ def convert(
     strict: bool = typer.Option(False, "--strict", help="Treat NaN/Inf weights as an error."),
     pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name, when nemoq does not "
                                       "recognise the tokenizer's regex."),
+    no_mtp: bool = typer.Option(False, "--no-mtp", help="Leave out the multi-token-prediction block "
+                                "(kept by default, as llama.cpp's converter keeps it)."),
 ) -> None:
     """Convert a Nemotron-H MoE checkpoint (hub or transformers-5 layout) to GGUF."""
     from nemoq.commands.base import Output
     from nemoq.commands.convert import ConvertOptions
-    opts = ConvertOptions(src, Output(outfile, force, _split_size(split_max_size)), outtype.value, pre, strict)
+    opts = ConvertOptions(src, Output(outfile, force, _split_size(split_max_size)), outtype.value, pre, strict,
+                          mtp=not no_mtp)
     _run(_convert, opts)
 
 

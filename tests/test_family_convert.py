@@ -130,3 +130,17 @@ def test_puzzle_block_configs_llama_cpp_cannot_hold_are_refused(blocks, message,
     result = run_cli("convert", ckpt, "-o", tmp_path / "o.gguf")
     assert result.exit_code != 0
     assert message in result.output and "config.json" in result.output
+
+
+def test_no_mtp_drops_the_block(checkpoints, converted, tmp_path):
+    result = run_cli("convert", checkpoints["super"], "-o", tmp_path / "o.gguf", "--outtype", "f32", "--no-mtp")
+    assert result.exit_code == 0, result.output
+    assert "multi-token-prediction tensor" in result.output
+    without, full = read_gguf(tmp_path / "o.gguf"), read_gguf(converted["super"])
+    n = len(_config(checkpoints["super"])["hybrid_override_pattern"])
+    assert without.metadata["nemotron_h_moe.block_count"] == n
+    assert "nemotron_h_moe.nextn_predict_layers" not in without.metadata
+    assert without.metadata["nemotron_h_moe.feed_forward_length"] == full.metadata[
+        "nemotron_h_moe.feed_forward_length"][:n]
+    kept = {t.name for t in full.tensors if not t.name.startswith(f"blk.{n}.")}
+    assert {t.name for t in without.tensors} == kept

@@ -19,6 +19,7 @@ class ConvertOptions:
     outtype: str = "auto"        # auto, f32, f16, bf16, or a recipe name (q8_0)
     pre: str | None = None       # llama.cpp pre-tokenizer name, when the regex is not recognised
     strict: bool = False         # NaN/Inf weights are an error, not a warning
+    mtp: bool = True             # keep the multi-token-prediction block (--no-mtp drops it)
 
 
 @dataclass
@@ -44,7 +45,7 @@ def _typing(source: Source, outtype: str):
 def convert(opts: ConvertOptions, on_source: Callable[[Source], None] = lambda source: None,
             progress: ByteProgress = no_byte_progress) -> ConvertOutcome:
     """Open the checkpoint (`on_source` sees it before any weight is read), then write the file."""
-    source = open_checkpoint_source(opts.src, opts.pre)
+    source = open_checkpoint_source(opts.src, opts.pre, opts.mtp)
     choose, file_type, fallbacks = _typing(source, opts.outtype)
     on_source(source)
     with progress("converting", plan_bytes(source.plan)) as advance:
