@@ -1,0 +1,233 @@
+"""`nemoq profile`: per tensor and candidate type, the bytes and the predicted KLD.
+
+One layer-streamed pass (walk.py's LayerWalk, full-precision inputs) gives every quantized
+matrix its H = sum x x^T on the calibration tokens (per routed expert); each candidate type's
+output error ||(W - Q) X||^2 is measured through it (nemoq.quant.type_errors), with plain rounding
+and, with `compensated`, with `--calibrate`'s rounding. The embeddings are a row lookup: their
+error is each row's squared error weighted by how often the calibration text uses the row.
+Then one ablation per tensor (sensitivity.py) turns errors into KLD:
+
+    predicted KLD of a file = sum over tensors t of  c_t * e_t(type_t)^2,
+
+with e_t the relative output error and c_t = KLD of the file with only t quantized / e_t^2 at
+the type it was ablated in. The profile records the model it was made from (config, tensor
+names and shapes, a digest of the output norm), so it is refused for any other model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from nemoq.calib.calibrate import DEFAULT_CTX, calibration_sequences, pick_device
+from nemoq.calib.forward import Progress
+from nemoq.calib.hparams import config_of
+from nemoq.calib.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS, ablation_klds, sensitivity_sequences
+from nemoq.calib.walk import LayerWalk, Target
+from nemoq.calib.weights import read_tensor
+from nemoq.convert.dtypes import block_size, type_nbytes
+from nemoq.convert.pipeline import Source, open_source
+from nemoq.errors import NemoqError
+from nemoq.files import atomic_outputs, claim_output
+from nemoq.quant.compensate import Compensated
+from nemoq.quant.encodings import BLOCK_ENCODINGS
+from nemoq.quant.recipes import stays_f32
+from nemoq.quant.tensor_scale import takes_scale
+from nemoq.quant.type_errors import CANDIDATE_TYPES, TypeError2, matrix_errors, plain_values
+
+FORMAT, VERSION = "nemoq-profile", 1
+DEFAULT_TOKENS = 16384
+EMBEDDINGS = "token_embd.weight"
+
+
+@dataclass
+class TensorProfile:
+    name: str
+    shape: tuple[int, ...]
+    tokens: int = 0
+    energy: float = 0.0                          # tr(W H W^T) summed over matrices
+    errors: dict[str, TypeError2] = field(default_factory=dict)
+    ablated: str = ""                            # the type of its one-tensor ablation
+    ablation_kld: float = 0.0
+    sensitivity: float = 0.0                     # c: KLD per unit of relative error^2
+
+    def error(self, type_name: str, compensated: bool = False) -> float:
+        """Relative output error ||(W - Q) X|| / ||W X||."""
+        e = self.errors[type_name]
+        sq = e.compensated if compensated and e.compensated is not None else e.plain
+        return float(np.sqrt(sq / self.energy)) if self.energy > 0 else 0.0
+
+    def predicted(self, type_name: str, compensated: bool = False) -> float:
+        return self.sensitivity * self.error(type_name, compensated) ** 2
+
+
+@dataclass
+class Profile:
+    model: dict                                  # identity: config digest, norm digest, tensor shapes
+    tensors: dict[str, TensorProfile]
+    calibration: dict
+    compensated: bool                            # errors of --calibrate's rounding were measured too
+
+    def predicted(self, types: dict[str, str], compensated: bool = False) -> float:
+        return sum(self.tensors[n].predicted(t, compensated) for n, t in types.items())
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "model": self.model, "calibration": self.calibration,
+                "compensated": self.compensated, "tensors": {n: {
+                    "shape": list(t.shape), "tokens": t.tokens, "energy": t.energy, "ablated": t.ablated,
+                    "ablation_kld": t.ablation_kld, "sensitivity": t.sensitivity,
+                    "types": {k: {"bytes": type_nbytes(k, t.shape), "error": t.error(k),
+                                  "error_compensated": t.error(k, True) if e.compensated is not None else None,
+                                  "squared": e.plain, "squared_compensated": e.compensated}
+                              for k, e in t.errors.items()}} for n, t in self.tensors.items()}}
+
+
+def read_profile(path: Path) -> Profile:
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+            raise NemoqError(f"not a nemoq profile (format {FORMAT} version {VERSION})", path)
+        tensors = {n: TensorProfile(n, tuple(t["shape"]), t["tokens"], t["energy"],
+                                    {k: TypeError2(e["squared"], e["squared_compensated"]) for k, e in t["types"].items()},
+                                    t["ablated"], t["ablation_kld"], t["sensitivity"])
+                   for n, t in doc["tensors"].items()}
+        return Profile(doc["model"], tensors, doc["calibration"], doc["compensated"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise NemoqError(f"cannot read the profile ({type(e).__name__}: {e})", path) from None
+
+
+def write_profile(path: Path, profile: Profile, force: bool = False) -> None:
+    with atomic_outputs(path, force) as tmp:
+        Path(tmp).write_text(json.dumps(profile.to_json(), indent=1), encoding="utf-8")
+
+
+# --- the model a profile belongs to --------------------------------------------------------------
+
+
+def profiled_specs(source: Source) -> list:
+    """The tensors a profile covers: every one a recipe may quantize."""
+    return [t.spec for t in source.plan.tensors if not stays_f32(t.spec)]
+
+
+def identity(source: Source) -> dict:
+    cfg = config_of(source)
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("path", "raw")}
+    norm = next(t for t in source.plan.tensors if t.name == "output_norm.weight")
+    return {"config_sha256": hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest(),
+            "output_norm_sha256": hashlib.sha256(read_tensor(norm).float().numpy().tobytes()).hexdigest(),
+            "tensors": {s.name: list(s.shape) for s in profiled_specs(source)}}
+
+
+def check_profile(profile: Profile, source: Source, path: Path) -> None:
+    """Refuses a profile made from another model (or another version of this one's weights)."""
+    mine = identity(source)
+    for key, what in (("tensors", "tensor names or shapes"), ("config_sha256", "configuration"),
+                      ("output_norm_sha256", "weights (output norm)")):
+        if profile.model.get(key) != mine[key]:
+            raise NemoqError(f"the profile is of another model: its {what} differ from {source.path}'s; "
+                             f"make one for this model with nemoq profile", path)
+
+
+def candidate_types(spec) -> tuple[str, ...]:
+    """The candidate types whose block divides the tensor's row width."""
+    return tuple(t for t in CANDIDATE_TYPES if spec.row_width % block_size(t) == 0)
+
+
+# --- the walk ------------------------------------------------------------------------------------
+
+
+class ProfileWalk(LayerWalk):
+    """The calibrated walk, measuring every candidate type of each matrix instead of rounding it
+    one way: the tensors' own bytes are not wanted (full-precision inputs, so nothing downstream
+    depends on how a matrix was rounded)."""
+
+    def __init__(self, source: Source, sequences: np.ndarray, device: torch.device, compensated: bool,
+                 on_progress: Callable[[Progress], None] | None = None):
+        self.specs = {s.name: s for s in profiled_specs(source) if s.name != EMBEDDINGS}
+        self.compensated = compensated
+        self.profiles = {n: TensorProfile(n, s.shape) for n, s in self.specs.items()}
+        targets = {n: Target("q8_0", False) for n, s in self.specs.items() if s.row_width % 32 == 0}
+        super().__init__(source.plan, config_of(source), sequences, targets, device=device, sequential=False,
+                         on_progress=on_progress)
+
+    def _quantize(self, name: str, matrix: torch.Tensor, gram, importance: np.ndarray | None = None):
+        spec, p = self.specs[name], self.profiles[name]
+        w = matrix.float().cpu().numpy()
+        scaled = {t: takes_scale(spec, t) for t in CANDIDATE_TYPES}
+        energy, errors = matrix_errors(w, gram.numpy(), candidate_types(spec), tokens=gram.tokens, scaled=scaled,
+                                       compensated=self.compensated and gram.tokens > 0, importance=importance)
+        p.energy += energy
+        p.tokens += gram.tokens
+        for t, e in errors.items():
+            total = p.errors.setdefault(t, TypeError2(0.0, 0.0 if self.compensated else None))
+            total.plain += e.plain
+            if total.compensated is not None:
+                total.compensated += e.plain if e.compensated is None else e.compensated
+        # what the walk itself wants back: some blocks (plain Q8_0; unused downstream)
+        blocks = BLOCK_ENCODINGS["q8_0"].quantize(w)
+        return Compensated(blocks, 0.0, 0.0, energy, float("nan")), None, matrix
+
+
+def embedding_profile(source: Source, spec, sequences: np.ndarray) -> TensorProfile:
+    """The embeddings' errors: per row, squared error times how often the calibration text uses it."""
+    planned = next(t for t in source.plan.tensors if t.name == spec.name)
+    e = read_tensor(planned).float().numpy()
+    uses = np.bincount(sequences.reshape(-1), minlength=e.shape[0])[:e.shape[0]].astype(np.float64)
+    p = TensorProfile(spec.name, spec.shape, int(sequences.size), float((uses * (e.astype(np.float64) ** 2).sum(1)).sum()))
+    for t in candidate_types(spec):
+        d = e.astype(np.float64) - plain_values(t, e, False)
+        sq = float((uses * (d ** 2).sum(1)).sum())
+        p.errors[t] = TypeError2(sq, sq)    # --calibrate rounds the embeddings plainly too
+    return p
+
+
+def ablation_type(p: TensorProfile) -> str:
+    """The candidate with the largest plain error: the clearest KLD to measure."""
+    types = [t for t in p.errors if t != "f16"] or list(p.errors)
+    return max(types, key=lambda t: (p.error(t), t))
+
+
+def make_profile(src: str | Path, *, data: Path | None = None, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX,
+                 device: str = "auto", compensated: bool = False, sensitivity_tokens: int = SENSITIVITY_TOKENS,
+                 on_progress: Callable[[Progress], None] | None = None,
+                 on_ablation: Callable[[int, int], None] | None = None) -> Profile:
+    start = time.perf_counter()
+    torch_device = pick_device(device)
+    source = open_source(src)
+    sequences, _ = calibration_sequences(source, data, ctx, tokens)
+    walk = ProfileWalk(source, sequences, torch_device, compensated, on_progress)
+    try:
+        walk.finish()
+    finally:
+        walk.close()
+    tensors = {}
+    for spec in profiled_specs(source):
+        if spec.name == EMBEDDINGS:
+            tensors[spec.name] = embedding_profile(source, spec, sequences)
+        elif spec.name in walk.profiles and walk.profiles[spec.name].errors:
+            tensors[spec.name] = walk.profiles[spec.name]
+    ablate = {n: ablation_type(p) for n, p in tensors.items()}
+    klds = ablation_klds(source, ablate, sensitivity_sequences(sequences, sensitivity_tokens), on_progress=on_ablation)
+    for n, p in tensors.items():
+        p.ablated, p.ablation_kld = ablate[n], klds[n]
+        e = p.error(ablate[n])
+        p.sensitivity = klds[n] / e ** 2 if e > 0 else 0.0
+    calibration = {"tokens": int(sequences.size), "ctx": ctx, "data": str(data) if data else "nemoq corpus",
+                   "device": str(torch_device), "sensitivity_tokens": int(sensitivity_sequences(sequences, sensitivity_tokens).size),
+                   "seconds": round(time.perf_counter() - start, 1)}
+    return Profile(identity(source), tensors, calibration, compensated)
+
+
+def profile_to_file(src: str | Path, out: Path, *, force: bool = False, **options) -> Profile:
+    with claim_output(out, force) as out:
+        profile = make_profile(src, **options)
+        write_profile(out, profile, force)
+    return profile

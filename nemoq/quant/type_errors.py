@@ -1,0 +1,75 @@
+"""What each candidate type would cost one matrix: its output error on calibration inputs.
+
+For W (rows, n) with H = sum over tokens of x x^T, rounding W to Q costs
+tr((W - Q) H (W - Q)^T) = sum over tokens ||(W - Q) x||^2, and tr(W H W^T) is the output's own
+energy; a profile keeps both (summed over the experts of a stack) so relative errors pool the way
+compensate.stack pools them. Two roundings per type: plain, as `nemoq quantize` writes the file
+without an imatrix (the format's quantizer, the FP4 per-matrix scale as ScaledEncoding chooses it),
+and error-compensated, as `--calibrate` does (compensate.compensated_quantize). numpy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nemoq.quant.compensate import DAMPING, compensated_quantize, output_energy
+from nemoq.quant.encodings import BLOCK_ENCODINGS
+from nemoq.quant.tensor_scale import SCALE_RULES, best_scale
+
+# Every type a profile may offer a tensor, if its block divides the row width (f16: any width).
+CANDIDATE_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "iq4_nl", "q4_0", "mxfp4", "nvfp4")
+
+
+@dataclass
+class TypeError2:
+    """Squared output errors of one type, summed over the matrices measured so far."""
+    plain: float = 0.0
+    compensated: float | None = None
+
+
+def squared_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
+    d = w.astype(np.float64) - q.astype(np.float64)
+    return max(float(((d @ h) * d).sum()), 0.0)
+
+
+def plain_values(type_name: str, w: np.ndarray, scaled: bool) -> np.ndarray:
+    """W as the file would hold it after plain rounding (no importance), float32."""
+    if type_name == "f16":
+        return w.astype(np.float16).astype(np.float32)
+    enc = BLOCK_ENCODINGS[type_name]
+    scale = np.float32(1)
+    if scaled and type_name in SCALE_RULES:
+        scale = best_scale(enc, w, None, SCALE_RULES[type_name])
+    return enc.dequantize(enc.quantize(w / scale)).reshape(w.shape) * scale
+
+
+def compensated_error(type_name: str, w: np.ndarray, h: np.ndarray, tokens: int, scaled: bool,
+                      energy: float, importance: np.ndarray | None = None) -> float:
+    """Squared output error after compensated rounding (as nemoq.calib.walk quantizes: the FP4
+    scale chosen with the inputs' mean square, then W / scale rounded through H)."""
+    if type_name == "f16":
+        return squared_error(w, plain_values("f16", w, False), h)
+    if scaled and type_name in SCALE_RULES:
+        mean_square = np.diag(h) / tokens if tokens else importance
+        scale = best_scale(BLOCK_ENCODINGS[type_name], w,
+                           None if mean_square is None else mean_square.astype(np.float32), SCALE_RULES[type_name])
+        w = w / np.float32(scale)
+    c = compensated_quantize(type_name, w, h, damping=DAMPING, importance=importance, tokens=tokens)
+    return c.error ** 2 * energy
+
+
+def matrix_errors(w: np.ndarray, h: np.ndarray, types: tuple[str, ...], *, tokens: int, scaled: dict[str, bool],
+                  compensated: bool, importance: np.ndarray | None = None) -> tuple[float, dict[str, TypeError2]]:
+    """(tr(W H W^T), squared error per type) of one matrix (rows, n) with its H (n, n)."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    h = np.asarray(h, dtype=np.float64)
+    energy = output_energy(w, h)
+    out = {}
+    for t in types:
+        e = TypeError2(squared_error(w, plain_values(t, w, scaled.get(t, False)), h))
+        if compensated:
+            e.compensated = compensated_error(t, w, h, tokens, scaled.get(t, False), energy, importance)
+        out[t] = e
+    return energy, out
