@@ -1,4 +1,4 @@
-/* Scalars shared by the C kernels (quants.h, moe.c, widen.c) and their CUDA twins
+/* Scalars shared by the C kernels (quants.h, widen.c) and their CUDA twins
  * (quants_common.cuh, moe.cu): half floats, the E8M0 / UE4M3 scales of the FP4 formats, numpy's
  * min / max / divide. One source, so the CPU and the GPU turn the same bytes into the same floats.
  *
@@ -73,7 +73,7 @@ NQ_HD float fp16_to_fp32(uint16_t h) {
     return as_float(x);
 }
 
-/* The same value without branches or loops, for the matrix-vector kernels: shift into a float's
+/* The same value without branches or loops, for widening whole tensors (widen.c): shift into a float's
  * exponent and mantissa, then 2^112 rebiases normals and subnormals alike (exact, as long as
  * subnormals are not flushed to zero); inf and NaN keep an all-ones exponent. */
 NQ_HD float fp16_to_fp32_rebias(uint16_t h) {
