@@ -137,6 +137,15 @@ def test_zero_weights_add_nothing_and_their_experts_are_not_read():
                                   moe_matvec_reference(x, ids, w, *clean, *pair))
 
 
+def test_no_tokens_or_no_slots():
+    pair = ("q4_k", "q6_k")
+    up, down, hidden = experts(pair)
+    x, (ids, w) = tokens(2, hidden), routing(2, 3)
+    for call in (moe_matvec, *((cuda.emulate_matvec,) if cuda.nvcc() else ())):
+        assert call(x[:0], ids[:0], w[:0], up, down, *pair).shape == (0, hidden)
+        np.testing.assert_array_equal(call(x, ids[:, :0], w[:, :0], up, down, *pair), np.zeros_like(x))
+
+
 def test_same_expert_twice_in_one_token():
     pair = ("q5_0", "q5_0")
     up, down, hidden = experts(pair)

@@ -269,8 +269,10 @@ int run_on_device(Call c, int up_type, int down_type, int64_t n_experts, char * 
     c.x = (const float *)x.p, c.expert_ids = (const int32_t *)ids.p, c.expert_weights = (const float *)weights.p;
     c.up_scale = (const float *)up_scale.p, c.down_scale = (const float *)down_scale.p;
     c.h = (float *)h.p, c.out = (float *)out.p;
-    with_format(up_type, [&]<int T>() { up_kernel<T><<<grid(slots * c.n_ff), THREADS>>>(c); });
-    with_format(down_type, [&]<int T>() { down_kernel<T><<<grid(c.n_tokens * c.hidden), THREADS>>>(c); });
+    if (slots * c.n_ff > 0)  // (a launch of no blocks is an error)
+        with_format(up_type, [&]<int T>() { up_kernel<T><<<grid(slots * c.n_ff), THREADS>>>(c); });
+    if (c.n_tokens * c.hidden > 0)
+        with_format(down_type, [&]<int T>() { down_kernel<T><<<grid(c.n_tokens * c.hidden), THREADS>>>(c); });
     cudaError_t e;
     if ((e = cudaGetLastError()) != cudaSuccess || (e = cudaDeviceSynchronize()) != cudaSuccess ||
         (e = cudaMemcpy(host_out, c.out, sizeof(float) * (size_t)(c.n_tokens * c.hidden), cudaMemcpyDeviceToHost)) !=
