@@ -152,12 +152,12 @@ def norms_through(m: torch.Tensor, x: np.ndarray, triangular: bool = False) -> l
     column block J of X M needs only X's columns up to J's last."""
     k, rows, n = x.shape
     t = torch.from_numpy(x.reshape(k * rows, n)).to(m.device, m.dtype)
+    if not triangular:
+        return [float(s) for s in (t @ m).square().reshape(k, -1).sum(1, dtype=torch.float64).cpu()]
     sums = torch.zeros(k, dtype=torch.float64, device=m.device)
-    step = PRODUCT_COLUMNS if triangular else m.shape[1]
-    for j in range(0, m.shape[1], step):
-        end = min(j + step, m.shape[1])
-        part = t[:, :end if triangular else n] @ m[:end if triangular else n, j:end]
-        sums += part.square().reshape(k, -1).sum(1, dtype=torch.float64)
+    for j in range(0, n, PRODUCT_COLUMNS):
+        end = min(j + PRODUCT_COLUMNS, n)
+        sums += (t[:, :end] @ m[:end, j:end]).square().reshape(k, -1).sum(1, dtype=torch.float64)
     return [float(s) for s in sums.cpu()]
 
 

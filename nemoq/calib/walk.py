@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from nemoq.calib import blocks
+from nemoq.calib import blocks, compensate_torch
 from nemoq.calib.forward import HiddenStates, Progress, batches
 from nemoq.calib.imatrix_file import ImportanceMatrix
 from nemoq.calib.weights import LayerLoader, Weights
@@ -63,6 +63,10 @@ EXPERTS = ("ffn_up_exps.weight", "ffn_down_exps.weight")
 HEAD = "output.weight"
 
 GRAM_ROWS = 4096
+
+# The rounding: compensate_torch (the fast path, on the walk's device) or, False, the numpy
+# reference it is tested against (nemoq.quant.compensate; ~10x slower at Nano's widths).
+FAST = True
 
 # compensate.py's linear algebra is many small factorisations and products: with OpenBLAS's
 # threads (beside torch's) a 320 x 320 Cholesky took 25 ms on 2 cores instead of 0.7 ms.
@@ -361,12 +365,14 @@ class LayerWalk:
         matrix = w[s.short][e]
         if s.name not in self.targets:
             return matrix
-        c, scale, values = self._quantize(s.name, matrix, gram, None if gram.tokens else s.mean_importance())
+        c, scale, values = self._quantize(s.name, matrix, gram, None if gram.tokens else s.mean_importance(), x)
         s.add(e, c, scale, gram)
         return values if self.sequential else matrix
 
-    def _quantize(self, name: str, matrix: torch.Tensor, gram: Gram, importance: np.ndarray | None = None):
-        """(report with blocks, the `.scale` or None, the values as stored on the device)."""
+    def _quantize(self, name: str, matrix: torch.Tensor, gram: Gram, importance: np.ndarray | None = None,
+                  inputs: torch.Tensor | None = None):
+        """(report with blocks, the `.scale` or None, the values as stored on the device); inputs:
+        the tokens H sums, where at hand (an expert's: the fast path measures errors through them)."""
         target = self.targets[name]
         w, h = matrix.float().cpu().numpy(), gram.numpy()
         if not np.isfinite(h).all() or not np.isfinite(w).all():
@@ -379,8 +385,13 @@ class LayerWalk:
                                      SCALE_RULES[target.type]))
             w = w / np.float32(scale)
         with threadpool_limits(BLAS_THREADS, user_api="blas"):
-            c = compensated_quantize(target.type, w, h, damping=self.damping, importance=importance,
-                                     tokens=gram.tokens)
+            if FAST:
+                c = compensate_torch.compensated_quantize(
+                    target.type, w, h, damping=self.damping, importance=importance, tokens=gram.tokens,
+                    inputs=inputs, device=self.device)
+            else:
+                c = compensated_quantize(target.type, w, h, damping=self.damping, importance=importance,
+                                         tokens=gram.tokens)
         values = BLOCK_ENCODINGS[target.type].dequantize(c.blocks).reshape(w.shape)
         if scale is not None:
             values = values * np.float32(scale)
