@@ -6,7 +6,8 @@
   model, widths that are multiples of 64 but not of 256);
 * w256: another seed and every width a multiple of 256 (hidden 256, experts 256 / 512), so
   that llama.cpp's k-quants apply to every tensor. Not committed: tests/fixtures/train_tiny.py
-  --shape w256 --seed 1 trains it (15-20 minutes on 2 idle cores) into
+  --shape w256 --seed 1 --steps 400 trains it (half the committed model's steps: about 10 minutes
+  on 2 idle cores, much longer on a shared machine) into
   $NEMOQ_BENCH_CACHE (default ~/.cache/nemoq-bench)/nemotron-tiny-256; its README.md, written
   last, records the training and says the model is complete.
 """
@@ -24,7 +25,7 @@ CACHE = Path(os.environ.get("NEMOQ_BENCH_CACHE", Path.home() / ".cache" / "nemoq
 # name -> (folder, train_tiny arguments; None: committed, never trained here)
 MODELS = {
     "tiny": (ROOT / "tests" / "data" / "nemotron-tiny", None),
-    "w256": (CACHE / "nemotron-tiny-256", ["--shape", "w256", "--seed", "1"]),
+    "w256": (CACHE / "nemotron-tiny-256", ["--shape", "w256", "--seed", "1", "--steps", "400"]),
 }
 
 
@@ -40,7 +41,7 @@ def model_path(name_or_path: str) -> Path:
         return folder
     log = folder.with_suffix(".train.log")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    print(f"training {name_or_path} into {folder} (15-20 minutes on 2 idle cores; log {log})", file=sys.stderr, flush=True)
+    print(f"training {name_or_path} into {folder} (about 10 minutes on 2 idle cores; log {log})", file=sys.stderr, flush=True)
     with log.open("w") as out:
         done = subprocess.run([sys.executable, "-m", "tests.fixtures.train_tiny", *train_args, "--out", str(folder)],
                               cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
