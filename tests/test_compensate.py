@@ -142,6 +142,43 @@ def test_refit_keeps_the_output_error_within_a_percent_of_no_refit(fmt):
     assert compensated(fmt).error <= compensated(fmt, refit=False).error * 1.02
 
 
+@pytest.mark.parametrize("fmt", NAMES)
+def test_coordinate_descent_never_raises_the_damped_output_error(fmt):
+    """Step 5 after the sweep: each column's nearest code to its best value and each block's
+    refit, the others fixed, can only lower tr(D H D^T) with the damped H it works on."""
+    f = FORMATS[fmt]
+    w, h, _ = layer()
+    u, lam = factor()
+    hd = compensate.damped(h, lam)
+
+    def objective(blocks):
+        d = w.astype(np.float64) - f.dequantize(blocks).astype(np.float64)
+        return float(((d @ hd) * d).sum())
+
+    swept = compensate.sweep(f, w, u)
+    one = compensate.refine(f, w, swept, hd, 1)
+    two = compensate.refine(f, w, one, hd, 1)
+    assert objective(two) <= objective(one) * (1 + 1e-9) <= objective(swept) * (1 + 1e-9)
+    assert objective(two) < 0.98 * objective(swept)
+    assert on_grid(fmt, two, f.dequantize(two))
+
+
+@pytest.mark.parametrize("fmt", ["iq4_nl", "q4_k", "nvfp4", "mxfp4", "q8_0"])
+def test_coordinate_descent_lowers_the_output_error_on_held_out_tokens(fmt):
+    """The passes fit the calibration tokens; with enough of them (4x the columns) the gain holds
+    on tokens the rounding never saw. Measured (held-out error, 2 passes over none): iq4_nl 0.956,
+    q4_k 0.955, nvfp4 0.885, mxfp4 0.854, q8_0 0.849; the bounds keep about a third of each gain."""
+    n, rows = 256, 32
+    rng = np.random.default_rng(3)
+    mix = rng.standard_normal((n, n)) / np.sqrt(n)
+    x = rng.standard_normal((8 * n, n)) @ mix
+    x[:, rng.choice(n, 4, replace=False)] *= 20
+    fit, held = x[:4 * n], x[4 * n:]
+    w = (rng.standard_normal((rows, n)) * 0.02).astype(np.float32)
+    errors = [output_error(fmt, w, compensated_quantize(fmt, w, fit.T @ fit, passes=p).blocks, held) for p in (0, 2)]
+    assert errors[1] < errors[0] * {"iq4_nl": 0.985, "q4_k": 0.985}.get(fmt, 0.95)
+
+
 def test_dead_columns_keep_their_weights_rounded_plainly_and_push_no_error():
     w, h, x = layer(n=256, rows=16)
     dead = np.array([3, 40, 41, 200, 255])
