@@ -69,12 +69,16 @@ class LayerFacts:
         shapes = {s.name.split(".", 2)[-1]: s.shape for s in specs if s.layer is not None}
         return cls(layer_kinds, shapes.get("ffn_up_exps.weight", (0,))[0])
 
+    def mtp(self, layer: int | None) -> bool:
+        """The multi-token-prediction block llama.cpp appends after the trunk's layers."""
+        return layer is not None and layer >= len(self.layer_kinds)
+
     def more_bits(self, layer: int | None) -> bool:
         """use_more_bits over all layers (llama.cpp's ffn_down rule: the block index)."""
         return layer is not None and use_more_bits(layer, len(self.layer_kinds))
 
     def _attention_ordinal(self, layer: int | None) -> int | None:
-        if layer is None or self.layer_kinds[layer] != "attention":
+        if layer is None or self.mtp(layer) or self.layer_kinds[layer] != "attention":
             return None
         return self.layer_kinds[:layer].count("attention")
 
@@ -89,7 +93,7 @@ class LayerFacts:
 
     def next_to_attention(self, layer: int | None) -> bool:
         """A Mamba layer whose nearest mixer neighbour (skipping MoE layers) is attention."""
-        if layer is None or self.layer_kinds[layer] != "mamba":
+        if layer is None or self.mtp(layer) or self.layer_kinds[layer] != "mamba":
             return False
         for step in (-1, 1):
             i = layer + step
@@ -105,6 +109,7 @@ class LayerFacts:
 
 PREDICATES: dict[str, Callable[[LayerFacts, int | None], bool]] = {
     "always": lambda facts, layer: True,
+    "mtp": LayerFacts.mtp,
     "more_bits": LayerFacts.more_bits,
     "more_bits_attention": LayerFacts.more_bits_attention,
     "first_four_attention": LayerFacts.first_four_attention,
@@ -136,6 +141,11 @@ class Recipe:
 EXPERTS = r"ffn_(up|down)_exps"
 MAMBA = r"ssm_(in|out)"
 ATTENTION = r"attn_(q|k|v|output)\.weight"
+LATENT = r"ffn_latent_(down|up)"
+
+# The MTP block (Super, Lightning) is small next to the trunk and decides how many drafted tokens
+# are accepted: every recipe below 8 bits keeps it in Q8_0 (first rule, so nothing else applies).
+KEEP_MTP = Rule(r".", "q8_0", "mtp", "MTP block: small, drives speculative acceptance (>= 8 bits)")
 
 # llama.cpp's rules shared by its recipes (llama_tensor_get_type): the output projection in
 # Q6_K, and for 8-expert models attention K/V in Q8_0 and (4-bit mixes) attention output in Q5_K.
@@ -148,40 +158,49 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("F16", "f16", FT.MOSTLY_F16, description="16-bit floats"),
     Recipe("BF16", "bf16", FT.MOSTLY_BF16, description="bfloat16, a byte copy of a BF16 checkpoint"),
     Recipe("Q8_0", "q8_0", FT.MOSTLY_Q8_0, description="8-bit, near-lossless"),
-    Recipe("Q6_K", "q6_k", FT.MOSTLY_Q6_K, EIGHT_EXPERT_KV,
+    Recipe("Q6_K", "q6_k", FT.MOSTLY_Q6_K, (KEEP_MTP, *EIGHT_EXPERT_KV),
            "6-bit k-quant (rows not a multiple of 256 fall back)"),
     Recipe("Q5_K_M", "q5_k", FT.MOSTLY_Q5_K_M, (
+        KEEP_MTP,
         OUTPUT_Q6_K, *EIGHT_EXPERT_KV,
         Rule(r"attn_v\.weight", "q6_k", "more_bits_attention", "llama.cpp's use_more_bits attention layers"),
         Rule(r"ffn_down", "q6_k", "more_bits", "llama.cpp's use_more_bits layers"),
     ), "5-bit k-quant mix"),
     Recipe("Q4_K_M", "q4_k", FT.MOSTLY_Q4_K_M, (
+        KEEP_MTP,
         OUTPUT_Q6_K, *EIGHT_EXPERT_KV, EIGHT_EXPERT_OUT,
         Rule(r"attn_v\.weight", "q6_k", "more_bits_attention", "llama.cpp's use_more_bits attention layers"),
         Rule(r"ffn_down", "q6_k", "more_bits", "llama.cpp's use_more_bits layers"),
     ), "4-bit k-quant mix"),
     Recipe("Q4_K_S", "q4_k", FT.MOSTLY_Q4_K_S, (
+        KEEP_MTP,
         OUTPUT_Q6_K, *EIGHT_EXPERT_KV, EIGHT_EXPERT_OUT,
         Rule(r"attn_v\.weight", "q5_k", "first_four_attention", "the first four attention layers"),
         Rule(r"ffn_down", "q5_k", "first_eighth", "first eighth of the layers"),
     ), "4-bit k-quant, smaller"),
     Recipe("IQ4_NL", "iq4_nl", FT.MOSTLY_IQ4_NL, (
+        KEEP_MTP,
         OUTPUT_Q6_K, *EIGHT_EXPERT_KV, EIGHT_EXPERT_OUT,
         # (llama.cpp's attn_v rule for 4+ query heads per KV head reads layer 0's head counts:
         # a Mamba layer in this architecture, so it never applies)
     ), "4.5-bit non-linear, 32-value blocks (fits every width)"),
     Recipe("MXFP4_MOE", "q8_0", FT.MOSTLY_MXFP4_MOE, (
+        KEEP_MTP,
         Rule(EXPERTS, "mxfp4", why="routed experts in MXFP4, the rest Q8_0 (as llama.cpp)"),
     ), "MXFP4 routed experts, Q8_0 elsewhere"),
     Recipe("NVFP4", "nvfp4", FT.MOSTLY_NVFP4 | GUESSED, (
+        KEEP_MTP,
         Rule(r"token_embd|^output\.weight", "q8_0", why="embeddings and output stay >= 8 bits (as NVIDIA's release)"),
+        Rule(LATENT, "q8_0", why="latent projections: FP8 or BF16 in NVIDIA's release"),
         Rule(ATTENTION, "q8_0", why="attention stays >= 8 bits (as NVIDIA's release)"),
         Rule(MAMBA, "q8_0", "next_to_attention", "Mamba layers next to attention stay >= 8 bits"),
     ), "NVFP4 experts and Mamba projections, following NVIDIA's NVFP4 release"),
     # nemoq's own: formats with 32-value blocks fit 2688 / 1856 / 3712, and bits go where
     # hybrid models are sensitive (ssm_out, attention, Mamba next to attention, expert down).
     Recipe("NQ4", "iq4_nl", FT.MOSTLY_IQ4_NL | GUESSED, (
+        KEEP_MTP,
         Rule(r"token_embd", "q5_0", why="embeddings: 5 bits"),
+        Rule(LATENT, "q8_0", why="latent projections see every token's MoE input and output"),
         Rule(r"^output\.weight", "q8_0", why="output projection"),
         Rule(ATTENTION, "q8_0", why="attention is sensitive and small"),
         Rule(MAMBA, "q8_0", "next_to_attention", "Mamba layers next to attention"),
@@ -191,7 +210,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         Rule(r"ffn_up_shexp", "q5_0", why="the shared expert sees every token"),
     ), "nemoq 4-bit: IQ4_NL experts, more bits where the hybrid is sensitive (~4.7 bpw)"),
     Recipe("NQ5", "q5_0", FT.MOSTLY_Q5_0 | GUESSED, (
+        KEEP_MTP,
         Rule(r"^output\.weight|token_embd", "q8_0", why="embeddings and output"),
+        Rule(LATENT, "q8_0", why="latent projections see every token's MoE input and output"),
         Rule(ATTENTION, "q8_0", why="attention is sensitive and small"),
         Rule(MAMBA, "q8_0", "next_to_attention", "Mamba layers next to attention"),
         Rule(r"ssm_out|ffn_down_shexp", "q8_0", why="most sensitive projections"),
