@@ -87,3 +87,12 @@ def test_quantized_super_runs_in_llama_cpp(tmp_path):
         ours = llama_logits(out, ids)
         assert np.isfinite(ours).all() and _relative_error(ours, ref) <= max_error, recipe
     assert types["blk.1.ffn_up_exps.weight"] == "IQ4_NL"
+
+
+@pytest.mark.parametrize("command", [("calibrate",), ("quantize", "--calibrate", "--recipe", "NQ4")])
+def test_calibration_refuses_what_its_forward_does_not_run_yet(command, tmp_path):
+    ckpt = write_super(tmp_path / "ckpt")
+    result = run_cli(*command, ckpt, "-o", tmp_path / "out.gguf")
+    assert result.exit_code == 1, result.output
+    assert "does not run LatentMoE layers" in result.output and "multi-token-prediction" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out.gguf").exists()
