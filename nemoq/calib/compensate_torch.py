@@ -26,7 +26,7 @@ import torch
 
 from nemoq.kernels_c import rounding
 from nemoq.quant import compensate as ref
-from nemoq.quant.compensate import DAMPING, DAMPING_LADDER, FEW_TOKENS_DAMPING, MIN_TOKENS, Compensated
+from nemoq.quant.compensate import DAMPING, DAMPING_LADDER, FEW_TOKENS_DAMPING, MIN_TOKENS, PASSES, Compensated
 from nemoq.quant.encodings import BLOCK_ENCODINGS
 from nemoq.quant.formats import FORMATS, Format
 
@@ -37,7 +37,7 @@ PRODUCT_COLUMNS = 512  # columns of R per product when multiplying by a triangul
 def compensated_quantize(
     fmt: str, w: np.ndarray, h: np.ndarray | torch.Tensor, *, damping: float = DAMPING,
     importance: np.ndarray | None = None, tokens: int | None = None, refit: bool = True,
-    inputs: np.ndarray | torch.Tensor | None = None, device: torch.device | str = "cpu",
+    passes: int = PASSES, inputs: np.ndarray | torch.Tensor | None = None, device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Compensated:
     """nemoq.quant.compensate.compensated_quantize, its linear algebra in torch on `device`.
@@ -51,7 +51,7 @@ def compensated_quantize(
     w = np.asarray(w)
     if w.ndim == 3:
         per = [compensated_quantize(
-            fmt, w[e], h[e], damping=damping, refit=refit, device=device, dtype=dtype,
+            fmt, w[e], h[e], damping=damping, refit=refit, passes=passes, device=device, dtype=dtype,
             importance=None if importance is None else importance[e],
             tokens=None if tokens is None else int(np.asarray(tokens)[e]),
         ) for e in range(w.shape[0])]
@@ -61,7 +61,7 @@ def compensated_quantize(
         raise ValueError(f"{fmt}: row length {n} is not a multiple of the block size {f.block_size}")
     device = torch.device(device)
     wide = torch.float32 if device.type == "mps" else torch.float64
-    h = torch.as_tensor(h).to(device, wide)
+    h_given, h = h, torch.as_tensor(h).to(device, wide)
     if tuple(h.shape) != (n, n) or not torch.isfinite(h).all():
         raise ValueError(f"{fmt}: H must be a finite ({n}, {n}) matrix, got shape {tuple(h.shape)}")
     w = w.astype(np.float32)
@@ -91,13 +91,18 @@ def compensated_quantize(
         return fallback(f"H is singular even with damping {DAMPING_LADDER[-1]}")
     r, lam, shift = factor
     del h
-    blocks, loss, shifted = sweep(f, torch.from_numpy(w).to(device, dtype), r, shift, dtype, refit=refit)
+    blocks = sweep(f, torch.from_numpy(w).to(device, dtype), r, dtype, refit=refit)
+    if passes:
+        hd = torch.as_tensor(h_given).to(device, dtype) + torch.diag(torch.from_numpy(shift).to(device, dtype))
+        blocks = refine(f, w, blocks, hd, passes, refit=refit)
+        del hd
+    matrices = np.concatenate([matrices, (w - enc.dequantize(blocks).astype(np.float64))[None]])
     if through_inputs:
-        energy, error_rounding = norms_through(torch.as_tensor(inputs).to(device, dtype).T, matrices)
+        energy, error_rounding, error = norms_through(torch.as_tensor(inputs).to(device, dtype).T, matrices)
     else:
-        energy, error_rounding = (a - b for a, b in zip(
+        energy, error_rounding, error = (a - b for a, b in zip(
             norms_through(r.to(dtype), matrices, triangular=True), shifted_norms(shift, matrices)))
-    error, error_rounding = relative(loss - shifted, energy), relative(error_rounding, energy)
+    error, error_rounding = relative(error, energy), relative(error_rounding, energy)
     if error > error_rounding:
         return Compensated(rounded, error_rounding, error_rounding, energy, lam,
                            "importance-weighted rounding had the lower output error")
@@ -169,21 +174,17 @@ def shifted_norms(shift: np.ndarray, x: np.ndarray) -> list[float]:
 # --- the sweep -------------------------------------------------------------------------------
 
 
-def sweep(f: Format, w: torch.Tensor, r: torch.Tensor, shift: np.ndarray, dtype: torch.dtype, *,
-          refit: bool = True) -> tuple[np.ndarray, float, float]:
+def sweep(f: Format, w: torch.Tensor, r: torch.Tensor, dtype: torch.dtype, *, refit: bool = True) -> np.ndarray:
     """compensate.sweep, left-looking: a block's error-updated weights are
     W'_b = W_b + D_<b R_<b,b U_bb, with D = W - Q of the blocks done and U_bb = R_bb^-1 (equal
-    to the reference's right-looking updates, since W - Q = E U). One product per batch of BATCH
-    columns for what the earlier batches push into it, the batch's own blocks in float64.
-
-    Returns the blocks (rows, n / block_size * type_size), the sum of the squared scaled errors
-    E = (W - Q) R (= tr(D H' D^T)) and sum_j shift_j ||D_j||^2, both float64."""
+    to the reference's right-looking updates, since W - Q = E U and E = D R). One product per
+    batch of BATCH columns for what the earlier batches push into it, the batch's own blocks in
+    float64. Returns the blocks (rows, n / block_size * type_size)."""
     rows, n = w.shape
     bs, step = f.block_size, max(BATCH, f.block_size)
     out = np.empty((rows, n // bs, f.type_size), np.uint8)
     d = torch.zeros_like(w)
     r_products = r.to(dtype)
-    loss = shifted = 0.0
     for k0 in range(0, n, step):
         K = slice(k0, min(k0 + step, n))
         pushed = (d[:, :k0] @ r_products[:k0, K]).to("cpu", torch.float64).numpy()
@@ -197,10 +198,8 @@ def sweep(f: Format, w: torch.Tensor, r: torch.Tensor, shift: np.ndarray, dtype:
             w_b = wk[:, B] + (pushed[:, B] + dk[:, :k] @ rk[:k, B]) @ u_b
             out[:, (k0 + k) // bs], q_b = block(f, w_b, u_b, r_b, refit)
             dk[:, B] = wk[:, B] - q_b
-            loss += float((((w_b - q_b) @ r_b) ** 2).sum())
-        shifted += float(((dk * dk).sum(axis=0) * shift[K]).sum())
         d[:, K] = torch.from_numpy(dk).to(d.device, d.dtype)
-    return out.reshape(rows, -1), loss, shifted
+    return out.reshape(rows, -1)
 
 
 def block(f: Format, w_b: np.ndarray, u_b: np.ndarray, r_b: np.ndarray, refit: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -222,3 +221,77 @@ def round_codes(f: Format, blocks: np.ndarray, w_b: np.ndarray, u_b: np.ndarray)
     a, b = f.grid(blocks)
     levels, level_codes = f.written_levels()
     return rounding.round_on_grid(w_b, a, b, u_b, levels, level_codes, f.code_values, f.codes(blocks))[0]
+
+
+# --- step 5: coordinate descent --------------------------------------------------------------
+
+
+def refine(f: Format, w: np.ndarray, blocks: np.ndarray, hd: torch.Tensor, passes: int, *,
+           refit: bool = True) -> np.ndarray:
+    """compensate.refine, left-looking by batches of BATCH columns: a batch's share of R = D H
+    is one product with the current D (earlier batches already moved) at the batch's start, then
+    its columns in C (rounding.descend_codes) or numpy; the refit likewise. hd: the damped H
+    (the reference's `damped(h, lam)`) on the device, in the products' dtype."""
+    rows, n = w.shape
+    bs, step = f.block_size, max(BATCH, f.block_size)
+    w = w.astype(np.float64)
+    blocks = blocks.reshape(rows, n // bs, f.type_size).copy()
+    levels, level_codes = f.written_levels()
+    for _ in range(passes):
+        a, b = (x.reshape(rows, n) for x in f.grid(blocks.reshape(-1, f.type_size)))
+        codes = f.codes(blocks.reshape(-1, f.type_size)).reshape(rows, n)
+        d = w - (a * f.code_values[codes] + b).astype(np.float64)
+        on_device = torch.from_numpy(d).to(hd.device, hd.dtype)
+        for k0 in range(0, n, step):
+            K = slice(k0, min(k0 + step, n))
+            r_k = np.ascontiguousarray((on_device @ hd[:, K]).to("cpu", torch.float64).numpy())
+            h_k = np.ascontiguousarray(hd[K, K].to("cpu", torch.float64).numpy())
+            d_k, codes_k = np.ascontiguousarray(d[:, K]), np.ascontiguousarray(codes[:, K])
+            descend(f, np.ascontiguousarray(w[:, K]), d_k, r_k, a[:, K], b[:, K], codes_k, h_k, levels, level_codes)
+            d[:, K], codes[:, K] = d_k, codes_k
+            on_device[:, K] = torch.from_numpy(d_k).to(hd.device, hd.dtype)
+        blocks = f.with_codes(blocks.reshape(-1, f.type_size), codes.reshape(-1, bs)).reshape(rows, n // bs, -1)
+        if refit:
+            refit_in_place(f, w, blocks, hd, d, on_device)
+    return blocks.reshape(rows, -1)
+
+
+def descend(f: Format, w, d, r, a, b, codes, h, levels, level_codes) -> None:
+    """The coordinate descent over one batch's columns, in place on d, r and codes: C where the
+    kernels are built, else compensate.refine's loop restricted to the batch."""
+    if rounding.available():
+        rounding.descend_codes(w, d, r, a, b, codes, h, levels, level_codes, f.code_values)
+        return
+    for j in range(w.shape[1]):
+        target = w[:, j] + (r[:, j] - h[j, j] * d[:, j]) / h[j, j]
+        c = ref.nearest_code(target, a[:, j], b[:, j], levels, level_codes, codes[:, j])
+        delta = w[:, j] - (a[:, j] * f.code_values[c] + b[:, j]) - d[:, j]
+        moved = np.nonzero(delta)[0]
+        if len(moved):
+            codes[:, j] = c
+            d[moved, j] += delta[moved]
+            r[moved] += np.outer(delta[moved], h[j])
+
+
+def refit_in_place(f: Format, w: np.ndarray, blocks: np.ndarray, hd: torch.Tensor, d: np.ndarray,
+                   on_device: torch.Tensor) -> None:
+    """compensate.refit_in_place by batches: D H's batch columns from one product at the batch's
+    start, kept current within the batch as its blocks change. blocks (rows, n / bs, type_size),
+    d = W - Q (and its copy on the device) updated in place."""
+    rows, n = w.shape
+    bs, step = f.block_size, max(BATCH, f.block_size)
+    for k0 in range(0, n, step):
+        K = slice(k0, min(k0 + step, n))
+        dh = (on_device @ hd[:, K]).to("cpu", torch.float64).numpy().copy()   # D H[:, K]
+        h_k = hd[K, K].to("cpu", torch.float64).numpy()
+        for k in range(0, dh.shape[1], bs):
+            B, G = slice(k, k + bs), slice(k0 + k, k0 + k + bs)
+            h_bb = h_k[B, B]
+            cross = dh[:, B] - d[:, G] @ h_bb                     # D_rest H_rest,b
+            t_b = w[:, G] + np.linalg.solve(h_bb, cross.T).T
+            new = ref.refit_scales(f, blocks[:, (k0 + k) // bs], t_b, np.linalg.cholesky(h_bb))
+            blocks[:, (k0 + k) // bs] = new
+            change = (w[:, G] - ref.values(f, new)) - d[:, G]
+            d[:, G] += change
+            dh += change @ h_k[B]
+        on_device[:, K] = torch.from_numpy(d[:, K]).to(hd.device, hd.dtype)
