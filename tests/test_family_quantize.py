@@ -96,3 +96,23 @@ def test_calibration_refuses_what_its_forward_does_not_run_yet(command, tmp_path
     assert result.exit_code == 1, result.output
     assert "does not run LatentMoE layers" in result.output and "multi-token-prediction" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out.gguf").exists()
+
+
+@pytest.mark.parametrize("name", ["super", "lightning", "puzzle"])
+def test_quantizing_a_family_gguf_gives_the_checkpoints_file(name, tmp_path):
+    """An F32 GGUF of the family (latent widths, the MTP block, Puzzle's per-layer arrays) is read back
+    as a source: the same tensors, types and bytes, and the same model keys, as from the checkpoint."""
+    from tests.family_reference import WRITERS
+    ckpt = WRITERS[name](tmp_path / "ckpt")
+    f32 = convert(ckpt, tmp_path / "f32.gguf", "--outtype", "f32")
+    files = {}
+    for src, out in ((ckpt, "from-ckpt.gguf"), (f32, "from-gguf.gguf")):
+        result = run_cli("quantize", src, "-o", tmp_path / out, "--recipe", "NQ4")
+        assert result.exit_code == 0, result.output
+        files[out] = read_gguf(tmp_path / out)
+    a, b = files["from-ckpt.gguf"], files["from-gguf.gguf"]
+    assert [(t.name, t.type_name, t.shape) for t in a.tensors] == [(t.name, t.type_name, t.shape) for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert np.array_equal(np.asarray(a.tensor_data(ta.name).data), np.asarray(b.tensor_data(tb.name).data)), ta.name
+    model_keys = lambda meta: {k: v for k, v in meta.items() if k.startswith("nemotron_h_moe.")}  # noqa: E731
+    assert model_keys(a.metadata) == model_keys(b.metadata)

@@ -21,6 +21,7 @@ def config_of(source) -> ModelConfig:
         return config
     from nemoq.gguf_file import read_gguf
     config = config_from_gguf(read_gguf(source.path).metadata, source.layer_kinds, source.path)
+    _check_forward_runs(config, source)
     present = {t.name for t in source.plan.tensors}
     missing = [spec.name for spec in tensor_specs(config) if spec.name not in present]
     if missing:   # the forward pass needs every one (quantize does not)

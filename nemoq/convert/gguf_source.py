@@ -25,7 +25,7 @@ FLOAT_TYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
 NOT_COPIED = ("GGUF.", "general.file_type", "general.quantization_version", "general.size_label", "split.",
               "nemoq.")
 ALL_ROWS = (mapping.HEAD_ROWS + mapping.TAIL_ROWS + mapping.LAYER_ROWS + mapping.MAMBA_ROWS
-            + mapping.ATTENTION_ROWS + mapping.MOE_ROWS + mapping.PER_EXPERT_ROWS)
+            + mapping.ATTENTION_ROWS + mapping.MOE_ROWS + mapping.PER_EXPERT_ROWS + mapping.MTP_ROWS)
 LAYER_NAME = re.compile(r"^blk\.(\d+)\.")
 
 # ModelConfig field -> GGUF key (after "<arch>."), as nemoq.convert.metadata writes them; the
@@ -42,6 +42,15 @@ GGUF_KEYS = {
 }
 OPTIONAL_GGUF = {"n_expert_groups": 1, "n_expert_groups_used": 1, "n_shared_experts": 1,
                  "routed_scaling": 1.0, "norm_topk": True, "context_length": 4096}
+# The family's keys, absent from Nano's files: LatentMoE's width and the MTP blocks appended
+FAMILY_GGUF = {"latent": "moe_latent_size", "n_mtp_layers": "nextn_predict_layers"}
+# Puzzle's files hold these two per layer (ModelConfig.per_layer_moe)
+PER_LAYER_GGUF = ("expert_ff", "n_experts_used")
+
+
+def mtp_layers_in(metadata: dict) -> int:
+    value = metadata.get(f"{metadata.get('general.architecture')}.nextn_predict_layers", 0)
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def layer_kinds_from_metadata(metadata: dict, arch: str, path: Path) -> tuple[str, ...]:
@@ -50,19 +59,25 @@ def layer_kinds_from_metadata(metadata: dict, arch: str, path: Path) -> tuple[st
     if not isinstance(ff, list) or not isinstance(kv, list) or len(ff) != len(kv) or not all(
             isinstance(x, int) for x in ff + kv):
         raise NemoqError(f"{arch}.feed_forward_length / attention.head_count_kv are not per-layer arrays", path)
-    return tuple("moe" if f > 0 else "attention" if k > 0 else "mamba" for f, k in zip(ff, kv))
+    trunk = len(ff) - mtp_layers_in(metadata)   # the MTP blocks come last (nextn_predict_layers)
+    return tuple("moe" if f > 0 else "attention" if k > 0 else "mamba" for f, k in zip(ff[:trunk], kv[:trunk]))
 
 
 def config_from_gguf(metadata: dict, layer_kinds: tuple[str, ...], path: Path) -> ModelConfig:
     """The ModelConfig a nemotron_h_moe GGUF's metadata describes, each value checked as config.json's."""
     arch = metadata.get("general.architecture")
     names = {field: f"{arch}.{key}" for field, key in GGUF_KEYS.items()}
-    values = {}
+    values, per_layer = {}, {}
     for field, name in names.items():
         value = metadata.get(name, OPTIONAL_GGUF.get(field))
         if value is None:
             raise NemoqError(f"GGUF metadata lacks {name}", path)
+        if field in PER_LAYER_GGUF and isinstance(value, list):   # Puzzle
+            per_layer[field] = [check_field(field, v, name, path) if v else 0 for v in value[:len(layer_kinds)]]
+            value = next((v for v, k in zip(value, layer_kinds) if k == "moe"), 0)
         values[field] = check_field(field, value, name, path)
+    for field, key in FAMILY_GGUF.items():
+        values[field] = check_field(field, metadata.get(f"{arch}.{key}", 0), f"{arch}.{key}", path)
     inner_name = f"{arch}.ssm.inner_size"
     inner = check_field("mamba_head_dim", metadata.get(inner_name), inner_name, path)
     if inner % values["mamba_heads"]:
@@ -75,7 +90,8 @@ def config_from_gguf(metadata: dict, layer_kinds: tuple[str, ...], path: Path) -
     values["n_kv_heads"] = check_field("n_kv_heads", kv, f"{arch}.attention.head_count_kv", path) if kv \
         else values["n_heads"]
     check_relations(values, names, path)
-    return ModelConfig(path=path, architecture=arch, layer_kinds=layer_kinds, n_mtp_layers=0, raw={}, **values)
+    moe = tuple(zip(*(per_layer[f] for f in PER_LAYER_GGUF))) if len(per_layer) == len(PER_LAYER_GGUF) else ()
+    return ModelConfig(path=path, architecture=arch, layer_kinds=layer_kinds, raw={}, per_layer_moe=moe, **values)
 
 
 def check_shapes(config: ModelConfig, entries, path: Path) -> None:
@@ -92,11 +108,12 @@ def _spec(entry, layer_kinds: tuple[str, ...], path: Path) -> TensorSpec:
     m = LAYER_NAME.match(entry.name)
     layer = int(m.group(1)) if m else None
     row = next((r for r in ALL_ROWS if r.gguf_name(layer) == entry.name), None)
-    if row is None or layer is not None and layer >= len(layer_kinds):
+    if row is None or layer is not None and layer > len(layer_kinds):
         raise NemoqError(f"tensor {entry.name} is not a nemotron_h_moe tensor nemoq knows", path)
     shape = tuple(reversed(entry.shape))
+    kind = None if layer is None else layer_kinds[layer] if layer < len(layer_kinds) else "mtp"
     # The data is already in llama.cpp's form: no transform is applied a second time.
-    return TensorSpec(entry.name, shape, row.keep_f32, layer, layer_kinds[layer] if layer is not None else None,
+    return TensorSpec(entry.name, shape, row.keep_f32, layer, kind,
                       dataclasses.replace(row, transform="identity", stacked=False), (entry.name,), shape)
 
 
@@ -126,5 +143,6 @@ def open_gguf_source(path: Path):
             main = f.types[0]
             sub = f.types[-1] if main == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(name, f.contents(), main, sub_type=sub)
-    return Source(path, path.stem, arch, kinds, Plan(planned, "GGUF"), add_metadata,
+    plan = Plan(planned, "GGUF", mtp_layers=mtp_layers_in(contents.metadata))
+    return Source(path, path.stem, arch, kinds, plan, add_metadata,
                   f"{len(kinds)} layers ({pattern_of(kinds)}), from {len(contents.files)} GGUF file(s)")
