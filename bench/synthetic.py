@@ -62,6 +62,7 @@ def tensor_specs(cfg: dict) -> list[Spec]:
     in_proj = d_inner + conv_dim + heads
     q_dim, kv_dim = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
     n_exp, exp_ff, sh_ff = cfg["n_routed_experts"], cfg["moe_intermediate_size"], cfg["moe_shared_expert_intermediate_size"]
+    expert_io = cfg.get("moe_latent_size") or hidden   # LatentMoE (Super): experts in the latent width
 
     specs = [Spec("backbone.embeddings.weight", "BF16", (vocab, hidden), "normal")]
     for i, kind in enumerate(cfg["hybrid_override_pattern"]):
@@ -95,9 +96,12 @@ def tensor_specs(cfg: dict) -> list[Spec]:
             ]
             for x in range(n_exp):
                 specs += [
-                    Spec(m + f"experts.{x}.up_proj.weight", "BF16", (exp_ff, hidden), "normal"),
-                    Spec(m + f"experts.{x}.down_proj.weight", "BF16", (hidden, exp_ff), "normal"),
+                    Spec(m + f"experts.{x}.up_proj.weight", "BF16", (exp_ff, expert_io), "normal"),
+                    Spec(m + f"experts.{x}.down_proj.weight", "BF16", (expert_io, exp_ff), "normal"),
                 ]
+            if expert_io != hidden:
+                specs += [Spec(m + "fc1_latent_proj.weight", "BF16", (expert_io, hidden), "normal"),
+                          Spec(m + "fc2_latent_proj.weight", "BF16", (hidden, expert_io), "normal")]
             specs += [
                 Spec(m + "shared_experts.up_proj.weight", "BF16", (sh_ff, hidden), "normal"),
                 Spec(m + "shared_experts.down_proj.weight", "BF16", (hidden, sh_ff), "normal"),
@@ -238,13 +242,15 @@ def write_tokenizer(folder: Path) -> int:
     return tok.get_vocab_size()
 
 
-def ensure_checkpoint(cache_dir: Path, pattern: str, seed: int = 0) -> Path:
-    """The synthetic checkpoint for `pattern`, built on first use (atomically) and reused."""
-    name = "nemotron3-nano-synth-" + pattern.replace("*", "A") + f"-v{GENERATOR_VERSION}"
+def ensure_checkpoint(cache_dir: Path, pattern: str, seed: int = 0, base: dict | None = None,
+                      model: str = "nano") -> Path:
+    """The synthetic checkpoint for `pattern`, built on first use (atomically) and reused; `base`:
+    another model's config.json (`model` names it in the folder name), Nano's by default."""
+    name = f"nemotron3-{model}-synth-" + pattern.replace("*", "A") + f"-v{GENERATOR_VERSION}"
     folder = cache_dir / name
     if (folder / MANIFEST).is_file():
         return folder
-    cfg = dict(REAL_CONFIG, hybrid_override_pattern=pattern, num_hidden_layers=len(pattern))
+    cfg = dict(base or REAL_CONFIG, hybrid_override_pattern=pattern, num_hidden_layers=len(pattern))
     specs = tensor_specs(cfg)
     total = sum(s.nbytes for s in specs)
     need = total + 256 * 1024 * 1024
