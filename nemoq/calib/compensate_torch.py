@@ -32,6 +32,7 @@ from nemoq.quant.formats import FORMATS, Format
 
 BATCH = 128            # columns per lazy update (GPTQ's block size); a k-quant's 256 where larger
 PRODUCT_COLUMNS = 512  # columns of R per product when multiplying by a triangular R
+ROWS = 4096            # rows quantized at a time (the output head has 131072): memory stays bounded
 
 
 def compensated_quantize(
@@ -61,7 +62,7 @@ def compensated_quantize(
         raise ValueError(f"{fmt}: row length {n} is not a multiple of the block size {f.block_size}")
     device = torch.device(device)
     wide = torch.float32 if device.type == "mps" else torch.float64
-    h_given, h = h, torch.as_tensor(h).to(device, wide)
+    h = torch.as_tensor(h).to(device, wide)
     if tuple(h.shape) != (n, n) or not torch.isfinite(h).all():
         raise ValueError(f"{fmt}: H must be a finite ({n}, {n}) matrix, got shape {tuple(h.shape)}")
     w = w.astype(np.float32)
@@ -70,14 +71,11 @@ def compensated_quantize(
         importance = diag.astype(np.float32) if diag.any() else None
     enc = BLOCK_ENCODINGS[fmt]
     rounded = enc.quantize(w, None if importance is None else np.maximum(importance, 0))
-    matrices = np.stack([w.astype(np.float64), w - enc.dequantize(rounded).astype(np.float64)])  # W, W - Q_rounding
-    through_inputs = inputs is not None and len(inputs) < n / 2
+    # the output errors through the tokens where fewer than half the columns: ||D X^T||^2 costs less
+    x_t = torch.as_tensor(inputs).to(device, dtype).T if inputs is not None and len(inputs) < n / 2 else None
 
     def fallback(reason: str, lam: float = np.nan) -> Compensated:
-        if through_inputs:
-            energy, err = norms_through(torch.as_tensor(inputs).to(device, dtype).T, matrices)
-        else:
-            energy, err = quadratic_forms(h, matrices)
+        energy, err = output_forms(enc, w, rounded, inputs_t=x_t, h=h)
         return Compensated(rounded, relative(err, energy), relative(err, energy), energy, lam, reason)
 
     if not diag.any():
@@ -90,18 +88,18 @@ def compensated_quantize(
     if factor is None:
         return fallback(f"H is singular even with damping {DAMPING_LADDER[-1]}")
     r, lam, shift = factor
+    hd = h.to(dtype) + torch.diag(torch.from_numpy(shift).to(device, dtype)) if passes else None
     del h
-    blocks = sweep(f, torch.from_numpy(w).to(device, dtype), r, dtype, refit=refit)
-    if passes:
-        hd = torch.as_tensor(h_given).to(device, dtype) + torch.diag(torch.from_numpy(shift).to(device, dtype))
-        blocks = refine(f, w, blocks, hd, passes, refit=refit)
-        del hd
-    matrices = np.concatenate([matrices, (w - enc.dequantize(blocks).astype(np.float64))[None]])
-    if through_inputs:
-        energy, error_rounding, error = norms_through(torch.as_tensor(inputs).to(device, dtype).T, matrices)
-    else:
-        energy, error_rounding, error = (a - b for a, b in zip(
-            norms_through(r.to(dtype), matrices, triangular=True), shifted_norms(shift, matrices)))
+    parts = []
+    for r0 in range(0, rows, ROWS):   # rows are independent: a chunk at a time bounds memory
+        part = w[r0:r0 + ROWS]
+        blocks = sweep(f, torch.from_numpy(part).to(device, dtype), r, dtype, refit=refit)
+        if passes:
+            blocks = refine(f, part, blocks, hd, passes, refit=refit)
+        parts.append(blocks)
+    blocks = np.concatenate(parts)
+    del hd
+    energy, error_rounding, error = output_forms(enc, w, rounded, blocks, inputs_t=x_t, factor=(r.to(dtype), shift))
     error, error_rounding = relative(error, energy), relative(error_rounding, energy)
     if error > error_rounding:
         return Compensated(rounded, error_rounding, error_rounding, energy, lam,
@@ -141,6 +139,24 @@ def cholesky_factor(h: torch.Tensor, damping: float):
 
 
 # --- output errors ---------------------------------------------------------------------------
+
+
+def output_forms(enc, w: np.ndarray, *blocks: np.ndarray, inputs_t: torch.Tensor | None = None,
+                 h: torch.Tensor | None = None, factor: tuple[torch.Tensor, np.ndarray] | None = None) -> list[float]:
+    """tr(W H W^T) and tr(D H D^T) for D = W - Q of each of `blocks`, ROWS rows at a time:
+    through the inputs X^T (n, tokens) where given (||D X^T||^2), else through the factor
+    (R, shift) (||D R||^2 - shift-weighted ||D_j||^2), else through H itself."""
+    sums = np.zeros(1 + len(blocks))
+    for r0 in range(0, len(w), ROWS):
+        part = w[r0:r0 + ROWS].astype(np.float64)
+        stack = np.stack([part] + [part - enc.dequantize(b[r0:r0 + ROWS]).astype(np.float64) for b in blocks])
+        if inputs_t is not None:
+            sums += norms_through(inputs_t, stack)
+        elif factor is not None:
+            sums += np.subtract(norms_through(factor[0], stack, triangular=True), shifted_norms(factor[1], stack))
+        else:
+            sums += quadratic_forms(h, stack)
+    return [float(s) for s in sums]
 
 
 def quadratic_forms(h: torch.Tensor, x: np.ndarray) -> list[float]:

@@ -53,7 +53,7 @@ void nemoq_round_on_grid(double * w, int64_t ldw, const float * a, const float *
 
 /* The coordinate descent's column loop over m columns (compensate.refine): each column's code
  * moved to the one nearest its best value given the others, w_j + (r_j - h_jj d_j) / h_jj, and
- * r = D H updated for the change. Per row: w, d, r (rows, m) doubles (d and r updated in place);
+ * the later columns of r = D H updated for the change (the earlier ones are not read again). Per row: w, d, r (rows, m) doubles (d and r updated in place);
  * a, b (rows, m) the grid; codes (rows, m) in and out; h (m, ldh) doubles, H's rows and columns
  * of these m columns. */
 void nemoq_descend_codes(const double * w, double * d, double * r, const float * a, const float * b,
@@ -73,7 +73,7 @@ void nemoq_descend_codes(const double * w, double * d, double * r, const float *
             if (delta != 0.0) {
                 codes[k] = code;
                 dr[j] += delta;
-                for (int64_t c = 0; c < m; c++) rr[c] += delta * h[j * ldh + c];
+                for (int64_t c = j + 1; c < m; c++) rr[c] += delta * h[j * ldh + c];
             }
         }
     }
