@@ -1,0 +1,175 @@
+"""The block formats' contracts that mutation testing (docs/mutation.md) found untested.
+
+Against outside oracles where one exists: ggml's bytes (tests/ggml_oracle.py) on blocks at the
+edges of each quantizer's arithmetic, gguf-py's E8M0 / UE4M3 decoders and encoder. Otherwise the
+documented interface of nemoq/quant/formats/base.py: quantizers return uint8 rows, the grid
+reproduces dequantize, codes and fields unpack with any leading dimensions, and degenerate blocks
+(all zero, a scale of exactly 1, tiny or huge values) quantize without numpy warnings, which would
+reach the user as stray RuntimeWarnings or, on a cast of NaN, as platform-dependent bytes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from nemoq.quant.formats import FORMATS, Format
+from nemoq.quant.formats import mxfp4, nvfp4
+from nemoq.quant.formats.q6_k import Q6_K
+from tests.ggml_oracle import ggml_quantize
+from tests.test_formats import NAMES, case_matrix, importance_for
+
+N = 512
+
+
+def edge_rows() -> np.ndarray:
+    """Rows of 512 whose 32-value blocks sit where a quantizer's arithmetic has its edges: scales of
+    exactly 1 (Q8_0's max 127, Q4_0's max -8, Q5_0's -16, Q5_1's range 0..31, Q6_K's ...),
+    constant blocks, one non-zero value, zero blocks of either sign, and E2M1 midpoints."""
+    rng = np.random.default_rng(3)
+    ramps = [np.arange(-127, 128, 8.0), np.arange(-8, 8.0), np.arange(-16, 16.0), np.arange(0, 32.0),
+             np.arange(-32, 32.0, 2), np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])]
+    blocks = []
+    for r in ramps:
+        b = np.resize(rng.permutation(r), 32)
+        b[0] = r[0] if abs(r[0]) >= abs(r[-1]) else r[-1]   # the value of largest magnitude present
+        blocks += [b, -b]
+    blocks += [np.full(32, 0.75), np.full(32, -3.0), np.eye(32)[5] * 2.5, np.zeros(32), -np.zeros(32)]
+    x = np.concatenate(blocks)
+    x = np.resize(x, 4 * N).reshape(4, N)
+    x[1] *= 1e-3
+    x[2] = x[0][::-1] * 64.0
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
+@pytest.mark.parametrize("name", NAMES)
+def test_ggml_port_equals_ggml_on_edge_blocks(name, weighted):
+    fmt, x = FORMATS[name], edge_rows()
+    imp = importance_for(N) if weighted else None
+    ours = fmt.ggml_rows(x, imp)
+    ggml = ggml_quantize(x, fmt.ggml_type, imp)
+    assert (ours == ggml).all(), f"{name}: {(ours != ggml).any(axis=-1).sum()} rows differ from ggml"
+
+
+def degenerate_rows() -> np.ndarray:
+    x = edge_rows()
+    return np.concatenate([x, np.zeros((1, N), np.float32), -np.zeros((1, N), np.float32),
+                           np.full((1, N), 1e-30, np.float32), np.full((1, N), 3e4, np.float32)])
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
+@pytest.mark.parametrize("name", NAMES)
+def test_quantizers_return_uint8_rows_and_raise_no_numpy_warnings(name, weighted):
+    fmt, x = FORMATS[name], degenerate_rows()
+    imp = importance_for(N) if weighted else None
+    methods = [fmt.quantize_rows, fmt.ggml_rows] + ([fmt.search_rows] if name != "q8_0" else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in methods:
+            out = method(x, imp)
+            assert out.dtype == np.uint8, (method.__name__, out.dtype)
+            assert out.shape == (x.shape[0], N // fmt.block_size * fmt.type_size), method.__name__
+            y = fmt.dequantize(out)
+            assert np.isfinite(y).all(), method.__name__
+        assert (fmt.dequantize(fmt.quantize(x[-4:-2], imp)) == 0).all()   # zero rows stay zero
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grid_codes_and_fields_describe_the_blocks(name):
+    """base.py's anatomy: value = a * code_values[code] + b exactly as dequantize computes it; codes
+    and fields read back what with_codes / with_fields write; written levels sorted and unique."""
+    fmt = FORMATS[name]
+    x = case_matrix("heavy-tailed", 256)[:4, :N]
+    blocks = fmt.quantize(x, importance_for(N)).reshape(-1, fmt.type_size)
+    a, b = fmt.grid(blocks)
+    codes = fmt.codes(blocks)
+    assert a.dtype == b.dtype == np.float32
+    assert (a * fmt.code_values[codes] + b == fmt.dequantize_blocks(blocks)).all()
+    assert (fmt.with_codes(blocks, codes) == blocks).all()
+    assert (fmt.with_fields(blocks, *fmt.fields(blocks)) == blocks).all()
+    levels, level_codes = fmt.written_levels()
+    assert (np.diff(levels) > 0).all() and (fmt.code_values[level_codes] == levels).all()
+    other = np.random.default_rng(1).choice(level_codes, codes.shape).astype(np.uint8)
+    moved = fmt.with_codes(blocks, other)
+    assert (fmt.codes(moved) == other).all()
+    assert all((f == g).all() for f, g in zip(fmt.fields(moved), fmt.fields(blocks)))
+    # codes and fields of (..., bytes) arrays, whatever the leading dimensions
+    lead = blocks.reshape(2, -1, fmt.type_size)
+    assert (fmt.unpack_codes(lead[..., fmt.code_bytes]) == codes.reshape(2, -1, fmt.block_size)).all()
+    assert (fmt.pack_codes(codes.reshape(2, -1, fmt.block_size)) == lead[..., fmt.code_bytes]).all()
+
+
+def test_q8_0_never_writes_minus_128():
+    levels, _ = FORMATS["q8_0"].written_levels()
+    assert levels[0] == -127 and levels[-1] == 127 and len(levels) == 255
+
+
+def test_e8m0_half_is_gguf_pys_for_every_exponent():
+    e = np.arange(256, dtype=np.uint8)
+    with np.errstate(over="ignore"):
+        ours = mxfp4.e8m0_half(e)
+    theirs = quants.MXFP4.e8m0_to_fp32_half(e.astype(np.uint32))
+    assert (ours.view(np.uint32) == theirs.view(np.uint32)).all()
+    assert (ours[1:255] == np.ldexp(np.float32(1), e[1:255].astype(int) - 128)).all()
+
+
+def test_ue4m3_decoding_is_gguf_pys_for_every_code():
+    codes = np.arange(256, dtype=np.uint8)
+    theirs = 2 * quants.NVFP4.ue4m3_to_fp32(codes)   # gguf-py's is halved, for the doubled E2M1 table
+    ours = np.array([nvfp4._ue4m3(int(c)) for c in codes], np.float32)
+    assert (ours == theirs).all()
+    assert (nvfp4.UE4M3 == ours).all()
+
+
+def test_fp32_to_ue4m3_is_gguf_pys_on_every_code_and_midpoint():
+    values = nvfp4.UE4M3[1:0x7F].astype(np.float64)
+    mids = (values[1:] + values[:-1]) / 2
+    x = np.concatenate([values, mids, np.nextafter(mids, 0), np.nextafter(mids, np.inf),
+                        [0, -0.0, -1, 1e-9, 449, 1e6, np.inf]]).astype(np.float32)
+    with np.errstate(invalid="ignore"):   # inf and NaN take a discarded branch through a cast
+        assert (nvfp4.fp32_to_ue4m3(x) == quants.NVFP4.fp32_to_ue4m3(x)).all()
+        assert (nvfp4.fp32_to_ue4m3(x.astype(np.float64)) == nvfp4.fp32_to_ue4m3(x)).all()   # any float input
+        assert nvfp4.fp32_to_ue4m3(np.float32(np.nan)) == 0     # ggml: !(x > 0) -> 0
+
+
+def test_mxfp4_exponent_is_clamped_to_e8m0_for_tiny_blocks():
+    """Blocks below 2^-125 need an exponent under 0: E8M0's smallest (0) is written, not a wrapped
+    byte (ggml's cast of a negative float there is undefined), and the values stay representable."""
+    x = np.full((1, 32), 1e-38, np.float32)
+    x[0, ::2] = 6e-39
+    for method in (FORMATS["mxfp4"].ggml_rows, FORMATS["mxfp4"].quantize_rows):
+        blocks = method(x)
+        assert blocks[0, 0] == 0
+        y = FORMATS["mxfp4"].dequantize(blocks)
+        assert np.abs(y - x).max() < 0.3 * np.abs(x).max()
+
+
+def test_q6_k_refit_saturates_the_int8_group_scales():
+    """Q6_K's group scales are int8: a least-squares refit beyond +-127 / -128 saturates there."""
+    L = np.tile(np.arange(-16, 16, dtype=np.float32), 2)[:16, None, None, None] * np.ones((16, 2, 1, 1), np.float32)
+    xt = L * np.array([300, -300], np.float32)[None, :, None, None]
+    d = np.ones((1, 1), np.float32)
+    sc = np.zeros((2, 1, 1), np.float32)
+    _, sc, _ = Q6_K.refit(xt, np.ones_like(xt), d, sc, L)
+    assert sc[:, 0, 0].tolist() == [127, -128]
+
+
+def test_iq4_nl_plain_targets_are_the_first_factors_at_each_end():
+    """Without importance only plain_factors factors per table end are tried (test_formats.py
+    measures that the others never win); with it, all of them."""
+    fmt = FORMATS["iq4_nl"]
+    assert len(fmt.targets()) == 2 * len(fmt.search_factors)
+    assert len(fmt.targets(weighted=False)) == 2 * fmt.plain_factors
+    assert fmt.targets(weighted=False) == fmt.targets()[:3] + fmt.targets()[8:11]
+
+
+def test_a_format_subclass_takes_its_sizes_from_gguf_py():
+    class Probe(Format, ggml_type=GGMLQuantizationType.Q4_1):
+        pass
+    assert Probe.ggml_type == GGMLQuantizationType.Q4_1
+    assert (Probe.block_size, Probe.type_size) == GGML_QUANT_SIZES[GGMLQuantizationType.Q4_1]
+    assert Probe().name == "q4_1"
