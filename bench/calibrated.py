@@ -1,9 +1,12 @@
 """What `nemoq quantize --calibrate` buys: KLD vs the F32 file on held-out text, per recipe, for
 plain rounding, `--imatrix` (from `nemoq calibrate`) and `--calibrate` on the same tokens.
 
-    .venv/bin/python bench/calibrated.py [--recipes Q4_K_M IQ4_NL ...] [--tokens 65536] [--feeds] [--json FILE]
+    .venv/bin/python bench/calibrated.py [--model tiny w256] [--recipes Q4_K_M IQ4_NL ...] [--tokens 65536]
+                                         [--feeds] [--no-llama] [--json FILE]
 
-Model: the bundled trained tests/data/nemotron-tiny (--model for another). Calibration: the
+Models (bench/tiny_models.py): tiny, the bundled trained tests/data/nemotron-tiny (widths not
+multiples of 256), and w256, a second trained model with every width a multiple of 256 (trained
+into a cache when missing), or a checkpoint folder; each runs in turn. Calibration: the
 corpus' train split (the default data of both commands); held-out text: its val split, which
 shares no source item with it. Every held-out token after the first half chunk is scored: the
 chunks of --eval-ctx tokens are scored in their second half, as llama-perplexity does, and once
@@ -13,6 +16,11 @@ from the paired per-token differences (delta method: se(a/b) = sd(a_i - r b_i) /
 Times and peak RSS: `nemoq calibrate` and `nemoq quantize --calibrate`, each a child process on
 the same tokens. --feeds also measures the walk's other choice of inputs (nemoq.calib.walk.SEQUENTIAL:
 the full-precision model's, or the quantized model's) against the default. Not part of the test suite.
+
+With Q4_K_M among the recipes (unless --no-llama): llama.cpp's own Q4_K_M from llama-quantize,
+with and without llama-imatrix's imatrix on the same calibration tokens and --ctx, from the same
+F32 GGUF (bench/llama_q4km.py; the tools are built once, bench/llama_tools.py). Its tensor types
+are llama.cpp's, so the file sizes differ from nemoq's: both are printed.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 from measure import git_state, spawn_timed  # noqa: E402
+from tiny_models import model_path  # noqa: E402
 
 RECIPES = ("Q4_K_M", "IQ4_NL", "NQ4", "NVFP4", "MXFP4_MOE", "Q6_K", "NQ5", "Q8_0")
 NEMOQ = str(ROOT / ".venv" / "bin" / "nemoq")
@@ -78,25 +87,32 @@ def run(argv: list, log: Path) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=ROOT / "tests" / "data" / "nemotron-tiny")
+    ap.add_argument("--model", nargs="+", default=["tiny"], help="tiny, w256 (bench/tiny_models.py) or a folder")
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES))
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--eval-ctx", type=int, default=256)
     ap.add_argument("--variants", nargs="+", default=["plain", "imatrix", "calibrate"])
     ap.add_argument("--feeds", action="store_true", help="also the walk with its other choice of inputs")
+    ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp's own Q4_K_M")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / ".cache" / "calibrated")
-    ap.add_argument("--json", type=Path, help="write the figures to this file")
+    ap.add_argument("--json", type=Path, help="write the figures to this file (one entry per model)")
     args = ap.parse_args()
+    figures = {name: bench(args, name) for name in args.model}
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
 
+
+def bench(args, which: str) -> dict:
     from tests.fixtures.corpus import load_texts
-    work = args.work
+    model = model_path(which)
+    work = args.work / model.name
     work.mkdir(parents=True, exist_ok=True)
     base = work / "base-F32.gguf"
-    run([NEMOQ, "convert", args.model, "-o", base, "--outtype", "f32", "--force"], work / "convert.log")
+    run([NEMOQ, "convert", model, "-o", base, "--outtype", "f32", "--force"], work / "convert.log")
     tokens = ["--tokens", args.tokens, "--ctx", args.ctx]
     imatrix = work / "imatrix.gguf"
-    times = {"calibrate": run([NEMOQ, "calibrate", args.model, "-o", imatrix, "--force", *tokens],
+    times = {"calibrate": run([NEMOQ, "calibrate", model, "-o", imatrix, "--force", *tokens],
                               work / "calibrate.log")}
 
     files: dict[tuple[str, str], Path] = {}
@@ -104,7 +120,7 @@ def main() -> None:
         for variant in args.variants:
             out = work / f"{recipe}-{variant}.gguf"
             extra = {"plain": [], "imatrix": ["--imatrix", imatrix], "calibrate": ["--calibrate", *tokens]}[variant]
-            seconds = run([NEMOQ, "quantize", args.model, "-o", out, "--recipe", recipe, "--force", *extra],
+            seconds = run([NEMOQ, "quantize", model, "-o", out, "--recipe", recipe, "--force", *extra],
                           work / f"{recipe}-{variant}.log")
             times[f"{recipe} {variant}"] = seconds
             files[recipe, variant] = out
@@ -113,7 +129,7 @@ def main() -> None:
             from nemoq.calib.walk import SEQUENTIAL
             from nemoq.quant.recipes import RECIPES as ALL
             out = work / f"{recipe}-{OTHER_FEED}.gguf"
-            quantize_calibrated(args.model, out, ALL[recipe], tokens=args.tokens, ctx=args.ctx, force=True,
+            quantize_calibrated(model, out, ALL[recipe], tokens=args.tokens, ctx=args.ctx, force=True,
                                 sequential=not SEQUENTIAL)
             files[recipe, OTHER_FEED] = out
 
@@ -124,13 +140,20 @@ def main() -> None:
         if len({repr(t) for t in tables.values()}) != 1:
             raise SystemExit(f"{recipe}: the files' tensor tables differ ({', '.join(tables)})")
 
+    llama = None
+    if "Q4_K_M" in args.recipes and not args.no_llama:
+        from llama_q4km import llama_q4km
+        llama = llama_q4km(base, model, work, args.ctx, args.tokens, run)
+        times.update(llama["times"])
+    extra = llama["files"] if llama else {}
     text = "\n\n".join(load_texts("val"))
     keys = list(files)
-    klds = dict(zip(keys, held_out_kld(base, [files[k] for k in keys], text, args.eval_ctx)))
+    klds = dict(zip(keys + list(extra), held_out_kld(base, [files[k] for k in keys] + list(extra.values()),
+                                                      text, args.eval_ctx)))
     n = len(next(iter(klds.values())))
-    print(f"{args.model.name}: KLD vs F32 over {n:,} held-out tokens; calibration {args.tokens:,} tokens "
+    print(f"{model.name}: KLD vs F32 over {n:,} held-out tokens; calibration {args.tokens:,} tokens "
           f"(x {args.ctx}) of the train split")
-    figures = {"model": str(args.model), "held_out_tokens": n, "tokens": args.tokens, "ctx": args.ctx,
+    figures = {"model": str(model), "held_out_tokens": n, "tokens": args.tokens, "ctx": args.ctx,
                "eval_ctx": args.eval_ctx, "recipes": {}, "times": {}, "code": git_state()}
     head = f"{'recipe':<11}{'bpw':>6}" + "".join(f"{v:>13}" for v in args.variants + ([OTHER_FEED] if args.feeds else []))
     print(head + f"{'cal/plain':>16}{'cal/imatrix':>16}" + (f"{'cal/' + OTHER_FEED:>16}" if args.feeds else ""))
@@ -149,14 +172,35 @@ def main() -> None:
         figures["recipes"][recipe] = entry
         weights = sum(int(np.prod(t.shape)) for t in read_gguf(files[recipe, args.variants[0]]).tensors)
         print(f"{recipe:<11}{8 * size / weights:>6.2f}{cells}")
+    if llama:
+        figures["llama.cpp"] = llama_rows(klds, files["Q4_K_M", args.variants[-1]], args.variants[-1], llama)
     for name, (seconds, rss) in times.items():
         figures["times"][name] = {"seconds": round(seconds, 1), "peak_rss_gb": round(rss, 3)}
     cal = [(k, v) for k, v in times.items() if k.endswith("calibrate")]
     print(f"nemoq calibrate: {times['calibrate'][0]:.1f} s, peak RSS {times['calibrate'][1]:.2f} GB")
     for name, (seconds, rss) in cal[1:]:
         print(f"quantize {name}: {seconds:.1f} s, peak RSS {rss:.2f} GB")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+    for step, (seconds, rss) in times.items():
+        if step.startswith("llama-"):
+            print(f"{step}: {seconds:.1f} s, peak RSS {rss:.2f} GB")
+    return figures
+
+
+def llama_rows(klds: dict, ours_file: Path, ours: str, llama: dict) -> dict:
+    """llama.cpp's Q4_K_M files against nemoq's Q4_K_M `ours` variant: KLD, sizes, ratios."""
+    print(f"llama.cpp Q4_K_M (llama-imatrix on the same {llama['calibration_tokens']:,} calibration tokens; "
+          f"{llama['mismatched_tokens']} of them tokenized differently by llama.cpp)")
+    a = klds["Q4_K_M", ours]
+    out = {"mismatched_tokens": llama["mismatched_tokens"],
+           f"nemoq {ours}": {"kld": float(a.mean()), "bytes": ours_file.stat().st_size}}
+    print(f"  nemoq {ours:<20}{a.mean():>10.5f}{ours_file.stat().st_size:>12,} bytes")
+    for variant, path in llama["files"].items():
+        b = klds[variant]
+        r, se = ratio(a, b)
+        out[variant] = {"kld": float(b.mean()), "kld_stderr": float(b.std(ddof=1) / math.sqrt(len(b))),
+                        "bytes": path.stat().st_size, f"{ours}/{variant}": [r, se]}
+        print(f"  {variant:<26}{b.mean():>10.5f}{path.stat().st_size:>12,} bytes   {ours}/{variant} {r:.3f} ±{se:.3f}")
+    return out
 
 
 if __name__ == "__main__":

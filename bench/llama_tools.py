@@ -12,6 +12,7 @@ of llama.cpp is kept in the repository. The sdist is the one tests/llama_convert
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -70,11 +71,17 @@ def unpack(sdist: Path) -> Path:
 
 
 def build(jobs: int = 2, log=sys.stderr) -> dict[str, Path]:
-    """The two tools' paths, building them first when they are missing."""
+    """The two tools' paths, building them first when they are missing (one build at a time: a lock file)."""
     paths = binaries()
     if all(p.is_file() for p in paths.values()):
         return paths
     HOME.mkdir(parents=True, exist_ok=True)
+    with (HOME / "build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # another bench building: wait for it, then find its tools
+        return paths if all(p.is_file() for p in paths.values()) else _build(paths, jobs, log)
+
+
+def _build(paths: dict[str, Path], jobs: int, log) -> dict[str, Path]:
     src = unpack(fetch_sdist())
     configure = ["cmake", "-S", str(src), "-B", str(HOME / "build"), *(f"-D{k}={v}" for k, v in CMAKE_OPTIONS.items())]
     for argv in (configure, ["cmake", "--build", str(HOME / "build"), "--target", *TARGETS, f"-j{jobs}"]):
