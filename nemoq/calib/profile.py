@@ -5,13 +5,17 @@ matrix its H = sum x x^T on the calibration tokens (per routed expert); each can
 output error ||(W - Q) X||^2 is measured through it (nemoq.quant.type_errors), with plain rounding
 and, with `compensated`, with `--calibrate`'s rounding. The embeddings are a row lookup: their
 error is each row's squared error weighted by how often the calibration text uses the row.
-Then one ablation per tensor (sensitivity.py) turns errors into KLD:
+Then a few one-tensor ablations per tensor (sensitivity.py) turn errors into KLD: the tensor alone
+rounded to its least, its most and a middle-error type, each file's KLD measured by llama.cpp.
+Between those points, a tensor's KLD is interpolated as a power of its relative output error e
+(straight lines in log e / log KLD, the end segments extended), and the file's KLD is the sum:
 
-    predicted KLD of a file = sum over tensors t of  c_t * e_t(type_t)^2,
+    predicted KLD of a file = sum over tensors t of  KLD_t(e_t(type_t)).
 
-with e_t the relative output error and c_t = KLD of the file with only t quantized / e_t^2 at
-the type it was ablated in. The profile records the model it was made from (config, tensor
-names and shapes, a digest of the output norm), so it is refused for any other model.
+A single quadratic KLD = c e^2 (the small-error limit) missed by up to 2x on the bundled model:
+a Mamba input projection's KLD grew as e^1.2, and llama.cpp's 8-bit activations for quantized
+matmuls add a floor that only matters at Q8_0. The profile records the model it was made from
+(config, tensor names and shapes, a digest of the output norm), so it is refused for any other.
 """
 
 from __future__ import annotations
@@ -55,9 +59,7 @@ class TensorProfile:
     tokens: int = 0
     energy: float = 0.0                          # tr(W H W^T) summed over matrices
     errors: dict[str, TypeError2] = field(default_factory=dict)
-    ablated: str = ""                            # the type of its one-tensor ablation
-    ablation_kld: float = 0.0
-    sensitivity: float = 0.0                     # c: KLD per unit of relative error^2
+    ablations: dict[str, float] = field(default_factory=dict)   # type -> KLD with only this tensor in it
 
     def error(self, type_name: str, compensated: bool = False) -> float:
         """Relative output error ||(W - Q) X|| / ||W X||."""
@@ -66,7 +68,23 @@ class TensorProfile:
         return float(np.sqrt(sq / self.energy)) if self.energy > 0 else 0.0
 
     def predicted(self, type_name: str, compensated: bool = False) -> float:
-        return self.sensitivity * self.error(type_name, compensated) ** 2
+        """This tensor's KLD share in `type_name`, from its ablation curve."""
+        return kld_curve([(self.error(t), k) for t, k in self.ablations.items()], self.error(type_name, compensated))
+
+
+def kld_curve(points: list[tuple[float, float]], e: float) -> float:
+    """KLD at relative error e through measured (error, KLD) points: piecewise linear in log-log,
+    the end segments extended; one point: KLD = c e^2."""
+    pts = sorted((np.log(x), np.log(max(k, 1e-12))) for x, k in points if x > 0)
+    if not pts or e <= 0:
+        return 0.0
+    x = np.log(e)
+    if len(pts) == 1:
+        return float(np.exp(pts[0][1] + 2 * (x - pts[0][0])))
+    i = int(np.clip(np.searchsorted([p[0] for p in pts], x), 1, len(pts) - 1))
+    (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+    slope = (y1 - y0) / (x1 - x0) if x1 > x0 else 2.0
+    return float(np.exp(y0 + slope * (x - x0)))
 
 
 @dataclass
@@ -82,8 +100,7 @@ class Profile:
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "model": self.model, "calibration": self.calibration,
                 "compensated": self.compensated, "tensors": {n: {
-                    "shape": list(t.shape), "tokens": t.tokens, "energy": t.energy, "ablated": t.ablated,
-                    "ablation_kld": t.ablation_kld, "sensitivity": t.sensitivity,
+                    "shape": list(t.shape), "tokens": t.tokens, "energy": t.energy, "ablations": t.ablations,
                     "types": {k: {"bytes": type_nbytes(k, t.shape), "error": t.error(k),
                                   "error_compensated": t.error(k, True) if e.compensated is not None else None,
                                   "squared": e.plain, "squared_compensated": e.compensated}
@@ -97,7 +114,7 @@ def read_profile(path: Path) -> Profile:
             raise NemoqError(f"not a nemoq profile (format {FORMAT} version {VERSION})", path)
         tensors = {n: TensorProfile(n, tuple(t["shape"]), t["tokens"], t["energy"],
                                     {k: TypeError2(e["squared"], e["squared_compensated"]) for k, e in t["types"].items()},
-                                    t["ablated"], t["ablation_kld"], t["sensitivity"])
+                                    dict(t["ablations"]))
                    for n, t in doc["tensors"].items()}
         return Profile(doc["model"], tensors, doc["calibration"], doc["compensated"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
@@ -158,7 +175,7 @@ class ProfileWalk(LayerWalk):
         super().__init__(source.plan, config_of(source), sequences, targets, device=device, sequential=False,
                          on_progress=on_progress)
 
-    def _quantize(self, name: str, matrix: torch.Tensor, gram, importance: np.ndarray | None = None):
+    def _quantize(self, name: str, matrix: torch.Tensor, gram, importance: np.ndarray | None = None, *more):
         spec, p = self.specs[name], self.profiles[name]
         w = matrix.float().cpu().numpy()
         scaled = {t: takes_scale(spec, t) for t in CANDIDATE_TYPES}
@@ -189,21 +206,21 @@ def embedding_profile(source: Source, spec, sequences: np.ndarray) -> TensorProf
     return p
 
 
-def ablation_type(p: TensorProfile) -> str:
-    """The candidate with the largest plain error: the clearest KLD to measure."""
-    types = [t for t in p.errors if t != "f16"] or list(p.errors)
-    return max(types, key=lambda t: (p.error(t), t))
+def ablation_types(p: TensorProfile) -> list[str]:
+    """The quantized candidates with the least and the most error, and the one nearest their
+    geometric mean: the ends and the middle of the tensor's KLD curve."""
+    types = sorted((t for t in p.errors if t != "f16"), key=lambda t: (p.error(t), t))
+    if len(types) < 3:
+        return types
+    middle = np.sqrt(p.error(types[0]) * p.error(types[-1]))
+    mid = min(types[1:-1], key=lambda t: abs(np.log(max(p.error(t), 1e-30) / max(middle, 1e-30))))
+    return [types[0], mid, types[-1]]
 
 
-def make_profile(src: str | Path, *, data: Path | None = None, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX,
-                 device: str = "auto", compensated: bool = False, sensitivity_tokens: int = SENSITIVITY_TOKENS,
-                 on_progress: Callable[[Progress], None] | None = None,
-                 on_ablation: Callable[[int, int], None] | None = None) -> Profile:
-    start = time.perf_counter()
-    torch_device = pick_device(device)
-    source = open_source(src)
-    sequences, _ = calibration_sequences(source, data, ctx, tokens)
-    walk = ProfileWalk(source, sequences, torch_device, compensated, on_progress)
+def measure_errors(source: Source, sequences: np.ndarray, device: torch.device, compensated: bool,
+                   on_progress: Callable[[Progress], None] | None = None) -> dict[str, TensorProfile]:
+    """Every profiled tensor's output errors per candidate type (sensitivities not yet set)."""
+    walk = ProfileWalk(source, sequences, device, compensated, on_progress)
     try:
         walk.finish()
     finally:
@@ -214,14 +231,31 @@ def make_profile(src: str | Path, *, data: Path | None = None, tokens: int = DEF
             tensors[spec.name] = embedding_profile(source, spec, sequences)
         elif spec.name in walk.profiles and walk.profiles[spec.name].errors:
             tensors[spec.name] = walk.profiles[spec.name]
-    ablate = {n: ablation_type(p) for n, p in tensors.items()}
-    klds = ablation_klds(source, ablate, sensitivity_sequences(sequences, sensitivity_tokens), on_progress=on_ablation)
-    for n, p in tensors.items():
-        p.ablated, p.ablation_kld = ablate[n], klds[n]
-        e = p.error(ablate[n])
-        p.sensitivity = klds[n] / e ** 2 if e > 0 else 0.0
+    return tensors
+
+
+def set_sensitivities(source: Source, tensors: dict[str, TensorProfile], sequences: np.ndarray,
+                      on_ablation: Callable[[int, int], None] | None = None) -> None:
+    """Each tensor's ablations (ablation_types), measured by llama.cpp."""
+    jobs = [(n, t) for n, p in tensors.items() for t in ablation_types(p)]
+    klds = ablation_klds(source, jobs, sequences, on_progress=on_ablation)
+    for (n, t), k in zip(jobs, klds):
+        tensors[n].ablations[t] = k
+
+
+def make_profile(src: str | Path, *, data: Path | None = None, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX,
+                 device: str = "auto", compensated: bool = False, sensitivity_tokens: int = SENSITIVITY_TOKENS,
+                 on_progress: Callable[[Progress], None] | None = None,
+                 on_ablation: Callable[[int, int], None] | None = None) -> Profile:
+    start = time.perf_counter()
+    torch_device = pick_device(device)
+    source = open_source(src)
+    sequences, _ = calibration_sequences(source, data, ctx, tokens)
+    tensors = measure_errors(source, sequences, torch_device, compensated, on_progress)
+    ablation = sensitivity_sequences(sequences, sensitivity_tokens)
+    set_sensitivities(source, tensors, ablation, on_ablation)
     calibration = {"tokens": int(sequences.size), "ctx": ctx, "data": str(data) if data else "nemoq corpus",
-                   "device": str(torch_device), "sensitivity_tokens": int(sensitivity_sequences(sequences, sensitivity_tokens).size),
+                   "device": str(torch_device), "sensitivity_tokens": int(ablation.size),
                    "seconds": round(time.perf_counter() - start, 1)}
     return Profile(identity(source), tensors, calibration, compensated)
 

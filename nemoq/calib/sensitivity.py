@@ -1,14 +1,12 @@
 """How much KLD one tensor's rounding error costs: one-tensor ablations run by llama.cpp.
 
-For each tensor, a file with only that tensor quantized (every other one as the source's full
-precision, F32) is run by llama.cpp (nemoq.eval) on calibration sequences, and its mean KLD
-against the all-F32 file is measured. With e the tensor's relative output error in that type on
-the calibration inputs (type_errors.py), the tensor's sensitivity is c = KLD / e^2: a tensor's
-KLD grows with the square of its output error while the error is small (the logits move
-linearly with it, KLD is quadratic in the logits), so c e'^2 predicts any other type's share.
+For a tensor and a type, a file with only that tensor in that type (every other one as the
+source's full precision, F32) is run by llama.cpp (nemoq.eval) on calibration sequences, and its
+mean KLD against the all-F32 file is measured; profile.py turns a few such points per tensor into
+its KLD curve over its relative output error.
 
-Cost: one file written and one llama.cpp run of `tokens` tokens per tensor (~24 for the bundled
-model). The F32 files are the model's full size: at real widths this step wants a GPU build of
+Cost: one file written and one llama.cpp run of `tokens` tokens per ablation (3 per tensor: 72 for
+the bundled model). The F32 files are the model's full size: at real widths this step wants a GPU build of
 llama.cpp and disk for one F32 file at a time; see docs/quantize.md.
 """
 
@@ -24,7 +22,7 @@ import numpy as np
 from nemoq.convert.pipeline import Source, write_gguf
 from nemoq.quant.recipes import RECIPES, chooser, plan_types
 
-DEFAULT_TOKENS = 2048
+DEFAULT_TOKENS = 1024
 
 
 def only(name: str) -> str:
@@ -42,36 +40,40 @@ def write_with_types(source: Source, out: Path, types: dict[str, str], *, base: 
 
 
 class Scorer:
-    """Mean KLD of a GGUF against a base GGUF's log-probs on fixed token sequences."""
+    """Per-token KLD of a GGUF against a base GGUF's log-probs on fixed token sequences, scoring
+    the positions from `first` on (each sequence from a fresh state)."""
 
-    def __init__(self, base: Path, sequences: np.ndarray):
+    def __init__(self, base: Path, sequences: np.ndarray, first: int = 0):
         from nemoq.eval.model import LlamaModel
         self.sequences = [[int(t) for t in row] for row in sequences]
-        self.ctx = len(self.sequences[0])
+        self.ctx, self.first = len(self.sequences[0]), first
         with LlamaModel(base, self.ctx) as m:
-            self.base = [m.scored_logprobs(ids, 0).astype(np.float32) for ids in self.sequences]
+            self.base = [m.scored_logprobs(ids, first).astype(np.float32) for ids in self.sequences]
 
-    def kld(self, path: Path) -> float:
+    def kld_rows(self, path: Path) -> np.ndarray:
         from nemoq.eval.metrics import kl_rows
         from nemoq.eval.model import LlamaModel
         with LlamaModel(path, self.ctx) as m:
-            rows = [kl_rows(b.astype(np.float64), m.scored_logprobs(ids, 0)) for b, ids in zip(self.base, self.sequences)]
-        return float(np.concatenate(rows).mean())
+            return np.concatenate([kl_rows(b.astype(np.float64), m.scored_logprobs(ids, self.first))
+                                   for b, ids in zip(self.base, self.sequences)])
+
+    def kld(self, path: Path) -> float:
+        return float(self.kld_rows(path).mean())
 
 
-def ablation_klds(source: Source, ablate: dict[str, str], sequences: np.ndarray, *,
-                  on_progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """tensor -> mean KLD of the file with only that tensor in type ablate[tensor]."""
+def ablation_klds(source: Source, jobs: list[tuple[str, str]], sequences: np.ndarray, *,
+                  on_progress: Callable[[int, int], None] | None = None) -> list[float]:
+    """Per (tensor, type): the mean KLD of the file with only that tensor in that type."""
     with tempfile.TemporaryDirectory(prefix="nemoq-profile-") as tmp:
         base, one = Path(tmp) / "base.gguf", Path(tmp) / "one.gguf"
         write_with_types(source, base, {})
         scorer = Scorer(base, sequences)
-        out = {}
-        for i, (name, type_name) in enumerate(ablate.items()):
+        out = []
+        for i, (name, type_name) in enumerate(jobs):
             write_with_types(source, one, {name: type_name})
-            out[name] = scorer.kld(one)
+            out.append(scorer.kld(one))
             if on_progress is not None:
-                on_progress(i + 1, len(ablate))
+                on_progress(i + 1, len(jobs))
     return out
 
 

@@ -1,0 +1,178 @@
+"""`nemoq quantize --target-size` on the trained tiny model (not in CI): the predictor's validation
+and the file for each llama.cpp recipe's size.
+
+    .venv/bin/python bench/target_size.py [--tokens 16384] [--mixes 10] [--profile P] [--calibrate] [--json FILE]
+
+Everything is made from one F16 GGUF of tests/data/nemotron-tiny (as bench/quantize.py): the
+profile (calibration: the corpus' train split), llama.cpp's files (llama_model_quantize), nemoq's
+fixed recipes and the --target-size files. KLD is against that F16 file, by llama.cpp, over the
+corpus' held-out val split (never calibration text): chunks of --ctx tokens, each from a fresh
+state, every position from --first on scored (>= 8192 tokens). Ratios come with a standard error
+from the paired per-token values (bench/calibrated.py's ratio).
+
+1. Predictor: --mixes random type mixes (per mix a random preference over the candidate types,
+   per tensor a type drawn from it), predicted KLD from the profile vs measured; Spearman rank
+   correlation and the median relative error.
+2. For llama.cpp's Q4_K_M, Q5_K_M, Q6_K, IQ4_NL and MXFP4_MOE: --target-size of exactly that
+   file's bytes, against llama.cpp's file and the best of nemoq's fixed recipes no larger than it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from calibrated import ratio  # noqa: E402
+from quantize import MODEL, corpus_text, llama_quantize, nemoq_quantize  # noqa: E402
+
+from nemoq.calib.profile import make_profile, read_profile, write_profile  # noqa: E402
+from nemoq.calib.sensitivity import Scorer, write_with_types  # noqa: E402
+from nemoq.calib.target import quantize_to_target  # noqa: E402
+from nemoq.convert.pipeline import float_chooser, open_source, write_gguf  # noqa: E402
+from nemoq.quant.recipes import RECIPES  # noqa: E402
+
+LLAMA = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "MXFP4_MOE": 38}
+FIXED = [name for name, r in RECIPES.items() if r.base not in ("f32", "f16", "bf16")]
+
+
+def spearman(a, b) -> float:
+    ra, rb = (np.argsort(np.argsort(x)).astype(float) for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def held_out(base: Path, ctx: int, first: int) -> Scorer:
+    from nemoq.eval.model import LlamaModel
+    with LlamaModel(base, ctx) as m:
+        tokens = m.tokenize(corpus_text(("val",)))
+        bos = m.llm.token_bos() if m.add_bos else None
+    n = len(tokens) // ctx
+    seqs = tokens[:n * ctx].reshape(n, ctx).copy()
+    if bos is not None:
+        seqs[:, 0] = bos
+    return Scorer(base, seqs, first)
+
+
+def random_mix(profile, rng) -> dict[str, str]:
+    """Per mix a random preference over types (Dirichlet), per tensor a type drawn from it among its candidates."""
+    types = sorted({t for p in profile.tensors.values() for t in p.errors if t != "f16"})
+    weight = dict(zip(types, rng.dirichlet(np.full(len(types), 0.5))))
+    mix = {}
+    for n, p in profile.tensors.items():
+        cands = [t for t in p.errors if t != "f16"]
+        w = np.array([weight[t] for t in cands]) + 1e-9
+        mix[n] = str(rng.choice(cands, p=w / w.sum()))
+    return mix
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=16384, help="profile calibration tokens")
+    ap.add_argument("--sensitivity-tokens", type=int, default=1024)
+    ap.add_argument("--mixes", type=int, default=10)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--first", type=int, default=64, help="first scored position of each held-out chunk")
+    ap.add_argument("--profile", type=Path, help="reuse this profile (of the F16 GGUF the bench writes)")
+    ap.add_argument("--calibrate", action="store_true", help="also --target-size --calibrate files")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rng = np.random.default_rng(args.seed)
+    print(f"load average {os.getloadavg()}")
+    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
+        tmp = Path(tmp)
+        f16 = tmp / "f16.gguf"
+        choose, ftype = float_chooser("f16", "BF16")
+        write_gguf(open_source(MODEL), f16, choose, ftype)
+        source = open_source(f16)
+        t0 = time.perf_counter()
+        profile_path = tmp / "profile.json"
+        if args.profile:
+            profile = read_profile(args.profile)
+            profile_path = args.profile
+        else:
+            profile = make_profile(f16, tokens=args.tokens, sensitivity_tokens=args.sensitivity_tokens,
+                                   compensated=args.calibrate)
+            write_profile(profile_path, profile)
+        profile_s = time.perf_counter() - t0
+        scorer = held_out(f16, args.ctx, args.first)
+        n_tokens = len(scorer.kld_rows(f16))
+        print(f"profile {profile_s:.0f} s ({profile.calibration['tokens']} tokens, "
+              f"{profile.calibration['sensitivity_tokens']} per ablation); {n_tokens} held-out tokens scored")
+
+        # 1. the predictor
+        rows = []
+        for i in range(args.mixes):
+            mix = random_mix(profile, rng)
+            path = tmp / "mix.gguf"
+            write_with_types(source, path, mix)
+            rows.append((profile.predicted(mix), scorer.kld(path), os.path.getsize(path)))
+            print(f"mix {i}: {rows[-1][2]:,} bytes, predicted {rows[-1][0]:.5f}, measured {rows[-1][1]:.5f}", flush=True)
+        pred, meas = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+        rel = np.abs(pred - meas) / meas
+        print(f"predictor: Spearman {spearman(pred, meas):.3f}, median relative error {np.median(rel):.1%} "
+              f"(max {rel.max():.1%})")
+
+        # 2. the files at llama.cpp's sizes
+        klds, sizes = {}, {}
+
+        def measure(label: str, path: Path) -> None:
+            sizes[label], klds[label] = os.path.getsize(path), scorer.kld_rows(path)
+            print(f"{label:28s} {sizes[label]:>10,} bytes  KLD {klds[label].mean():.5f}", flush=True)
+
+        for name in FIXED:
+            path = tmp / f"nemoq-{name}.gguf"
+            nemoq_quantize(f16, path, name)
+            measure(f"nemoq {name}", path)
+        table = []
+        for name, ftype in LLAMA.items():
+            theirs = tmp / f"llama-{name}.gguf"
+            llama_quantize(f16, theirs, ftype, 2)
+            measure(f"llama.cpp {name}", theirs)
+            budget = sizes[f"llama.cpp {name}"]
+            variants = [("", False)] + ([(" --calibrate", True)] if args.calibrate else [])
+            for suffix, calibrate in variants:
+                ours = tmp / f"target-{name}{suffix.strip()}.gguf"
+                r = quantize_to_target(f16, ours, target_size=budget, profile_path=profile_path, calibrate=calibrate,
+                                       calibrate_options={"tokens": args.tokens} if calibrate else None)
+                label = f"target {name}{suffix}"
+                measure(label, ours)
+                assert sizes[label] <= budget
+                fixed = [f for f in FIXED if sizes[f"nemoq {f}"] <= budget]
+                best = min(fixed, key=lambda f: klds[f"nemoq {f}"].mean()) if fixed else None
+                vs_llama = ratio(klds[label], klds[f"llama.cpp {name}"])
+                vs_fixed = ratio(klds[label], klds[f"nemoq {best}"]) if best else (float("nan"), float("nan"))
+                table.append(dict(recipe=name, variant=suffix.strip() or "plain", budget=budget, size=sizes[label],
+                                  kld=float(klds[label].mean()), predicted=r.plan.kld,
+                                  llama_kld=float(klds[f"llama.cpp {name}"].mean()), vs_llama=vs_llama, best_fixed=best,
+                                  best_fixed_size=sizes.get(f"nemoq {best}"),
+                                  best_fixed_kld=float(klds[f"nemoq {best}"].mean()) if best else None,
+                                  vs_fixed=vs_fixed))
+
+    print(f"\n{'size of':10s} {'variant':11s} {'bytes':>10s} {'KLD':>8s} {'predicted':>9s} {'llama.cpp':>9s} "
+          f"{'ratio':>13s} {'best fixed nemoq':>18s} {'KLD':>8s} {'ratio':>13s}")
+    for t in table:
+        print(f"{t['recipe']:10s} {t['variant']:11s} {t['size']:>10,} {t['kld']:8.5f} {t['predicted']:9.5f} "
+              f"{t['llama_kld']:9.5f} {t['vs_llama'][0]:6.3f}+-{t['vs_llama'][1]:.3f} {str(t['best_fixed']):>18s} "
+              f"{t['best_fixed_kld'] or float('nan'):8.5f} {t['vs_fixed'][0]:6.3f}+-{t['vs_fixed'][1]:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "held_out_tokens": n_tokens, "profile_seconds": profile_s, "calibration": profile.calibration,
+            "mixes": [dict(predicted=float(p), measured=float(m), bytes=int(b)) for p, m, b in rows],
+            "spearman": spearman(pred, meas), "median_relative_error": float(np.median(rel)),
+            "sizes": sizes, "kld": {k: float(v.mean()) for k, v in klds.items()}, "table": table,
+            "load": os.getloadavg()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
