@@ -23,7 +23,7 @@ from nemoq.calib.forward import Progress
 from nemoq.calib.hparams import config_of
 from nemoq.calib.imatrix_file import write_imatrix
 from nemoq.calib.walk import SEQUENTIAL, LayerWalk, MatrixReport, Target
-from nemoq.convert.dtypes import Companion, Encoding, type_nbytes
+from nemoq.convert.dtypes import Companion, Encoding, EncodingBase, type_nbytes
 from nemoq.convert.pipeline import ConvertResult, open_source, plan_bytes, write_gguf
 from nemoq.files import atomic_outputs, claim_outputs
 from nemoq.quant.formats import FORMATS
@@ -51,8 +51,9 @@ class CalibratedResult:
         return self.sequences * self.ctx
 
 
-class CalibratedEncoding:
+class CalibratedEncoding(EncodingBase):
     """A tensor whose bytes the walk makes: the writer asks for them in file order."""
+    makes_bytes = True
 
     def __init__(self, walk: LayerWalk, name: str, type_name: str, scaled: bool, n_matrices: int):
         self.walk, self.name, self.scaled, self.n_matrices = walk, name, scaled, n_matrices

@@ -1,14 +1,14 @@
 """Float encodings of a tensor (F32, F16, BF16) and the checks done while streaming.
 
 An `Encoding` turns whole rows of source data into the bytes of one GGUF type. The quant
-package supplies more encodings (Q8_0, ...) with the same two methods, so the converter
-never needs to know about block formats.
+package supplies more encodings (Q8_0, ...) on the same protocol, so the converter never needs
+to know about block formats.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -100,19 +100,6 @@ def count_non_finite(chunk: np.ndarray, source_dtype: str) -> int:
     return int(flat.size - np.count_nonzero(np.isfinite(flat)))
 
 
-class Encoding(Protocol):
-    """encode() may return a view of a reused buffer: write it out before the next call.
-
-    An encoding may also have `companions(tensor) -> tuple[Companion, ...]`: small tensors
-    written right after the one it encodes; and `chunks() -> Iterable[np.ndarray]`: the tensor's
-    bytes made without the source's rows (which the writer then does not read)."""
-    ggml_type: GGMLQuantizationType
-
-    def nbytes(self, shape: tuple[int, ...]) -> int: ...
-
-    def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray: ...
-
-
 @dataclass(frozen=True)
 class Companion:
     """A small F32 tensor that belongs to a weight, such as llama.cpp's `<name>.scale` (one
@@ -127,8 +114,54 @@ class Companion:
         return 4 * int(np.prod(self.shape))
 
 
-def companions_of(encoding, tensor) -> tuple[Companion, ...]:
-    return tuple(getattr(encoding, "companions", lambda t: ())(tensor))
+class Encoding(Protocol):
+    """How one tensor's bytes are made; the GGUF writer (pipeline.write_gguf) asks nothing else.
+
+    The writer gets a tensor's bytes in one of three ways: copied from the source file when
+    `copies(source dtype)`, made by `chunks()` without reading the source when `makes_bytes`
+    (calibrated quantization reads the weights layer by layer on its own), else `encode()` of the
+    source rows chunk by chunk. encode() and chunks() may hand out views of a reused buffer: each
+    is written before the next is asked for. EncodingBase gives every member but `ggml_type`,
+    `encode` and `nbytes` its usual value."""
+    ggml_type: GGMLQuantizationType
+    makes_bytes: bool              # chunks() makes the tensor's bytes; the source is not read for it
+    note: str                      # for the summary: how the tensor was written, if unusual
+    warns: bool                    # the note is a warning
+    rel_rms_error: float | None    # of a tensor that had to be re-quantized
+
+    def nbytes(self, shape: tuple[int, ...]) -> int: ...
+
+    def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray: ...
+
+    def copies(self, source_dtype: str) -> bool: ...
+
+    def chunks(self) -> Iterable[np.ndarray]: ...
+
+    def companions(self, tensor) -> tuple[Companion, ...]:
+        """Small tensors written right after this one (its `.scale`), declared before any is written."""
+
+
+class EncodingBase:
+    """The usual answers of an Encoding: source rows encoded, no companions, nothing to note."""
+    makes_bytes = False
+    note = ""
+    warns = False
+    rel_rms_error = None
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return type_nbytes(self.ggml_type, shape)
+
+    def encode(self, rows: np.ndarray, source_dtype: str) -> np.ndarray:
+        raise TypeError(f"{type(self).__name__} makes its bytes itself (chunks()); it encodes no rows")
+
+    def copies(self, source_dtype: str) -> bool:
+        return False
+
+    def chunks(self) -> Iterable[np.ndarray]:
+        raise TypeError(f"{type(self).__name__} encodes the source's rows; it makes no bytes of its own")
+
+    def companions(self, tensor) -> tuple[Companion, ...]:
+        return ()
 
 
 def ggml_type(type_name: str | GGMLQuantizationType) -> GGMLQuantizationType:
@@ -151,7 +184,7 @@ def type_nbytes(type_name: str | GGMLQuantizationType, shape: tuple[int, ...] | 
 
 
 @dataclass(frozen=True)
-class FloatEncoding:
+class FloatEncoding(EncodingBase):
     ggml_type: GGMLQuantizationType
     convert: Callable[[np.ndarray, str], np.ndarray]   # (rows, source dtype) -> stored values
 

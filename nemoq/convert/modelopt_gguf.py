@@ -33,7 +33,7 @@ from gguf import MODEL_TENSOR as MT
 from gguf import GGMLQuantizationType
 
 from nemoq.convert import modelopt_codec as codec
-from nemoq.convert.dtypes import FLOAT_ENCODINGS, Companion, Encoding, type_nbytes
+from nemoq.convert.dtypes import FLOAT_ENCODINGS, Companion, Encoding, EncodingBase, type_nbytes
 from nemoq.convert.mapping import SCALE_LOADED
 from nemoq.convert.modelopt_tensors import FP8, NVFP4
 from nemoq.convert.plan import PlannedTensor
@@ -44,7 +44,7 @@ STORED_FLOAT = {"F32": "f32", "F64": "f32", "F16": "f16", "BF16": "bf16"}
 
 
 @dataclass(frozen=True)
-class KeptNVFP4:
+class KeptNVFP4(EncodingBase):
     """The rows arrive as ggml NVFP4 bytes (RepackedTensor): written as they are, followed by
     their `.scale` / `.input_scale` companions if any."""
     note: str = "NVFP4 as stored"
@@ -62,7 +62,7 @@ class KeptNVFP4:
 
 
 @dataclass(frozen=True)
-class KeepStored:
+class KeepStored(EncodingBase):
     """A chooser's answer for a ModelOpt NVFP4 tensor that is to stay NVFP4: resolve_kept decides
     how (fold, or `.scale` where allowed), tensor by tensor, or hands the tensor to `fallback`."""
     fallback: Encoding | None = None   # None: RequantizedNVFP4 (nemoq convert, error reported)
@@ -86,7 +86,7 @@ def keep_stored_nvfp4(t: PlannedTensor, wanted: Encoding, scale_tensors: bool = 
 
 
 @dataclass(frozen=True)
-class Noted:
+class Noted(EncodingBase):
     """A float encoding with a note for the summary (a ModelOpt tensor that could not stay NVFP4)."""
     base: Encoding
     note: str
@@ -100,7 +100,7 @@ class Noted:
         return self.base.encode(rows, source_dtype)
 
 
-class RequantizedNVFP4:
+class RequantizedNVFP4(EncodingBase):
     """nemoq's NVFP4 quantizer on the dequantized ModelOpt values, measuring what it loses."""
     ggml_type = T.NVFP4
     warns = True

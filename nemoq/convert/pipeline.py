@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import gguf
 import numpy as np
 
 from nemoq.convert.config import load_config, pattern_of
-from nemoq.convert.dtypes import FLOAT_ENCODINGS, Encoding, companions_of, count_non_finite
+from nemoq.convert.dtypes import FLOAT_ENCODINGS, Companion, Encoding, block_size, count_non_finite
 from nemoq.convert.metadata import RECIPE_KEY, add_hparams, add_size_label
 from nemoq.convert.modelopt_gguf import as_stored_chooser, resolve_kept
 from nemoq.convert.modelopt_tensors import FP8, NVFP4, attach_companions
@@ -120,79 +120,134 @@ def dominant_dtype(plan: Plan) -> str:
     return max(sizes, key=sizes.get)
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One chunk on its way to the file: the bytes (or a file range to copy), the source bytes it
+    stands for and the NaN/Inf values seen in them."""
+    data: np.ndarray | FileRange
+    source_bytes: int = 0
+    non_finite: int = 0
+
+
+def copied_pieces(t: PlannedTensor) -> Iterator[Piece]:
+    """Stored as the source holds it: scanned through a memory map, then copied file to file by
+    the kernel."""
+    for ref in t.sources:
+        with open(ref.shard, "rb") as f:
+            for offset, rows in ref.iter_mapped(CHUNK_BYTES):
+                non_finite, nbytes = count_non_finite(rows, ref.dtype), rows.nbytes
+                del rows                 # the map is released before the copy
+                yield Piece(FileRange(f.fileno(), offset, nbytes), nbytes, non_finite)
+
+
+def encoded_pieces(t: PlannedTensor, enc: Encoding, rows_in: Iterable[np.ndarray]) -> Iterator[Piece]:
+    source_bytes = SourceBytes(t)
+    for rows in rows_in:
+        non_finite, nbytes = count_non_finite(rows, t.chunk_dtype), source_bytes.of(rows)
+        yield Piece(enc.encode(rows, t.chunk_dtype), nbytes, non_finite)
+
+
+def made_pieces(enc: Encoding) -> Iterator[Piece]:
+    return (Piece(chunk) for chunk in enc.chunks())
+
+
+class Tally:
+    """What one tensor's pieces counted as the writer took them."""
+
+    def __init__(self, on_progress: Callable[[int], None] | None):
+        self.on_progress = on_progress
+        self.non_finite = self.source_bytes = 0
+
+    def data(self, pieces: Iterable[Piece]) -> Iterator[np.ndarray | FileRange]:
+        for piece in pieces:
+            self.non_finite += piece.non_finite
+            self.source_bytes += piece.source_bytes
+            yield piece.data
+            if self.on_progress is not None and piece.source_bytes:
+                self.on_progress(piece.source_bytes)   # once written
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One tensor to write: its encoding, how its bytes are had, and its companions."""
+    tensor: PlannedTensor
+    encoding: Encoding
+    companions: tuple[Companion, ...]
+    reads_source: bool     # False: the encoding makes the bytes itself (Encoding.makes_bytes)
+    copies: bool           # the stored bytes are the source bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.encoding.nbytes(self.tensor.shape) + sum(c.nbytes for c in self.companions)
+
+    def pieces(self, prefetch: Prefetcher) -> Iterator[Piece]:
+        if not self.reads_source:
+            return made_pieces(self.encoding)
+        if self.copies:
+            return copied_pieces(self.tensor)
+        return encoded_pieces(self.tensor, self.encoding, prefetch.chunks())
+
+
+def plan_jobs(plan: Plan, choose: Chooser) -> list[TensorJob]:
+    # ModelOpt NVFP4 kept as stored is then read as ggml bytes (and may bring `.scale` companions)
+    tensors, encodings = resolve_kept(plan.tensors, [choose(t) for t in plan.tensors])
+    jobs = []
+    for t, enc in zip(tensors, encodings):
+        if t.row_width % block_size(enc.ggml_type):
+            raise NemoqError(f"{t.name}: row width {t.row_width} does not fit {enc.ggml_type.name} blocks")
+        jobs.append(TensorJob(t, enc, tuple(enc.companions(t)), not enc.makes_bytes, is_byte_copy(t, enc)))
+    return jobs
+
+
+def write_header(writer: StreamingGGUFWriter, source: Source, jobs: list[TensorJob], file_type: int,
+                 recipe: str) -> None:
+    source.add_metadata(writer)
+    writer.add_file_type(int(file_type))
+    if recipe:
+        writer.add_string(RECIPE_KEY, recipe)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for job in jobs:
+        t, enc = job.tensor, job.encoding
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), enc.nbytes(t.shape), raw_dtype=enc.ggml_type)
+        for c in job.companions:
+            writer.add_tensor_info(c.name, c.shape, np.dtype(np.float32), c.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
+    add_size_label(writer)
+
+
 def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, force: bool = False,
                split_max_size: int = 0, strict: bool = False, recipe: str = "",
                on_progress: Callable[[int], None] | None = None) -> ConvertResult:
     """Stream `source` into `out` (or its splits), each tensor encoded as `choose` says; `recipe`
     names the recipe that typed them (metadata.RECIPE_KEY)."""
-    plan = source.plan
-    # ModelOpt NVFP4 kept as stored is then read as ggml bytes (and may bring `.scale` companions)
-    tensors, encodings = resolve_kept(plan.tensors, [choose(t) for t in plan.tensors])
-    for t, enc in zip(tensors, encodings):
-        if t.row_width % gguf.GGML_QUANT_SIZES[enc.ggml_type][0]:
-            raise NemoqError(f"{t.name}: row width {t.row_width} does not fit {enc.ggml_type.name} blocks")
-    extras = [companions_of(enc, t) for t, enc in zip(tensors, encodings)]
-    total = sum(enc.nbytes(t.shape) + sum(c.nbytes for c in cs) for t, enc, cs in zip(tensors, encodings, extras))
+    jobs = plan_jobs(source.plan, choose)
     out = Path(out).absolute()
-
-    result = ConvertResult([], [], plan.layout, plan.skipped, warnings=list(plan.notes))
+    result = ConvertResult([], [], source.plan.layout, source.plan.skipped)
     start = time.perf_counter()
-    copied = [is_byte_copy(t, enc) for t, enc in zip(tensors, encodings)]
-    made = [produces_bytes(enc) for enc in encodings]
-    read = [t for t, c, m in zip(tensors, copied, made) if not c and not m]
-    with atomic_outputs(out, force, needed=total) as tmp, Prefetcher(read, CHUNK_BYTES) as prefetch, \
+    read = [job.tensor for job in jobs if job.reads_source and not job.copies]
+    with atomic_outputs(out, force, needed=sum(job.nbytes for job in jobs)) as tmp, \
+            Prefetcher(read, CHUNK_BYTES) as prefetch, \
             StreamingGGUFWriter(tmp, source.architecture, split_max_size=split_max_size) as writer:
-        source.add_metadata(writer)
-        writer.add_file_type(int(file_type))
-        if recipe:
-            writer.add_string(RECIPE_KEY, recipe)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for t, enc, cs in zip(tensors, encodings, extras):
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), enc.nbytes(t.shape), raw_dtype=enc.ggml_type)
-            for c in cs:
-                writer.add_tensor_info(c.name, c.shape, np.dtype(np.float32), c.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
-        add_size_label(writer)
+        write_header(writer, source, jobs, file_type, recipe)
         final_paths = split_names(out, len(writer.tensors))
         refuse_to_clobber(final_paths, force)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t, enc, copy, make, cs in zip(tensors, encodings, copied, made, extras):
-            report = TensorReport(t.name, t.shape, enc.ggml_type.name, enc.nbytes(t.shape))
-
-            def copied_chunks():
-                # Scanned through a memory map, then copied file to file by the kernel.
-                for ref in t.sources:
-                    with open(ref.shard, "rb") as f:
-                        for offset, rows in ref.iter_mapped(CHUNK_BYTES):
-                            report.non_finite += count_non_finite(rows, ref.dtype)
-                            nbytes = rows.nbytes
-                            del rows
-                            result.bytes_read += nbytes
-                            yield FileRange(f.fileno(), offset, nbytes)
-                            if on_progress is not None:
-                                on_progress(nbytes)
-
-            def encoded_chunks():
-                source_bytes = SourceBytes(t)
-                for rows in prefetch.chunks():
-                    nbytes = source_bytes.of(rows)
-                    report.non_finite += count_non_finite(rows, t.chunk_dtype)
-                    result.bytes_read += nbytes
-                    yield enc.encode(rows, t.chunk_dtype)
-                    if on_progress is not None:
-                        on_progress(nbytes)
-            writer.write_tensor_chunks(enc.chunks() if make else copied_chunks() if copy else encoded_chunks())
-            if report.non_finite:
-                message = f"{t.name}: {report.non_finite} NaN/Inf value(s) in {t.sources[0].name}"
+        for job in jobs:
+            t, enc = job.tensor, job.encoding
+            tally = Tally(on_progress)
+            writer.write_tensor_chunks(tally.data(job.pieces(prefetch)))
+            result.bytes_read += tally.source_bytes
+            if tally.non_finite:
+                message = f"{t.name}: {tally.non_finite} NaN/Inf value(s) in {t.sources[0].name}"
                 if strict:
                     raise NemoqError(f"{message} (--strict)", t.sources[0].shard)
                 result.warnings.append(message)
-            report.note, report.rel_rms_error = getattr(enc, "note", ""), getattr(enc, "rel_rms_error", None)
-            if getattr(enc, "warns", False):
-                result.warnings.append(f"{t.name}: {report.note}")
-            result.tensors.append(report)
-            for c in cs:
+            if enc.warns:
+                result.warnings.append(f"{t.name}: {enc.note}")
+            result.tensors.append(TensorReport(t.name, t.shape, enc.ggml_type.name, enc.nbytes(t.shape),
+                                               tally.non_finite, enc.note, enc.rel_rms_error))
+            for c in job.companions:
                 writer.write_tensor_chunks([np.asarray(c.values(), dtype=np.float32).reshape(c.shape)])
                 result.tensors.append(TensorReport(c.name, c.shape, "F32", c.nbytes))
         writer.close()
@@ -203,13 +258,7 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
 
 def is_byte_copy(t: PlannedTensor, enc: Encoding) -> bool:
     """Stored exactly as the source holds it (bf16 -> BF16 ...): no decoding needed."""
-    return t.transform.values is None and getattr(enc, "copies", lambda dtype: False)(t.source_dtype)
-
-
-def produces_bytes(enc: Encoding) -> bool:
-    """An encoding with `chunks()` makes its tensor's bytes itself (calibrated quantization, which
-    reads the weights layer by layer on its own): the writer does not read the source for it."""
-    return callable(getattr(enc, "chunks", None))
+    return t.transform.values is None and enc.copies(t.source_dtype)
 
 
 def plan_bytes(plan: Plan) -> int:

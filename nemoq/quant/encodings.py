@@ -9,7 +9,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from nemoq import kernels_c
-from nemoq.convert.dtypes import to_float32, type_nbytes
+from nemoq.convert.dtypes import EncodingBase, to_float32, type_nbytes
 from nemoq.quant.formats import FORMATS
 
 
@@ -28,7 +28,7 @@ def widen_to_float32(rows: np.ndarray, source_dtype: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class BlockEncoding:
+class BlockEncoding(EncodingBase):
     name: str
     ggml_type: GGMLQuantizationType
     reference: Callable[[np.ndarray], np.ndarray]   # the numpy quantizer, used without a C kernel
@@ -64,7 +64,7 @@ class BlockEncoding:
         return WeightedEncoding(self, importance, rows_per_matrix)
 
 
-class WeightedEncoding:
+class WeightedEncoding(EncodingBase):
     """A block encoding for one tensor with its importance: one vector per matrix (per expert
     for stacked experts). Chunks arrive in order, so a row counter tells which matrix a row
     belongs to; a chunk that spans two experts is split at the boundary."""

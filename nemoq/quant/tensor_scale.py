@@ -22,7 +22,7 @@ from decimal import Decimal
 import numpy as np
 
 from nemoq import kernels_c
-from nemoq.convert.dtypes import Companion
+from nemoq.convert.dtypes import Companion, EncodingBase
 from nemoq.convert.mapping import SCALE_LOADED
 from nemoq.convert.plan import matrices_in
 from nemoq.quant.encodings import BlockEncoding, widen_to_float32
@@ -68,7 +68,7 @@ def matrix_scale(x: np.ndarray, full_scale: float) -> np.float32:
     return np.float32(amax / full_scale) if amax > 0 else np.float32(1.0)
 
 
-class ScaledEncoding:
+class ScaledEncoding(EncodingBase):
     """A block encoding for one tensor whose matrices are quantized as x / scale; the scales
     become the `<name>.scale` companion tensor (shape (n_matrices,))."""
 
