@@ -12,7 +12,7 @@ from nemoq.convert.plan import tensor_specs
 from nemoq.gguf_file import read_gguf
 from nemoq.quant.recipes import RECIPES, plan_types, summarize
 from tests.conftest import ROOT, convert, run_cli
-from tests.fixtures.family import write_super
+from tests.fixtures.family import write_puzzle, write_super
 from tests.oracles import llama_logits
 from tests.test_convert_golden import random_ids
 
@@ -89,12 +89,15 @@ def test_quantized_super_runs_in_llama_cpp(tmp_path):
     assert types["blk.1.ffn_up_exps.weight"] == "IQ4_NL"
 
 
-@pytest.mark.parametrize("command", [("calibrate",), ("quantize", "--calibrate", "--recipe", "NQ4")])
-def test_calibration_refuses_what_its_forward_does_not_run_yet(command, tmp_path):
-    ckpt = write_super(tmp_path / "ckpt")
+@pytest.mark.parametrize("command, writer, said", [
+    (("quantize", "--calibrate", "--recipe", "NQ4"), write_super, ("LatentMoE layers", "multi-token-prediction")),
+    (("calibrate",), write_puzzle, ("Puzzle's per-layer expert shapes",)),
+])
+def test_calibration_refuses_what_its_forward_does_not_run_yet(command, writer, said, tmp_path):
+    ckpt = writer(tmp_path / "ckpt")
     result = run_cli(*command, ckpt, "-o", tmp_path / "out.gguf")
     assert result.exit_code == 1, result.output
-    assert "does not run LatentMoE layers" in result.output and "multi-token-prediction" in result.output
+    assert all(s in result.output for s in said) and "does not run" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out.gguf").exists()
 
 

@@ -156,13 +156,22 @@ def moe(x: torch.Tensor, w: Weights, cfg: ModelConfig, record: Record) -> torch.
 
 
 def routed_experts(x: torch.Tensor, w: Weights, cfg: ModelConfig, record: Record) -> torch.Tensor:
-    """x (tokens, hidden): each token through its top-k experts, weighted by the router."""
+    """x (tokens, hidden): each token through its top-k experts, weighted by the router. In a
+    LatentMoE layer (Nemotron 3 Super) the router reads x, the experts its latent projection,
+    and their weighted sum is projected back to the hidden width."""
     ids, weights = route(x, w, cfg)
+    latent = "ffn_latent_down.weight" in w
+    if latent:
+        record(w.name("ffn_latent_down.weight"), x, None)
+        x = linear(x, w["ffn_latent_down.weight"])
     out = torch.zeros_like(x)
     up, down = w["ffn_up_exps.weight"], w["ffn_down_exps.weight"]
     for e in torch.unique(ids).tolist():
         token, slot = torch.where(ids == e)
         out.index_add_(0, token, expert(x[token], up[e], down[e], w, e, record) * weights[token, slot, None])
+    if latent:
+        record(w.name("ffn_latent_up.weight"), out, None)
+        out = linear(out, w["ffn_latent_up.weight"])
     return out
 
 

@@ -74,7 +74,7 @@ def calibrate(src: str | Path, out: Path, *, data: Path | None = None, tokens: i
     with claim_output(out, force) as out:    # before the long forward pass, not after it
         torch_device = pick_device(device)
         source = open_source(src)
-        cfg = config_of(source)
+        cfg = config_of(source, forward="imatrix")
         sequences, datasets = calibration_sequences(source, data, ctx, tokens)
         if on_start is not None:
             on_start(sequences.shape[0], cfg.n_layers + 1)

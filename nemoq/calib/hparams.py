@@ -13,15 +13,16 @@ from nemoq.convert.plan import tensor_specs
 from nemoq.errors import NemoqError
 
 
-def config_of(source) -> ModelConfig:
-    """The ModelConfig of an opened source (nemoq.convert.pipeline.Source)."""
+def config_of(source, forward: str = "walk") -> ModelConfig:
+    """The ModelConfig of an opened source (nemoq.convert.pipeline.Source), for `forward`: "walk"
+    (quantize --calibrate and its kin) or "imatrix" (calibrate's streamed forward)."""
     if source.plan.layout != "GGUF":
         config = load_config(source.path)
-        _check_forward_runs(config, source)
+        _check_forward_runs(config, source, forward)
         return config
     from nemoq.gguf_file import read_gguf
     config = config_from_gguf(read_gguf(source.path).metadata, source.layer_kinds, source.path)
-    _check_forward_runs(config, source)
+    _check_forward_runs(config, source, forward)
     present = {t.name for t in source.plan.tensors}
     missing = [spec.name for spec in tensor_specs(config) if spec.name not in present]
     if missing:   # the forward pass needs every one (quantize does not)
@@ -30,17 +31,18 @@ def config_of(source) -> ModelConfig:
     return config
 
 
-# Family members whose blocks the layer-streamed forward (calib/blocks.py) does not run yet.
+# What the forwards do not run yet, and which forward: calibrate's (blocks.py) runs LatentMoE and
+# leaves the MTP block without statistics (quantize reports it uncovered); the walk runs neither.
 NOT_RUN_YET = (
-    ("LatentMoE layers (moe_latent_size)", lambda config, plan: config.latent),
-    ("Puzzle's per-layer expert shapes", lambda config, plan: config.is_puzzle),
-    ("the multi-token-prediction block (convert with --no-mtp, then calibrate from that GGUF)",
+    ("LatentMoE layers (moe_latent_size)", ("walk",), lambda config, plan: config.latent),
+    ("Puzzle's per-layer expert shapes", ("walk", "imatrix"), lambda config, plan: config.is_puzzle),
+    ("the multi-token-prediction block (convert with --no-mtp, then calibrate from that GGUF)", ("walk",),
      lambda config, plan: plan.mtp_layers),
 )
 
 
-def _check_forward_runs(config: ModelConfig, source) -> None:
-    missing = [what for what, present in NOT_RUN_YET if present(config, source.plan)]
+def _check_forward_runs(config: ModelConfig, source, forward: str) -> None:
+    missing = [what for what, forwards, present in NOT_RUN_YET if forward in forwards and present(config, source.plan)]
     if missing:
         raise NemoqError(f"calibration does not run {'; nor '.join(missing)} yet; quantize without --calibrate",
                          source.path)
