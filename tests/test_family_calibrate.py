@@ -57,3 +57,21 @@ def test_calibrate_then_quantize_with_its_imatrix(super_ckpt, tmp_path):
     assert mtp and not covered & set(mtp)
     # token_embd (never calibrated, as in llama.cpp) and the MTP block
     assert f"imatrix has no statistics for {len(mtp) + 1} quantized tensor(s)" in result.output
+
+
+def test_puzzle_forward_matches_llama_cpp(tmp_path):
+    """No transformers class runs Puzzle: its per-layer top-k and expert widths are checked against
+    llama.cpp running nemoq's F32 file (the same Mamba scan difference as elsewhere: <= 1e-3)."""
+    from tests.conftest import convert
+    from tests.fixtures.family import write_puzzle
+    from tests.oracles import llama_logits
+    ckpt = write_puzzle(tmp_path / "ckpt")
+    source = open_source(ckpt)
+    cfg = config_of(source, forward="imatrix")
+    sequences = token_sequences(cfg.vocab, n=1, length=64)
+    hidden = streamed_forward(source.plan, cfg, sequences, ActivationStats(cfg.n_experts).record, device=CPU)
+    ours = logits(source.plan, np.array(hidden.data), CPU)[0]
+    hidden.close()
+    ref = llama_logits(convert(ckpt, tmp_path / "f32.gguf", "--outtype", "f32"), sequences[0].tolist())
+    assert np.abs(ours - ref).max() <= 1e-3
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()

@@ -91,7 +91,7 @@ def test_quantized_super_runs_in_llama_cpp(tmp_path):
 
 @pytest.mark.parametrize("command, writer, said", [
     (("quantize", "--calibrate", "--recipe", "NQ4"), write_super, ("LatentMoE layers", "multi-token-prediction")),
-    (("calibrate",), write_puzzle, ("Puzzle's per-layer expert shapes",)),
+    (("quantize", "--calibrate", "--recipe", "NQ4"), write_puzzle, ("Puzzle's per-layer expert shapes",)),
 ])
 def test_calibration_refuses_what_its_forward_does_not_run_yet(command, writer, said, tmp_path):
     ckpt = writer(tmp_path / "ckpt")

@@ -142,7 +142,9 @@ def route(x: torch.Tensor, w: Weights, cfg: ModelConfig) -> tuple[torch.Tensor, 
         best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
         keep = torch.zeros_like(best, dtype=torch.bool).scatter_(1, best.topk(cfg.n_expert_groups_used, dim=-1).indices, True)
         choice = grouped.masked_fill(~keep[..., None], -torch.inf).reshape(choice.shape)
-    ids = choice.topk(cfg.n_experts_used, dim=-1).indices
+    # Puzzle: each layer its own top-k (Weights' prefix is "blk.N.")
+    top_k = cfg.experts_used_of(int(w.prefix.split(".")[1])) if cfg.is_puzzle else cfg.n_experts_used
+    ids = choice.topk(top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     if cfg.norm_topk:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

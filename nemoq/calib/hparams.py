@@ -32,10 +32,11 @@ def config_of(source, forward: str = "walk") -> ModelConfig:
 
 
 # What the forwards do not run yet, and which forward: calibrate's (blocks.py) runs LatentMoE and
-# leaves the MTP block without statistics (quantize reports it uncovered); the walk runs neither.
+# Puzzle and leaves the MTP block without statistics (quantize reports it uncovered); the walk
+# (quantize --calibrate) runs none of the three.
 NOT_RUN_YET = (
     ("LatentMoE layers (moe_latent_size)", ("walk",), lambda config, plan: config.latent),
-    ("Puzzle's per-layer expert shapes", ("walk", "imatrix"), lambda config, plan: config.is_puzzle),
+    ("Puzzle's per-layer expert shapes", ("walk",), lambda config, plan: config.is_puzzle),
     ("the multi-token-prediction block (convert with --no-mtp, then calibrate from that GGUF)", ("walk",),
      lambda config, plan: plan.mtp_layers),
 )
