@@ -60,9 +60,8 @@ def test_calibrated_file_is_the_plain_plan_tensor_for_tensor(recipe, wide_random
     assert wanted in {kind for _, _, kind in table}
     plain_data, calibrated_data = tensor_data(plain), tensor_data(calibrated)
     quantized = [name for name, _, kind in table if kind not in ("F32", "F16", "BF16")]
-    assert np.array_equal(plain_data["token_embd.weight"], calibrated_data["token_embd.weight"])   # a lookup
     changed = [name for name in quantized if not np.array_equal(plain_data[name], calibrated_data[name])]
-    assert set(changed) == set(quantized) - {"token_embd.weight"}
+    assert set(changed) == set(quantized)   # token_embd too: through layer 0's input matrices
     assert finite_logits(calibrated)
 
 

@@ -3,9 +3,9 @@ compensation, from one layer-streamed pass over calibration text.
 
 The converter's writer (write_gguf) writes the file in plan order; each calibrated tensor's
 encoding asks the walk (walk.py) for its bytes, so layer N is walked when blk.N's first
-calibrated tensor is due, and at most one layer's bytes wait in memory. Tensors the recipe keeps
-in F32/F16/BF16, the embeddings (a row lookup: no input to compensate through) and ModelOpt
-NVFP4 blocks kept as stored are written as `nemoq quantize` writes them.
+calibrated tensor is due, and at most one layer's bytes wait in memory; token_embd, first in
+the file, is rounded before the walk starts (embedding.py). Tensors the recipe keeps in
+F32/F16/BF16 and ModelOpt NVFP4 blocks kept as stored are written as `nemoq quantize` writes them.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ from nemoq.quant.formats import FORMATS
 from nemoq.quant.recipes import Recipe, TypedTensor, chooser, file_type_of, plan_types, recipe_label
 from nemoq.quant.tensor_scale import scale_name, takes_scale
 
-UNCALIBRATED = ("token_embd.weight",)   # a row lookup, not a matmul: no input statistics
+# token_embd is a row lookup with no inputs of its own: the walk rounds it through layer 0's
+# input matrices (embedding.py), unless it is the output head too (tied embeddings, no
+# output.weight), whose error reaches the logits directly: then it is rounded as plain quantize does.
+EMBEDDINGS_THROUGH_LAYER_0 = True
 
 
 @dataclass
@@ -83,10 +86,12 @@ def stored_values(encoding: Encoding) -> Callable[[np.ndarray], np.ndarray]:
     return values
 
 
-def is_calibrated(t: TypedTensor, encoding: Encoding) -> bool:
+def is_calibrated(t: TypedTensor, encoding: Encoding, tied: bool) -> bool:
     """A block format the walk rounds (not a ModelOpt NVFP4 tensor kept as NVIDIA stored it)."""
     from nemoq.convert.modelopt_gguf import KeepStored
-    return t.type in FORMATS and t.spec.name not in UNCALIBRATED and not isinstance(encoding, KeepStored)
+    if t.spec.name == "token_embd.weight" and (tied or not EMBEDDINGS_THROUGH_LAYER_0):
+        return False
+    return t.type in FORMATS and not isinstance(encoding, KeepStored)
 
 
 def quantize_calibrated(src: str | Path, out: Path, recipe: Recipe, *, overrides: Iterable[tuple[str, str]] = (),
@@ -109,8 +114,9 @@ def quantize_calibrated(src: str | Path, out: Path, recipe: Recipe, *, overrides
         sequences, datasets = calibration_sequences(source, data, ctx, tokens)
         plain = chooser(typed)
         encodings = {t.name: plain(t) for t in source.plan.tensors}
+        tied = not any(t.name == "output.weight" for t in source.plan.tensors)
         targets = {t.spec.name: Target(t.type, t.scaled and takes_scale(t.spec, t.type))
-                   for t in typed if is_calibrated(t, encodings[t.spec.name])}
+                   for t in typed if is_calibrated(t, encodings[t.spec.name], tied)}
         embeddings = next(t for t in source.plan.tensors if t.name == "token_embd.weight")
         walk = LayerWalk(source.plan, cfg, sequences, targets, device=torch_device, sequential=sequential,
                          stored_embeddings=stored_values(plain(embeddings)), on_progress=on_progress)

@@ -36,6 +36,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from nemoq.calib import blocks, compensate_torch
+from nemoq.calib.embedding import NAME as EMBEDDINGS, embedding_hessian
 from nemoq.calib.forward import HiddenStates, Progress, batches
 from nemoq.calib.imatrix_file import ImportanceMatrix
 from nemoq.calib.weights import LayerLoader, Weights
@@ -154,6 +155,7 @@ class LayerWalk:
         self.reports: list[MatrixReport] = []
         self.sums: dict[str, np.ndarray] = {}           # imatrix statistics: sum x^2 per column
         self.counts: dict[str, np.ndarray] = {}
+        self.embedding_values: np.ndarray | None = None    # token_embd as compensated, when it is
         self.start = time.perf_counter()
 
     @property
@@ -165,6 +167,8 @@ class LayerWalk:
         return int(self.sequences.size)
 
     def result(self, name: str) -> Quantized:
+        if name == EMBEDDINGS:
+            return self._embeddings()
         step = step_of(name, self.cfg.n_layers)
         while self.step <= step:
             self.advance()
@@ -207,6 +211,19 @@ class LayerWalk:
         if self.on_progress is not None:
             self.on_progress(Progress(self.step, self.steps, self.tokens, time.perf_counter() - self.start))
 
+    def _embeddings(self) -> Quantized:
+        """token_embd, asked for before the first layer: rounded through layer 0's input matrices
+        (embedding.py), so its H needs weights only."""
+        target = self.targets[EMBEDDINGS]
+        w = self.loader.globals(EMBEDDINGS)[EMBEDDINGS].float().cpu().numpy()
+        h = embedding_hessian(self.loader.layer(0), self.cfg.layer_kinds[0],
+                              self.cfg.n_experts_used / self.cfg.n_experts)
+        c = self._round(target.type, w, h, None, None, None)
+        self.reports.append(report_of(EMBEDDINGS, target.type, c, 0))
+        if self.sequential:
+            self.embedding_values = BLOCK_ENCODINGS[target.type].dequantize(c.blocks).reshape(w.shape)
+        return Quantized(c.blocks, None)
+
     def _embed(self) -> None:
         n, ctx = self.sequences.shape
         self.hidden = HiddenStates((n, ctx, self.cfg.hidden))
@@ -214,7 +231,9 @@ class LayerWalk:
         embd = self.loader.globals("token_embd.weight")["token_embd.weight"]
         rows = embd[torch.from_numpy(ids.astype(np.int64)).to(embd.device)].float().cpu().numpy()
         del embd
-        if self.sequential and self.stored_embeddings is not None:
+        if self.sequential and self.embedding_values is not None:
+            rows = self.embedding_values[ids]
+        elif self.sequential and self.stored_embeddings is not None:
             rows = self.stored_embeddings(rows)
         where = where.reshape(n, ctx)
         for part in self.parts:
@@ -384,18 +403,19 @@ class LayerWalk:
             scale = float(best_scale(base, w, None if mean_square is None else mean_square.astype(np.float32),
                                      SCALE_RULES[target.type]))
             w = w / np.float32(scale)
-        with threadpool_limits(BLAS_THREADS, user_api="blas"):
-            if FAST:
-                c = compensate_torch.compensated_quantize(
-                    target.type, w, h, damping=self.damping, importance=importance, tokens=gram.tokens,
-                    inputs=inputs, device=self.device)
-            else:
-                c = compensated_quantize(target.type, w, h, damping=self.damping, importance=importance,
-                                         tokens=gram.tokens)
+        c = self._round(target.type, w, h, importance, gram.tokens, inputs)
         values = BLOCK_ENCODINGS[target.type].dequantize(c.blocks).reshape(w.shape)
         if scale is not None:
             values = values * np.float32(scale)
         return c, scale, torch.from_numpy(values).to(self.device)
+
+    def _round(self, type_name: str, w: np.ndarray, h: np.ndarray, importance, tokens, inputs) -> Compensated:
+        with threadpool_limits(BLAS_THREADS, user_api="blas"):
+            if FAST:
+                return compensate_torch.compensated_quantize(
+                    type_name, w, h, damping=self.damping, importance=importance, tokens=tokens,
+                    inputs=inputs, device=self.device)
+            return compensated_quantize(type_name, w, h, damping=self.damping, importance=importance, tokens=tokens)
 
     def _finish_stack(self, s: "ExpertStack") -> None:
         if s.name not in self.targets:
