@@ -144,3 +144,21 @@ def test_no_mtp_drops_the_block(checkpoints, converted, tmp_path):
         "nemotron_h_moe.feed_forward_length"][:n]
     kept = {t.name for t in full.tensors if not t.name.startswith(f"blk.{n}.")}
     assert {t.name for t in without.tensors} == kept
+
+
+def test_transformers_layout_of_super_gives_the_hub_files_trunk(checkpoints, tmp_path):
+    """transformers 5 saves LatentMoE experts fused in the latent width and drops mtp.*: the file
+    is the hub checkpoint's without its MTP block, byte for byte, and says why there is none."""
+    from tests.fixtures.checkpoints import to_fused_layout
+    hub = write_super(tmp_path / "hub", mtp=False)
+    fused = to_fused_layout(hub, tmp_path / "fused")
+    assert "model.layers.1.mixer.experts.up_proj" in json.loads(
+        (fused / "model.safetensors.index.json").read_text())["weight_map"]
+    result = run_cli("convert", fused, "-o", tmp_path / "fused.gguf", "--outtype", "f32")
+    assert result.exit_code == 0, result.output
+    assert "no mtp.* tensors" in result.output
+    a = read_gguf(convert(checkpoints["super"], tmp_path / "hub.gguf", "--outtype", "f32", "--no-mtp"))
+    b = read_gguf(tmp_path / "fused.gguf")
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for t in a.tensors:
+        assert np.array_equal(np.asarray(a.tensor_data(t.name).data), np.asarray(b.tensor_data(t.name).data)), t.name

@@ -221,7 +221,7 @@ def write_gguf(source: Source, out: Path, choose: Chooser, file_type: int, *, fo
     names the recipe that typed them (metadata.RECIPE_KEY)."""
     jobs = plan_jobs(source.plan, choose)
     out = Path(out).absolute()
-    result = ConvertResult([], [], source.plan.layout, source.plan.skipped)
+    result = ConvertResult([], [], source.plan.layout, source.plan.skipped, warnings=list(source.plan.notes))
     start = time.perf_counter()
     read = [job.tensor for job in jobs if job.reads_source and not job.copies]
     with atomic_outputs(out, force, needed=sum(job.nbytes for job in jobs)) as tmp, \
