@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.nemoq-installed
 DEMO   := out/demo
 MODEL  := tests/data/nemotron-tiny
 
-.PHONY: demo test venv clean
+.PHONY: demo test mutation venv clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 	NPY_DISABLE_CPU_FEATURES="$$($(BIN)/python -m tests.numpy_dispatch)" NEMOQ_PORTABLE_KERNELS=1 \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider $(BYTE_TESTS)
+
+# Mutation testing (mutmut) of the formats, recipes and name mapping in a git worktree of HEAD
+# (../nemoq-mutation), never in this checkout; per-module counts and survivors: docs/mutation.md.
+mutation: $(STAMP)
+	$(BIN)/python -m tests.mutation
 
 clean:
 	rm -rf out build *.egg-info
