@@ -45,11 +45,17 @@ VERDICT = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests
            24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", -9: "segfault", -11: "segfault"}
 
 
-def setup_cfg(modules, tests) -> str:
+# Groups whose tests load torch (checkpoint fixtures) fork each mutant from a server process that
+# has not started torch's threads: a fork of mutmut's own process deadlocks there.
+FORKSERVER = {"recipes", "convert"}
+
+
+def setup_cfg(modules, tests, forkserver: bool = False) -> str:
     lines = ["[mutmut]", "source_paths = nemoq", "only_mutate ="]
     lines += [f"    {m}" for m in modules]
     lines += ["pytest_add_cli_args = -p no:cacheprovider -q", "pytest_add_cli_args_test_selection ="]
     lines += [f"    {t}" for t in tests]
+    lines += ["process_isolation = forkserver"] if forkserver else []
     return "\n".join(lines) + "\n"
 
 
@@ -91,7 +97,7 @@ def survivors(path: Path) -> list[str]:
 
 def run_group(path: Path, group: str, jobs: int) -> dict[str, dict[str, int]]:
     modules, tests = GROUPS[group]
-    (path / "setup.cfg").write_text(setup_cfg(modules, tests))
+    (path / "setup.cfg").write_text(setup_cfg(modules, tests, group in FORKSERVER))
     shutil.rmtree(path / "mutants", ignore_errors=True)
     with open(path / f"mutation-{group}.log", "w") as log:
         mutmut(path, "run", "--max-children", str(jobs), log=log)

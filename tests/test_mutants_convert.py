@@ -37,3 +37,68 @@ def test_the_llama_cpp_build_is_the_newest_any_scale_needs():
     assert llama_cpp_build_for(["blk.0.attn_v.scale", "blk.3.ssm_out.scale"]) == 8827
     assert llama_cpp_build_for(["blk.3.ssm_out.scale", "blk.0.attn_v.scale"]) == 8827   # in any order
     assert llama_cpp_build_for(["blk.3.ssm_out.weight.scale"]) == 0
+
+
+def hparams_read_back(config, tmp_path) -> dict:
+    """The key/values add_hparams writes, as gguf-py's reader returns them."""
+    import gguf
+
+    from nemoq.convert.metadata import add_hparams
+
+    path = tmp_path / "kv.gguf"
+    writer = gguf.GGUFWriter(path, "nemotron_h_moe")
+    add_hparams(writer, config, "probe")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    reader = gguf.GGUFReader(path)
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def config_from(cfg: dict, tmp_path):
+    import json
+
+    from nemoq.convert.config import load_config
+
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return load_config(tmp_path)
+
+
+def test_puzzle_expert_sizes_are_per_layer_arrays_as_llama_cpps_converter_writes(tmp_path):
+    """llama.cpp reads expert_used_count and expert_feed_forward_length as one value or one per
+    layer (get_key_or_arr); its converter writes Puzzle's per-block values with 0 on other layers."""
+    from tests.fixtures.family import PUZZLE_BLOCKS, puzzle_config
+
+    kv = hparams_read_back(config_from(puzzle_config(), tmp_path), tmp_path)
+    moe = [b["block_type"] == "moe" for b in PUZZLE_BLOCKS]
+    assert kv["nemotron_h_moe.expert_used_count"] == [b.get("num_experts_per_tok", 0) for b in PUZZLE_BLOCKS]
+    assert kv["nemotron_h_moe.expert_feed_forward_length"] == [
+        b["moe_intermediate_size"] if m else 0 for b, m in zip(PUZZLE_BLOCKS, moe)]
+    assert "nemotron_h_moe.nextn_predict_layers" not in kv      # llama.cpp drops Puzzle's MTP head
+
+
+def test_uniform_expert_sizes_are_single_uint32s(tmp_path):
+    import gguf
+
+    from tests.fixtures.checkpoints import tiny_config
+
+    cfg = tiny_config()
+    kv = hparams_read_back(config_from(cfg, tmp_path), tmp_path)
+    assert kv["nemotron_h_moe.expert_used_count"] == cfg["num_experts_per_tok"]
+    assert kv["nemotron_h_moe.expert_feed_forward_length"] == cfg["moe_intermediate_size"]
+    reader = gguf.GGUFReader(tmp_path / "kv.gguf")
+    assert reader.fields["nemotron_h_moe.expert_used_count"].types == [gguf.GGUFValueType.UINT32]
+
+
+def test_mtp_rows_are_nvidias_names_under_their_sub_layer():
+    """NVIDIA's hub checkpoints name the MTP block's attention under mtp.layers.0 and its MoE under
+    mtp.layers.1 (REFERENCE.md, Family), each with the trunk's row for the same tensor."""
+    from nemoq.convert.mapping import ATTENTION_ROWS, MOE_ROWS, MTP_ROWS, _under
+
+    sources = {r.source for r in MTP_ROWS}
+    assert {"0.mixer.q_proj.weight", "0.norm.weight", "1.mixer.gate.weight",
+            "1.mixer.shared_experts.down_proj.weight"} <= sources
+    moved = _under("1.", MOE_ROWS + ATTENTION_ROWS)
+    assert [r.source for r in moved] == ["1." + r.source for r in MOE_ROWS + ATTENTION_ROWS]
+    assert [(r.tensor, r.shape, r.keep_f32) for r in moved] == [(r.tensor, r.shape, r.keep_f32)
+                                                               for r in MOE_ROWS + ATTENTION_ROWS]
