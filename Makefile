@@ -11,11 +11,12 @@ MODEL  := tests/data/nemotron-tiny
 venv: $(STAMP)
 
 # torch first, pinned: it picks the CPU wheel on this kind of machine instead of a multi-GB CUDA build.
+# Then nemoq with every extra (calib: torch, eval: llama-cpp-python, plot) and the test tools.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[all,dev]'
 	touch $@
 
 RECIPES := Q8_0 Q4_K_M NVFP4 NQ4

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import signal
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from functools import partial
 from pathlib import Path
@@ -236,15 +237,9 @@ def eval_command(
 
 
 def _eval(opts) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from nemoq.commands.evaluate import evaluate
     from nemoq.eval import report as eval_report
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        def track(label: str, total: int):
-            task = progress.add_task(label, total=total)
-            return lambda: progress.advance(task)
-        outcome = evaluate(opts, track)
+    outcome = evaluate(opts, _tracks)
     out = Console(width=None if sys.stdout.isatty() else 120)   # CI logs: room for file names
     if opts.compare:
         eval_report.compare_table(out, outcome.record)
@@ -257,6 +252,18 @@ def _eval(opts) -> None:
     if not outcome.passed:
         console.print("[bold red]gate failed[/]")
         raise typer.Exit(1)
+
+
+@contextmanager
+def _tracks():
+    """eval's progress: one bar per scored file, gone when the tables come."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        def track(label: str, total: int):
+            task = progress.add_task(label, total=total)
+            return lambda: progress.advance(task)
+        yield track
 
 
 @app.command()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nemoq.commands.base import LayerProgress, Output, no_layer_progress
+from nemoq.commands.extras import require_calibration
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class CalibrateOptions:
 
 def calibrate(opts: CalibrateOptions, layer_progress: LayerProgress = no_layer_progress):
     """-> calib.calibrate.CalibrationResult (coverage per expert, tokens, device, time)."""
+    require_calibration("calibrate", opts.src)
     from nemoq.calib.calibrate import calibrate as run
     with layer_progress("calibrating") as (on_start, on_progress):
         return run(opts.src, opts.output.path, data=opts.data, tokens=opts.tokens, ctx=opts.ctx, device=opts.device,

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ContextManager, Iterator
 
-from nemoq.eval.engine import Track, no_progress
+from nemoq.commands.extras import require
+
+# (label, total) -> advance one step: one progress bar per scored file
+Track = Callable[[str, int], Callable[[], None]]
+
+
+@contextmanager
+def no_tracks() -> Iterator[Track]:
+    yield lambda label, total: lambda: None
 
 
 @dataclass(frozen=True)
@@ -87,9 +97,10 @@ def usage_error(opts: EvalOptions) -> str | None:
     return next((message for wrong, message in conflicts if wrong), None)
 
 
-def evaluate(opts: EvalOptions, track: Track = no_progress) -> EvalOutcome:
-    """Score, gate, and write the outputs (--plot, --save-logits, --json); `track(label, total)`
-    gives each scored file's progress callback."""
+def evaluate(opts: EvalOptions, tracks: Callable[[], ContextManager[Track]] = no_tracks) -> EvalOutcome:
+    """Score, gate, and write the outputs (--plot, --save-logits, --json); `tracks()` is entered
+    while the models run and gives each scored file's progress callback."""
+    require("eval", "eval")
     from nemoq.eval import gate, results, run
     from nemoq.eval.model import LLAMA_LOGS
     from nemoq.eval.text import load_text
@@ -106,15 +117,18 @@ def evaluate(opts: EvalOptions, track: Track = no_progress) -> EvalOutcome:
         previous = results.read_baseline(g.baseline) if g.baseline is not None else None
         models = list(opts.inputs.models)
         checks = []
+        with tracks() as track:
+            if opts.compare:
+                record = run.compare(models, b.model, run_opts, b.noise_floor_model, track=track)
+            else:
+                record = run.evaluate(models[0], run_opts, base=b.model, base_logits=b.logits,
+                                      save_logits=b.save_logits, noise_floor=b.noise_floor,
+                                      noise_floor_model=b.noise_floor_model, track=track)
         if opts.compare:
-            record = run.compare(models, b.model, run_opts, b.noise_floor_model, track=track)
             if opts.plot is not None:
                 from nemoq.eval.plot import plot_compare
                 plot_compare(record, opts.plot, opts.force)
         else:
-            record = run.evaluate(models[0], run_opts, base=b.model, base_logits=b.logits,
-                                  save_logits=b.save_logits, noise_floor=b.noise_floor,
-                                  noise_floor_model=b.noise_floor_model, track=track)
             checks = gate.check_limits(record, g.limits)
             if previous is not None:
                 checks += gate.check_baseline(record, previous, g.baseline, g.tolerance)

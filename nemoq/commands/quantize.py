@@ -10,6 +10,7 @@ from typing import Callable
 from nemoq import kernels_c
 from nemoq.commands.base import (ByteProgress, LayerProgress, Output, ScaleNotice, no_byte_progress,
                                  no_layer_progress, scale_notice)
+from nemoq.commands.extras import require_calibration
 from nemoq.convert.pipeline import ConvertResult
 from nemoq.errors import NemoqError
 
@@ -160,6 +161,7 @@ def _calibrated(opts: QuantizeOptions, on_plan, layer_progress: LayerProgress) -
     if opts.output.path is None:
         raise NemoqError("--outfile is required")
     recipe, overrides = _recipe(opts.recipe)
+    require_calibration("quantize --calibrate", opts.src)
     from nemoq.calib.calibrated import quantize_calibrated
     from nemoq.quant.recipes import override_warnings
     with layer_progress("calibrated quantizing") as (on_start, on_progress):

@@ -23,41 +23,74 @@ def to_float32(chunk: np.ndarray, source_dtype: str) -> np.ndarray:
     return chunk.astype(np.float32, copy=False)
 
 
-# numpy's float16 casts are scalar loops (~0.3 GB/s here); torch's are vectorised (>4 GB/s).
-# torch is imported only when a cast is needed: it costs seconds, a bf16 -> bf16 copy needs none.
-def _as_torch(chunk: np.ndarray, source_dtype: str):
-    import torch
-    torch_dtype, storage = {"BF16": (torch.bfloat16, np.uint16), "F16": (torch.float16, np.float16),
-                            "F32": (torch.float32, np.float32), "F64": (torch.float64, np.float64)}[source_dtype]
-    return torch.from_numpy(np.ascontiguousarray(chunk).view(storage)).view(torch_dtype)
-
-
+# The casts are numpy only (no torch on the convert path) and give torch's bits for every
+# non-NaN value (tests/test_float_casts.py); NaNs come out quiet with their sign and top payload
+# bits, as x86's conversion instructions and gguf-py write them, whichever loop numpy ran.
 _cast_output = np.empty(0, dtype=np.uint8)
+_cast_scratch = np.empty(0, dtype=np.uint8)
+
+
+def _reused(buffer: np.ndarray, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(buffer, a view of it as `shape` in `dtype`), the buffer grown when too small: a fresh
+    64 MiB array per chunk costs page faults. Safe because the converter writes each encoded
+    chunk out before encoding the next."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if buffer.nbytes < nbytes:
+        buffer = np.empty(nbytes, dtype=np.uint8)
+    return buffer, buffer[:nbytes].view(dtype).reshape(shape)
 
 
 def _reused_output(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """One output buffer reused by every cast: a fresh 64 MiB array per chunk costs page faults.
-    Safe because the converter writes each encoded chunk out before encoding the next."""
     global _cast_output
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if _cast_output.nbytes < nbytes:
-        _cast_output = np.empty(nbytes, dtype=np.uint8)
-    return _cast_output[:nbytes].view(dtype).reshape(shape)
+    _cast_output, out = _reused(_cast_output, shape, dtype)
+    return out
+
+
+# half type -> (float32 mantissa bits dropped, exponent bits, quiet bit)
+HALF_NAN = {"F16": (13, 0x7C00, 0x0200), "BF16": (16, 0x7F80, 0x0040)}
+
+
+def _quiet_nans(out_bits: np.ndarray, x: np.ndarray, half: str) -> None:
+    """Rewrite the NaNs among float32 `x` in `out_bits` (its half precision bits, uint16)."""
+    if not _has_non_finite(out_bits.reshape(-1), half):   # NaN and Inf alike: the rare case
+        return
+    dropped, exponent, quiet = HALF_NAN[half]
+    bits = np.ascontiguousarray(x).view(np.uint32).reshape(-1)
+    nan = np.flatnonzero((bits & 0x7FFFFFFF) > 0x7F800000)
+    b = bits[nan]
+    out_bits.reshape(-1)[nan] = ((b >> 16) & 0x8000) | exponent | quiet | ((b & 0x007FFFFF) >> dropped)
+
+
+def _float32_rows(chunk: np.ndarray, source_dtype: str) -> np.ndarray:
+    """float64 goes to float32 first, as in torch's casts: a double then rounds twice, the same way."""
+    return np.ascontiguousarray(to_float32(chunk, source_dtype))
 
 
 def to_float16(chunk: np.ndarray, source_dtype: str) -> np.ndarray:
     """Round to nearest even (values beyond f16's range become inf, as any f16 cast)."""
-    import torch
+    x = _float32_rows(chunk, source_dtype)
     out = _reused_output(chunk.shape, np.float16)
-    torch.from_numpy(out).copy_(_as_torch(chunk, source_dtype))
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.copyto(out, x, casting="same_kind")
+    _quiet_nans(out.view(np.uint16), x, "F16")
     return out
 
 
 def to_bf16_bits(chunk: np.ndarray, source_dtype: str) -> np.ndarray:
-    """Round to nearest even, as torch's .bfloat16(); returned as uint16 bits."""
-    import torch
+    """Round to nearest even on the float32 bits, as torch's .bfloat16() and gguf-py: add
+    0x7FFF plus the lowest kept bit, keep the top 16 (a carry rounds up into the exponent, the
+    largest floats to inf). Returned as uint16 bits."""
+    global _cast_scratch
+    u = _float32_rows(chunk, source_dtype).view(np.uint32)
+    _cast_scratch, t = _reused(_cast_scratch, u.shape, np.uint32)
+    np.right_shift(u, 16, out=t)
+    np.bitwise_and(t, 1, out=t)
+    np.add(t, 0x7FFF, out=t)
+    np.add(t, u, out=t)                   # wraps only for NaNs, which are rewritten below
+    np.right_shift(t, 16, out=t)
     out = _reused_output(chunk.shape, np.uint16)
-    torch.from_numpy(out).view(torch.bfloat16).copy_(_as_torch(chunk, source_dtype))
+    np.copyto(out, t, casting="unsafe")
+    _quiet_nans(out, u.view(np.float32), "BF16")
     return out
 
 
