@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from nemoq.calib import compensate_refine
 from nemoq.calib import compensate_torch as fast
 from nemoq.kernels_c import rounding
 from nemoq.quant import compensate
@@ -141,7 +142,7 @@ def test_c_descent_equals_numpys_loop(monkeypatch):
     for built in (True, False):
         monkeypatch.setattr(rounding, "available", lambda: built)
         dd, cc = d.copy(), codes.copy()
-        fast.descend(f, w, dd, d @ h, a, b, cc, h, levels, level_codes)
+        compensate_refine.descend(f, w, dd, d @ h, a, b, cc, h, levels, level_codes)
         runs.append((dd, cc))
     assert np.array_equal(runs[0][1], runs[1][1]) and np.array_equal(runs[0][0], runs[1][0])
     assert not np.array_equal(runs[0][1], codes)      # the descent moved some codes

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nemoq.calib.compensate_refine import DenseMetric, TokenMetric, refine
 from nemoq.kernels_c import rounding
 from nemoq.quant import compensate as ref
 from nemoq.quant.compensate import DAMPING, DAMPING_LADDER, FEW_TOKENS_DAMPING, MIN_TOKENS, PASSES, Compensated
@@ -65,7 +66,7 @@ def compensated_quantize(
     h = torch.as_tensor(h).to(device, wide)
     if tuple(h.shape) != (n, n) or not torch.isfinite(h).all():
         raise ValueError(f"{fmt}: H must be a finite ({n}, {n}) matrix, got shape {tuple(h.shape)}")
-    w = w.astype(np.float32)
+    w = np.asarray(w, dtype=np.float32)   # no copy of a float32 matrix (the head: 1.4 GB)
     diag = h.diagonal().double().cpu().numpy()
     if importance is None:
         importance = diag.astype(np.float32) if diag.any() else None
@@ -88,17 +89,20 @@ def compensated_quantize(
     if factor is None:
         return fallback(f"H is singular even with damping {DAMPING_LADDER[-1]}")
     r, lam, shift = factor
-    hd = h.to(dtype) + torch.diag(torch.from_numpy(shift).to(device, dtype)) if passes else None
+    if x_t is not None:   # H' = X^T X + diag(shift): the descent works through D X^T (rows, tokens)
+        metric = TokenMetric(x_t.T, torch.from_numpy(shift).to(device, dtype))
+    else:
+        metric = DenseMetric(h.to(dtype) + torch.diag(torch.from_numpy(shift).to(device, dtype)))
     del h
     parts = []
     for r0 in range(0, rows, ROWS):   # rows are independent: a chunk at a time bounds memory
         part = w[r0:r0 + ROWS]
         blocks = sweep(f, torch.from_numpy(part).to(device, dtype), r, dtype, refit=refit)
         if passes:
-            blocks = refine(f, part, blocks, hd, passes, refit=refit)
+            blocks = refine(f, part, blocks, metric, passes, refit=refit)
         parts.append(blocks)
     blocks = np.concatenate(parts)
-    del hd
+    del metric
     energy, error_rounding, error = output_forms(enc, w, rounded, blocks, inputs_t=x_t, factor=(r.to(dtype), shift))
     error, error_rounding = relative(error, energy), relative(error_rounding, energy)
     if error > error_rounding:
@@ -238,76 +242,3 @@ def round_codes(f: Format, blocks: np.ndarray, w_b: np.ndarray, u_b: np.ndarray)
     levels, level_codes = f.written_levels()
     return rounding.round_on_grid(w_b, a, b, u_b, levels, level_codes, f.code_values, f.codes(blocks))[0]
 
-
-# --- step 5: coordinate descent --------------------------------------------------------------
-
-
-def refine(f: Format, w: np.ndarray, blocks: np.ndarray, hd: torch.Tensor, passes: int, *,
-           refit: bool = True) -> np.ndarray:
-    """compensate.refine, left-looking by batches of BATCH columns: a batch's share of R = D H
-    is one product with the current D (earlier batches already moved) at the batch's start, then
-    its columns in C (rounding.descend_codes) or numpy; the refit likewise. hd: the damped H
-    (the reference's `damped(h, lam)`) on the device, in the products' dtype."""
-    rows, n = w.shape
-    bs, step = f.block_size, max(BATCH, f.block_size)
-    w = w.astype(np.float64)
-    blocks = blocks.reshape(rows, n // bs, f.type_size).copy()
-    levels, level_codes = f.written_levels()
-    for _ in range(passes):
-        a, b = (x.reshape(rows, n) for x in f.grid(blocks.reshape(-1, f.type_size)))
-        codes = f.codes(blocks.reshape(-1, f.type_size)).reshape(rows, n)
-        d = w - (a * f.code_values[codes] + b).astype(np.float64)
-        on_device = torch.from_numpy(d).to(hd.device, hd.dtype)
-        for k0 in range(0, n, step):
-            K = slice(k0, min(k0 + step, n))
-            r_k = np.ascontiguousarray((on_device @ hd[:, K]).to("cpu", torch.float64).numpy())
-            h_k = np.ascontiguousarray(hd[K, K].to("cpu", torch.float64).numpy())
-            d_k, codes_k = np.ascontiguousarray(d[:, K]), np.ascontiguousarray(codes[:, K])
-            descend(f, np.ascontiguousarray(w[:, K]), d_k, r_k, a[:, K], b[:, K], codes_k, h_k, levels, level_codes)
-            d[:, K], codes[:, K] = d_k, codes_k
-            on_device[:, K] = torch.from_numpy(d_k).to(hd.device, hd.dtype)
-        blocks = f.with_codes(blocks.reshape(-1, f.type_size), codes.reshape(-1, bs)).reshape(rows, n // bs, -1)
-        if refit:
-            refit_in_place(f, w, blocks, hd, d, on_device)
-    return blocks.reshape(rows, -1)
-
-
-def descend(f: Format, w, d, r, a, b, codes, h, levels, level_codes) -> None:
-    """The coordinate descent over one batch's columns, in place on d, r and codes: C where the
-    kernels are built, else compensate.refine's loop restricted to the batch."""
-    if rounding.available():
-        rounding.descend_codes(w, d, r, a, b, codes, h, levels, level_codes, f.code_values)
-        return
-    for j in range(w.shape[1]):
-        target = w[:, j] + (r[:, j] - h[j, j] * d[:, j]) / h[j, j]
-        c = ref.nearest_code(target, a[:, j], b[:, j], levels, level_codes, codes[:, j])
-        delta = w[:, j] - (a[:, j] * f.code_values[c] + b[:, j]) - d[:, j]
-        moved = np.nonzero(delta)[0]
-        if len(moved):
-            codes[:, j] = c
-            d[moved, j] += delta[moved]
-            r[moved] += np.outer(delta[moved], h[j])
-
-
-def refit_in_place(f: Format, w: np.ndarray, blocks: np.ndarray, hd: torch.Tensor, d: np.ndarray,
-                   on_device: torch.Tensor) -> None:
-    """compensate.refit_in_place by batches: D H's batch columns from one product at the batch's
-    start, kept current within the batch as its blocks change. blocks (rows, n / bs, type_size),
-    d = W - Q (and its copy on the device) updated in place."""
-    rows, n = w.shape
-    bs, step = f.block_size, max(BATCH, f.block_size)
-    for k0 in range(0, n, step):
-        K = slice(k0, min(k0 + step, n))
-        dh = (on_device @ hd[:, K]).to("cpu", torch.float64).numpy().copy()   # D H[:, K]
-        h_k = hd[K, K].to("cpu", torch.float64).numpy()
-        for k in range(0, dh.shape[1], bs):
-            B, G = slice(k, k + bs), slice(k0 + k, k0 + k + bs)
-            h_bb = h_k[B, B]
-            cross = dh[:, B] - d[:, G] @ h_bb                     # D_rest H_rest,b
-            t_b = w[:, G] + np.linalg.solve(h_bb, cross.T).T
-            new = ref.refit_scales(f, blocks[:, (k0 + k) // bs], t_b, np.linalg.cholesky(h_bb))
-            blocks[:, (k0 + k) // bs] = new
-            change = (w[:, G] - ref.values(f, new)) - d[:, G]
-            d[:, G] += change
-            dh += change @ h_k[B]
-        on_device[:, K] = torch.from_numpy(d[:, K]).to(hd.device, hd.dtype)
