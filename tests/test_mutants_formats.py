@@ -19,6 +19,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from nemoq.quant.formats import FORMATS, Format
 from nemoq.quant.formats import mxfp4, nvfp4
 from nemoq.quant.formats.q6_k import Q6_K
+from nemoq.quant.formats.iq4_nl import KVALUES
+from nemoq.quant.formats.search import GROUP_MAX_EPS, Grid
 from tests.ggml_oracle import ggml_quantize
 from tests.test_formats import NAMES, case_matrix, importance_for
 
@@ -42,6 +44,8 @@ def edge_rows() -> np.ndarray:
     x = np.resize(x, 4 * N).reshape(4, N)
     x[1] *= 1e-3
     x[2] = x[0][::-1] * 64.0
+    # blocks whose largest value is ggml's GROUP_MAX_EPS exactly (not "all zero": ggml tests < 1e-15)
+    x[3, :64] = np.resize(np.float32(GROUP_MAX_EPS) * np.array([1, -0.5, 0.25, 0], np.float32), 64)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -74,7 +78,7 @@ def test_quantizers_return_uint8_rows_and_raise_no_numpy_warnings(name, weighted
             assert out.dtype == np.uint8, (method.__name__, out.dtype)
             assert out.shape == (x.shape[0], N // fmt.block_size * fmt.type_size), method.__name__
             y = fmt.dequantize(out)
-            assert np.isfinite(y).all(), method.__name__
+            assert y.dtype == np.float32 and np.isfinite(y).all(), method.__name__
         assert (fmt.dequantize(fmt.quantize(x[-4:-2], imp)) == 0).all()   # zero rows stay zero
 
 
@@ -173,3 +177,28 @@ def test_a_format_subclass_takes_its_sizes_from_gguf_py():
     assert Probe.ggml_type == GGMLQuantizationType.Q4_1
     assert (Probe.block_size, Probe.type_size) == GGML_QUANT_SIZES[GGMLQuantizationType.Q4_1]
     assert Probe().name == "q4_1"
+
+
+@pytest.mark.parametrize("values, step", [(KVALUES, 0.5), (mxfp4.E2M1, 0.25), (np.arange(-8, 8), 0.5)],
+                         ids=["iq4_nl", "e2m1", "q4_0"])
+def test_grid_lookup_is_the_nearest_level(values, step):
+    """Grid's table lookup against a brute-force nearest level, ties up (ggml's best_index_int8)
+    or down (best_index_mxfp4), inside and beyond the table's ends."""
+    grid = Grid(values, step)
+    levels = np.asarray(values, np.float64)
+    v = np.concatenate([np.linspace(levels[0] - 20, levels[-1] + 20, 20001), (levels[1:] + levels[:-1]) / 2])
+    v = v.astype(np.float32)
+    dist = np.abs(v[:, None] - levels[None, :])
+    up = dist.shape[1] - 1 - np.argmin(dist[:, ::-1], axis=1)   # the last (largest) of equal distances
+    down = np.argmin(dist, axis=1)
+    assert (grid.index(v.copy()) == up).all()
+    assert (grid.index(v.copy(), ties_down=True) == down).all()
+    assert grid(v.copy()).dtype == np.float32 and (grid(v.copy()) == levels[up]).all()
+
+
+def test_grid_refuses_levels_off_its_step_and_tables_too_large():
+    with pytest.raises(AssertionError, match="^midpoints must lie on the step$"):
+        Grid([0, 1, 2.5], 0.5)
+    Grid([0, 2**16 - 4], 1.0)            # a table of 2^16 - 1 cells: index() takes uint16
+    with pytest.raises(AssertionError):
+        Grid([0, 2**16 - 2], 1.0)        # 2^16 + 1 cells
