@@ -52,12 +52,14 @@ def other_feed() -> str:
 OTHER_FEED = other_feed()
 
 
-def held_out_kld(base: Path, models: list[Path], text: str, ctx: int) -> list[np.ndarray]:
-    """Per-token KLD(base || model) of each model over the held-out tokens (two chunk alignments)."""
+def held_out_kld(base: Path, models: list[Path], text: str, ctx: int, threads: int = 1) -> list[np.ndarray]:
+    """Per-token KLD(base || model) of each model over the held-out tokens (two chunk alignments).
+    One llama.cpp thread by default: on a shared machine ggml's spinning threads made each
+    evaluation several times slower, and a model this small gains nothing from more."""
     from nemoq.eval.metrics import kl_rows
     from nemoq.eval.model import LlamaModel
 
-    with LlamaModel(base, ctx) as m:
+    with LlamaModel(base, ctx, threads) as m:
         tokens = m.tokenize(text)
         chunks = []
         for shift in (0, ctx // 2):
@@ -66,7 +68,7 @@ def held_out_kld(base: Path, models: list[Path], text: str, ctx: int) -> list[np
         base_logp = [m.scored_logprobs(ids, first).astype(np.float32) for ids, first in chunks]
     klds = []
     for path in models:
-        with LlamaModel(path, ctx) as m:
+        with LlamaModel(path, ctx, threads) as m:
             klds.append(np.concatenate([kl_rows(b.astype(np.float64), m.scored_logprobs(ids, first))
                                         for b, (ids, first) in zip(base_logp, chunks)]))
     return klds
