@@ -108,7 +108,7 @@ def main() -> None:
         scorer = held_out(f16, args.ctx, args.first)
         n_tokens = len(scorer.kld_rows(f16))
         print(f"profile {profile_s:.0f} s ({profile.calibration['tokens']} tokens, "
-              f"{profile.calibration['sensitivity_tokens']} per ablation); {n_tokens} held-out tokens scored")
+              f"{profile.calibration['ablation_tokens_scored']} scored per ablation); {n_tokens} held-out tokens scored")
 
         # 1. the predictor
         rows = []

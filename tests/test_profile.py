@@ -11,9 +11,10 @@ import torch
 from nemoq.calib.calibrate import calibration_sequences
 from nemoq.calib.profile import (Profile, check_profile, identity, measure_errors, read_profile, set_sensitivities,
                                  write_profile)
-from nemoq.calib.sensitivity import Scorer, write_with_types
+from nemoq.calib.sensitivity import FIRST, Scorer, plain_text, text_sequences, write_with_types
 from nemoq.convert.pipeline import open_source
 from nemoq.errors import NemoqError
+from nemoq.eval.model import LlamaModel
 from nemoq.quant.type_errors import matrix_errors
 
 
@@ -77,7 +78,7 @@ def test_predicted_kld_follows_llama_cpp(measured, tiny_source, tmp_path):
     sequences, tensors = measured
     names = ["blk.0.ssm_in.weight", "output.weight"]
     chosen = {n: tensors[n] for n in names}
-    set_sensitivities(tiny_source, chosen, sequences[:2])
+    set_sensitivities(tiny_source, chosen, None, 512)
     profile = Profile(identity(tiny_source), chosen, {}, False)
     for p in chosen.values():
         assert len(p.ablations) == 3 and "q8_0" in p.ablations and "q5_0" not in p.ablations
@@ -85,7 +86,9 @@ def test_predicted_kld_follows_llama_cpp(measured, tiny_source, tmp_path):
         assert p.predicted("q8_0") < p.predicted("q5_0") < p.predicted("q4_0")
     base = tmp_path / "base.gguf"
     write_with_types(tiny_source, base, {})
-    scorer = Scorer(base, sequences[:2])
+    with LlamaModel(base, 512) as m:     # the ablations' text, further on
+        text = text_sequences(m, plain_text(None), 512, 4096)[-2:]
+    scorer = Scorer(base, text, FIRST)
     path = tmp_path / "mix.gguf"
     for mix in ({names[0]: "q5_0"}, {names[0]: "q4_0", names[1]: "q5_0"}):
         write_with_types(tiny_source, path, mix)

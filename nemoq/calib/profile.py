@@ -34,7 +34,7 @@ import torch
 from nemoq.calib.calibrate import DEFAULT_CTX, calibration_sequences, pick_device
 from nemoq.calib.forward import Progress
 from nemoq.calib.hparams import config_of
-from nemoq.calib.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS, ablation_klds, sensitivity_sequences
+from nemoq.calib.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS, ablation_klds
 from nemoq.calib.walk import LayerWalk, Target
 from nemoq.calib.weights import read_tensor
 from nemoq.convert.dtypes import block_size, type_nbytes
@@ -175,12 +175,18 @@ class ProfileWalk(LayerWalk):
         super().__init__(source.plan, config_of(source), sequences, targets, device=device, sequential=False,
                          on_progress=on_progress)
 
+    def _compensate(self, *args, **kwargs):
+        """--calibrate's rounding as the walk does it: its fast path on the walk's device."""
+        from nemoq.calib import compensate_torch
+        return compensate_torch.compensated_quantize(*args, device=self.device, **kwargs)
+
     def _quantize(self, name: str, matrix: torch.Tensor, gram, importance: np.ndarray | None = None, *more):
         spec, p = self.specs[name], self.profiles[name]
         w = matrix.float().cpu().numpy()
         scaled = {t: takes_scale(spec, t) for t in CANDIDATE_TYPES}
         energy, errors = matrix_errors(w, gram.numpy(), candidate_types(spec), tokens=gram.tokens, scaled=scaled,
-                                       compensated=self.compensated and gram.tokens > 0, importance=importance)
+                                       compensated=self.compensated and gram.tokens > 0, importance=importance,
+                                       quantize=self._compensate)
         p.energy += energy
         p.tokens += gram.tokens
         for t, e in errors.items():
@@ -234,13 +240,14 @@ def measure_errors(source: Source, sequences: np.ndarray, device: torch.device, 
     return tensors
 
 
-def set_sensitivities(source: Source, tensors: dict[str, TensorProfile], sequences: np.ndarray,
-                      on_ablation: Callable[[int, int], None] | None = None) -> None:
-    """Each tensor's ablations (ablation_types), measured by llama.cpp."""
+def set_sensitivities(source: Source, tensors: dict[str, TensorProfile], data: Path | None, tokens: int,
+                      on_ablation: Callable[[int, int], None] | None = None) -> int:
+    """Each tensor's ablations (ablation_types), measured by llama.cpp; returns the tokens scored."""
     jobs = [(n, t) for n, p in tensors.items() for t in ablation_types(p)]
-    klds = ablation_klds(source, jobs, sequences, on_progress=on_ablation)
+    klds, scored = ablation_klds(source, jobs, data, tokens=tokens, on_progress=on_ablation)
     for (n, t), k in zip(jobs, klds):
         tensors[n].ablations[t] = k
+    return scored
 
 
 def make_profile(src: str | Path, *, data: Path | None = None, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX,
@@ -252,10 +259,9 @@ def make_profile(src: str | Path, *, data: Path | None = None, tokens: int = DEF
     source = open_source(src)
     sequences, _ = calibration_sequences(source, data, ctx, tokens)
     tensors = measure_errors(source, sequences, torch_device, compensated, on_progress)
-    ablation = sensitivity_sequences(sequences, sensitivity_tokens)
-    set_sensitivities(source, tensors, ablation, on_ablation)
+    scored = set_sensitivities(source, tensors, data, sensitivity_tokens, on_ablation)
     calibration = {"tokens": int(sequences.size), "ctx": ctx, "data": str(data) if data else "nemoq corpus",
-                   "device": str(torch_device), "sensitivity_tokens": int(ablation.size),
+                   "device": str(torch_device), "ablation_tokens_scored": scored,
                    "seconds": round(time.perf_counter() - start, 1)}
     return Profile(identity(source), tensors, calibration, compensated)
 

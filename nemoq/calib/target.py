@@ -197,3 +197,14 @@ def quantize_to_target(src: str | Path, out: Path, *, target_size: int | None = 
             raise NemoqError(f"wrote {size:,} bytes where {plan.nbytes:,} were planned (budget {budget:,}); "
                              f"the file was removed (a nemoq bug: please report)", out)
     return TargetResult(plan, profile, result, calibration)
+
+
+def plan_only(src: str | Path, profile_path: Path, *, target_size: int | None = None, target_bpw: float | None = None,
+              calibrate: bool = False, tensor_scales: bool = True) -> TargetPlan:
+    """--dry-run: the plan from the profile and the source's headers (no weight is quantized)."""
+    from nemoq.calib.profile import read_profile
+    from nemoq.convert.pipeline import open_source
+    source = open_source(src)
+    return plan_for_budget(read_profile(profile_path), source, budget_of(source, target_size, target_bpw),
+                           compensated=calibrate, tensor_scales=tensor_scales, calibrated=calibrate,
+                           profile_path=profile_path)

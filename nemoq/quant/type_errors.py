@@ -46,7 +46,7 @@ def plain_values(type_name: str, w: np.ndarray, scaled: bool) -> np.ndarray:
 
 
 def compensated_error(type_name: str, w: np.ndarray, h: np.ndarray, tokens: int, scaled: bool,
-                      energy: float, importance: np.ndarray | None = None) -> float:
+                      energy: float, importance: np.ndarray | None = None, quantize=compensated_quantize) -> float:
     """Squared output error after compensated rounding (as nemoq.calib.walk quantizes: the FP4
     scale chosen with the inputs' mean square, then W / scale rounded through H)."""
     if type_name == "f16":
@@ -56,13 +56,15 @@ def compensated_error(type_name: str, w: np.ndarray, h: np.ndarray, tokens: int,
         scale = best_scale(BLOCK_ENCODINGS[type_name], w,
                            None if mean_square is None else mean_square.astype(np.float32), SCALE_RULES[type_name])
         w = w / np.float32(scale)
-    c = compensated_quantize(type_name, w, h, damping=DAMPING, importance=importance, tokens=tokens)
+    c = quantize(type_name, w, h, damping=DAMPING, importance=importance, tokens=tokens)
     return c.error ** 2 * energy
 
 
 def matrix_errors(w: np.ndarray, h: np.ndarray, types: tuple[str, ...], *, tokens: int, scaled: dict[str, bool],
-                  compensated: bool, importance: np.ndarray | None = None) -> tuple[float, dict[str, TypeError2]]:
-    """(tr(W H W^T), squared error per type) of one matrix (rows, n) with its H (n, n)."""
+                  compensated: bool, importance: np.ndarray | None = None,
+                  quantize=compensated_quantize) -> tuple[float, dict[str, TypeError2]]:
+    """(tr(W H W^T), squared error per type) of one matrix (rows, n) with its H (n, n); `quantize`:
+    the compensated rounding (compensate.py's reference, or a fast path with its signature)."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     h = np.asarray(h, dtype=np.float64)
     energy = output_energy(w, h)
@@ -70,6 +72,6 @@ def matrix_errors(w: np.ndarray, h: np.ndarray, types: tuple[str, ...], *, token
     for t in types:
         e = TypeError2(squared_error(w, plain_values(t, w, scaled.get(t, False)), h))
         if compensated:
-            e.compensated = compensated_error(t, w, h, tokens, scaled.get(t, False), energy, importance)
+            e.compensated = compensated_error(t, w, h, tokens, scaled.get(t, False), energy, importance, quantize)
         out[t] = e
     return energy, out

@@ -1,0 +1,38 @@
+"""rich rendering of profiles and --target-size plans for the CLI."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from nemoq.report import human_bytes
+
+
+def target_plan(console: Console, plan, table: bool = True) -> None:
+    """Per tensor: the chosen type, its bytes and its share of the predicted KLD; then the file."""
+    if table:
+        t = Table(title=f"types for a budget of {plan.budget:,} bytes")
+        for col in ("tensor", "type", "bytes", "predicted KLD", "share"):
+            t.add_column(col, justify="left" if col in ("tensor", "type") else "right", no_wrap=True)
+        for name, type_name in plan.types.items():
+            share = plan.shares[name] / plan.kld if plan.kld > 0 else 0.0
+            t.add_row(name, type_name.upper(), f"{plan.bytes_of[name]:,}", f"{plan.shares[name]:.6f}", f"{share:.1%}")
+        console.print(t)
+    counts: dict[str, int] = {}
+    for type_name in plan.types.values():
+        counts[type_name.upper()] = counts.get(type_name.upper(), 0) + 1
+    mix = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    console.print(f"file {plan.nbytes:,} bytes ({human_bytes(plan.nbytes)}) of a budget of {plan.budget:,}; "
+                  f"predicted KLD {plan.kld:.5f}; types: {mix}", highlight=False, soft_wrap=True)
+
+
+def profile_summary(console: Console, profile) -> None:
+    """Per tensor: the measured one-tensor ablations (type: KLD) and the candidates' errors' range."""
+    t = Table(title=f"profile: {len(profile.tensors)} tensors, {profile.calibration.get('tokens', 0):,} calibration tokens")
+    for col in ("tensor", "candidates", "error range", "ablations (KLD)"):
+        t.add_column(col, justify="left", no_wrap=True)
+    for name, p in profile.tensors.items():
+        errors = [p.error(k) for k in p.errors if k != "f16"]
+        ablations = ", ".join(f"{k.upper()} {v:.5f}" for k, v in p.ablations.items())
+        t.add_row(name, str(len(p.errors)), f"{min(errors):.4f}-{max(errors):.4f}" if errors else "-", ablations)
+    console.print(t)
