@@ -102,3 +102,73 @@ def test_mtp_rows_are_nvidias_names_under_their_sub_layer():
     assert [r.source for r in moved] == ["1." + r.source for r in MOE_ROWS + ATTENTION_ROWS]
     assert [(r.tensor, r.shape, r.keep_f32) for r in moved] == [(r.tensor, r.shape, r.keep_f32)
                                                                for r in MOE_ROWS + ATTENTION_ROWS]
+
+
+def test_the_mtp_block_counts_as_one_more_block_with_attention_and_experts(tmp_path):
+    """llama.cpp's converter appends the MTP block after the trunk (block_count + 1) and gives it
+    both a KV head count and an expert width, since it holds an attention and an MoE sub-layer."""
+    from tests.fixtures.checkpoints import tiny_config
+    from tests.fixtures.family import LIGHTNING_DIMS
+
+    cfg = tiny_config(**LIGHTNING_DIMS)
+    kv = hparams_read_back(config_from(cfg, tmp_path), tmp_path)
+    pattern = cfg["hybrid_override_pattern"]
+    assert cfg["num_nextn_predict_layers"] == 1 and kv["nemotron_h_moe.block_count"] == len(pattern) + 1
+    assert kv["nemotron_h_moe.nextn_predict_layers"] == 1
+    assert kv["nemotron_h_moe.attention.head_count_kv"] == [
+        cfg["num_key_value_heads"] if k == "*" else 0 for k in pattern] + [cfg["num_key_value_heads"]]
+    assert kv["nemotron_h_moe.feed_forward_length"] == [
+        cfg["moe_intermediate_size"] if k == "E" else 0 for k in pattern] + [cfg["moe_intermediate_size"]]
+
+
+def test_key_or_array_writers_and_puzzle_values_called_directly(tmp_path):
+    """HPARAMS builds these at import; called here so that each is exercised as it is written."""
+    import gguf
+
+    from nemoq.convert.config import ModelConfig
+    from nemoq.convert.metadata import Keys, _per_layer_if_puzzle, _scalar_or_per_layer
+    from tests.fixtures.checkpoints import tiny_config
+    from tests.fixtures.family import puzzle_config
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "u").mkdir()
+    puzzle, uniform = config_from(puzzle_config(), tmp_path / "p"), config_from(tiny_config(), tmp_path / "u")
+    widths = _per_layer_if_puzzle(ModelConfig.expert_ff_of, lambda c: c.expert_ff)
+    assert widths(puzzle) == [0, 64, 0, 0, 96] and widths(uniform) == uniform.expert_ff
+
+    path = tmp_path / "kv.gguf"
+    writer = gguf.GGUFWriter(path, "nemotron_h_moe")
+    _scalar_or_per_layer(Keys.EXPERT_USED_COUNT)(writer, [0, 2, 0, 0, 3])
+    _scalar_or_per_layer(Keys.EXPERT_FEED_FORWARD_LENGTH)(writer, 64)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    fields = gguf.GGUFReader(path).fields
+    assert fields["nemotron_h_moe.expert_used_count"].contents() == [0, 2, 0, 0, 3]
+    assert fields["nemotron_h_moe.expert_feed_forward_length"].types == [gguf.GGUFValueType.UINT32]
+    assert fields["nemotron_h_moe.expert_feed_forward_length"].contents() == 64
+
+
+def test_neg_exp_overflows_to_minus_inf_quietly():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert neg_exp(np.array([100.0], np.float32))[0] == -np.inf
+
+
+def test_size_label_counts_experts_as_llama_cpps_converter(tmp_path):
+    """general.size_label from the tensors written: 4 experts of 64 x 32 x 2 matrices plus 1000
+    other weights, labelled by gguf-py's size_label as llama.cpp's converter labels it."""
+    import gguf
+
+    from nemoq.convert.metadata import add_size_label
+
+    writer = gguf.GGUFWriter(tmp_path / "s.gguf", "nemotron_h_moe")
+    writer.add_tensor_info("token_embd.weight", (10, 100), np.dtype(np.float32), 4000)
+    for name in ("blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight"):
+        writer.add_tensor_info(name, (4, 64, 32), np.dtype(np.float32), 4 * 4 * 64 * 32)
+    add_size_label(writer)
+    expert = 2 * 64 * 32
+    assert writer.kv_data[0]["general.size_label"].value == gguf.size_label(1000 + 4 * expert, 1000, expert, 4)
+    assert writer.kv_data[0]["general.size_label"].value == "4x5.1K"
