@@ -179,6 +179,45 @@ def test_coordinate_descent_lowers_the_output_error_on_held_out_tokens(fmt):
     assert errors[1] < errors[0] * {"iq4_nl": 0.985, "q4_k": 0.985}.get(fmt, 0.95)
 
 
+@pytest.mark.parametrize("fmt", NAMES)
+def test_act_order_rounds_on_importance_roundings_grids(fmt):
+    """Without refit and passes, the act-order sweep changes codes only: every scale field is
+    importance-weighted rounding's, chosen before the sweep."""
+    f = FORMATS[fmt]
+    w, h, _ = layer()
+    r = compensated_quantize(fmt, w, h, act_order=True, refit=False, passes=0)
+    plain = f.quantize(w, np.diag(h)).reshape(-1, f.type_size)
+    ours = r.blocks.reshape(-1, f.type_size)
+    assert r.fallback is None
+    np.testing.assert_array_equal(f.fields(ours)[0], f.fields(plain)[0])
+    np.testing.assert_array_equal(f.with_codes(plain, f.codes(ours)), ours)
+    assert not np.array_equal(ours, plain)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_act_order_lowers_the_fp4_output_error_on_held_out_tokens(fmt):
+    """Inputs with a few columns 20x larger: rounding those first while every other column can
+    still absorb their errors. Measured (held-out error, act order over block order, both with
+    refine): nvfp4 0.926, mxfp4 0.899 (q5_0 0.918, q4_k 0.967, iq4_nl 0.986)."""
+    n, rows = 256, 32
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8 * n, n)) @ (rng.standard_normal((n, n)) / np.sqrt(n))
+    x[:, rng.choice(n, 8, replace=False)] *= 20
+    fit, held = x[:4 * n], x[4 * n:]
+    w = (rng.standard_normal((rows, n)) * 0.02).astype(np.float32)
+    errors = [output_error(fmt, w, compensated_quantize(fmt, w, fit.T @ fit, act_order=a).blocks, held)
+              for a in (False, True)]
+    assert errors[1] < 0.96 * errors[0]
+
+
+@pytest.mark.parametrize("fmt", ["iq4_nl", "nvfp4"])
+def test_both_orders_keep_the_lower_output_error(fmt):
+    w, h, _ = layer()
+    block, act, both = (compensated_quantize(fmt, w, h, act_order=a) for a in (False, True, None))
+    assert both.error == min(block.error, act.error)
+    assert np.array_equal(both.blocks, (block if block.error <= act.error else act).blocks)
+
+
 def test_dead_columns_keep_their_weights_rounded_plainly_and_push_no_error():
     w, h, x = layer(n=256, rows=16)
     dead = np.array([3, 40, 41, 200, 255])

@@ -42,6 +42,10 @@ FEW_TOKENS_DAMPING = 0.1  # at least this lambda with fewer tokens than columns
 DAMPING_LADDER = (0.1, 1.0, 10.0)  # tried in turn when Cholesky fails with the lambda asked for
 MIN_TOKENS = 64  # fewer calibration tokens than this: importance-weighted rounding instead
 PASSES = 2  # coordinate-descent passes over the codes after the sweep (step 5)
+# The sweep's column order: False, block by block (sweep); True, by decreasing diag H on importance
+# rounding's scales (sweep_act_order); None, both, keeping the lower output error.
+ACT_ORDER = False
+ACT_ORDER_BATCH = 128  # columns per lazy update in act order
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class Compensated:
 def compensated_quantize(
     fmt: str, w: np.ndarray, h: np.ndarray, *, damping: float = DAMPING,
     importance: np.ndarray | None = None, tokens: int | None = None, refit: bool = True,
-    passes: int = PASSES,
+    passes: int = PASSES, act_order: bool | None = ACT_ORDER,
 ) -> Compensated:
     """Quantize W (rows, n) to format `fmt`, compensating rounding errors through H (n, n).
 
@@ -76,7 +80,7 @@ def compensated_quantize(
     w, h = np.asarray(w), np.asarray(h)
     if w.ndim == 3:
         per = [compensated_quantize(
-            fmt, w[e], h[e], damping=damping, refit=refit, passes=passes,
+            fmt, w[e], h[e], damping=damping, refit=refit, passes=passes, act_order=act_order,
             importance=None if importance is None else importance[e],
             tokens=None if tokens is None else int(np.asarray(tokens)[e]),
         ) for e in range(w.shape[0])]
@@ -103,14 +107,20 @@ def compensated_quantize(
         return fallback(f"{tokens} calibration tokens, fewer than {MIN_TOKENS}")
     if tokens is not None and tokens < n:
         damping = max(damping, FEW_TOKENS_DAMPING)
-    factor = inverse_cholesky(h, damping)
-    if factor is None:
-        return fallback(f"H is singular even with damping {DAMPING_LADDER[-1]}")
-    u, lam = factor
-    blocks = sweep(f, w, u, refit=refit)
-    if passes:
-        blocks = refine(f, w, blocks, damped(h, lam), passes, refit=refit)
-    error = relative_error(f, w, blocks, h, energy)
+    best = None
+    for act in (False, True) if act_order is None else (act_order,):
+        perm = np.argsort(-np.diag(h), kind="stable")
+        factor = inverse_cholesky(h[np.ix_(perm, perm)] if act else h, damping)
+        if factor is None:
+            return fallback(f"H is singular even with damping {DAMPING_LADDER[-1]}")
+        u, lam = factor
+        blocks = sweep_act_order(f, w, rounded, u, perm) if act else sweep(f, w, u, refit=refit)
+        if passes:
+            blocks = refine(f, w, blocks, damped(h, lam), passes, refit=refit)
+        error = relative_error(f, w, blocks, h, energy)
+        if best is None or error < best[0]:
+            best = error, blocks, lam
+    error, blocks, lam = best
     if error > error_rounding:
         return fallback("importance-weighted rounding had the lower output error", lam)
     return Compensated(blocks, error, error_rounding, energy, lam)
@@ -170,6 +180,36 @@ def sweep(f: Format, w: np.ndarray, u: np.ndarray, *, refit: bool = True, lazy: 
         w[:, rest] -= (err - (0 if lazy else pushed)) @ u[B, rest]
         out[:, k // bs] = blocks
     return out.reshape(rows, -1)
+
+
+def sweep_act_order(f: Format, w: np.ndarray, blocks: np.ndarray, u: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """GPTQ's act order: the columns by decreasing diag H (perm), so the inputs with the most
+    energy are rounded while most columns remain to absorb their errors. A block's columns are
+    then scattered over the sweep, so its grid is fixed up front ("static groups"): the scale
+    fields of `blocks`, importance-weighted rounding's; refine() refits them afterwards.
+
+    u: the upper factor of the permuted H^-1. Errors go into the rest of a batch of
+    ACT_ORDER_BATCH columns one column at a time, and into the later columns once per batch.
+    """
+    rows, n = w.shape
+    flat = blocks.reshape(-1, f.type_size)
+    a, b = (x.reshape(rows, n)[:, perm] for x in f.grid(flat))
+    keep = f.codes(flat).reshape(rows, n)[:, perm]
+    levels, level_codes = f.written_levels()
+    w = w[:, perm].astype(np.float64)
+    codes = np.empty((rows, n), np.uint8)
+    for k in range(0, n, ACT_ORDER_BATCH):
+        end = min(k + ACT_ORDER_BATCH, n)
+        err = np.empty((rows, end - k))
+        for j in range(k, end):
+            codes[:, j] = nearest_code(w[:, j], a[:, j], b[:, j], levels, level_codes, keep[:, j])
+            q = a[:, j] * f.code_values[codes[:, j]] + b[:, j]
+            err[:, j - k] = (w[:, j] - q) / u[j, j]
+            w[:, j + 1:end] -= np.outer(err[:, j - k], u[j, j + 1:end])
+        w[:, end:] -= err @ u[k:end, end:]
+    unpermuted = np.empty_like(codes)
+    unpermuted[:, perm] = codes
+    return f.with_codes(flat, unpermuted.reshape(-1, f.block_size)).reshape(rows, -1)
 
 
 def damped(h: np.ndarray, lam: float) -> np.ndarray:
