@@ -67,12 +67,24 @@ def test_float64_fast_path_follows_the_references_passes_and_refit(fmt, passes):
         assert np.array_equal(c.blocks, ref.blocks), (passes, refit)
 
 
+@pytest.mark.parametrize("act_order", [True, None])
+@pytest.mark.parametrize("fmt", ["iq4_nl", "q6_k"])
+def test_float64_fast_path_follows_the_references_act_order(fmt, act_order):
+    w, h, _ = layer()
+    ref = compensate.compensated_quantize(fmt, w, h, act_order=act_order)
+    c = fast.compensated_quantize(fmt, w, h, act_order=act_order, dtype=torch.float64)
+    assert np.array_equal(c.blocks, ref.blocks)
+    assert c.error == pytest.approx(ref.error, rel=1e-9)
+
+
 @pytest.mark.parametrize("fmt", ["q8_0", "iq4_nl", "q5_k"])
 def test_numpy_column_loops_give_the_c_kernels_blocks(fmt, monkeypatch):
     monkeypatch.setattr(rounding, "available", lambda: False)
     w, h, _ = layer()
     c = fast.compensated_quantize(fmt, w, h, dtype=torch.float64)
     assert np.array_equal(c.blocks, quick(fmt).blocks)
+    c = fast.compensated_quantize(fmt, w, h, dtype=torch.float64, act_order=True)
+    assert np.array_equal(c.blocks, quick(fmt, act_order=True).blocks)
 
 
 def test_rows_in_chunks_give_the_blocks_of_one_chunk(monkeypatch):

@@ -27,7 +27,9 @@ import torch
 from nemoq.calib.compensate_refine import DenseMetric, TokenMetric, refine
 from nemoq.kernels_c import rounding
 from nemoq.quant import compensate as ref
-from nemoq.quant.compensate import DAMPING, DAMPING_LADDER, FEW_TOKENS_DAMPING, MIN_TOKENS, PASSES, Compensated
+from nemoq.quant.compensate import (
+    ACT_ORDER, ACT_ORDER_BATCH, DAMPING, DAMPING_LADDER, FEW_TOKENS_DAMPING, MIN_TOKENS, PASSES, Compensated,
+)
 from nemoq.quant.encodings import BLOCK_ENCODINGS
 from nemoq.quant.formats import FORMATS, Format
 
@@ -39,7 +41,7 @@ ROWS = 4096            # rows quantized at a time (the output head has 131072): 
 def compensated_quantize(
     fmt: str, w: np.ndarray, h: np.ndarray | torch.Tensor, *, damping: float = DAMPING,
     importance: np.ndarray | None = None, tokens: int | None = None, refit: bool = True,
-    passes: int = PASSES, inputs: np.ndarray | torch.Tensor | None = None, device: torch.device | str = "cpu",
+    passes: int = PASSES, act_order: bool | None = ACT_ORDER, inputs: np.ndarray | torch.Tensor | None = None, device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Compensated:
     """nemoq.quant.compensate.compensated_quantize, its linear algebra in torch on `device`.
@@ -53,7 +55,8 @@ def compensated_quantize(
     w = np.asarray(w)
     if w.ndim == 3:
         per = [compensated_quantize(
-            fmt, w[e], h[e], damping=damping, refit=refit, passes=passes, device=device, dtype=dtype,
+            fmt, w[e], h[e], damping=damping, refit=refit, passes=passes, act_order=act_order, device=device,
+            dtype=dtype,
             importance=None if importance is None else importance[e],
             tokens=None if tokens is None else int(np.asarray(tokens)[e]),
         ) for e in range(w.shape[0])]
@@ -85,25 +88,38 @@ def compensated_quantize(
         return fallback(f"{tokens} calibration tokens, fewer than {MIN_TOKENS}")
     if tokens is not None and tokens < n:
         damping = max(damping, FEW_TOKENS_DAMPING)
-    factor = cholesky_factor(h, damping)
-    if factor is None:
-        return fallback(f"H is singular even with damping {DAMPING_LADDER[-1]}")
-    r, lam, shift = factor
-    if x_t is not None:   # H' = X^T X + diag(shift): the descent works through D X^T (rows, tokens)
-        metric = TokenMetric(x_t.T, torch.from_numpy(shift).to(device, dtype))
-    else:
-        metric = DenseMetric(h.to(dtype) + torch.diag(torch.from_numpy(shift).to(device, dtype)))
-    del h
-    parts = []
-    for r0 in range(0, rows, ROWS):   # rows are independent: a chunk at a time bounds memory
-        part = w[r0:r0 + ROWS]
-        blocks = sweep(f, torch.from_numpy(part).to(device, dtype), r, dtype, refit=refit)
-        if passes:
-            blocks = refine(f, part, blocks, metric, passes, refit=refit)
-        parts.append(blocks)
-    blocks = np.concatenate(parts)
-    del metric
-    energy, error_rounding, error = output_forms(enc, w, rounded, blocks, inputs_t=x_t, factor=(r.to(dtype), shift))
+    best = None
+    for act in (False, True) if act_order is None else (act_order,):
+        perm = np.argsort(-diag, kind="stable") if act else np.arange(n)
+        order = torch.from_numpy(perm).to(device)
+        factor = cholesky_factor(h[order][:, order] if act else h, damping)
+        if factor is None:
+            return fallback(f"H is singular even with damping {DAMPING_LADDER[-1]}")
+        r, lam, shift_p = factor
+        shift = np.empty(n)
+        shift[perm] = shift_p     # H' as refine sees it, in the columns' own order
+        if x_t is not None:       # H' = X^T X + diag(shift): the descent works through D X^T (rows, tokens)
+            metric = TokenMetric(x_t.T, torch.from_numpy(shift).to(device, dtype))
+        else:
+            metric = DenseMetric(h.to(dtype) + torch.diag(torch.from_numpy(shift).to(device, dtype)))
+        parts = []
+        for r0 in range(0, rows, ROWS):   # rows are independent: a chunk at a time bounds memory
+            part = w[r0:r0 + ROWS]
+            on_device = torch.from_numpy(part).to(device, dtype)
+            if act:
+                blocks = sweep_act_order(f, on_device, rounded[r0:r0 + ROWS], r, perm, dtype)
+            else:
+                blocks = sweep(f, on_device, r, dtype, refit=refit)
+            if passes:
+                blocks = refine(f, part, blocks, metric, passes, refit=refit)
+            parts.append(blocks)
+        blocks = np.concatenate(parts)
+        del metric
+        energy, error_rounding, error = output_forms(enc, w, rounded, blocks, inputs_t=x_t,
+                                                     factor=(r.to(dtype), shift_p, perm))
+        if best is None or error < best[0]:
+            best = error, error_rounding, energy, blocks, lam
+    error, error_rounding, energy, blocks, lam = best
     error, error_rounding = relative(error, energy), relative(error_rounding, energy)
     if error > error_rounding:
         return Compensated(rounded, error_rounding, error_rounding, energy, lam,
@@ -146,10 +162,11 @@ def cholesky_factor(h: torch.Tensor, damping: float):
 
 
 def output_forms(enc, w: np.ndarray, *blocks: np.ndarray, inputs_t: torch.Tensor | None = None,
-                 h: torch.Tensor | None = None, factor: tuple[torch.Tensor, np.ndarray] | None = None) -> list[float]:
+                 h: torch.Tensor | None = None, factor: tuple | None = None) -> list[float]:
     """tr(W H W^T) and tr(D H D^T) for D = W - Q of each of `blocks`, ROWS rows at a time:
     through the inputs X^T (n, tokens) where given (||D X^T||^2), else through the factor
-    (R, shift) (||D R||^2 - shift-weighted ||D_j||^2), else through H itself."""
+    (R, shift, perm) of H with its columns in the order perm (||D_perm R||^2 - shift-weighted
+    ||D_j||^2), else through H itself."""
     sums = np.zeros(1 + len(blocks))
     for r0 in range(0, len(w), ROWS):
         part = w[r0:r0 + ROWS].astype(np.float64)
@@ -157,7 +174,9 @@ def output_forms(enc, w: np.ndarray, *blocks: np.ndarray, inputs_t: torch.Tensor
         if inputs_t is not None:
             sums += norms_through(inputs_t, stack)
         elif factor is not None:
-            sums += np.subtract(norms_through(factor[0], stack, triangular=True), shifted_norms(factor[1], stack))
+            r, shift, perm = factor
+            stack = stack[:, :, perm]
+            sums += np.subtract(norms_through(r, stack, triangular=True), shifted_norms(shift, stack))
         else:
             sums += quadratic_forms(h, stack)
     return [float(s) for s in sums]
@@ -235,10 +254,45 @@ def block(f: Format, w_b: np.ndarray, u_b: np.ndarray, r_b: np.ndarray, refit: b
 
 
 def round_codes(f: Format, blocks: np.ndarray, w_b: np.ndarray, u_b: np.ndarray) -> np.ndarray:
-    """compensate.round_on_grid's codes (w_b is updated in place): in C where the kernels are built."""
-    if not rounding.available():
-        return ref.round_on_grid(f, blocks, w_b, u_b)[0]
+    """compensate.round_on_grid's codes on the grid of `blocks` (w_b is updated in place)."""
     a, b = f.grid(blocks)
-    levels, level_codes = f.written_levels()
-    return rounding.round_on_grid(w_b, a, b, u_b, levels, level_codes, f.code_values, f.codes(blocks))[0]
+    return grid_round(f, w_b, a, b, f.codes(blocks), u_b)
 
+
+def grid_round(f: Format, w: np.ndarray, a: np.ndarray, b: np.ndarray, keep: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """GPTQ's column loop on w (rows, m) float64 (updated in place) over any grid a, b (rows, m),
+    errors pushed through u (m, m): C where the kernels are built, else numpy. The codes."""
+    levels, level_codes = f.written_levels()
+    if rounding.available():
+        return rounding.round_on_grid(w, a, b, u, levels, level_codes, f.code_values, keep)[0]
+    codes = np.empty(w.shape, np.uint8)
+    for j in range(w.shape[1]):
+        codes[:, j] = ref.nearest_code(w[:, j], a[:, j], b[:, j], levels, level_codes, keep[:, j])
+        q = a[:, j] * f.code_values[codes[:, j]] + b[:, j]
+        w[:, j + 1:] -= np.outer((w[:, j] - q) / u[j, j], u[j, j + 1:])
+    return codes
+
+
+def sweep_act_order(f: Format, w: torch.Tensor, rounded: np.ndarray, r: torch.Tensor, perm: np.ndarray,
+                    dtype: torch.dtype) -> np.ndarray:
+    """compensate.sweep_act_order, left-looking: the columns in the order perm on the fixed grid
+    of `rounded` (importance-weighted rounding's blocks), ACT_ORDER_BATCH columns at a time; r:
+    the factor of H with its rows and columns in that order."""
+    rows, n = w.shape
+    flat = rounded.reshape(-1, f.type_size)
+    a, b = (x.reshape(rows, n)[:, perm] for x in f.grid(flat))
+    keep = f.codes(flat).reshape(rows, n)[:, perm]
+    w = w[:, torch.from_numpy(perm).to(w.device)]
+    d, r_products = torch.zeros_like(w), r.to(dtype)
+    codes = np.empty((rows, n), np.uint8)
+    for k0 in range(0, n, ACT_ORDER_BATCH):
+        K = slice(k0, min(k0 + ACT_ORDER_BATCH, n))
+        w_0 = w[:, K].to("cpu", torch.float64).numpy()    # the batch's weights, then error-updated: w_k
+        u_k = np.linalg.inv(r[K, K].to("cpu", torch.float64).numpy())
+        w_k = w_0 + (d[:, :k0] @ r_products[:k0, K]).to("cpu", torch.float64).numpy() @ u_k
+        codes[:, K] = grid_round(f, np.ascontiguousarray(w_k), a[:, K], b[:, K], keep[:, K], np.ascontiguousarray(u_k))
+        q = (a[:, K] * f.code_values[codes[:, K]] + b[:, K]).astype(np.float64)
+        d[:, K] = torch.from_numpy(w_0 - q).to(d.device, d.dtype)
+    unpermuted = np.empty_like(codes)
+    unpermuted[:, perm] = codes
+    return f.with_codes(flat, unpermuted.reshape(-1, f.block_size)).reshape(rows, -1)
