@@ -3,9 +3,17 @@ rules (llama_tensor_get_type, tensor_type_fallback) and the documented --tensor-
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from nemoq.quant.recipes import parse_override, use_more_bits
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from nemoq.convert.config import load_config
+from nemoq.convert.plan import tensor_specs
+from nemoq.quant.recipes import (
+    RECIPES, LayerFacts, encoding_for, file_type_of, parse_override, plan_types, recipe_label, recipes_that_fit,
+    summarize, use_more_bits,
+)
 
 
 def test_use_more_bits_is_llama_cpps_for_nano():
@@ -21,3 +29,94 @@ def test_tensor_type_override_syntax():
     for bad in ("ffn_up_exps", "=q8_0", "ffn_up_exps=q3_k", "ffn_up_exps="):
         with pytest.raises(ValueError, match="expected REGEX=TYPE"):
             parse_override(bad)
+
+
+# Nemotron 3 Nano's config.json (tests/data/nemotron-3-nano): 52 layers, 128 routed experts.
+NANO = Path(__file__).resolve().parent / "data" / "nemotron-3-nano"
+
+
+@pytest.fixture(scope="module")
+def nano():
+    config = load_config(NANO)
+    return config, tensor_specs(config)
+
+
+def bytes_of(type_name: str, n: int) -> int:
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
+    return n // block * size
+
+
+def test_layer_facts_of_nano_are_the_model_cards(nano):
+    config, specs = nano
+    facts = LayerFacts.from_specs(specs, config.layer_kinds)
+    attention = [i for i, k in enumerate(config.layer_kinds) if k == "attention"]
+    assert facts.n_experts == 128 and len(attention) == 6
+    # llama.cpp's Q4_K_S: attn_v of the first four attention layers, ffn_down of layers < 52 / 8
+    assert [i for i in range(52) if facts.first_four_attention(i)] == attention[:4]
+    assert [i for i in range(52) if facts.first_eighth(i)] == list(range(6))
+    # use_more_bits over the attention layers alone (llama.cpp counts attn_v tensors): 6 / 8 = 0,
+    # so the last 7 * 6 / 8 = 5 onward and every third between: ordinals 2 and 5
+    assert [i for i in range(52) if facts.more_bits_attention(i)] == [attention[2], attention[5]]
+    assert not any(f(None) for f in (facts.first_four_attention, facts.first_eighth, facts.more_bits,
+                                     facts.more_bits_attention, facts.next_to_attention))
+
+
+def test_q8_0_plan_of_nano_prices_every_tensor_with_gguf_pys_sizes(nano):
+    config, specs = nano
+    summary = summarize(plan_types(specs, RECIPES["Q8_0"], config.layer_kinds))
+    f32 = [s for s in specs if s.keep_f32 or len(s.shape) < 2]
+    expected = sum(4 * s.n_elements if s in f32 else bytes_of("q8_0", s.n_elements) for s in specs)
+    n = sum(s.n_elements for s in specs)
+    assert summary.total_bytes == expected == summary.wanted_bytes
+    assert summary.n_elements == n and summary.fallback_tensors == 0 and not summary.warn_fallbacks
+    assert summary.bits_per_weight == pytest.approx(8 * expected / n, rel=1e-12)
+    assert summary.quantizable_elements == n - sum(s.n_elements for s in f32)
+
+
+def test_q4_k_m_on_nano_falls_back_as_llama_cpp_and_says_what_it_costs(nano):
+    """2688, 1856 and 3712 are not multiples of 256: llama.cpp's tensor_type_fallback gives Q5_0
+    for Q4_K and Q8_0 for Q6_K; every other tensor keeps the wanted k-quant."""
+    config, specs = nano
+    typed = plan_types(specs, RECIPES["Q4_K_M"], config.layer_kinds)
+    for t in typed:
+        if t.wanted in ("q4_k", "q6_k") and t.spec.row_width % 256:
+            assert t.type == {"q4_k": "q5_0", "q6_k": "q8_0"}[t.wanted] and t.fell_back
+            assert f"row width {t.spec.row_width} is not a multiple of 256" in t.fallback_why
+        else:
+            assert t.type == t.wanted and not t.fell_back and t.fallback_why == ""
+    summary = summarize(typed)
+    fell = [t for t in typed if t.fell_back]
+    quantizable = sum(t.spec.n_elements for t in typed if t.wanted != "f32")
+    assert summary.fallback_tensors == len(fell)
+    assert summary.fallback_share == sum(t.spec.n_elements for t in fell) / quantizable > 0.5
+    assert summary.warn_fallbacks
+    assert summary.wanted_bytes == sum(
+        4 * t.spec.n_elements if t.wanted == "f32" else bytes_of(t.wanted, t.spec.n_elements) for t in typed)
+    assert summary.wanted_bits_per_weight < summary.bits_per_weight
+
+
+def test_the_recipes_that_fit_nano_are_the_readmes(nano):
+    """README: when most weights fall back, the recipes that fit (NQ4: 4.69 bits per weight)."""
+    config, specs = nano
+    fits = recipes_that_fit(specs, config.layer_kinds)
+    names = [name for name, _ in fits]
+    assert [bpw for _, bpw in fits] == sorted(bpw for _, bpw in fits)
+    assert "NQ4" in names and "Q8_0" in names and "Q4_K_M" not in names
+    assert not {"F32", "F16", "BF16"} & set(names)
+    assert dict(fits)["NQ4"] == pytest.approx(4.69, abs=0.005)
+
+
+def test_file_type_is_the_recipes_or_guessed_from_the_main_type(nano):
+    config, specs = nano
+    plan = plan_types(specs, RECIPES["Q4_K_M"], config.layer_kinds)
+    assert file_type_of(RECIPES["Q4_K_M"], plan, config.layer_kinds) == 15   # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    changed = plan_types(specs, RECIPES["Q4_K_M"], config.layer_kinds, [("exps", "q8_0")])
+    assert file_type_of(RECIPES["Q4_K_M"], changed, config.layer_kinds) == 7 | 1024   # Q8_0, GUESSED
+    assert recipe_label(RECIPES["NQ4"], [("exps", "q8_0"), ("ssm", "f16")]) == \
+        "NQ4 --tensor-type exps=q8_0 --tensor-type ssm=f16"
+
+
+def test_an_unwritable_type_is_a_clear_error():
+    with pytest.raises(NotImplementedError, match="writing q3_k tensors is not implemented"):
+        encoding_for("q3_k")
+    assert encoding_for("f16") is not encoding_for("q8_0")
