@@ -39,7 +39,7 @@ def test_the_llama_cpp_build_is_the_newest_any_scale_needs():
     assert llama_cpp_build_for(["blk.3.ssm_out.weight.scale"]) == 0
 
 
-def hparams_read_back(config, tmp_path) -> dict:
+def hparams_read_back(config, tmp_path, **kwargs) -> dict:
     """The key/values add_hparams writes, as gguf-py's reader returns them."""
     import gguf
 
@@ -47,7 +47,7 @@ def hparams_read_back(config, tmp_path) -> dict:
 
     path = tmp_path / "kv.gguf"
     writer = gguf.GGUFWriter(path, "nemotron_h_moe")
-    add_hparams(writer, config, "probe")
+    add_hparams(writer, config, "probe", **kwargs)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
@@ -172,3 +172,19 @@ def test_size_label_counts_experts_as_llama_cpps_converter(tmp_path):
     expert = 2 * 64 * 32
     assert writer.kv_data[0]["general.size_label"].value == gguf.size_label(1000 + 4 * expert, 1000, expert, 4)
     assert writer.kv_data[0]["general.size_label"].value == "4x5.1K"
+
+
+def test_a_plan_without_the_mtp_block_writes_the_trunk_alone(tmp_path):
+    """add_hparams(mtp_layers=0): the file leaves the MTP block out (llama.cpp's converter without
+    --mtp), so neither the extra block nor nextn_predict_layers is written; general.type is model."""
+    from tests.fixtures.checkpoints import tiny_config
+    from tests.fixtures.family import LIGHTNING_DIMS
+
+    cfg = tiny_config(**LIGHTNING_DIMS)
+    config = config_from(cfg, tmp_path)
+    kv = hparams_read_back(config, tmp_path, mtp_layers=0)
+    assert kv["nemotron_h_moe.block_count"] == len(cfg["hybrid_override_pattern"])
+    assert "nemotron_h_moe.nextn_predict_layers" not in kv
+    assert kv["general.type"] == "model" and kv["general.name"] == "probe"
+    kv = hparams_read_back(config, tmp_path, mtp_layers=1)
+    assert kv["nemotron_h_moe.block_count"] == len(cfg["hybrid_override_pattern"]) + 1
