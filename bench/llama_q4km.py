@@ -16,6 +16,8 @@ import numpy as np
 
 from llama_tools import build
 
+THREADS = 1   # as the benches run nemoq (OMP_NUM_THREADS=1), so the times compare
+
 
 def calibration_text(model: Path, ctx: int, tokens: int) -> tuple[str, np.ndarray]:
     """(the text nemoq's calibration sequences tokenize from, those sequences (n, ctx))."""
@@ -64,11 +66,11 @@ def llama_q4km(base: Path, model: Path, work: Path, ctx: int, tokens: int, run) 
     imatrix = work / "llama-imatrix.gguf"
     times = {"llama-imatrix": run([tools["llama-imatrix"], "-m", base, "-f", text_file, "-o", imatrix,
                                    "-c", ctx, "-b", ctx, "--chunks", sequences.shape[0], "--parse-special",
-                                   "-t", 2, "--no-ppl"], work / "llama-imatrix.log")}
+                                   "-t", THREADS, "--no-ppl"], work / "llama-imatrix.log")}
     files = {}
     for variant, extra in (("llama.cpp", []), ("llama.cpp imatrix", ["--imatrix", imatrix])):
         out = work / f"Q4_K_M-{variant.replace(' ', '-').replace('.', '')}.gguf"
-        times[f"llama-quantize {variant}"] = run([tools["llama-quantize"], *extra, base, out, "Q4_K_M", 2],
+        times[f"llama-quantize {variant}"] = run([tools["llama-quantize"], *extra, base, out, "Q4_K_M", THREADS],
                                                  work / f"{out.stem}.log")
         files[variant] = out
     return {"files": files, "mismatched_tokens": check_tokens(base, text, sequences),
