@@ -42,7 +42,8 @@ GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 # mutmut's exit-code verdicts (mutmut/stats.py), folded into the columns we report
 VERDICT = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 36: "timeout",
-           24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", -9: "segfault", -11: "segfault"}
+           24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", -9: "segfault", -11: "segfault",
+           None: "not checked"}   # a run stopped before it reached the mutant
 
 
 # Groups whose tests load torch (checkpoint fixtures) fork each mutant from a server process that
@@ -123,7 +124,7 @@ def main() -> None:
     if path == ROOT:
         sys.exit("tests.mutation: the worktree must not be this checkout (mutmut rewrites modules)")
     worktree(path)
-    print(f"{'module':44} {'killed':>7} {'survived':>8} {'timeout':>7} {'no tests':>8} {'rate':>6}")
+    print(f"{'module':44} {'killed':>7} {'survived':>8} {'timeout':>7} {'no tests':>8} {'other':>6} {'rate':>6}")
     for group in args.groups:
         counts = run_group(path, group, args.jobs)
         total: dict[str, int] = {}
@@ -136,10 +137,12 @@ def main() -> None:
 
 
 def row(name: str, c: dict[str, int]) -> str:
-    killed, timeout = c.get("killed", 0), c.get("timeout", 0)
-    # timeouts count as killed (the mutant made the tests hang), as mutmut's own score does not
-    rate = (killed + timeout) / max(sum(c.values()), 1)
-    return (f"{name:44} {killed:7d} {c.get('survived', 0):8d} {timeout:7d} {c.get('no tests', 0):8d}"
+    """Rate: killed or timed out (the mutant made the tests hang) over the mutants checked; "other"
+    is mutants not checked (a stopped run), suspicious ones and crashes."""
+    killed, timeout, survived, no_tests = (c.get(k, 0) for k in ("killed", "timeout", "survived", "no tests"))
+    checked = killed + timeout + survived + no_tests
+    rate = (killed + timeout) / max(checked, 1)
+    return (f"{name:44} {killed:7d} {survived:8d} {timeout:7d} {no_tests:8d} {sum(c.values()) - checked:6d}"
             f" {100 * rate:5.1f}%")
 
 
