@@ -162,3 +162,13 @@ def test_transformers_layout_of_super_gives_the_hub_files_trunk(checkpoints, tmp
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     for t in a.tensors:
         assert np.array_equal(np.asarray(a.tensor_data(t.name).data), np.asarray(b.tensor_data(t.name).data)), t.name
+
+
+def test_more_than_one_mtp_block_is_refused_unless_dropped(tmp_path):
+    ckpt = write_lightning(tmp_path / "ckpt")
+    cfg = _config(ckpt)
+    cfg["num_nextn_predict_layers"] = 2
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    result = run_cli("convert", ckpt, "-o", tmp_path / "o.gguf")
+    assert result.exit_code == 1 and "llama.cpp loads one MTP block" in result.output, result.output
+    assert run_cli("convert", ckpt, "-o", tmp_path / "o.gguf", "--no-mtp").exit_code == 0

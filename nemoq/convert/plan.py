@@ -153,7 +153,8 @@ def tensor_specs(config: ModelConfig, prefix: str = "backbone", expert_layout: s
     return specs
 
 
-def _mtp_plan(config: ModelConfig, tensors: dict[str, TensorRef], keep: bool, model_dir: Path) -> tuple[bool, str, list[str]]:
+def _mtp_plan(config: ModelConfig, tensors: dict[str, TensorRef], keep: bool,
+              model_dir: Path) -> tuple[bool, str, list[str]]:
     """Whether the MTP block is converted, its expert layout, and a note when the config declares
     one that is not written."""
     present = any(n.startswith(mapping.MTP_PREFIX) for n in tensors)
