@@ -38,7 +38,7 @@ demo: $(STAMP)
 
 # The byte-equality tests once more as a CPU without AVX2 / AVX-512 computes them: numpy's SIMD
 # dispatch limited to its baseline, the C kernels built without -march=native.
-BYTE_TESTS := tests/test_golden_bytes.py tests/test_golden_files.py tests/test_kernels_c.py
+BYTE_TESTS := tests/test_golden_bytes.py tests/test_golden_files.py tests/test_kernels_c.py tests/test_float_casts.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
