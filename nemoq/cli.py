@@ -115,6 +115,13 @@ def quantize(
                                          "cuda or mps."),
     imatrix_out: Optional[Path] = typer.Option(None, "--imatrix-out", help="With --calibrate: also write the "
                                                "importance matrix (llama.cpp's format) of the same tokens."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="Instead of a recipe: per tensor the "
+                                              "types with the least predicted KLD whose file is at most this "
+                                              "size (e.g. 18G, 4.9M), from a profile."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", min=0.5, help="As --target-size, for a file "
+                                               "of at most this many bits per weight (header included)."),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="With --target-size/--target-bpw: a nemoq "
+                                           "profile of this model (default: profile first, in the same run)."),
 ) -> None:
     """Quantize a checkpoint in one pass with a recipe (types per tensor, honest about bits)."""
     from nemoq.commands.base import Output
@@ -123,7 +130,64 @@ def quantize(
         src, Output(outfile, force, _split_size(split_max_size)),
         RecipeOptions(recipe, tuple(tensor_type), tensor_scales), imatrix=imatrix, dry_run=dry_run, threads=threads,
         calibration=CalibrationOptions(calibrate, data, tokens, ctx, device, imatrix_out))
+    if target_size is not None or target_bpw is not None or profile is not None:
+        if target_size is None and target_bpw is None:
+            raise typer.BadParameter("--profile goes with --target-size or --target-bpw")
+        from nemoq.commands.profile import TargetOptions
+        size = parse_size(target_size) if target_size is not None else None
+        _run(_quantize_target, opts, TargetOptions(size, target_bpw, profile))
+        return
     _run(_quantize, opts)
+
+
+def _quantize_target(opts, target) -> None:
+    from nemoq import report
+    from nemoq.commands.base import scale_notice
+    from nemoq.commands.profile import quantize_to_target
+    from nemoq.report_profile import target_plan
+    outcome = quantize_to_target(opts, target, partial(target_plan, Console(), table=opts.dry_run),
+                                 partial(report.layer_progress, console), _ablation_progress)
+    if outcome is None:   # --dry-run
+        return
+    if outcome.calibration is not None:
+        report.calibration_summary(Console(), outcome.calibration)
+    report.conversion_summary(console, outcome.conversion, [])
+    _say_scales(scale_notice(t.name for t in outcome.conversion.tensors), NO_SCALES_HINT)
+
+
+def _ablation_progress(done: int, total: int) -> None:
+    if done == total or done % 10 == 0:
+        console.print(f"one-tensor ablations in llama.cpp: {done}/{total}", highlight=False)
+
+
+@app.command("profile")
+def profile_command(
+    src: str = typer.Argument(..., help="Checkpoint folder, hub repo id, or an F32/F16/BF16 GGUF."),
+    outfile: Path = typer.Option(..., "--outfile", "-o", help="Output profile (JSON)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Calibration text, as for nemoq calibrate "
+                                        "(default: the corpus nemoq ships, train split)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", min=1, help="Calibration tokens (default 16384)."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", min=2, help="Tokens per sequence (default 512)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (cuda > mps > cpu), cpu, cuda or mps."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Also measure --calibrate's (error-compensated) "
+                                   "rounding, for quantize --target-size --calibrate."),
+    sensitivity_tokens: Optional[int] = typer.Option(None, "--sensitivity-tokens", min=1, help="Tokens llama.cpp "
+                                                     "scores per one-tensor ablation (default 1024)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+) -> None:
+    """Measure per tensor and candidate type the bytes and predicted KLD that quantize --target-size chooses from."""
+    from nemoq.commands.base import Output
+    from nemoq.commands.profile import ProfileOptions
+    _run(_profile, ProfileOptions(src, Output(outfile, force), data, tokens, ctx, device, calibrate, sensitivity_tokens))
+
+
+def _profile(opts) -> None:
+    from nemoq import report
+    from nemoq.commands.profile import profile
+    from nemoq.report_profile import profile_summary
+    result = profile(opts, partial(report.layer_progress, console), _ablation_progress)
+    profile_summary(Console(), result)
+    console.print(f"[green]wrote[/] {escape(str(opts.output.path))}")
 
 
 NO_SCALES_HINT = "; --no-tensor-scales writes the file without them"

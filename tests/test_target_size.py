@@ -19,6 +19,7 @@ from nemoq.convert.pipeline import open_source
 from nemoq.errors import NemoqError
 from nemoq.gguf_file import read_gguf
 from nemoq.quant.allocate import BudgetTooSmall
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +101,27 @@ def test_calibrated_file_is_the_planned_size(profile, source, tiny_model, tmp_pa
                            calibrate_options={"tokens": 512, "ctx": 256})
     assert os.path.getsize(out) == r.plan.nbytes <= 4_500_000
     assert read_gguf(out).metadata["nemoq.recipe"].endswith(" --calibrate")
+
+
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(profile, tiny_model, tmp_path):
+    path, _ = profile
+    r = run_cli("quantize", tiny_model, "--target-size", "4.5M", "--profile", path, "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "predicted KLD" in r.output and "blk.0.ssm_in.weight" in r.output and "of a budget of 4,500,000" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_target_size_and_its_refusals(profile, tiny_model, tmp_path):
+    path, _ = profile
+    out = tmp_path / "m.gguf"
+    r = run_cli("quantize", tiny_model, "-o", out, "--target-bpw", "6", "--profile", path)
+    assert r.exit_code == 0, r.output
+    n = sum(t.spec.n_elements for t in open_source(tiny_model).plan.tensors)
+    assert out.stat().st_size <= 6 * n / 8
+    small = tmp_path / "s.gguf"
+    r = run_cli("quantize", tiny_model, "-o", small, "--target-size", "1M", "--profile", path)
+    assert r.exit_code == 1 and "below the smallest file this model can be" in r.output and not small.exists()
+    r = run_cli("quantize", tiny_model, "-o", small, "--profile", path)
+    assert r.exit_code == 2 and "--profile goes with --target-size or --target-bpw" in r.output
+    r = run_cli("quantize", tiny_model, "--target-size", "4.5M", "--dry-run")
+    assert r.exit_code == 1 and "give --profile" in r.output
