@@ -172,3 +172,25 @@ def test_more_than_one_mtp_block_is_refused_unless_dropped(tmp_path):
     result = run_cli("convert", ckpt, "-o", tmp_path / "o.gguf")
     assert result.exit_code == 1 and "llama.cpp loads one MTP block" in result.output, result.output
     assert run_cli("convert", ckpt, "-o", tmp_path / "o.gguf", "--no-mtp").exit_code == 0
+
+
+def test_super_modelopt_mixed_precision_export_converts(tmp_path):
+    """As NVIDIA's Super NVFP4 release: routed experts NVFP4 (kept as stored, with `.scale`), shared
+    experts, Mamba projections and latent projections FP8, attention and mtp.* BF16."""
+    from tests.fixtures.modelopt import export_modelopt
+    dims = {"hidden_size": 192, "moe_latent_size": 128, "moe_intermediate_size": 128,
+            "moe_shared_expert_intermediate_size": 128, "n_routed_experts": 32, "num_experts_per_tok": 4}
+    ckpt = export_modelopt(write_super(tmp_path / "float", overrides=dims, dtype="bfloat16"), tmp_path / "nvfp4",
+                           algo="MIXED_PRECISION",
+                           exclude=("lm_head", "*mixer.conv1d*", "mtp.*", "*layers.3.mixer.*", "*layers.2.mixer.*_proj"),
+                           fp8_modules=("*shared_experts*", "*mixer.in_proj", "*mixer.out_proj", "*latent_proj"))
+    result = run_cli("convert", ckpt, "-o", tmp_path / "o.gguf")
+    assert result.exit_code == 0, result.output
+    types = {t.name: t.type_name for t in read_gguf(tmp_path / "o.gguf").tensors}
+    n = len(_config(ckpt)["hybrid_override_pattern"])
+    for layer in (1, 4):
+        assert types[f"blk.{layer}.ffn_up_exps.weight"] == types[f"blk.{layer}.ffn_down_exps.weight"] == "NVFP4"
+        assert f"blk.{layer}.ffn_up_exps.scale" in types
+        assert types[f"blk.{layer}.ffn_latent_down.weight"] == "BF16"   # FP8 values, dequantized
+    assert types[f"blk.{n}.ffn_up_exps.weight"] == types[f"blk.{n}.nextn.eh_proj.weight"] == "BF16"
+    assert not any(name.startswith(f"blk.{n}.") and name.endswith("scale") for name in types)
