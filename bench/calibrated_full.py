@@ -189,7 +189,8 @@ def matrices(args) -> dict:
                 with threadpool_limits(1, user_api="blas"):
                     t, c = time.perf_counter(), time.process_time()
                     result = run()
-                    row[name] = {"wall_s": round(time.perf_counter() - t, 2), "cpu_s": round(time.process_time() - c, 2),
+                    row[name] = {"wall_s": round(time.perf_counter() - t, 2),
+                                 "cpu_s": round(time.process_time() - c, 2),
                                  "error": round(result.error, 5), "error_rounding": round(result.error_rounding, 5)}
             print(json.dumps(row), flush=True)
             figures.append(row)

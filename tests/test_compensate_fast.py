@@ -112,7 +112,8 @@ def test_fallbacks_and_expert_stacks_match_the_reference():
     c = fast.compensated_quantize("q4_0", stack_w, stack_h, tokens=tokens, dtype=torch.float64)
     assert np.array_equal(c.blocks, ref.blocks)
     assert [e.fallback for e in c.experts] == [e.fallback for e in ref.experts]
-    assert c.experts[1].fallback.startswith("40 calibration tokens") and c.experts[2].fallback.startswith("no calibration")
+    assert c.experts[1].fallback.startswith("40 calibration tokens")
+    assert c.experts[2].fallback.startswith("no calibration")
     assert c.error == pytest.approx(ref.error, rel=1e-9)
 
 

@@ -22,7 +22,7 @@ from nemoq.kernels_c import rounding
 from nemoq.quant import compensate as ref
 from nemoq.quant.formats import Format
 
-BATCH = 128   # columns per product (compensate_torch.BATCH)
+BATCH = 128   # columns per product (GPTQ's lazy batch; a k-quant's 256 where larger), the sweep's too
 
 
 def host(t: torch.Tensor) -> np.ndarray:

@@ -1,22 +1,24 @@
-"""The fast path of error-compensated rounding: nemoq.quant.compensate's sweep at real widths.
+"""The fast path of error-compensated rounding: nemoq.quant.compensate at real widths.
 
 Same algorithm, same blocks (tests/test_compensate_fast.py pairs it with the numpy reference
 for every format); what changes is where the time goes. Per Nano expert matrix the reference
 spends it in float64 products on one core (H^-1's factor through a general inverse, the output
-errors as W H W^T, the block updates) and in numpy's per-column loop and format searches. Here:
+errors as W H W^T, the descent's D H) and in numpy's per-column loops. Here:
 
-- H's factor, the updates of the not-yet-rounded columns and the output errors are torch
-  products on the walk's device (CPU, CUDA, MPS), in `dtype` (float32 by default: GPTQ's own
-  precision; float64 reproduces the reference's codes);
-- the updates go in batches of BATCH columns (GPTQ's lazy batch: one product per batch for the
-  columns after it; inside the batch, per format block, in float64 on the CPU);
-- each block's scale search is the format's C kernel on the whole (rows, block) slice, and the
-  column loop is C too (nemoq/kernels_c/round_on_grid.c), a row at a time; the refit is the
-  reference's own code;
-- the output errors come from the Cholesky factor R of the damped H (H + lambda I = R R^T),
-  which the factorisation makes anyway: tr(D H D^T) = ||D R||^2 - lambda ||D||^2, R triangular,
-  and the compensated error is the sweep's own sum of squared scaled errors (GPTQ's loss: the
-  scaled errors E satisfy W - Q = E U, so ||E||^2 = ||(W - Q) R||^2).
+- H's Cholesky factor R (H + lambda I = R R^T, float64 where the device has it), the updates of
+  the not-yet-rounded columns and the output errors are torch products on the walk's device
+  (CPU, CUDA, MPS), in `dtype` (float32 by default, GPTQ's own precision; float64 reproduces
+  the reference's bytes);
+- U = R^-1 is never formed: the sweep is left-looking, a block's error-updated weights are
+  W_b + D_<b R_<b,b R_bb^-1 with D = W - Q of the blocks done (the reference's right-looking
+  updates, since W - Q = E U), one product per batch of BATCH columns, the batch's own blocks
+  in float64 on the host;
+- each block's scale search is the format's C quantizer on the whole (rows, block) slice, the
+  column loops are C (nemoq/kernels_c/round_on_grid.c), the refits the reference's own code;
+- the descent after the sweep goes by batches too (compensate_refine.py);
+- the output errors: ||D X^T||^2 through an expert's tokens where it has fewer than half as many
+  as columns, else ||D R||^2 - lambda ||D||^2 (R triangular: half a product);
+- rows go ROWS at a time (rows are independent given H), so the head's 131072 take bounded memory.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nemoq.calib.compensate_refine import DenseMetric, TokenMetric, refine
+from nemoq.calib.compensate_refine import BATCH, DenseMetric, TokenMetric, refine
 from nemoq.kernels_c import rounding
 from nemoq.quant import compensate as ref
 from nemoq.quant.compensate import (
@@ -33,7 +35,6 @@ from nemoq.quant.compensate import (
 from nemoq.quant.encodings import BLOCK_ENCODINGS
 from nemoq.quant.formats import FORMATS, Format
 
-BATCH = 128            # columns per lazy update (GPTQ's block size); a k-quant's 256 where larger
 PRODUCT_COLUMNS = 512  # columns of R per product when multiplying by a triangular R
 ROWS = 4096            # rows quantized at a time (the output head has 131072): memory stays bounded
 
@@ -41,7 +42,8 @@ ROWS = 4096            # rows quantized at a time (the output head has 131072): 
 def compensated_quantize(
     fmt: str, w: np.ndarray, h: np.ndarray | torch.Tensor, *, damping: float = DAMPING,
     importance: np.ndarray | None = None, tokens: int | None = None, refit: bool = True,
-    passes: int = PASSES, act_order: bool | None = ACT_ORDER, inputs: np.ndarray | torch.Tensor | None = None, device: torch.device | str = "cpu",
+    passes: int = PASSES, act_order: bool | None = ACT_ORDER, inputs: np.ndarray | torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Compensated:
     """nemoq.quant.compensate.compensated_quantize, its linear algebra in torch on `device`.

@@ -43,8 +43,9 @@ def round_on_grid(w: np.ndarray, a: np.ndarray, b: np.ndarray, u: np.ndarray, le
 def descend_codes(w: np.ndarray, d: np.ndarray, r: np.ndarray, a: np.ndarray, b: np.ndarray, codes: np.ndarray,
                   h: np.ndarray, levels: np.ndarray, level_codes: np.ndarray, code_values: np.ndarray) -> None:
     """One coordinate-descent pass over m columns: w, d = W - Q and r = D H float64 (rows, m),
-    C-contiguous, d and r updated in place (r only where a later column reads it); a, b the grid and codes uint8 (rows, m), updated in
-    place; h float64 (m, m) with contiguous rows: H's rows and columns of these columns."""
+    C-contiguous, d and r updated in place (r only where a later column reads it); a, b the grid
+    and codes uint8 (rows, m), updated in place; h float64 (m, m) with contiguous rows: H's rows
+    and columns of these columns."""
     rows, m = w.shape
     for x, dtype in ((w, np.float64), (d, np.float64), (r, np.float64), (codes, np.uint8)):
         if x.dtype != dtype or not x.flags.c_contiguous or x.shape != (rows, m):
