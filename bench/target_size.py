@@ -10,9 +10,10 @@ corpus' held-out val split (never calibration text): chunks of --ctx tokens, eac
 state, every position from --first on scored (>= 8192 tokens). Ratios come with a standard error
 from the paired per-token values (bench/calibrated.py's ratio).
 
-1. Predictor: --mixes random type mixes (per mix a random preference over the candidate types,
-   per tensor a type drawn from it), predicted KLD from the profile vs measured; Spearman rank
-   correlation and the median relative error.
+1. Predictor: --mixes random type mixes (profile.random_mixes: per mix a random preference over
+   the candidate types, per tensor a type drawn from it; another seed than the profile's own fit
+   mixes), predicted KLD from the profile vs measured; Spearman rank correlation and the median
+   relative error.
 2. For llama.cpp's Q4_K_M, Q5_K_M, Q6_K, IQ4_NL and MXFP4_MOE: --target-size of exactly that
    file's bytes, against llama.cpp's file and the best of nemoq's fixed recipes no larger than it.
 """
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from calibrated import ratio  # noqa: E402
 from quantize import MODEL, corpus_text, llama_quantize, nemoq_quantize  # noqa: E402
 
-from nemoq.calib.profile import make_profile, read_profile, write_profile  # noqa: E402
+from nemoq.calib.profile import make_profile, random_mixes, read_profile, write_profile  # noqa: E402
 from nemoq.calib.sensitivity import Scorer, write_with_types  # noqa: E402
 from nemoq.calib.target import quantize_to_target  # noqa: E402
 from nemoq.convert.pipeline import float_chooser, open_source, write_gguf  # noqa: E402
@@ -63,18 +64,6 @@ def held_out(base: Path, ctx: int, first: int) -> Scorer:
     return Scorer(base, seqs, first)
 
 
-def random_mix(profile, rng) -> dict[str, str]:
-    """Per mix a random preference over types (Dirichlet), per tensor a type drawn from it among its candidates."""
-    types = sorted({t for p in profile.tensors.values() for t in p.errors if t != "f16"})
-    weight = dict(zip(types, rng.dirichlet(np.full(len(types), 0.5))))
-    mix = {}
-    for n, p in profile.tensors.items():
-        cands = [t for t in p.errors if t != "f16"]
-        w = np.array([weight[t] for t in cands]) + 1e-9
-        mix[n] = str(rng.choice(cands, p=w / w.sum()))
-    return mix
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=16384, help="profile calibration tokens")
@@ -83,11 +72,11 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--first", type=int, default=64, help="first scored position of each held-out chunk")
     ap.add_argument("--profile", type=Path, help="reuse this profile (of the F16 GGUF the bench writes)")
+    ap.add_argument("--profile-out", type=Path, help="keep the profile made here")
     ap.add_argument("--calibrate", action="store_true", help="also --target-size --calibrate files")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    rng = np.random.default_rng(args.seed)
     print(f"load average {os.getloadavg()}")
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
         tmp = Path(tmp)
@@ -104,16 +93,17 @@ def main() -> None:
             profile = make_profile(f16, tokens=args.tokens, sensitivity_tokens=args.sensitivity_tokens,
                                    compensated=args.calibrate)
             write_profile(profile_path, profile)
+            if args.profile_out:
+                write_profile(args.profile_out, profile, force=True)
         profile_s = time.perf_counter() - t0
         scorer = held_out(f16, args.ctx, args.first)
         n_tokens = len(scorer.kld_rows(f16))
-        print(f"profile {profile_s:.0f} s ({profile.calibration['tokens']} tokens, "
+        print(f"profile {profile_s:.0f} s, q = {profile.combine:.2f} ({profile.calibration['tokens']} tokens, "
               f"{profile.calibration['ablation_tokens_scored']} scored per ablation); {n_tokens} held-out tokens scored")
 
         # 1. the predictor
         rows = []
-        for i in range(args.mixes):
-            mix = random_mix(profile, rng)
+        for i, mix in enumerate(random_mixes(profile.tensors, args.mixes, args.seed)):
             path = tmp / "mix.gguf"
             write_with_types(source, path, mix)
             rows.append((profile.predicted(mix), scorer.kld(path), os.path.getsize(path)))
@@ -168,6 +158,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "held_out_tokens": n_tokens, "profile_seconds": profile_s, "calibration": profile.calibration,
+            "combine": profile.combine,
             "mixes": [dict(predicted=float(p), measured=float(m), bytes=int(b)) for p, m, b in rows],
             "spearman": spearman(pred, meas), "median_relative_error": float(np.median(rel)),
             "sizes": sizes, "kld": {k: float(v.mean()) for k, v in klds.items()}, "table": table,

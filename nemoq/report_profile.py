@@ -12,11 +12,11 @@ def target_plan(console: Console, plan, table: bool = True) -> None:
     """Per tensor: the chosen type, its bytes and its share of the predicted KLD; then the file."""
     if table:
         t = Table(title=f"types for a budget of {plan.budget:,} bytes")
-        for col in ("tensor", "type", "bytes", "predicted KLD", "share"):
+        for col in ("tensor", "type", "bytes", "KLD alone", "share"):
             t.add_column(col, justify="left" if col in ("tensor", "type") else "right", no_wrap=True)
         for name, type_name in plan.types.items():
-            share = plan.shares[name] / plan.kld if plan.kld > 0 else 0.0
-            t.add_row(name, type_name.upper(), f"{plan.bytes_of[name]:,}", f"{plan.shares[name]:.6f}", f"{share:.1%}")
+            t.add_row(name, type_name.upper(), f"{plan.bytes_of[name]:,}", f"{plan.shares[name]:.6f}",
+                      f"{plan.share(name):.1%}")
         console.print(t)
     counts: dict[str, int] = {}
     for type_name in plan.types.values():
@@ -28,7 +28,9 @@ def target_plan(console: Console, plan, table: bool = True) -> None:
 
 def profile_summary(console: Console, profile) -> None:
     """Per tensor: the measured one-tensor ablations (type: KLD) and the candidates' errors' range."""
-    t = Table(title=f"profile: {len(profile.tensors)} tensors, {profile.calibration.get('tokens', 0):,} calibration tokens")
+    t = Table(title=f"profile: {len(profile.tensors)} tensors, {profile.calibration.get('tokens', 0):,} calibration tokens",
+              caption=f"a file's KLD: (sum of its tensors' KLD alone ^ (1/q)) ^ q, q = {profile.combine:.2f} "
+                      f"(fitted on {len(profile.fits)} whole-model mixes)")
     for col in ("tensor", "candidates", "error range", "ablations (KLD)"):
         t.add_column(col, justify="left", no_wrap=True)
     for name, p in profile.tensors.items():

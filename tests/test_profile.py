@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from nemoq.calib.calibrate import calibration_sequences
-from nemoq.calib.profile import (Profile, check_profile, identity, measure_errors, read_profile, set_sensitivities,
-                                 write_profile)
+from nemoq.calib.profile import (Profile, TensorProfile, check_profile, combined, fit_combine, identity,
+                                 measure_errors, read_profile, set_sensitivities, write_profile)
 from nemoq.calib.sensitivity import FIRST, Scorer, plain_text, text_sequences, write_with_types
 from nemoq.convert.pipeline import open_source
 from nemoq.errors import NemoqError
 from nemoq.eval.model import LlamaModel
-from nemoq.quant.type_errors import matrix_errors
+from nemoq.quant.type_errors import TypeError2, matrix_errors
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_predicted_kld_follows_llama_cpp(measured, tiny_source, tmp_path):
     sequences, tensors = measured
     names = ["blk.0.ssm_in.weight", "output.weight"]
     chosen = {n: tensors[n] for n in names}
-    set_sensitivities(tiny_source, chosen, None, 512)
+    set_sensitivities(tiny_source, chosen, None, 512, fit_mixes=0)
     profile = Profile(identity(tiny_source), chosen, {}, False)
     for p in chosen.values():
         assert len(p.ablations) == 3 and "q8_0" in p.ablations and "q5_0" not in p.ablations
@@ -93,3 +93,19 @@ def test_predicted_kld_follows_llama_cpp(measured, tiny_source, tmp_path):
     for mix in ({names[0]: "q5_0"}, {names[0]: "q4_0", names[1]: "q5_0"}):
         write_with_types(tiny_source, path, mix)
         assert profile.predicted(mix) == pytest.approx(scorer.kld(path), rel=0.4), mix
+
+
+def test_combination_exponent_is_recovered_from_whole_model_mixes():
+    rng = np.random.default_rng(3)
+    tensors = {}
+    for i in range(20):
+        p = TensorProfile(f"t{i}", (64, 64), energy=1.0)
+        for t, e in (("q8_0", 0.003), ("q5_0", 0.02), ("q4_0", 0.04)):
+            p.errors[t] = TypeError2(e ** 2 * rng.uniform(0.5, 2))
+            p.ablations[t] = rng.uniform(0.1, 2) * p.errors[t].plain
+        tensors[p.name] = p
+    mixes = [{n: str(rng.choice(["q8_0", "q5_0", "q4_0"])) for n in tensors} for _ in range(3)]
+    fits = [{"types": m, "kld": combined([tensors[n].predicted(t) for n, t in m.items()], 0.8)} for m in mixes]
+    assert fit_combine(tensors, fits) == pytest.approx(0.8, abs=0.011)
+    assert combined([0.01, 0.02], 1.0) == pytest.approx(0.03)
+    assert combined([0.01, 0.02], 0.8) < 0.03

@@ -84,9 +84,9 @@ def text_sequences(model, text: str, ctx: int, tokens: int) -> np.ndarray:
     return seqs
 
 
-def ablation_klds(source: Source, jobs: list[tuple[str, str]], data: Path | None, *, tokens: int = DEFAULT_TOKENS,
-                  ctx: int = 512, on_progress: Callable[[int, int], None] | None = None) -> tuple[list[float], int]:
-    """Per (tensor, type): the mean KLD of the file with only that tensor in that type, on the
+def mix_klds(source: Source, mixes: list[dict[str, str]], data: Path | None, *, tokens: int = DEFAULT_TOKENS,
+             ctx: int = 512, on_progress: Callable[[int, int], None] | None = None) -> tuple[list[float], int]:
+    """Per mix (tensor -> type, the rest F32): the file's mean KLD against the all-F32 file on the
     calibration data's plain text (positions from FIRST on); and the tokens scored."""
     from nemoq.eval.model import LlamaModel
     with tempfile.TemporaryDirectory(prefix="nemoq-profile-") as tmp:
@@ -96,9 +96,9 @@ def ablation_klds(source: Source, jobs: list[tuple[str, str]], data: Path | None
             sequences = text_sequences(m, plain_text(data), ctx, tokens)
         scorer = Scorer(base, sequences, min(FIRST, ctx // 2))
         out = []
-        for i, (name, type_name) in enumerate(jobs):
-            write_with_types(source, one, {name: type_name})
+        for i, mix in enumerate(mixes):
+            write_with_types(source, one, mix)
             out.append(scorer.kld(one))
             if on_progress is not None:
-                on_progress(i + 1, len(jobs))
+                on_progress(i + 1, len(mixes))
     return out, sum(len(b) for b in scorer.base)

@@ -94,17 +94,24 @@ def exact_size(source: Source, types: dict[str, str], tensor_scales: bool, calib
 @dataclass
 class TargetPlan:
     types: dict[str, str]
-    shares: dict[str, float]      # predicted KLD per tensor
+    shares: dict[str, float]      # predicted KLD of each tensor alone
     bytes_of: dict[str, int]      # each tensor's data bytes (with its `.scale`)
     nbytes: int                   # the file, exactly
     budget: int
     kld: float                    # predicted
+    combine: float = 1.0          # the profile's q: shares weigh k^(1/q) (profile.combined)
+
+    def share(self, name: str) -> float:
+        """The tensor's part of the predicted KLD's sum (k^(1/q) over the sum of them)."""
+        costs = {n: k ** (1 / self.combine) for n, k in self.shares.items()}
+        return costs[name] / sum(costs.values()) if sum(costs.values()) > 0 else 0.0
 
 
 def options_of(profile: Profile, source: Source, compensated: bool, tensor_scales: bool) -> dict[str, list[Candidate]]:
     specs = {s.name: s for s in profiled_specs(source)}
-    return {n: [Candidate(t, file_bytes(specs[n], t, tensor_scales), p.predicted(t, compensated)) for t in p.errors]
-            for n, p in profile.tensors.items()}
+    # costs k^(1/q): their sum orders files as profile.combined does
+    return {n: [Candidate(t, file_bytes(specs[n], t, tensor_scales), p.predicted(t, compensated) ** (1 / profile.combine))
+                for t in p.errors] for n, p in profile.tensors.items()}
 
 
 def fixed_bytes(source: Source, profile: Profile, options: dict[str, list[Candidate]], tensor_scales: bool,
@@ -139,7 +146,8 @@ def plan_for_budget(profile: Profile, source: Source, budget: int, *, compensate
     bytes_of = {n: type_nbytes(t, specs[n].shape) + (4 * specs[n].n_matrices if tensor_scales and takes_scale(specs[n], t) else 0)
                 for n, t in allocation.types.items()}
     shares = {n: profile.tensors[n].predicted(t, compensated) for n, t in allocation.types.items()}
-    return TargetPlan(allocation.types, shares, bytes_of, size, budget, allocation.kld)
+    return TargetPlan(allocation.types, shares, bytes_of, size, budget, allocation.kld ** profile.combine,
+                      profile.combine)
 
 
 def budget_of(source: Source, target_size: int | None, target_bpw: float | None) -> int:
