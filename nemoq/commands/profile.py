@@ -60,6 +60,8 @@ def quantize_to_target(opts, target: TargetOptions, on_plan=lambda plan: None,
     if opts.output.split_max_size:
         raise NemoqError("--target-size/--target-bpw write one file: leave out --split-max-size")
     calibrate = opts.calibration.enabled
+    if opts.calibration.imatrix_out is not None and not calibrate:
+        raise NemoqError("--imatrix-out only goes with --calibrate")
     if opts.dry_run:
         if target.profile is None:
             raise NemoqError("--dry-run plans from a profile without reading weights: give --profile (nemoq profile)")
