@@ -65,6 +65,20 @@ def test_calibrated_file_is_the_plain_plan_tensor_for_tensor(recipe, wide_random
     assert finite_logits(calibrated)
 
 
+def test_tied_embeddings_are_rounded_as_plain_quantize_rounds_them(tmp_path):
+    """Without output.weight token_embd is the output head too: layer 0's H does not describe its
+    error, so it keeps plain rounding while every other quantized tensor is compensated."""
+    tied = write_checkpoint(tmp_path / "tied", dtype="float32", config_overrides={"tie_word_embeddings": True})
+    plain, calibrated = tmp_path / "plain.gguf", tmp_path / "calibrated.gguf"
+    assert run_cli("quantize", tied, "-o", plain, "--recipe", "IQ4_NL").exit_code == 0
+    result = run_cli("quantize", tied, "-o", calibrated, "--recipe", "IQ4_NL", "--calibrate", *SMALL)
+    assert result.exit_code == 0, result.output
+    ours, theirs = tensor_data(calibrated), tensor_data(plain)
+    assert "output.weight" not in ours
+    assert np.array_equal(ours["token_embd.weight"], theirs["token_embd.weight"])
+    assert not np.array_equal(ours["blk.0.ssm_in.weight"], theirs["blk.0.ssm_in.weight"])
+
+
 def tensor_data(path) -> dict[str, np.ndarray]:
     return {t.name: np.array(t.data) for r in read_gguf(path).readers for t in r.tensors}
 
