@@ -6,8 +6,8 @@
   model, widths that are multiples of 64 but not of 256);
 * w256: another seed and every width a multiple of 256 (hidden 256, experts 256 / 512), so
   that llama.cpp's k-quants apply to every tensor. Not committed: tests/fixtures/train_tiny.py
-  --shape w256 --seed 1 --steps 400 trains it (half the committed model's steps: about 10 minutes
-  on 2 idle cores, much longer on a shared machine) into
+  --shape w256 --seed 1 --steps 400 trains it (half the committed model's 800 steps; 54 minutes on
+  one thread of a busy shared machine, about 10 on 2 idle cores) into
   $NEMOQ_BENCH_CACHE (default ~/.cache/nemoq-bench)/nemotron-tiny-256; its README.md, written
   last, records the training and says the model is complete.
 """
