@@ -99,8 +99,12 @@ def add_hparams(writer: gguf.GGUFWriter, config: ModelConfig, name: str, mtp_lay
     writer.add_name(name)
     for method, value in HPARAMS:
         v = value(config)
-        if v is not None:
-            (getattr(writer, method) if isinstance(method, str) else lambda x: method(writer, x))(v)
+        if v is None:
+            continue
+        if isinstance(method, str):   # a GGUFWriter method
+            getattr(writer, method)(v)
+        else:                         # a function of (writer, value)
+            method(writer, v)
 
 
 def add_size_label(writer: gguf.GGUFWriter) -> None:
