@@ -43,7 +43,7 @@ from nemoq.calib.weights import LayerLoader, Weights
 from nemoq.convert.config import ModelConfig
 from nemoq.convert.plan import Plan
 from nemoq.errors import NemoqError
-from nemoq.quant.compensate import DAMPING, Compensated, compensated_quantize, stack
+from nemoq.quant.compensate import DAMPING, Compensated, column_order, compensated_quantize, stack
 from nemoq.quant.encodings import BLOCK_ENCODINGS
 from nemoq.quant.tensor_scale import SCALE_RULES, best_scale
 
@@ -414,8 +414,9 @@ class LayerWalk:
             if FAST:
                 return compensate_torch.compensated_quantize(
                     type_name, w, h, damping=self.damping, importance=importance, tokens=tokens,
-                    inputs=inputs, device=self.device)
-            return compensated_quantize(type_name, w, h, damping=self.damping, importance=importance, tokens=tokens)
+                    inputs=inputs, device=self.device, act_order=column_order(type_name))
+            return compensated_quantize(type_name, w, h, damping=self.damping, importance=importance, tokens=tokens,
+                                        act_order=column_order(type_name))
 
     def _finish_stack(self, s: "ExpertStack") -> None:
         if s.name not in self.targets:
