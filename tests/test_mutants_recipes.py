@@ -11,8 +11,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from nemoq.convert.config import load_config
 from nemoq.convert.plan import tensor_specs
 from nemoq.quant.recipes import (
-    RECIPES, LayerFacts, encoding_for, file_type_of, parse_override, plan_types, recipe_label, recipes_that_fit,
-    summarize, use_more_bits,
+    RECIPES, LayerFacts, check_imatrix, encoding_for, file_type_of, override_warnings, parse_override, plan_types,
+    recipe_label, recipes_that_fit, summarize, use_more_bits,
 )
 
 
@@ -120,3 +120,58 @@ def test_an_unwritable_type_is_a_clear_error():
     with pytest.raises(NotImplementedError, match="writing q3_k tensors is not implemented"):
         encoding_for("q3_k")
     assert encoding_for("f16") is not encoding_for("q8_0")
+
+
+def test_tensor_type_accepts_float_types_and_lists_every_type_it_takes():
+    for name in ("f32", "F16", "bf16", "BF16"):
+        assert parse_override(f"exps={name}") == ("exps", name.lower())
+    with pytest.raises(ValueError) as error:
+        parse_override("exps=q3_k")
+    assert str(error.value).endswith("with TYPE one of bf16, f16, f32, iq4_nl, mxfp4, nvfp4, q4_0, q4_k, "
+                                     "q5_0, q5_1, q5_k, q6_k, q8_0")
+
+
+def test_warnings_name_three_tensors_and_count_the_rest(nano):
+    config, specs = nano
+    norms = [s.name for s in specs if s.name.endswith("attn_norm.weight")]
+    (three,) = override_warnings(specs, [(r"blk\.[0-2]\.attn_norm", "q8_0")])
+    assert f"matches 3 tensor(s) that stay F32 ({', '.join(norms[:3])}): " in three
+    (all_,) = override_warnings(specs, [(r"attn_norm", "q8_0")])
+    assert f"({', '.join(norms[:3])} and {len(norms) - 3} more)" in all_
+
+
+def test_the_mtp_block_is_no_trunk_layer_for_the_layer_rules():
+    """The MTP block (index = trunk layer count) is not one of the trunk's attention or Mamba
+    layers that llama.cpp's attn_v and nemoq's next-to-attention rules count."""
+    facts = LayerFacts(("mamba", "attention", "moe", "attention"))
+    for rule in (facts.first_four_attention, facts.more_bits_attention, facts.next_to_attention):
+        assert rule(4) is False
+    assert facts.mtp(4) and not facts.mtp(3) and not facts.mtp(None)
+
+
+class Imatrix:
+    def __init__(self, sums):
+        self.sums = sums
+
+
+def test_an_imatrix_of_another_model_is_refused_naming_the_tensor(nano):
+    import numpy as np
+
+    from nemoq.errors import NemoqError
+
+    config, specs = nano
+    typed = plan_types(specs, RECIPES["Q4_K_M"], config.layer_kinds)
+    experts = next(t.spec for t in typed if t.spec.name.endswith("ffn_up_exps.weight"))
+    n, width = experts.n_matrices, experts.row_width
+    with pytest.raises(NemoqError, match=r"^im\.gguf: imatrix does not match the model: it has blk\.99\.x, the model"):
+        check_imatrix(typed, Imatrix({"blk.99.x": np.ones((1, 8))}), "im.gguf")
+    with pytest.raises(NemoqError, match=rf"{experts.name} has 3 x {width} statistics, the model's tensor needs "
+                                         rf"{n} x {width}"):
+        check_imatrix(typed, Imatrix({experts.name: np.ones((3, width))}), "im.gguf")
+    with pytest.raises(NemoqError, match=rf"has 1 x {width + 1} statistics"):
+        check_imatrix(typed, Imatrix({experts.name: np.ones((1, width + 1))}), "im.gguf")
+    # one row for all experts or one per expert both fit; the quantized tensors it lacks are listed
+    for rows in (1, n):
+        missing = check_imatrix(typed, Imatrix({experts.name: np.ones((rows, width))}), "im.gguf")
+        quantized = [t.spec.name for t in typed if t.type not in ("f32", "f16", "bf16")]
+        assert missing == [name for name in quantized if name != experts.name]
