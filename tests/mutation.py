@@ -76,14 +76,14 @@ def mutmut(path: Path, *args: str, log=None) -> subprocess.CompletedProcess:
                           stderr=subprocess.STDOUT)
 
 
-def tally(path: Path) -> dict[str, dict[str, int]]:
+def tally(mutants: Path) -> dict[str, dict[str, int]]:
     """Per mutated module: verdict -> count, from mutmut's .meta files."""
     counts: dict[str, dict[str, int]] = {}
-    for meta in sorted((path / "mutants" / "nemoq").rglob("*.py.meta")):
+    for meta in sorted((mutants / "nemoq").rglob("*.py.meta")):
         codes = json.loads(meta.read_text())["exit_code_by_key"]
         if not codes:
             continue
-        module = str(meta.relative_to(path / "mutants")).removesuffix(".meta")
+        module = str(meta.relative_to(mutants)).removesuffix(".meta")
         c = counts.setdefault(module, {})
         for code in codes.values():
             verdict = VERDICT.get(code, "suspicious")
@@ -96,6 +96,11 @@ def survivors(path: Path) -> list[str]:
     return [line.split(":")[0].strip() for line in out.splitlines() if line.strip().endswith(": survived")]
 
 
+def head(path: Path) -> str:
+    return subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def run_group(path: Path, group: str, jobs: int) -> dict[str, dict[str, int]]:
     modules, tests = GROUPS[group]
     (path / "setup.cfg").write_text(setup_cfg(modules, tests, group in FORKSERVER))
@@ -105,10 +110,43 @@ def run_group(path: Path, group: str, jobs: int) -> dict[str, dict[str, int]]:
     with open(path / f"mutation-{group}.txt", "w") as report:
         for name in survivors(path):
             report.write(mutmut(path, "show", name).stdout + "\n")
-    counts = tally(path)
+    (path / "mutants" / "RUN_COMMIT").write_text(head(path))
+    counts = tally(path / "mutants")
     shutil.rmtree(path / f"mutants-{group}", ignore_errors=True)
     (path / "mutants").rename(path / f"mutants-{group}")
     return counts
+
+
+def recheck(path: Path, group: str, jobs: int) -> dict[str, dict[str, int]]:
+    """The mutants a run of the group left alive (survived, no tests), run again against the
+    group's test_mutants_*.py alone: tests added since, so a mutant they fail is killed whatever the
+    rest of the selection does. Cheap where a full run is not; verdicts merge into mutants-<group>."""
+    modules, tests = GROUPS[group]
+    done = path / f"mutants-{group}"
+    run_commit = (done / "RUN_COMMIT").read_text().strip()
+    if subprocess.run(["git", "-C", path, "diff", "--quiet", run_commit, "HEAD", "--", *modules]).returncode:
+        sys.exit(f"tests.mutation: {', '.join(modules)} changed since the {group} run at {run_commit}: run it again")
+    metas = {meta.relative_to(done): json.loads(meta.read_text()) for meta in (done / "nemoq").rglob("*.py.meta")}
+    alive = [name for m in metas.values() for name, code in m["exit_code_by_key"].items()
+             if VERDICT.get(code) in ("survived", "no tests")]
+    new_tests = [t for t in tests if "/test_mutants_" in t]
+    (path / "setup.cfg").write_text(setup_cfg(modules, new_tests, group in FORKSERVER))
+    shutil.rmtree(path / "mutants", ignore_errors=True)
+    with open(path / f"mutation-{group}-recheck.log", "w") as log:
+        mutmut(path, "run", "--max-children", str(jobs), *alive, log=log)
+    for rel, m in metas.items():
+        again = json.loads((path / "mutants" / rel).read_text())["exit_code_by_key"]
+        for name, code in m["exit_code_by_key"].items():
+            if name in alive and VERDICT.get(again.get(name)) in ("killed", "timeout"):
+                m["exit_code_by_key"][name] = again[name]
+        (done / rel).write_text(json.dumps(m, indent=4))
+    still = {name for m in metas.values() for name, code in m["exit_code_by_key"].items()
+             if VERDICT.get(code) in ("survived", "no tests")}
+    with open(path / f"mutation-{group}.txt", "w") as report:
+        for name in sorted(still):
+            report.write(mutmut(path, "show", name).stdout + "\n")
+    shutil.rmtree(path / "mutants")
+    return tally(done)
 
 
 def main() -> None:
@@ -116,6 +154,8 @@ def main() -> None:
     parser.add_argument("groups", nargs="*", default=list(GROUPS), help=f"any of {', '.join(GROUPS)}")
     parser.add_argument("--worktree", type=Path, default=ROOT.parent / "nemoq-mutation")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--recheck", action="store_true",
+                        help="re-run only the mutants the last run left alive, against test_mutants_*.py")
     args = parser.parse_args()
     path = args.worktree.resolve()
     unknown = set(args.groups) - set(GROUPS)
@@ -124,9 +164,11 @@ def main() -> None:
     if path == ROOT:
         sys.exit("tests.mutation: the worktree must not be this checkout (mutmut rewrites modules)")
     worktree(path)
+    if args.recheck and not all((path / f"mutants-{g}").is_dir() for g in args.groups):
+        sys.exit("tests.mutation: --recheck needs a finished run of each group first")
     print(f"{'module':44} {'killed':>7} {'survived':>8} {'timeout':>7} {'no tests':>8} {'other':>6} {'rate':>6}")
     for group in args.groups:
-        counts = run_group(path, group, args.jobs)
+        counts = (recheck if args.recheck else run_group)(path, group, args.jobs)
         total: dict[str, int] = {}
         for module, c in counts.items():
             for k, v in c.items():
