@@ -105,7 +105,8 @@ def test_combination_exponent_is_recovered_from_whole_model_mixes():
             p.ablations[t] = rng.uniform(0.1, 2) * p.errors[t].plain
         tensors[p.name] = p
     mixes = [{n: str(rng.choice(["q8_0", "q5_0", "q4_0"])) for n in tensors} for _ in range(3)]
-    fits = [{"types": m, "kld": combined([tensors[n].predicted(t) for n, t in m.items()], 0.8)} for m in mixes]
-    assert fit_combine(tensors, fits) == pytest.approx(0.8, abs=0.011)
+    fits = [{"types": m, "kld": 1.3 * combined([tensors[n].predicted(t) for n, t in m.items()], 0.8)} for m in mixes]
+    q, scale = fit_combine(tensors, fits)
+    assert q == pytest.approx(0.8, abs=0.011) and scale == pytest.approx(1.3, rel=0.05)
     assert combined([0.01, 0.02], 1.0) == pytest.approx(0.03)
     assert combined([0.01, 0.02], 0.8) < 0.03

@@ -103,13 +103,15 @@ class Profile:
     compensated: bool                            # errors of --calibrate's rounding were measured too
     combine: float = 1.0                         # q of combined(); fitted on whole-model mixes
     fits: list = field(default_factory=list)     # the mixes q was fitted on: {"types", "kld"}
+    scale: float = 1.0                           # the fit mixes' KLD on FIT_TOKENS over the ablations' text's
 
     def predicted(self, types: dict[str, str], compensated: bool = False) -> float:
-        return combined([self.tensors[n].predicted(t, compensated) for n, t in types.items()], self.combine)
+        shares = [self.tensors[n].predicted(t, compensated) for n, t in types.items()]
+        return self.scale * combined(shares, self.combine)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "model": self.model, "calibration": self.calibration,
-                "compensated": self.compensated, "combine": self.combine, "fits": self.fits, "tensors": {n: {
+                "compensated": self.compensated, "combine": self.combine, "scale": self.scale, "fits": self.fits, "tensors": {n: {
                     "shape": list(t.shape), "tokens": t.tokens, "energy": t.energy, "ablations": t.ablations,
                     "types": {k: {"bytes": type_nbytes(k, t.shape), "error": t.error(k),
                                   "error_compensated": t.error(k, True) if e.compensated is not None else None,
@@ -126,7 +128,8 @@ def read_profile(path: Path) -> Profile:
                                     {k: TypeError2(e["squared"], e["squared_compensated"]) for k, e in t["types"].items()},
                                     dict(t["ablations"]))
                    for n, t in doc["tensors"].items()}
-        return Profile(doc["model"], tensors, doc["calibration"], doc["compensated"], doc["combine"], doc["fits"])
+        return Profile(doc["model"], tensors, doc["calibration"], doc["compensated"], doc["combine"], doc["fits"],
+                       doc.get("scale", 1.0))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise NemoqError(f"cannot read the profile ({type(e).__name__}: {e})", path) from None
 
@@ -251,6 +254,9 @@ def measure_errors(source: Source, sequences: np.ndarray, device: torch.device, 
 
 
 FIT_MIXES, FIT_SEED = 3, 1234
+# The whole-model mixes are scored on more text than each ablation (their KLD sets the
+# predictor's scale: 894 tokens of the corpus' first text ran ~0.8x the KLD of 8192)
+FIT_TOKENS = 8192
 COMBINE_RANGE = np.arange(0.5, 1.0001, 0.01)
 
 
@@ -271,12 +277,19 @@ def random_mixes(tensors: dict[str, TensorProfile], n: int, seed: int) -> list[d
     return mixes
 
 
-def fit_combine(tensors: dict[str, TensorProfile], fits: list[dict]) -> float:
-    """q of combined() with the least squared log error over the measured whole-model mixes."""
-    def loss(q: float) -> float:
-        return sum((np.log(combined([tensors[n].predicted(t) for n, t in f["types"].items()], q))
-                    - np.log(max(f["kld"], 1e-12))) ** 2 for f in fits)
-    return float(min(COMBINE_RANGE, key=loss)) if fits else 1.0
+def fit_combine(tensors: dict[str, TensorProfile], fits: list[dict]) -> tuple[float, float]:
+    """(q, scale) with scale * combined(k, q) nearest the measured whole-model mixes (least squares
+    in log KLD; the scale is the mean log ratio for each q)."""
+    if not fits:
+        return 1.0, 1.0
+    measured = np.log([max(f["kld"], 1e-12) for f in fits])
+
+    def fit(q: float) -> tuple[float, float]:
+        logs = np.log([combined([tensors[n].predicted(t) for n, t in f["types"].items()], q) for f in fits])
+        shift = float(np.mean(measured - logs))
+        return float(((measured - logs - shift) ** 2).sum()), shift
+    q = float(min(COMBINE_RANGE, key=lambda q: fit(q)[0]))
+    return q, float(np.exp(fit(q)[1]))
 
 
 def set_sensitivities(source: Source, tensors: dict[str, TensorProfile], data: Path | None, tokens: int,
@@ -285,11 +298,18 @@ def set_sensitivities(source: Source, tensors: dict[str, TensorProfile], data: P
     """Each tensor's ablations (ablation_types) and `fit_mixes` whole-model mixes, measured by
     llama.cpp; returns the tokens scored and the mixes with their KLD."""
     jobs = [(n, t) for n, p in tensors.items() for t in ablation_types(p)]
-    mixes = random_mixes(tensors, fit_mixes, FIT_SEED)
-    klds, scored = mix_klds(source, [{n: t} for n, t in jobs] + mixes, data, tokens=tokens, on_progress=on_ablation)
+    klds, scored = mix_klds(source, [{n: t} for n, t in jobs], data, tokens=tokens, on_progress=on_ablation)
     for (n, t), k in zip(jobs, klds):
         tensors[n].ablations[t] = k
-    return scored, [{"types": m, "kld": k} for m, k in zip(mixes, klds[len(jobs):])]
+    return scored, measure_fits(source, tensors, data, fit_mixes)
+
+
+def measure_fits(source: Source, tensors: dict[str, TensorProfile], data: Path | None, n: int = FIT_MIXES,
+                 tokens: int = FIT_TOKENS) -> list[dict]:
+    """`n` random whole-model mixes and their KLD on `tokens` tokens of the calibration text."""
+    mixes = random_mixes(tensors, n, FIT_SEED)
+    klds, _ = mix_klds(source, mixes, data, tokens=tokens) if mixes else ([], 0)
+    return [{"types": m, "kld": k} for m, k in zip(mixes, klds)]
 
 
 def make_profile(src: str | Path, *, data: Path | None = None, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX,
@@ -305,7 +325,8 @@ def make_profile(src: str | Path, *, data: Path | None = None, tokens: int = DEF
     calibration = {"tokens": int(sequences.size), "ctx": ctx, "data": str(data) if data else "nemoq corpus",
                    "device": str(torch_device), "ablation_tokens_scored": scored,
                    "seconds": round(time.perf_counter() - start, 1)}
-    return Profile(identity(source), tensors, calibration, compensated, fit_combine(tensors, fits), fits)
+    q, scale = fit_combine(tensors, fits)
+    return Profile(identity(source), tensors, calibration, compensated, q, fits, scale)
 
 
 def profile_to_file(src: str | Path, out: Path, *, force: bool = False, **options) -> Profile:

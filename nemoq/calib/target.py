@@ -146,8 +146,8 @@ def plan_for_budget(profile: Profile, source: Source, budget: int, *, compensate
     bytes_of = {n: type_nbytes(t, specs[n].shape) + (4 * specs[n].n_matrices if tensor_scales and takes_scale(specs[n], t) else 0)
                 for n, t in allocation.types.items()}
     shares = {n: profile.tensors[n].predicted(t, compensated) for n, t in allocation.types.items()}
-    return TargetPlan(allocation.types, shares, bytes_of, size, budget, allocation.kld ** profile.combine,
-                      profile.combine)
+    kld = profile.scale * allocation.kld ** profile.combine
+    return TargetPlan(allocation.types, shares, bytes_of, size, budget, kld, profile.combine)
 
 
 def budget_of(source: Source, target_size: int | None, target_bpw: float | None) -> int:
