@@ -180,11 +180,13 @@ def matrices(args) -> dict:
         for fmt in args.formats or list(FORMATS):
             if n % FORMATS[fmt].block_size:
                 continue
+            order = compensate.column_order(fmt)   # the walk's column order for the format
             runs = {"fast": lambda: compensate_torch.compensated_quantize(
-                fmt, w, h, tokens=EXPERT_TOKENS, inputs=x)}
+                fmt, w, h, tokens=EXPERT_TOKENS, inputs=x, act_order=order)}
             if args.reference:
-                runs["reference"] = lambda: compensate.compensated_quantize(fmt, w, h, tokens=EXPERT_TOKENS)
-            row = {"shape": [rows, n], "format": fmt}
+                runs["reference"] = lambda: compensate.compensated_quantize(
+                    fmt, w, h, tokens=EXPERT_TOKENS, act_order=order)
+            row = {"shape": [rows, n], "format": fmt, "act_order": order}
             for name, run in runs.items():
                 with threadpool_limits(1, user_api="blas"):
                     t, c = time.perf_counter(), time.process_time()
@@ -206,6 +208,7 @@ def layer_costs(args) -> dict:
 
     from nemoq import kernels_c
     from nemoq.calib import compensate_torch
+    from nemoq.quant import compensate
     torch.set_num_threads(args.threads)
     kernels_c.THREADS = args.threads
     rng = np.random.default_rng(0)
@@ -221,7 +224,8 @@ def layer_costs(args) -> dict:
         w = (rng.standard_normal((timed, n)) * 0.02).astype(np.float32)
         with threadpool_limits(1, user_api="blas"):
             t, c = time.perf_counter(), time.process_time()
-            result = compensate_torch.compensated_quantize(args.format, w, h, tokens=tokens, inputs=inputs)
+            result = compensate_torch.compensated_quantize(args.format, w, h, tokens=tokens, inputs=inputs,
+                                                           act_order=compensate.column_order(args.format))
             wall, cpu = time.perf_counter() - t, time.process_time() - c
         scale = copies * rows / timed
         row = {"kind": kind, "matrix": name, "shape": [rows, n], "tokens": tokens, "copies": copies,
