@@ -165,13 +165,16 @@ def test_an_imatrix_of_another_model_is_refused_naming_the_tensor(nano):
     n, width = experts.n_matrices, experts.row_width
     with pytest.raises(NemoqError, match=r"^im\.gguf: imatrix does not match the model: it has blk\.99\.x, the model"):
         check_imatrix(typed, Imatrix({"blk.99.x": np.ones((1, 8))}), "im.gguf")
-    with pytest.raises(NemoqError, match=rf"{experts.name} has 3 x {width} statistics, the model's tensor needs "
+    with pytest.raises(NemoqError, match=rf"^im\.gguf: .*{experts.name} has 3 x {width} statistics, the model's tensor needs "
                                          rf"{n} x {width}"):
         check_imatrix(typed, Imatrix({experts.name: np.ones((3, width))}), "im.gguf")
-    with pytest.raises(NemoqError, match=rf"has 1 x {width + 1} statistics"):
+    with pytest.raises(NemoqError, match=rf"^im\.gguf: .* has 1 x {width + 1} statistics"):
         check_imatrix(typed, Imatrix({experts.name: np.ones((1, width + 1))}), "im.gguf")
     # one row for all experts or one per expert both fit; the quantized tensors it lacks are listed
     for rows in (1, n):
         missing = check_imatrix(typed, Imatrix({experts.name: np.ones((rows, width))}), "im.gguf")
         quantized = [t.spec.name for t in typed if t.type not in ("f32", "f16", "bf16")]
         assert missing == [name for name in quantized if name != experts.name]
+    # float recipes quantize nothing, so an imatrix covers all they need
+    for recipe in ("F32", "F16", "BF16"):
+        assert check_imatrix(plan_types(specs, RECIPES[recipe], config.layer_kinds), Imatrix({}), "im.gguf") == []
