@@ -202,3 +202,14 @@ def test_grid_refuses_levels_off_its_step_and_tables_too_large():
     Grid([0, 2**16 - 4], 1.0)            # a table of 2^16 - 1 cells: index() takes uint16
     with pytest.raises(AssertionError):
         Grid([0, 2**16 - 2], 1.0)        # 2^16 + 1 cells
+
+
+def test_mxfp4_largest_exponent_dequantizes_to_inf_quietly_as_gguf_py():
+    """E8M0 255 times the largest E2M1 code overflows float32: inf, as ggml and gguf-py give."""
+    block = np.array([[255] + [0x77] * 16], np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = FORMATS["mxfp4"].dequantize(block)
+    with np.errstate(over="ignore"):
+        theirs = quants.dequantize(block, GGMLQuantizationType.MXFP4)
+    assert np.isinf(ours).all() and (ours == theirs).all()
