@@ -13,7 +13,7 @@ v), the next layer gets the quantized layer's output, and the first layer the em
 file stores them. On the bundled trained model sequential inputs gave 7-9% more KLD (see
 SEQUENTIAL).
 
-Routed experts are done one at a time, so one expert's H is alive at a time: the router runs
+Routed experts (walk_experts.py) are done one at a time, so one expert's H is alive at a time: the router runs
 once over every token (it stays F32), then each expert gathers its tokens from the layer's
 input, accumulates H_up, quantizes up, computes down's input (with the quantized up when
 sequential), accumulates H_down, quantizes down, and adds its output to the layer's. Experts
@@ -26,9 +26,7 @@ output), one stage's H matrices and the quantized bytes of one layer (until they
 
 from __future__ import annotations
 
-import re
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -39,11 +37,13 @@ from nemoq.calib import blocks, compensate_torch
 from nemoq.calib.embedding import NAME as EMBEDDINGS, embedding_hessian
 from nemoq.calib.forward import HiddenStates, Progress, batches
 from nemoq.calib.imatrix_file import ImportanceMatrix
+from nemoq.calib.walk_experts import SHARED, MoESteps
+from nemoq.calib.walk_types import Gram, MatrixReport, Quantized, Target, report_of  # noqa: F401 (calibrated.py's)
 from nemoq.calib.weights import LayerLoader, Weights
 from nemoq.convert.config import ModelConfig
 from nemoq.convert.plan import Plan
 from nemoq.errors import NemoqError
-from nemoq.quant.compensate import DAMPING, Compensated, column_order, compensated_quantize, stack
+from nemoq.quant.compensate import DAMPING, Compensated, column_order, compensated_quantize
 from nemoq.quant.encodings import BLOCK_ENCODINGS
 from nemoq.quant.tensor_scale import SCALE_RULES, best_scale
 
@@ -58,12 +58,10 @@ SEQUENTIAL = False
 STAGES = {
     "mamba": (("ssm_in.weight",), ("ssm_out.weight",)),
     "attention": (("attn_q.weight", "attn_k.weight", "attn_v.weight"), ("attn_output.weight",)),
-    "moe": (("ffn_up_shexp.weight",), ("ffn_down_shexp.weight",)),   # routed experts: one at a time
+    "moe": SHARED,   # then the routed experts, one at a time (walk_experts.py)
 }
-EXPERTS = ("ffn_up_exps.weight", "ffn_down_exps.weight")
 HEAD = "output.weight"
 
-GRAM_ROWS = 4096
 
 # The rounding: compensate_torch (the fast path, on the walk's device) or, False, the numpy
 # reference it is tested against (nemoq.quant.compensate; ~10x slower at Nano's widths).
@@ -74,67 +72,11 @@ FAST = True
 BLAS_THREADS = 1
 
 
-@dataclass(frozen=True)
-class Target:
-    """How the recipe quantizes one matrix."""
-    type: str       # a block format of nemoq.quant.formats
-    scaled: bool    # quantized as x / scale with a per-matrix `.scale` tensor (NVFP4, MXFP4)
-
-
-@dataclass
-class Quantized:
-    """One tensor's bytes as the walk made them, with its per-matrix scales."""
-    blocks: np.ndarray           # GGUF rows (rows, bytes); (experts, rows, bytes) for a stack
-    scales: np.ndarray | None    # float32 (matrices,) for a `.scale` tensor
-
-
-@dataclass(frozen=True)
-class MatrixReport:
-    """What calibration bought on one tensor (experts pooled), on the calibration tokens."""
-    name: str
-    type: str
-    tokens: int                  # tokens that reached it (summed over experts)
-    error: float                 # ||(W - Q) X|| / ||W X|| with compensation
-    error_rounding: float        # ... with importance-weighted rounding
-    fallback: str | None
-    worst_expert: tuple[int, float, float] | None = None   # (expert, error, error_rounding)
-
-    @property
-    def ratio(self) -> float:
-        return self.error / self.error_rounding if self.error_rounding > 0 else 1.0
-
-
-class Gram:
-    """sum over tokens of x x^T of one matrix's input, the tokens summed, and sum x^2 per column.
-
-    H is summed in float64 over products of at most GRAM_ROWS tokens in float32 (twice as fast
-    as float64 products on a CPU, and within 1e-6 of them: the damping is 1e-2); the diagonal
-    for the imatrix is summed in float64 throughout, as `nemoq calibrate` sums it.
-    """
-
-    def __init__(self, n: int, device: torch.device):
-        # MPS has no float64: its float32 products are summed on the CPU
-        where = "cpu" if device.type == "mps" else device
-        self.h = torch.zeros((n, n), dtype=torch.float64, device=where)
-        self.diag = torch.zeros(n, dtype=torch.float64, device=where)
-        self.tokens = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        for rows in x.split(GRAM_ROWS):
-            self.h += (rows.T @ rows).to(self.h.device, torch.float64)
-            self.diag += rows.to(self.h.device, torch.float64).square().sum(0)
-        self.tokens += x.shape[0]
-
-    def numpy(self) -> np.ndarray:
-        return self.h.cpu().numpy()
-
-
 class _StageRecorded(Exception):
     """Every input of the stage is recorded: the rest of the layer is not needed."""
 
 
-class LayerWalk:
+class LayerWalk(MoESteps):
     """Quantizes the targets layer by layer, on demand: `result(name)` walks on until the step
     (layer, or the output head) that holds `name` is done. Results of earlier steps are dropped,
     so ask in the file's order."""
@@ -258,66 +200,6 @@ class LayerWalk:
             self._quantize_stage(self.loader.globals(HEAD), (HEAD,), grams)
         self.close()
 
-    def _moe(self, w: Weights) -> None:
-        out = HiddenStates(self.hidden.data.shape)
-        try:
-            ids, gates = self._shared_expert_and_routing(w, out)
-            self._routed_experts(w, out, ids, gates)
-        except BaseException:
-            out.close()
-            raise
-        self.hidden.close()
-        self.hidden = out
-
-    def _normed(self, x: torch.Tensor, w: Weights) -> torch.Tensor:
-        return blocks.rms_norm(x, w["attn_norm.weight"], self.cfg.norm_eps)
-
-    def _shared_expert_and_routing(self, w: Weights, out: HiddenStates) -> tuple[np.ndarray, np.ndarray]:
-        """The shared expert quantized; into `out`, the layer's output but for the routed experts;
-        returned, every token's experts and routing weights."""
-        n, ctx, hidden = self.hidden.data.shape
-        ids = np.empty((n * ctx, self.cfg.n_experts_used), np.int64)
-        gates = np.empty(ids.shape, np.float32)
-
-        def shared(x, record, part):
-            return blocks.shared_expert(self._normed(x, w), w, record)
-
-        def routed_and_shared(x, record, part):
-            xn = self._normed(x, w)
-            e, g = blocks.route(xn.reshape(-1, hidden), w, self.cfg)
-            rows = slice(part.start * ctx, part.stop * ctx)
-            ids[rows], gates[rows] = e.cpu().numpy(), g.cpu().numpy()
-            return x + blocks.shared_expert(xn, w, record)
-
-        if self.sequential:
-            for stage in STAGES["moe"]:
-                self._quantize_stage(w, stage, self._pass(shared, [w.name(short) for short in stage]))
-            self._pass(routed_and_shared, [], into=out)
-        else:
-            stage = sum(STAGES["moe"], ())
-            self._quantize_stage(w, stage, self._pass(routed_and_shared, [w.name(short) for short in stage], into=out))
-        return ids, gates
-
-    def _routed_experts(self, w: Weights, out: HiddenStates, ids: np.ndarray, gates: np.ndarray) -> None:
-        """One expert at a time, those without tokens last: quantized, their outputs added to `out`."""
-        hidden = out.data.shape[-1]
-        flat_in, flat_out = self.hidden.data.reshape(-1, hidden), out.data.reshape(-1, hidden)
-        tokens = np.bincount(ids.reshape(-1), minlength=self.cfg.n_experts)
-        order = sorted(range(self.cfg.n_experts), key=lambda e: tokens[e] == 0)
-        up, down = (ExpertStack(w.name(short), short, self.cfg.n_experts, w[short].shape[-1]) for short in EXPERTS)
-        for e in order:
-            token, slot = np.nonzero(ids == e)
-            x = self._normed(torch.from_numpy(np.asarray(flat_in[token])).to(self.device), w)
-            up_e = self._quantize_expert(up, e, w, x)
-            h = blocks.relu2(blocks.linear(x, up_e))
-            down_e = self._quantize_expert(down, e, w, h)
-            y = blocks.linear(h, down_e) * torch.from_numpy(gates[token, slot, None]).to(self.device)
-            flat_out[token] += y.cpu().numpy()
-        for s in (up, down):
-            self._finish_stack(s)
-
-    # --- statistics ----------------------------------------------------------------------------
-
     def _pass(self, forward: Callable, names: list[str], into: HiddenStates | None = None) -> dict[str, Gram]:
         """Every batch through `forward(x, record, part)`: H of each named input. With `into`, the
         forward's outputs are stored there (it may be the input); without, the forward is cut
@@ -375,19 +257,6 @@ class LayerWalk:
             if self.sequential:
                 w[short] = values
 
-    def _quantize_expert(self, s: "ExpertStack", e: int, w: Weights, x: torch.Tensor) -> torch.Tensor:
-        """H of expert e's input x, the expert quantized; the weights its next step should use."""
-        gram = Gram(x.shape[-1], self.device)
-        if x.shape[0]:
-            gram.add(x)
-        self._count(s.name, e, gram)
-        matrix = w[s.short][e]
-        if s.name not in self.targets:
-            return matrix
-        c, scale, values = self._quantize(s.name, matrix, gram, None if gram.tokens else s.mean_importance(), x)
-        s.add(e, c, scale, gram)
-        return values if self.sequential else matrix
-
     def _quantize(self, name: str, matrix: torch.Tensor, gram: Gram, importance: np.ndarray | None = None,
                   inputs: torch.Tensor | None = None):
         """(report with blocks, the `.scale` or None, the values as stored on the device); inputs:
@@ -417,60 +286,6 @@ class LayerWalk:
                     inputs=inputs, device=self.device, act_order=column_order(type_name))
             return compensated_quantize(type_name, w, h, damping=self.damping, importance=importance, tokens=tokens,
                                         act_order=column_order(type_name))
-
-    def _finish_stack(self, s: "ExpertStack") -> None:
-        if s.name not in self.targets:
-            return
-        c = stack(s.reports)
-        scales = np.array(s.scales, np.float32) if self.targets[s.name].scaled else None
-        self.results[s.name] = Quantized(c.blocks, scales)
-        self.reports.append(report_of(s.name, self.targets[s.name].type, c, int(sum(s.tokens))))
-
-
-class ExpertStack:
-    """One stacked expert tensor being quantized an expert at a time."""
-
-    def __init__(self, name: str, short: str, n_experts: int, n: int):
-        self.name, self.short = name, short
-        self.reports: list[Compensated | None] = [None] * n_experts
-        self.scales = [1.0] * n_experts
-        self.tokens = [0] * n_experts
-        self.importance_sum, self.seen = np.zeros(n, np.float64), 0
-
-    def add(self, e: int, c: Compensated, scale: float | None, gram: Gram) -> None:
-        self.reports[e], self.tokens[e] = c, gram.tokens
-        self.scales[e] = 1.0 if scale is None else scale
-        if gram.tokens:
-            self.importance_sum += gram.diag.cpu().numpy() / gram.tokens
-            self.seen += 1
-
-    def mean_importance(self) -> np.ndarray | None:
-        """For an expert that saw no token: the mean importance of the experts that did."""
-        return (self.importance_sum / self.seen).astype(np.float32) if self.seen else None
-
-
-def report_of(name: str, type_name: str, c: Compensated, tokens: int) -> MatrixReport:
-    if not c.experts:
-        return MatrixReport(name, type_name, tokens, c.error, c.error_rounding, c.fallback)
-    e = max(range(len(c.experts)), key=lambda i: c.experts[i].error)
-    worst = (e, c.experts[e].error, c.experts[e].error_rounding)
-    return MatrixReport(name, type_name, tokens, c.error, c.error_rounding, expert_fallbacks(c.experts), worst)
-
-
-def expert_fallbacks(experts: tuple[Compensated, ...]) -> str | None:
-    """Which experts fell back, grouped by why ("3 of 128 experts (#4,#9,#17): fewer than 64 tokens")."""
-    why: dict[str, list[int]] = {}
-    for i, c in enumerate(experts):
-        if c.fallback:
-            reason = re.sub(r"^\d+ calibration tokens, (fewer than \d+)$", r"\1 tokens", c.fallback)
-            why.setdefault(reason, []).append(i)
-    if not why:
-        return None
-    return "; ".join(f"{len(e)} of {len(experts)} experts ({_ids(e)}): {reason}" for reason, e in why.items())
-
-
-def _ids(experts: list[int], limit: int = 8) -> str:
-    return ",".join(f"#{i}" for i in experts[:limit]) + (",..." if len(experts) > limit else "")
 
 
 def step_of(name: str, n_layers: int) -> int:

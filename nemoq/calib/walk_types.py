@@ -1,0 +1,94 @@
+"""What the calibrated walk hands around: how a matrix is quantized (Target), its bytes
+(Quantized), what calibration bought on it (MatrixReport), and the input statistics H (Gram)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nemoq.quant.compensate import Compensated
+
+GRAM_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class Target:
+    """How the recipe quantizes one matrix."""
+    type: str       # a block format of nemoq.quant.formats
+    scaled: bool    # quantized as x / scale with a per-matrix `.scale` tensor (NVFP4, MXFP4)
+
+
+@dataclass
+class Quantized:
+    """One tensor's bytes as the walk made them, with its per-matrix scales."""
+    blocks: np.ndarray           # GGUF rows (rows, bytes); (experts, rows, bytes) for a stack
+    scales: np.ndarray | None    # float32 (matrices,) for a `.scale` tensor
+
+
+@dataclass(frozen=True)
+class MatrixReport:
+    """What calibration bought on one tensor (experts pooled), on the calibration tokens."""
+    name: str
+    type: str
+    tokens: int                  # tokens that reached it (summed over experts)
+    error: float                 # ||(W - Q) X|| / ||W X|| with compensation
+    error_rounding: float        # ... with importance-weighted rounding
+    fallback: str | None
+    worst_expert: tuple[int, float, float] | None = None   # (expert, error, error_rounding)
+
+    @property
+    def ratio(self) -> float:
+        return self.error / self.error_rounding if self.error_rounding > 0 else 1.0
+
+
+class Gram:
+    """sum over tokens of x x^T of one matrix's input, the tokens summed, and sum x^2 per column.
+
+    H is summed in float64 over products of at most GRAM_ROWS tokens in float32 (twice as fast
+    as float64 products on a CPU, and within 1e-6 of them: the damping is 1e-2); the diagonal
+    for the imatrix is summed in float64 throughout, as `nemoq calibrate` sums it.
+    """
+
+    def __init__(self, n: int, device: torch.device):
+        # MPS has no float64: its float32 products are summed on the CPU
+        where = "cpu" if device.type == "mps" else device
+        self.h = torch.zeros((n, n), dtype=torch.float64, device=where)
+        self.diag = torch.zeros(n, dtype=torch.float64, device=where)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        for rows in x.split(GRAM_ROWS):
+            self.h += (rows.T @ rows).to(self.h.device, torch.float64)
+            self.diag += rows.to(self.h.device, torch.float64).square().sum(0)
+        self.tokens += x.shape[0]
+
+    def numpy(self) -> np.ndarray:
+        return self.h.cpu().numpy()
+
+
+def report_of(name: str, type_name: str, c: Compensated, tokens: int) -> MatrixReport:
+    if not c.experts:
+        return MatrixReport(name, type_name, tokens, c.error, c.error_rounding, c.fallback)
+    e = max(range(len(c.experts)), key=lambda i: c.experts[i].error)
+    worst = (e, c.experts[e].error, c.experts[e].error_rounding)
+    return MatrixReport(name, type_name, tokens, c.error, c.error_rounding, expert_fallbacks(c.experts), worst)
+
+
+def expert_fallbacks(experts: tuple[Compensated, ...]) -> str | None:
+    """Which experts fell back, grouped by why ("3 of 128 experts (#4,#9,#17): fewer than 64 tokens")."""
+    why: dict[str, list[int]] = {}
+    for i, c in enumerate(experts):
+        if c.fallback:
+            reason = re.sub(r"^\d+ calibration tokens, (fewer than \d+)$", r"\1 tokens", c.fallback)
+            why.setdefault(reason, []).append(i)
+    if not why:
+        return None
+    return "; ".join(f"{len(e)} of {len(experts)} experts ({_ids(e)}): {reason}" for reason, e in why.items())
+
+
+def _ids(experts: list[int], limit: int = 8) -> str:
+    return ",".join(f"#{i}" for i in experts[:limit]) + (",..." if len(experts) > limit else "")
