@@ -110,8 +110,9 @@ def main() -> None:
             print(f"mix {i}: {rows[-1][2]:,} bytes, predicted {rows[-1][0]:.5f}, measured {rows[-1][1]:.5f}", flush=True)
         pred, meas = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
         rel = np.abs(pred - meas) / meas
-        print(f"predictor: Spearman {spearman(pred, meas):.3f}, median relative error {np.median(rel):.1%} "
-              f"(max {rel.max():.1%})")
+        if rows:
+            print(f"predictor: Spearman {spearman(pred, meas):.3f}, median relative error {np.median(rel):.1%} "
+                  f"(max {rel.max():.1%})")
 
         # 2. the files at llama.cpp's sizes
         klds, sizes = {}, {}
@@ -160,7 +161,8 @@ def main() -> None:
             "held_out_tokens": n_tokens, "profile_seconds": profile_s, "calibration": profile.calibration,
             "combine": profile.combine,
             "mixes": [dict(predicted=float(p), measured=float(m), bytes=int(b)) for p, m, b in rows],
-            "spearman": spearman(pred, meas), "median_relative_error": float(np.median(rel)),
+            "spearman": spearman(pred, meas) if rows else None,
+            "median_relative_error": float(np.median(rel)) if rows else None,
             "sizes": sizes, "kld": {k: float(v.mean()) for k, v in klds.items()}, "table": table,
             "load": os.getloadavg()}, indent=1))
 
