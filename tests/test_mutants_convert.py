@@ -188,3 +188,14 @@ def test_a_plan_without_the_mtp_block_writes_the_trunk_alone(tmp_path):
     assert kv["general.type"] == "model" and kv["general.name"] == "probe"
     kv = hparams_read_back(config, tmp_path, mtp_layers=1)
     assert kv["nemotron_h_moe.block_count"] == len(cfg["hybrid_override_pattern"]) + 1
+
+
+def test_size_label_of_a_model_without_experts_counts_every_weight(tmp_path):
+    import gguf
+
+    from nemoq.convert.metadata import add_size_label
+
+    writer = gguf.GGUFWriter(tmp_path / "d.gguf", "nemotron_h_moe")
+    writer.add_tensor_info("token_embd.weight", (25, 100), np.dtype(np.float32), 10000)
+    add_size_label(writer)
+    assert writer.kv_data[0]["general.size_label"].value == gguf.size_label(2500, 0, 0, 0) == "2.5K"
