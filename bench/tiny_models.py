@@ -7,7 +7,7 @@
 * w256: another seed and every width a multiple of 256 (hidden 256, experts 256 / 512), so
   that llama.cpp's k-quants apply to every tensor. Not committed: tests/fixtures/train_tiny.py
   --shape w256 --seed 1 --steps 400 trains it (half the committed model's 800 steps; 54 minutes on
-  one thread of a busy shared machine, about 10 on 2 idle cores) into
+  one thread of a busy shared machine; 1.9 s a step, about 13 minutes, on a quieter one) into
   $NEMOQ_BENCH_CACHE (default ~/.cache/nemoq-bench)/nemotron-tiny-256; its README.md, written
   last, records the training and says the model is complete.
 """
@@ -41,7 +41,7 @@ def model_path(name_or_path: str) -> Path:
         return folder
     log = folder.with_suffix(".train.log")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    print(f"training {name_or_path} into {folder} (about 10 minutes on 2 idle cores; log {log})", file=sys.stderr, flush=True)
+    print(f"training {name_or_path} into {folder} (13-54 minutes on a shared machine; log {log})", file=sys.stderr, flush=True)
     with log.open("w") as out:
         done = subprocess.run([sys.executable, "-m", "tests.fixtures.train_tiny", *train_args, "--out", str(folder)],
                               cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
