@@ -99,7 +99,8 @@ def main() -> None:
         scorer = held_out(f16, args.ctx, args.first)
         n_tokens = len(scorer.kld_rows(f16))
         print(f"profile {profile_s:.0f} s, q = {profile.combine:.2f} ({profile.calibration['tokens']} tokens, "
-              f"{profile.calibration['ablation_tokens_scored']} scored per ablation); {n_tokens} held-out tokens scored")
+              f"{profile.calibration['ablation_tokens_scored']} scored per ablation); "
+              f"{n_tokens} held-out tokens scored")
 
         # 1. the predictor
         rows = []
@@ -107,7 +108,8 @@ def main() -> None:
             path = tmp / "mix.gguf"
             write_with_types(source, path, mix)
             rows.append((profile.predicted(mix), scorer.kld(path), os.path.getsize(path)))
-            print(f"mix {i}: {rows[-1][2]:,} bytes, predicted {rows[-1][0]:.5f}, measured {rows[-1][1]:.5f}", flush=True)
+            print(f"mix {i}: {rows[-1][2]:,} bytes, predicted {rows[-1][0]:.5f}, measured {rows[-1][1]:.5f}",
+                  flush=True)
         pred, meas = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
         rel = np.abs(pred - meas) / meas
         if rows:

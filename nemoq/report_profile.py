@@ -28,7 +28,8 @@ def target_plan(console: Console, plan, table: bool = True) -> None:
 
 def profile_summary(console: Console, profile) -> None:
     """Per tensor: the measured one-tensor ablations (type: KLD) and the candidates' errors' range."""
-    t = Table(title=f"profile: {len(profile.tensors)} tensors, {profile.calibration.get('tokens', 0):,} calibration tokens",
+    tokens = profile.calibration.get("tokens", 0)
+    t = Table(title=f"profile: {len(profile.tensors)} tensors, {tokens:,} calibration tokens",
               caption=f"a file's KLD: s (sum of its tensors' KLD alone ^ (1/q)) ^ q, q = {profile.combine:.2f}, "
                       f"s = {profile.scale:.2f} (fitted on {len(profile.fits)} whole-model mixes)")
     for col in ("tensor", "candidates", "error range", "ablations (KLD)"):

@@ -111,7 +111,8 @@ class Profile:
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "model": self.model, "calibration": self.calibration,
-                "compensated": self.compensated, "combine": self.combine, "scale": self.scale, "fits": self.fits, "tensors": {n: {
+                "compensated": self.compensated, "combine": self.combine, "scale": self.scale, "fits": self.fits,
+                "tensors": {n: {
                     "shape": list(t.shape), "tokens": t.tokens, "energy": t.energy, "ablations": t.ablations,
                     "types": {k: {"bytes": type_nbytes(k, t.shape), "error": t.error(k),
                                   "error_compensated": t.error(k, True) if e.compensated is not None else None,
@@ -125,7 +126,8 @@ def read_profile(path: Path) -> Profile:
         if doc.get("format") != FORMAT or doc.get("version") != VERSION:
             raise NemoqError(f"not a nemoq profile (format {FORMAT} version {VERSION})", path)
         tensors = {n: TensorProfile(n, tuple(t["shape"]), t["tokens"], t["energy"],
-                                    {k: TypeError2(e["squared"], e["squared_compensated"]) for k, e in t["types"].items()},
+                                    {k: TypeError2(e["squared"], e["squared_compensated"])
+                                     for k, e in t["types"].items()},
                                     dict(t["ablations"]))
                    for n, t in doc["tensors"].items()}
         return Profile(doc["model"], tensors, doc["calibration"], doc["compensated"], doc["combine"], doc["fits"],
@@ -217,7 +219,8 @@ def embedding_profile(source: Source, spec, sequences: np.ndarray) -> TensorProf
     planned = next(t for t in source.plan.tensors if t.name == spec.name)
     e = read_tensor(planned).float().numpy()
     uses = np.bincount(sequences.reshape(-1), minlength=e.shape[0])[:e.shape[0]].astype(np.float64)
-    p = TensorProfile(spec.name, spec.shape, int(sequences.size), float((uses * (e.astype(np.float64) ** 2).sum(1)).sum()))
+    energy = float((uses * (e.astype(np.float64) ** 2).sum(1)).sum())
+    p = TensorProfile(spec.name, spec.shape, int(sequences.size), energy)
     for t in candidate_types(spec):
         d = e.astype(np.float64) - plain_values(t, e, False)
         sq = float((uses * (d ** 2).sum(1)).sum())

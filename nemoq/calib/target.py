@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
-import numpy as np
 
 from nemoq.calib.profile import Profile, check_profile, profiled_specs
 from nemoq.calib.sensitivity import only
@@ -63,7 +62,8 @@ def overrides_of(types: dict[str, str]) -> list[tuple[str, str]]:
 
 
 def typed_plan(source: Source, types: dict[str, str], tensor_scales: bool):
-    return plan_types([t.spec for t in source.plan.tensors], BASE, source.layer_kinds, overrides_of(types), tensor_scales)
+    return plan_types([t.spec for t in source.plan.tensors], BASE, source.layer_kinds, overrides_of(types),
+                      tensor_scales)
 
 
 def label(types: dict[str, str], calibrated: bool) -> str:
@@ -110,7 +110,8 @@ class TargetPlan:
 def options_of(profile: Profile, source: Source, compensated: bool, tensor_scales: bool) -> dict[str, list[Candidate]]:
     specs = {s.name: s for s in profiled_specs(source)}
     # costs k^(1/q): their sum orders files as profile.combined does
-    return {n: [Candidate(t, file_bytes(specs[n], t, tensor_scales), p.predicted(t, compensated) ** (1 / profile.combine))
+    q = profile.combine
+    return {n: [Candidate(t, file_bytes(specs[n], t, tensor_scales), p.predicted(t, compensated) ** (1 / q))
                 for t in p.errors] for n, p in profile.tensors.items()}
 
 
@@ -127,7 +128,8 @@ def fixed_bytes(source: Source, profile: Profile, options: dict[str, list[Candid
 
 
 def plan_for_budget(profile: Profile, source: Source, budget: int, *, compensated: bool = False,
-                    tensor_scales: bool = True, calibrated: bool = False, profile_path: Path | None = None) -> TargetPlan:
+                    tensor_scales: bool = True, calibrated: bool = False,
+                    profile_path: Path | None = None) -> TargetPlan:
     """The least predicted KLD whose file is at most `budget` bytes."""
     check_profile(profile, source, profile_path or Path("profile"))
     if compensated and not profile.compensated:
@@ -135,15 +137,18 @@ def plan_for_budget(profile: Profile, source: Source, budget: int, *, compensate
                          profile_path)
     missing = [s.name for s in profiled_specs(source) if s.name not in profile.tensors]
     if missing:
-        raise NemoqError(f"the profile has no candidates for {len(missing)} tensor(s) (e.g. {missing[0]})", profile_path)
+        raise NemoqError(f"the profile has no candidates for {len(missing)} tensor(s) (e.g. {missing[0]})",
+                         profile_path)
     options = options_of(profile, source, compensated, tensor_scales)
     fixed = fixed_bytes(source, profile, options, tensor_scales, calibrated)
     allocation: Allocation = allocate(options, budget, fixed)
     size = exact_size(source, allocation.types, tensor_scales, calibrated)
     if size > budget:   # cannot happen unless the metadata changed with the types (e.g. the size label)
-        raise NemoqError(f"the planned file is {size:,} bytes, over the budget of {budget:,} (a nemoq bug: please report)")
+        raise NemoqError(f"the planned file is {size:,} bytes, over the budget of {budget:,} "
+                         f"(a nemoq bug: please report)")
     specs = {s.name: s for s in profiled_specs(source)}
-    bytes_of = {n: type_nbytes(t, specs[n].shape) + (4 * specs[n].n_matrices if tensor_scales and takes_scale(specs[n], t) else 0)
+    bytes_of = {n: type_nbytes(t, specs[n].shape)
+                + (4 * specs[n].n_matrices if tensor_scales and takes_scale(specs[n], t) else 0)
                 for n, t in allocation.types.items()}
     shares = {n: profile.tensors[n].predicted(t, compensated) for n, t in allocation.types.items()}
     kld = profile.scale * allocation.kld ** profile.combine
