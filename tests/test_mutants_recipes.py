@@ -178,3 +178,15 @@ def test_an_imatrix_of_another_model_is_refused_naming_the_tensor(nano):
     # float recipes quantize nothing, so an imatrix covers all they need
     for recipe in ("F32", "F16", "BF16"):
         assert check_imatrix(plan_types(specs, RECIPES[recipe], config.layer_kinds), Imatrix({}), "im.gguf") == []
+
+
+def test_use_more_bits_covers_the_first_eighth_of_a_deep_model():
+    """llama.cpp's rule for 144 layers: the first 18 (144 / 8) and the last 18, every third between."""
+    chosen = [i for i in range(144) if use_more_bits(i, 144)]
+    assert chosen[:18] == list(range(18)) and chosen[-18:] == list(range(126, 144))
+    assert chosen[18:-18] == list(range(20, 126, 3))
+
+
+def test_a_mamba_layer_right_after_attention_is_next_to_it():
+    facts = LayerFacts(("attention", "mamba", "moe", "mamba", "moe", "attention"))
+    assert [i for i in range(6) if facts.next_to_attention(i)] == [1, 3]
