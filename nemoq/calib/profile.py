@@ -318,11 +318,14 @@ def measure_fits(source: Source, tensors: dict[str, TensorProfile], data: Path |
 def make_profile(src: str | Path, *, data: Path | None = None, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX,
                  device: str = "auto", compensated: bool = False, sensitivity_tokens: int = SENSITIVITY_TOKENS,
                  on_progress: Callable[[Progress], None] | None = None,
-                 on_ablation: Callable[[int, int], None] | None = None) -> Profile:
+                 on_ablation: Callable[[int, int], None] | None = None,
+                 on_start: Callable[[int, int], None] | None = None) -> Profile:
     start = time.perf_counter()
     torch_device = pick_device(device)
     source = open_source(src)
     sequences, _ = calibration_sequences(source, data, ctx, tokens)
+    if on_start is not None:
+        on_start(sequences.shape[0], len(source.layer_kinds) + 1)    # the layers and the output head
     tensors = measure_errors(source, sequences, torch_device, compensated, on_progress)
     scored, fits = set_sensitivities(source, tensors, data, sensitivity_tokens, on_ablation)
     calibration = {"tokens": int(sequences.size), "ctx": ctx, "data": str(data) if data else "nemoq corpus",

@@ -44,7 +44,7 @@ def profile(opts: ProfileOptions, layer_progress: LayerProgress = no_layer_progr
         raise NemoqError("--outfile is required")
     with layer_progress("profiling") as (on_start, on_progress):
         return profile_to_file(opts.src, opts.output.path, force=opts.output.force, compensated=opts.compensated,
-                               on_progress=on_progress, on_ablation=on_ablation, **opts.given())
+                               on_start=on_start, on_progress=on_progress, on_ablation=on_ablation, **opts.given())
 
 
 def quantize_to_target(opts, target: TargetOptions, on_plan=lambda plan: None,
@@ -77,5 +77,5 @@ def quantize_to_target(opts, target: TargetOptions, on_plan=lambda plan: None,
         return t.quantize_to_target(
             opts.src, opts.output.path, target_size=target.size, target_bpw=target.bpw, profile_path=target.profile,
             calibrate=calibrate, tensor_scales=opts.recipe.tensor_scales, force=opts.output.force,
-            profile_options={**walk, "on_progress": on_progress, "on_ablation": on_ablation},
+            profile_options={**walk, "on_start": on_start, "on_progress": on_progress, "on_ablation": on_ablation},
             calibrate_options=given if calibrate else None, on_plan=on_plan)
