@@ -91,7 +91,8 @@ def _convert(opts) -> None:
 def quantize(
     src: str = typer.Argument(..., help="Checkpoint folder or hub repo id (with --dry-run, config.json is enough)."),
     outfile: Optional[Path] = typer.Option(None, "--outfile", "-o", help="Output .gguf path."),
-    recipe: str = typer.Option("NQ4", help="Recipe name, as llama.cpp spells it (Q4_K_M, Q8_0, ...) or nemoq's NQ4/NQ5."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe name, as llama.cpp spells it (Q4_K_M, Q8_0, ...) or "
+                                         "nemoq's NQ4/NQ5 (default NQ4)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override, may repeat."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp's GGUF or "
                                            "legacy .dat format) weighting every format's error."),
@@ -128,11 +129,13 @@ def quantize(
     from nemoq.commands.quantize import CalibrationOptions, QuantizeOptions, RecipeOptions
     opts = QuantizeOptions(
         src, Output(outfile, force, _split_size(split_max_size)),
-        RecipeOptions(recipe, tuple(tensor_type), tensor_scales), imatrix=imatrix, dry_run=dry_run, threads=threads,
+        RecipeOptions(recipe or RecipeOptions.name, tuple(tensor_type), tensor_scales), imatrix=imatrix, dry_run=dry_run, threads=threads,
         calibration=CalibrationOptions(calibrate, data, tokens, ctx, device, imatrix_out))
     if target_size is not None or target_bpw is not None or profile is not None:
         if target_size is None and target_bpw is None:
             raise typer.BadParameter("--profile goes with --target-size or --target-bpw")
+        if recipe is not None:
+            raise typer.BadParameter("a byte budget chooses the types: leave out --recipe")
         from nemoq.commands.profile import TargetOptions
         size = parse_size(target_size) if target_size is not None else None
         _run(_quantize_target, opts, TargetOptions(size, target_bpw, profile))
