@@ -31,7 +31,8 @@ GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "recipes": (
         ("nemoq/quant/recipes.py",),
-        ("tests/test_recipes.py", "tests/test_quantize_labels.py", "tests/test_mutants_recipes.py"),
+        ("tests/test_recipes.py", "tests/test_quantize_labels.py", "tests/test_imatrix.py",
+         "tests/test_mutants_recipes.py"),
     ),
     "convert": (
         ("nemoq/convert/mapping.py", "nemoq/convert/metadata.py"),
