@@ -103,15 +103,7 @@ def descend(f: Format, w, d, r, a, b, codes, h, levels, level_codes) -> None:
     if rounding.available():
         rounding.descend_codes(w, d, r, a, b, codes, h, levels, level_codes, f.code_values)
         return
-    for j in range(w.shape[1]):
-        target = w[:, j] + (r[:, j] - h[j, j] * d[:, j]) / h[j, j]
-        c = ref.nearest_code(target, a[:, j], b[:, j], levels, level_codes, codes[:, j])
-        delta = w[:, j] - (a[:, j] * f.code_values[c] + b[:, j]) - d[:, j]
-        moved = np.nonzero(delta)[0]
-        if len(moved):
-            codes[:, j] = c
-            d[moved, j] += delta[moved]
-            r[moved] += np.outer(delta[moved], h[j])
+    ref.descend_columns(f, w, d, r, a, b, codes, h, levels, level_codes)
 
 
 def refit_in_place(f: Format, w: np.ndarray, blocks: np.ndarray, metric, d: np.ndarray) -> None:

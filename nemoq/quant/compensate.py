@@ -255,19 +255,25 @@ def refine(f: Format, w: np.ndarray, blocks: np.ndarray, h: np.ndarray, passes: 
         codes = f.codes(blocks).reshape(rows, n)
         d = w - (a * f.code_values[codes] + b).astype(np.float64)
         r = d @ h
-        for j in range(n):
-            target = w[:, j] + (r[:, j] - h[j, j] * d[:, j]) / h[j, j]
-            c = nearest_code(target, a[:, j], b[:, j], levels, level_codes, codes[:, j])
-            delta = w[:, j] - (a[:, j] * f.code_values[c] + b[:, j]) - d[:, j]
-            moved = np.nonzero(delta)[0]
-            if len(moved):
-                codes[:, j] = c
-                d[moved, j] += delta[moved]
-                r[moved] += np.outer(delta[moved], h[j])
+        descend_columns(f, w, d, r, a, b, codes, h, levels, level_codes)
         blocks = f.with_codes(blocks, codes.reshape(-1, bs))
         if refit:
             blocks = refit_in_place(f, w, blocks.reshape(rows, n // bs, f.type_size), h, d)
     return blocks.reshape(rows, -1)
+
+
+def descend_columns(f: Format, w, d, r, a, b, codes, h, levels, level_codes) -> None:
+    """One coordinate-descent pass over w's columns, in place on d (= w - Q), r (= D H) and codes:
+    each column's nearest code to its best value given all the others."""
+    for j in range(w.shape[1]):
+        target = w[:, j] + (r[:, j] - h[j, j] * d[:, j]) / h[j, j]
+        c = nearest_code(target, a[:, j], b[:, j], levels, level_codes, codes[:, j])
+        delta = w[:, j] - (a[:, j] * f.code_values[c] + b[:, j]) - d[:, j]
+        moved = np.nonzero(delta)[0]
+        if len(moved):
+            codes[:, j] = c
+            d[moved, j] += delta[moved]
+            r[moved] += np.outer(delta[moved], h[j])
 
 
 def refit_in_place(f: Format, w: np.ndarray, blocks: np.ndarray, h: np.ndarray, d: np.ndarray) -> np.ndarray:
