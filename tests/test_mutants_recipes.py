@@ -190,3 +190,38 @@ def test_use_more_bits_covers_the_first_eighth_of_a_deep_model():
 def test_a_mamba_layer_right_after_attention_is_next_to_it():
     facts = LayerFacts(("attention", "mamba", "moe", "mamba", "moe", "attention"))
     assert [i for i in range(6) if facts.next_to_attention(i)] == [1, 3]
+
+
+def test_guessed_file_type_counts_every_tensor_of_a_type(nano):
+    """llama.cpp's guessed file type: the type holding the most weights summed over all its
+    tensors, not its last tensor's and not the type with the largest name."""
+    from dataclasses import replace
+    config, specs = nano
+    plan = plan_types(specs, RECIPES["Q4_K_M"], config.layer_kinds)
+    # experts plus the (tiny, late) output norm in Q4_0, every other matrix in Q8_0
+    typed = [replace(t, type="q4_0" if "exps" in t.spec.name or t.spec.name == "output_norm.weight"
+                     else t.type if t.type == "f32" else "q8_0") for t in plan]
+    assert file_type_of(RECIPES["Q4_K_M"], typed, config.layer_kinds) == 2 | 1024   # MOSTLY_Q4_0, GUESSED
+
+
+def test_fp4_plans_give_scale_companions_unless_asked_not_to(nano):
+    config, specs = nano
+    fp4 = [t for t in plan_types(specs, RECIPES["NVFP4"], config.layer_kinds) if t.type == "nvfp4"]
+    assert fp4 and all(t.scaled for t in fp4)
+    off = plan_types(specs, RECIPES["NVFP4"], config.layer_kinds, tensor_scales=False)
+    assert not any(t.scaled for t in off if t.type == "nvfp4")
+
+
+def test_plan_reasons_are_the_rules_words(nano):
+    """--dry-run's reason column: a rule's own explanation where it has one, and F32 tensors say why."""
+    config, specs = nano
+    plan = {t.spec.name: t for t in plan_types(specs, RECIPES["NQ4"], config.layer_kinds)}
+    ssm_out = [t for name, t in plan.items() if name.endswith("ssm_out.weight") and t.wanted == "q6_k"]
+    assert ssm_out and {t.reason for t in ssm_out} == {"ssm_out is the most sensitive Mamba tensor"}
+    assert plan["output_norm.weight"].reason == "kept F32 (norm, SSM parameter or router)"
+
+
+def test_layer_facts_of_a_model_without_routed_experts(nano):
+    config, specs = nano
+    dense = [s for s in specs if "exps" not in s.name]
+    assert LayerFacts.from_specs(dense, config.layer_kinds).n_experts == 0
