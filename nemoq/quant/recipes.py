@@ -414,13 +414,14 @@ def chooser(typed: list[TypedTensor], imatrix=None):
 
     def choose(planned):
         from nemoq.convert.modelopt_gguf import keep_stored_nvfp4
+        from nemoq.quant.encodings import BLOCK_ENCODINGS
         from nemoq.quant.tensor_scale import ScaledEncoding, takes_scale
         typed_tensor = by_name[planned.name]
         encoding = encoding_for(typed_tensor.type)
         importance = imatrix.importance(planned.name) if imatrix is not None else None
         if typed_tensor.scaled and takes_scale(typed_tensor.spec, typed_tensor.type):
             encoding = ScaledEncoding(encoding, planned.shape, importance)
-        elif importance is not None and hasattr(encoding, "with_importance"):
+        elif importance is not None and typed_tensor.type in BLOCK_ENCODINGS:   # float types ignore it
             encoding = encoding.with_importance(importance, rows_per_matrix=planned.shape[-2])
         # NVFP4 wanted from a ModelOpt NVFP4 tensor: NVIDIA's blocks are kept, not re-quantized
         return keep_stored_nvfp4(planned, encoding, scale_tensors=typed_tensor.scaled)
