@@ -231,8 +231,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.full_width:
         from nemoq import kernels_c
-        kernels_c.THREADS = args.threads
-        full_width(args.threads, args.recipes.split(","), args.imatrix)
+        with kernels_c.quantize_threads(args.threads):
+            full_width(args.threads, args.recipes.split(","), args.imatrix)
         return
 
     chunks = text_chunks(("val",), args.chunks, args.ctx)
