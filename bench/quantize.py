@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 from nemoq.convert.pipeline import float_chooser, open_source, write_gguf  # noqa: E402
 from nemoq.gguf_file import read_gguf  # noqa: E402
 from nemoq.calib.imatrix_file import read_imatrix  # noqa: E402
-from nemoq.quant.recipes import RECIPES, chooser, plan_types  # noqa: E402
+from nemoq.quant.recipes import RECIPES, plan_types  # noqa: E402
+from nemoq.quant.choose import chooser
 
 MODEL = ROOT / "tests" / "data" / "nemotron-tiny"
 # recipe -> llama.cpp ftype (None: llama_model_quantize cannot make it)

@@ -30,7 +30,7 @@ GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
          "tests/test_mutants_formats.py"),
     ),
     "recipes": (
-        ("nemoq/quant/recipes.py",),
+        ("nemoq/quant/recipes.py", "nemoq/quant/choose.py"),
         ("tests/test_recipes.py", "tests/test_quantize_labels.py", "tests/test_imatrix.py",
          "tests/test_mutants_recipes.py"),
     ),

@@ -180,7 +180,8 @@ def test_progress_counts_the_source_bytes_once(outtype, tmp_path):
     # Dequantized NVFP4 rows are float32 (~7x the packed bytes): progress must still add up to
     # plan_bytes, the total the bar is given, and so must the bytes the summary says were read.
     from nemoq.convert.pipeline import plan_bytes
-    from nemoq.quant.recipes import RECIPES, chooser, plan_types
+    from nemoq.quant.recipes import RECIPES, plan_types
+    from nemoq.quant.choose import chooser
     ckpt = write_modelopt_checkpoint(tmp_path / "ckpt")
     source = open_checkpoint_source(ckpt)
     if outtype == "q8_0":

@@ -13,7 +13,8 @@ import pytest
 
 from nemoq.convert.modelopt_gguf import kept_as_stored
 from nemoq.convert.pipeline import open_checkpoint_source, write_gguf
-from nemoq.quant.recipes import RECIPES, chooser, plan_types
+from nemoq.quant.recipes import RECIPES, plan_types
+from nemoq.quant.choose import chooser
 from tests.conftest import TINY_MODEL, convert, run_cli
 from tests.fixtures.checkpoints import read_safetensors
 from tests.fixtures.modelopt import export_modelopt, write_dequantized, write_modelopt_checkpoint

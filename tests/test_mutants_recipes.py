@@ -10,9 +10,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from nemoq.convert.config import load_config
 from nemoq.convert.plan import tensor_specs
+from nemoq.quant.choose import check_imatrix, encoding_for
 from nemoq.quant.recipes import (
-    RECIPES, LayerFacts, check_imatrix, encoding_for, file_type_of, override_warnings, parse_override, plan_types,
-    recipe_label, recipes_that_fit, summarize, use_more_bits,
+    RECIPES, LayerFacts, file_type_of, override_warnings, parse_override, plan_types, recipe_label, recipes_that_fit,
+    summarize, use_more_bits,
 )
 
 

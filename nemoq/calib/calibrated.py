@@ -27,7 +27,8 @@ from nemoq.convert.dtypes import Companion, Encoding, EncodingBase, type_nbytes
 from nemoq.convert.pipeline import ConvertResult, open_source, plan_bytes, write_gguf
 from nemoq.files import atomic_outputs, claim_outputs
 from nemoq.quant.formats import FORMATS
-from nemoq.quant.recipes import Recipe, TypedTensor, chooser, file_type_of, plan_types, recipe_label
+from nemoq.quant.recipes import Recipe, TypedTensor, file_type_of, plan_types, recipe_label
+from nemoq.quant.choose import chooser
 from nemoq.quant.tensor_scale import scale_name, takes_scale
 
 # token_embd is a row lookup with no inputs of its own: the walk rounds it through layer 0's

@@ -21,7 +21,8 @@ import numpy as np
 
 from nemoq.convert.pipeline import Source, write_gguf
 from nemoq.errors import NemoqError
-from nemoq.quant.recipes import RECIPES, chooser, plan_types
+from nemoq.quant.recipes import RECIPES, plan_types
+from nemoq.quant.choose import chooser
 
 DEFAULT_TOKENS = 1024
 FIRST = 64   # first scored position of a sequence (the ones before have little context)

@@ -28,7 +28,8 @@ from nemoq.convert.output import StreamingGGUFWriter
 from nemoq.convert.pipeline import Source, plan_jobs, write_header
 from nemoq.errors import NemoqError
 from nemoq.quant.allocate import Allocation, Candidate, allocate
-from nemoq.quant.recipes import RECIPES, chooser, file_type_of, plan_types, recipe_label
+from nemoq.quant.recipes import RECIPES, file_type_of, plan_types, recipe_label
+from nemoq.quant.choose import chooser
 from nemoq.quant.tensor_scale import scale_name, takes_scale
 
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT

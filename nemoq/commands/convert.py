@@ -35,7 +35,8 @@ def _typing(source: Source, outtype: str):
         choose, file_type = float_chooser(outtype, dominant_dtype(source.plan))
         return choose, file_type, []
     # --outtype q8_0 is the quantizer running the Q8_0 recipe: imported only then
-    from nemoq.quant.recipes import RECIPES, chooser, plan_types
+    from nemoq.quant.recipes import RECIPES, plan_types
+    from nemoq.quant.choose import chooser
     recipe = RECIPES[outtype.upper()]
     typed = plan_types([t.spec for t in source.plan.tensors], recipe, source.layer_kinds)
     return chooser(typed), recipe.file_type, [(t.spec.name, f"{t.fallback_why}: {t.type}") for t in typed

@@ -108,7 +108,8 @@ def quantize(opts: QuantizeOptions, on_plan: Callable[[QuantPlan], None] = lambd
 
 
 def _plain(opts: QuantizeOptions, on_plan, progress: ByteProgress) -> QuantizeOutcome:
-    from nemoq.quant.recipes import chooser, file_type_of, override_warnings, plan_types, recipe_label
+    from nemoq.quant.recipes import file_type_of, override_warnings, plan_types, recipe_label
+    from nemoq.quant.choose import chooser
     given = [f"--{k.replace('_', '-')}" for k in opts.calibration.given()]
     if given:
         raise NemoqError(f"{', '.join(given)} only go with --calibrate")
@@ -125,7 +126,7 @@ def _plain(opts: QuantizeOptions, on_plan, progress: ByteProgress) -> QuantizeOu
     imatrix = None
     if opts.imatrix is not None:
         from nemoq.calib.imatrix_file import read_imatrix
-        from nemoq.quant.recipes import check_imatrix
+        from nemoq.quant.choose import check_imatrix
         imatrix = read_imatrix(opts.imatrix)
         plan.uncovered = check_imatrix(typed, imatrix, opts.imatrix)
     on_plan(plan)
