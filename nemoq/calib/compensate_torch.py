@@ -30,7 +30,7 @@ from nemoq.calib.compensate_refine import BATCH, DenseMetric, TokenMetric, refin
 from nemoq.kernels_c import rounding
 from nemoq.quant import compensate as ref
 from nemoq.quant.compensate import (
-    ACT_ORDER, ACT_ORDER_BATCH, DAMPING, DAMPING_LADDER, FEW_TOKENS_DAMPING, MIN_TOKENS, PASSES, Compensated,
+    ACT_ORDER, ACT_ORDER_BATCH, DAMPING, DAMPING_LADDER, PASSES, Compensated,
 )
 from nemoq.quant.encodings import BLOCK_ENCODINGS
 from nemoq.quant.formats import FORMATS, Format
@@ -84,14 +84,11 @@ def compensated_quantize(
         energy, err = output_forms(enc, w, rounded, inputs_t=x_t, h=h)
         return Compensated(rounded, relative(err, energy), relative(err, energy), energy, lam, reason)
 
-    if not diag.any():
-        return fallback("no calibration input (H = 0)")
-    if tokens is not None and tokens < MIN_TOKENS:
-        return fallback(f"{tokens} calibration tokens, fewer than {MIN_TOKENS}")
-    if tokens is not None and tokens < n:
-        damping = max(damping, FEW_TOKENS_DAMPING)
+    skip, damping = ref.precheck(bool(diag.any()), tokens, n, damping)
+    if skip:
+        return fallback(skip)
     best = None
-    for act in (False, True) if act_order is None else (act_order,):
+    for act in ref.column_orders(act_order):
         perm = np.argsort(-diag, kind="stable") if act else np.arange(n)
         order = torch.from_numpy(perm).to(device)
         factor = cholesky_factor(h[order][:, order] if act else h, damping)
@@ -124,8 +121,7 @@ def compensated_quantize(
     error, error_rounding, energy, blocks, lam = best
     error, error_rounding = relative(error, energy), relative(error_rounding, energy)
     if error > error_rounding:
-        return Compensated(rounded, error_rounding, error_rounding, energy, lam,
-                           "importance-weighted rounding had the lower output error")
+        return Compensated(rounded, error_rounding, error_rounding, energy, lam, ref.ROUNDING_WON)
     return Compensated(blocks, error, error_rounding, energy, lam)
 
 

@@ -110,14 +110,11 @@ def compensated_quantize(
     def fallback(reason: str, lam: float = np.nan) -> Compensated:
         return Compensated(rounded, error_rounding, error_rounding, energy, lam, reason)
 
-    if not np.diag(h).any():
-        return fallback("no calibration input (H = 0)")
-    if tokens is not None and tokens < MIN_TOKENS:
-        return fallback(f"{tokens} calibration tokens, fewer than {MIN_TOKENS}")
-    if tokens is not None and tokens < n:
-        damping = max(damping, FEW_TOKENS_DAMPING)
+    skip, damping = precheck(bool(np.diag(h).any()), tokens, n, damping)
+    if skip:
+        return fallback(skip)
     best = None
-    for act in (False, True) if act_order is None else (act_order,):
+    for act in column_orders(act_order):
         perm = np.argsort(-np.diag(h), kind="stable")
         factor = inverse_cholesky(h[np.ix_(perm, perm)] if act else h, damping)
         if factor is None:
@@ -131,8 +128,28 @@ def compensated_quantize(
             best = error, blocks, lam
     error, blocks, lam = best
     if error > error_rounding:
-        return fallback("importance-weighted rounding had the lower output error", lam)
+        return fallback(ROUNDING_WON, lam)
     return Compensated(blocks, error, error_rounding, energy, lam)
+
+
+ROUNDING_WON = "importance-weighted rounding had the lower output error"
+
+
+def precheck(has_input: bool, tokens: int | None, n: int, damping: float) -> tuple[str | None, float]:
+    """Why a matrix keeps importance-weighted rounding before any sweep (None: compensate it),
+    and the damping to use: at least FEW_TOKENS_DAMPING when fewer tokens than columns."""
+    if not has_input:
+        return "no calibration input (H = 0)", damping
+    if tokens is not None and tokens < MIN_TOKENS:
+        return f"{tokens} calibration tokens, fewer than {MIN_TOKENS}", damping
+    if tokens is not None and tokens < n:
+        damping = max(damping, FEW_TOKENS_DAMPING)
+    return None, damping
+
+
+def column_orders(act_order: bool | None) -> tuple[bool, ...]:
+    """The sweeps to try: act order, block order, or both (None) keeping the lower output error."""
+    return (False, True) if act_order is None else (act_order,)
 
 
 def inverse_cholesky(h: np.ndarray, damping: float) -> tuple[np.ndarray, float] | None:
