@@ -45,7 +45,7 @@ from nemoq.convert.plan import Plan
 from nemoq.errors import NemoqError
 from nemoq.quant.compensate import DAMPING, Compensated, column_order, compensated_quantize
 from nemoq.quant.encodings import BLOCK_ENCODINGS
-from nemoq.quant.tensor_scale import SCALE_RULES, best_scale
+from nemoq.quant.tensor_scale import calibrated_scale
 
 # Measured on the bundled trained model (bench/calibrated.py --feeds, docs/benchmarks.md): KLD
 # vs F32 on 11.5k held-out tokens with full-precision inputs over sequential ones, 65536
@@ -267,10 +267,7 @@ class LayerWalk(MoESteps):
             raise NemoqError(f"{name}: NaN/Inf in the weights or in the calibration inputs that reach them")
         scale = None
         if target.scaled:
-            mean_square = np.diag(h) / gram.tokens if gram.tokens else importance
-            base = BLOCK_ENCODINGS[target.type]
-            scale = float(best_scale(base, w, None if mean_square is None else mean_square.astype(np.float32),
-                                     SCALE_RULES[target.type]))
+            scale = float(calibrated_scale(target.type, w, h, gram.tokens, importance))
             w = w / np.float32(scale)
         c = self._round(target.type, w, h, importance, gram.tokens, inputs)
         values = BLOCK_ENCODINGS[target.type].dequantize(c.blocks).reshape(w.shape)

@@ -25,7 +25,7 @@ from nemoq import kernels_c
 from nemoq.convert.dtypes import Companion, EncodingBase
 from nemoq.convert.mapping import SCALE_LOADED
 from nemoq.convert.plan import matrices_in
-from nemoq.quant.encodings import BlockEncoding, widen_to_float32
+from nemoq.quant.encodings import BLOCK_ENCODINGS, BlockEncoding, widen_to_float32
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,15 @@ class ScaledEncoding(EncodingBase):
         if self._matrix == self.n_matrices:
             self._pending = None
         return out
+
+
+def calibrated_scale(type_name: str, w: np.ndarray, h: np.ndarray, tokens: int,
+                     importance: np.ndarray | None = None) -> np.float32:
+    """The `.scale` of a matrix rounded through its inputs' H (quantize --calibrate, profiles):
+    best_scale weighted by the inputs' mean square diag(H) / tokens, else by the importance."""
+    mean_square = np.diag(h) / tokens if tokens else importance
+    return best_scale(BLOCK_ENCODINGS[type_name], w, None if mean_square is None else mean_square.astype(np.float32),
+                      SCALE_RULES[type_name])
 
 
 def best_scale(base: BlockEncoding, x: np.ndarray, importance: np.ndarray | None, rule: ScaleRule) -> np.float32:

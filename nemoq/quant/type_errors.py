@@ -16,7 +16,7 @@ import numpy as np
 
 from nemoq.quant.compensate import DAMPING, compensated_quantize, output_energy
 from nemoq.quant.encodings import BLOCK_ENCODINGS
-from nemoq.quant.tensor_scale import SCALE_RULES, best_scale
+from nemoq.quant.tensor_scale import SCALE_RULES, best_scale, calibrated_scale
 
 # Every type a profile may offer a tensor, if its block divides the row width (f16: any width).
 CANDIDATE_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "iq4_nl", "q4_0", "mxfp4", "nvfp4")
@@ -52,10 +52,7 @@ def compensated_error(type_name: str, w: np.ndarray, h: np.ndarray, tokens: int,
     if type_name == "f16":
         return squared_error(w, plain_values("f16", w, False), h)
     if scaled and type_name in SCALE_RULES:
-        mean_square = np.diag(h) / tokens if tokens else importance
-        scale = best_scale(BLOCK_ENCODINGS[type_name], w,
-                           None if mean_square is None else mean_square.astype(np.float32), SCALE_RULES[type_name])
-        w = w / np.float32(scale)
+        w = w / calibrated_scale(type_name, w, h, tokens, importance)
     c = quantize(type_name, w, h, damping=DAMPING, importance=importance, tokens=tokens)
     return c.error ** 2 * energy
 
