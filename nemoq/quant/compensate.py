@@ -359,10 +359,15 @@ def output_energy(w: np.ndarray, h: np.ndarray) -> float:
     return float(((w @ h) * w).sum())
 
 
+def squared_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
+    """tr((W - Q) H (W - Q)^T) = sum over tokens ||(W - Q) x||^2 (never below 0 by rounding)."""
+    d = w.astype(np.float64) - q.astype(np.float64)
+    return max(float(((d @ h) * d).sum()), 0.0)
+
+
 def relative_error(f: Format, w: np.ndarray, blocks: np.ndarray, h: np.ndarray, energy: float) -> float:
     """||(W - Q) X|| / ||W X|| through H: sqrt(tr(D H D^T) / tr(W H W^T)); 0 where both are 0."""
-    d = w.astype(np.float64) - f.dequantize(blocks).astype(np.float64)
-    num = max(float(((d @ h) * d).sum()), 0.0)
+    num = squared_error(w, f.dequantize(blocks), h)
     if energy <= 0:
         return 0.0 if num == 0 else float("inf")
     return float(np.sqrt(num / energy))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nemoq.quant.compensate import DAMPING, compensated_quantize, output_energy
+from nemoq.quant.compensate import DAMPING, compensated_quantize, output_energy, squared_error
 from nemoq.quant.encodings import BLOCK_ENCODINGS
 from nemoq.quant.tensor_scale import SCALE_RULES, best_scale, calibrated_scale
 
@@ -27,11 +27,6 @@ class TypeError2:
     """Squared output errors of one type, summed over the matrices measured so far."""
     plain: float = 0.0
     compensated: float | None = None
-
-
-def squared_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
-    d = w.astype(np.float64) - q.astype(np.float64)
-    return max(float(((d @ h) * d).sum()), 0.0)
 
 
 def plain_values(type_name: str, w: np.ndarray, scaled: bool) -> np.ndarray:
