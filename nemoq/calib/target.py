@@ -71,10 +71,12 @@ def label(types: dict[str, str], calibrated: bool) -> str:
     return recipe_label(BASE, overrides_of(types)) + (CALIBRATED_SUFFIX if calibrated else "")
 
 
-def header_bytes(source: Source, types: dict[str, str], tensor_scales: bool, calibrated: bool) -> int:
-    """The unpadded header write_gguf writes for this plan: measured by writing it."""
-    typed = typed_plan(source, types, tensor_scales)
-    jobs = plan_jobs(source.plan, chooser(typed))
+def header_bytes(source: Source, types: dict[str, str], tensor_scales: bool, calibrated: bool,
+                 typed=None, jobs=None) -> int:
+    """The unpadded header write_gguf writes for this plan: measured by writing it (typed and
+    jobs: the plan's, where the caller has them already)."""
+    typed = typed if typed is not None else typed_plan(source, types, tensor_scales)
+    jobs = jobs if jobs is not None else plan_jobs(source.plan, chooser(typed))
     with tempfile.TemporaryDirectory(prefix="nemoq-header-") as tmp:
         with StreamingGGUFWriter(Path(tmp) / "header.gguf", source.architecture) as writer:
             write_header(writer, source, jobs, file_type_of(BASE, typed, source.layer_kinds), label(types, calibrated))
@@ -86,10 +88,11 @@ def header_bytes(source: Source, types: dict[str, str], tensor_scales: bool, cal
 
 def exact_size(source: Source, types: dict[str, str], tensor_scales: bool, calibrated: bool) -> int:
     """The file's bytes for this plan: padded header, then every tensor's padded data."""
-    jobs = plan_jobs(source.plan, chooser(typed_plan(source, types, tensor_scales)))
+    typed = typed_plan(source, types, tensor_scales)
+    jobs = plan_jobs(source.plan, chooser(typed))
     data = sum(padded(job.encoding.nbytes(job.tensor.shape)) + sum(padded(c.nbytes) for c in job.companions)
                for job in jobs)
-    return padded(header_bytes(source, types, tensor_scales, calibrated)) + data
+    return padded(header_bytes(source, types, tensor_scales, calibrated, typed, jobs)) + data
 
 
 @dataclass
