@@ -2,7 +2,7 @@
 plain rounding, `--imatrix` (from `nemoq calibrate`) and `--calibrate` on the same tokens.
 
     .venv/bin/python bench/calibrated.py [--model tiny w256] [--recipes Q4_K_M IQ4_NL ...] [--tokens 65536]
-                                         [--feeds] [--no-llama] [--json FILE]
+                                         [--feeds FEED ...] [--no-llama] [--json FILE]
 
 Models (bench/tiny_models.py): tiny, the bundled trained tests/data/nemotron-tiny (widths not
 multiples of 256), and w256, a second trained model with every width a multiple of 256 (trained
@@ -14,8 +14,9 @@ more with the chunk starts shifted by half a chunk. Ratios of mean KLD come with
 from the paired per-token differences (delta method: se(a/b) = sd(a_i - r b_i) / (sqrt(n) mean b)).
 
 Times and peak RSS: `nemoq calibrate` and `nemoq quantize --calibrate`, each a child process on
-the same tokens. --feeds also measures the walk's other choice of inputs (nemoq.calib.walk.SEQUENTIAL:
-the full-precision model's, or the quantized model's) against the default. Not part of the test suite.
+the same tokens. --feeds also measures the walk with other inputs (nemoq.calib.walk.FEEDS: the
+full-precision model's, the quantized model's, or both as asymmetric targets) against the default
+(in process, untimed). Not part of the test suite.
 
 With Q4_K_M among the recipes (unless --no-llama): llama.cpp's own Q4_K_M from llama-quantize,
 with and without llama-imatrix's imatrix on the same calibration tokens and --ctx, from the same
@@ -42,14 +43,6 @@ from tiny_models import model_path  # noqa: E402
 
 RECIPES = ("Q4_K_M", "IQ4_NL", "NQ4", "NVFP4", "MXFP4_MOE", "Q6_K", "NQ5", "Q8_0")
 NEMOQ = str(ROOT / ".venv" / "bin" / "nemoq")
-
-
-def other_feed() -> str:
-    from nemoq.calib.walk import SEQUENTIAL
-    return "full-precision" if SEQUENTIAL else "sequential"
-
-
-OTHER_FEED = other_feed()
 
 
 def held_out_kld(base: Path, models: list[Path], text: str, ctx: int, threads: int = 1) -> list[np.ndarray]:
@@ -95,7 +88,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--eval-ctx", type=int, default=256)
     ap.add_argument("--variants", nargs="+", default=["plain", "imatrix", "calibrate"])
-    ap.add_argument("--feeds", action="store_true", help="also the walk with its other choice of inputs")
+    ap.add_argument("--feeds", nargs="*", default=[], metavar="FEED",
+                    help="also the walk with these inputs (nemoq.calib.walk.FEEDS other than FEED)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp's own Q4_K_M")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / ".cache" / "calibrated")
     ap.add_argument("--json", type=Path, help="write the figures to this file (one entry per model)")
@@ -126,14 +120,12 @@ def bench(args, which: str) -> dict:
                           work / f"{recipe}-{variant}.log")
             times[f"{recipe} {variant}"] = seconds
             files[recipe, variant] = out
-        if args.feeds:
+        for feed in args.feeds:
             from nemoq.calib.calibrated import quantize_calibrated
-            from nemoq.calib.walk import SEQUENTIAL
             from nemoq.quant.recipes import RECIPES as ALL
-            out = work / f"{recipe}-{OTHER_FEED}.gguf"
-            quantize_calibrated(model, out, ALL[recipe], tokens=args.tokens, ctx=args.ctx, force=True,
-                                sequential=not SEQUENTIAL)
-            files[recipe, OTHER_FEED] = out
+            out = work / f"{recipe}-{feed}.gguf"
+            quantize_calibrated(model, out, ALL[recipe], tokens=args.tokens, ctx=args.ctx, force=True, feeds=feed)
+            files[recipe, feed] = out
 
     from nemoq.gguf_file import read_gguf
     for recipe in args.recipes:   # same plan, same bytes per weight, whatever the rounding
@@ -157,15 +149,15 @@ def bench(args, which: str) -> dict:
           f"(x {args.ctx}) of the train split")
     figures = {"model": str(model), "held_out_tokens": n, "tokens": args.tokens, "ctx": args.ctx,
                "eval_ctx": args.eval_ctx, "recipes": {}, "times": {}, "code": git_state()}
-    head = f"{'recipe':<11}{'bpw':>6}" + "".join(f"{v:>13}" for v in args.variants + ([OTHER_FEED] if args.feeds else []))
-    print(head + f"{'cal/plain':>16}{'cal/imatrix':>16}" + (f"{'cal/' + OTHER_FEED:>16}" if args.feeds else ""))
+    head = f"{'recipe':<11}{'bpw':>6}" + "".join(f"{v:>13}" for v in args.variants + args.feeds)
+    print(head + f"{'cal/plain':>16}{'cal/imatrix':>16}" + "".join(f"{'cal/' + feed:>16}" for feed in args.feeds))
     for recipe in args.recipes:
         row = {v: float(klds[recipe, v].mean()) for (r, v) in keys if r == recipe}
         size = files[recipe, args.variants[0]].stat().st_size
         entry = {"kld": row, "kld_stderr": {v: float(klds[recipe, v].std(ddof=1) / math.sqrt(n)) for v in row},
                  "bytes": size}
         cells = "".join(f"{row[v]:>13.5f}" for v in row)
-        pairs = [("calibrate", "plain"), ("calibrate", "imatrix")] + ([("calibrate", OTHER_FEED)] if args.feeds else [])
+        pairs = [("calibrate", "plain"), ("calibrate", "imatrix")] + [("calibrate", feed) for feed in args.feeds]
         for a, b in pairs:
             if (recipe, a) in klds and (recipe, b) in klds:
                 r, se = ratio(klds[recipe, a], klds[recipe, b])

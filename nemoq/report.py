@@ -74,8 +74,15 @@ def calibration_summary(console: Console, result) -> None:
         fallbacks = sum(m.fallback is not None for m in result.matrices)
         console.print(f"compensated / rounding error: median {ratios[len(ratios) // 2]:.2f}, range "
                       f"{ratios[0]:.2f}-{ratios[-1]:.2f}; {fallbacks} of {len(ratios)} tensor(s) with a fallback")
-    feed = "the quantized layers' outputs (sequential)" if result.sequential else "the full-precision outputs"
+    feed = FEED_WORDS[result.feeds]
     console.print(f"{result.tokens:,} tokens on {result.device} in {result.seconds:.1f} s; each layer fed {feed}")
+
+
+FEED_WORDS = {   # nemoq.calib.walk.FEEDS
+    "full-precision": "the full-precision outputs",
+    "sequential": "the quantized layers' outputs (sequential)",
+    "asymmetric": "the quantized layers' outputs, aimed at the full-precision ones (asymmetric)",
+}
 
 
 def conversion_summary(console: Console, result, fallbacks: list[tuple[str, str]]) -> None:

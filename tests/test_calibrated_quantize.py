@@ -193,3 +193,36 @@ def test_sigterm_during_calibrated_quantize_leaves_nothing(tiny_model, tmp_path)
     assert code == 143, err
     assert_one_line_interrupted(err, "SIGTERM")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def feeds_files(tmp_path_factory, wide_random):
+    from nemoq.calib.calibrated import quantize_calibrated
+    from nemoq.calib.walk import FEEDS
+    work = tmp_path_factory.mktemp("feeds")
+    files = {}
+    for feed in FEEDS:
+        files[feed] = work / f"{feed}.gguf"
+        result = quantize_calibrated(wide_random, files[feed], RECIPES["Q4_K_M"], tokens=2048, ctx=256, feeds=feed)
+        assert result.feeds == feed
+    return files
+
+
+def test_every_feed_makes_the_same_plan_with_other_bytes(feeds_files):
+    """Sequential inputs differ from full-precision ones after the first rounded matrix; the
+    asymmetric targets differ from sequential rounding wherever the inputs were bent."""
+    tables = {feed: tensor_table(path) for feed, path in feeds_files.items()}
+    assert len({repr(t) for t in tables.values()}) == 1
+    data = {feed: tensor_data(path) for feed, path in feeds_files.items()}
+    quantized = [name for name, _, kind in tables["asymmetric"] if kind not in ("F32", "F16", "BF16")]
+    for a, b in (("sequential", "full-precision"), ("asymmetric", "sequential")):
+        differ = [name for name in quantized if not np.array_equal(data[a][name], data[b][name])]
+        assert "blk.1.ffn_down_exps.weight" in differ and "output.weight" in differ, (a, b, differ)
+    assert all(finite_logits(path) for path in feeds_files.values())
+
+
+def test_an_unknown_feed_is_refused(wide_random, tmp_path):
+    from nemoq.calib.calibrated import quantize_calibrated
+    with pytest.raises(ValueError, match="feeds"):
+        quantize_calibrated(wide_random, tmp_path / "x.gguf", RECIPES["Q4_K_M"], tokens=2048, ctx=256, feeds="both")
+    assert not (tmp_path / "x.gguf").exists()

@@ -22,7 +22,7 @@ from nemoq.calib.calibrate import DEFAULT_CTX, DEFAULT_TOKENS, calibration_seque
 from nemoq.calib.forward import Progress
 from nemoq.calib.hparams import config_of
 from nemoq.calib.imatrix_file import write_imatrix
-from nemoq.calib.walk import SEQUENTIAL, LayerWalk, MatrixReport, Target
+from nemoq.calib.walk import FEED, LayerWalk, MatrixReport, Target
 from nemoq.convert.dtypes import Companion, Encoding, EncodingBase, type_nbytes
 from nemoq.convert.pipeline import ConvertResult, open_source, plan_bytes, write_gguf
 from nemoq.files import atomic_outputs, claim_outputs
@@ -47,7 +47,7 @@ class CalibratedResult:
     sequences: int
     ctx: int
     device: str
-    sequential: bool
+    feeds: str                         # walk.FEEDS
     seconds: float
 
     @property
@@ -98,7 +98,7 @@ def is_calibrated(t: TypedTensor, encoding: Encoding, tied: bool) -> bool:
 def quantize_calibrated(src: str | Path, out: Path, recipe: Recipe, *, overrides: Iterable[tuple[str, str]] = (),
                         tensor_scales: bool = True, data: Path | None = None, tokens: int = DEFAULT_TOKENS,
                         ctx: int = DEFAULT_CTX, device: str = "auto", imatrix_out: Path | None = None,
-                        force: bool = False, split_max_size: int = 0, sequential: bool = SEQUENTIAL,
+                        force: bool = False, split_max_size: int = 0, feeds: str = FEED,
                         on_start: Callable[[int, int], None] | None = None,
                         on_progress: Callable[[Progress], None] | None = None) -> CalibratedResult:
     """Quantize `src` with `recipe` into `out`, every quantized matrix error-compensated through
@@ -119,7 +119,7 @@ def quantize_calibrated(src: str | Path, out: Path, recipe: Recipe, *, overrides
         targets = {t.spec.name: Target(t.type, t.scaled and takes_scale(t.spec, t.type))
                    for t in typed if is_calibrated(t, encodings[t.spec.name], tied)}
         embeddings = next(t for t in source.plan.tensors if t.name == "token_embd.weight")
-        walk = LayerWalk(source.plan, cfg, sequences, targets, device=torch_device, sequential=sequential,
+        walk = LayerWalk(source.plan, cfg, sequences, targets, device=torch_device, feeds=feeds,
                          stored_embeddings=stored_values(plain(embeddings)), on_progress=on_progress)
         if on_start is not None:
             on_start(sequences.shape[0], walk.steps)
@@ -141,4 +141,4 @@ def quantize_calibrated(src: str | Path, out: Path, recipe: Recipe, *, overrides
         finally:
             walk.close()
     return CalibratedResult(result, typed, source.layer_kinds, walk.reports, imatrix_out, sequences.shape[0], ctx, str(torch_device),
-                            sequential, time.perf_counter() - start)
+                            feeds, time.perf_counter() - start)

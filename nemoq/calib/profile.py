@@ -187,7 +187,7 @@ class ProfileWalk(LayerWalk):
         self.compensated = compensated
         self.profiles = {n: TensorProfile(n, s.shape) for n, s in self.specs.items()}
         targets = {n: Target("q8_0", False) for n, s in self.specs.items() if s.row_width % 32 == 0}
-        super().__init__(source.plan, config_of(source), sequences, targets, device=device, sequential=False,
+        super().__init__(source.plan, config_of(source), sequences, targets, device=device, feeds="full-precision",
                          on_progress=on_progress)
 
     def _compensate(self, *args, **kwargs):

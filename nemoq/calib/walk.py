@@ -5,13 +5,15 @@ The calibration tokens' hidden states go through the model one layer at a time, 
 its input is accumulated in float64 on the device, and each matrix the recipe quantizes is
 handed with its H to nemoq.quant.compensate, which returns its blocks.
 
-Whose inputs: by default (`SEQUENTIAL` False) the full-precision model's, as `nemoq calibrate`
-sees them; every layer is fed the full-precision layer's output. Sequential: the quantized
+Whose inputs (`FEEDS`): "full-precision", the full-precision model's, as `nemoq calibrate`
+sees them; every layer is fed the full-precision layer's output. "sequential": the quantized
 model's. A layer's matrices then go in stages (`STAGES`): a stage's inputs are computed with the
 matrices of the earlier stages already quantized (attention output sees the quantized q, k and
 v), the next layer gets the quantized layer's output, and the first layer the embeddings as the
-file stores them. On the bundled trained model sequential inputs gave 7-9% more KLD (see
-SEQUENTIAL).
+file stores them. "asymmetric": both streams side by side; each matrix is rounded for the
+quantized stream's inputs x~ with the full-precision outputs W x as its target
+(nemoq/quant/asymmetric.py), so it also corrects what the layers below got wrong. FEED is the
+default, by measurement.
 
 Routed experts (walk_experts.py) are done one at a time, so one expert's H is alive at a time: the router runs
 once over every token (it stays F32), then each expert gathers its tokens from the layer's
@@ -43,14 +45,16 @@ from nemoq.calib.weights import LayerLoader, Weights
 from nemoq.convert.config import ModelConfig
 from nemoq.convert.plan import Plan
 from nemoq.errors import NemoqError
+from nemoq.quant.asymmetric import asymmetric_target
 from nemoq.quant.compensate import DAMPING, Compensated, column_order, compensated_quantize
 from nemoq.quant.encodings import BLOCK_ENCODINGS
 from nemoq.quant.tensor_scale import calibrated_scale
 
+FEEDS = ("full-precision", "sequential", "asymmetric")
 # Measured on the bundled trained model (bench/calibrated.py --feeds, docs/benchmarks.md): KLD
 # vs F32 on 11.5k held-out tokens with full-precision inputs over sequential ones, 65536
 # calibration tokens: 0.91-0.94 for Q4_K_M, IQ4_NL, NQ4 and NQ5, 0.99-1.02 for the others.
-SEQUENTIAL = False
+FEED = "full-precision"
 # compensate.py's damping (lambda = 1% of mean diag H) was the best tried on the same model:
 # IQ4_NL KLD over --imatrix's 0.87 / 0.82 / 0.91 / 0.84 at 0.001 / 0.01 / 0.1 / 0.3.
 
@@ -82,16 +86,19 @@ class LayerWalk(MoESteps):
     so ask in the file's order."""
 
     def __init__(self, plan: Plan, cfg: ModelConfig, sequences: np.ndarray, targets: dict[str, Target], *,
-                 device: torch.device, sequential: bool = SEQUENTIAL,
+                 device: torch.device, feeds: str = FEED,
                  stored_embeddings: Callable[[np.ndarray], np.ndarray] | None = None,
                  damping: float = DAMPING, on_progress: Callable[[Progress], None] | None = None):
         self.cfg, self.sequences, self.targets = cfg, sequences, targets
-        self.device, self.sequential = device, sequential
+        if feeds not in FEEDS:
+            raise ValueError(f"feeds: one of {', '.join(FEEDS)}, not {feeds!r}")
+        self.device, self.feeds = device, feeds
         self.stored_embeddings, self.damping = stored_embeddings, damping
         self.on_progress = on_progress
         self.loader = LayerLoader(plan, device)
         self.parts = batches(*sequences.shape)
-        self.hidden: HiddenStates | None = None
+        self.hidden: HiddenStates | None = None         # the quantized model's, but with full-precision feeds
+        self.reference: HiddenStates | None = None      # the full-precision model's, with asymmetric feeds
         self.step = 0                                   # next step: layers 0..n-1, then the head
         self.results: dict[str, Quantized] = {}         # the last step's
         self.reports: list[MatrixReport] = []
@@ -99,6 +106,15 @@ class LayerWalk(MoESteps):
         self.counts: dict[str, np.ndarray] = {}
         self.embedding_values: np.ndarray | None = None    # token_embd as compensated, when it is
         self.start = time.perf_counter()
+
+    @property
+    def sequential(self) -> bool:
+        """The walk feeds (also) the quantized model's activations."""
+        return self.feeds != "full-precision"
+
+    @property
+    def asymmetric(self) -> bool:
+        return self.feeds == "asymmetric"
 
     @property
     def steps(self) -> int:
@@ -124,9 +140,10 @@ class LayerWalk(MoESteps):
             self.advance()
 
     def close(self) -> None:
-        if self.hidden is not None:
-            self.hidden.close()
-            self.hidden = None
+        for states in (self.hidden, self.reference):
+            if states is not None:
+                states.close()
+        self.hidden = self.reference = None
 
     def imatrix(self, datasets: list[str]) -> ImportanceMatrix:
         n, ctx = self.sequences.shape
@@ -173,63 +190,91 @@ class LayerWalk(MoESteps):
         embd = self.loader.globals("token_embd.weight")["token_embd.weight"]
         rows = embd[torch.from_numpy(ids.astype(np.int64)).to(embd.device)].float().cpu().numpy()
         del embd
+        where = where.reshape(n, ctx)
+        if self.asymmetric:
+            self.reference = HiddenStates((n, ctx, self.cfg.hidden))
+            for part in self.parts:
+                self.reference.data[part] = rows[where[part]]
         if self.sequential and self.embedding_values is not None:
             rows = self.embedding_values[ids]
         elif self.sequential and self.stored_embeddings is not None:
             rows = self.stored_embeddings(rows)
-        where = where.reshape(n, ctx)
         for part in self.parts:
             self.hidden.data[part] = rows[where[part]]
 
     def _staged(self, kind: str, w: Weights) -> None:
-        def layer(x, record, part):
-            return blocks.layer(x, kind, w, self.cfg, record)
-        if self.sequential:   # stage by stage on the quantized matrices, then the quantized layer's output
+        def layer(x, record, part, weights):
+            return blocks.layer(x, kind, weights, self.cfg, record)
+        if self.asymmetric:   # stage by stage, both streams; each stream's layer output
+            quantized = Weights(w.prefix, dict(w))
             for stage in STAGES[kind]:
-                self._quantize_stage(w, stage, self._pass(layer, [w.name(short) for short in stage]))
-            self._pass(layer, [], into=self.hidden)
+                names = [w.name(short) for short in stage]
+                self._quantize_stage(w, stage, self._pass_pair(layer, names, w, quantized), quantized)
+            self._pass_pair(layer, [], w, quantized, outputs=True)
+        elif self.sequential:   # stage by stage on the quantized matrices, then the quantized layer's output
+            for stage in STAGES[kind]:
+                self._quantize_stage(w, stage, self._pass(layer, [w.name(short) for short in stage], w), w)
+            self._pass(layer, [], w, into=self.hidden)
         else:                 # one pass: every input and the full-precision output
             stage = sum(STAGES[kind], ())
-            self._quantize_stage(w, stage, self._pass(layer, [w.name(short) for short in stage], into=self.hidden))
+            self._quantize_stage(w, stage, self._pass(layer, [w.name(short) for short in stage], w, into=self.hidden))
 
     def _head(self) -> None:
         norm = self.loader.globals("output_norm.weight")["output_norm.weight"]
-        grams = self._pass(lambda x, record, part: record(HEAD, blocks.rms_norm(x, norm, self.cfg.norm_eps), None),
-                           [HEAD])
+
+        def head_input(x, record, part, weights):
+            record(HEAD, blocks.rms_norm(x, norm, self.cfg.norm_eps), None)
+        if self.asymmetric:
+            grams = self._pass_pair(head_input, [HEAD], None, None)
+        else:
+            grams = self._pass(head_input, [HEAD], None)
         if HEAD in self.targets:
             self._quantize_stage(self.loader.globals(HEAD), (HEAD,), grams)
         self.close()
 
-    def _pass(self, forward: Callable, names: list[str], into: HiddenStates | None = None) -> dict[str, Gram]:
-        """Every batch through `forward(x, record, part)`: H of each named input. With `into`, the
-        forward's outputs are stored there (it may be the input); without, the forward is cut
-        short once the named inputs are recorded."""
-        wanted, grams = set(names), {}
-        last: list = [None, None]   # the last tensor recorded and its Gram: q, k and v share one input
-
-        def record(name: str, x: torch.Tensor, expert) -> None:
-            if name not in wanted:
-                return
-            if x is last[0]:
-                grams.setdefault(name, last[1])
-            else:
-                gram = grams.setdefault(name, Gram(x.shape[-1], self.device))
-                gram.add(x)
-                last[:] = [x, gram]
-            seen.add(name)
-            if into is None and seen == wanted:
-                raise _StageRecorded
-
+    def _pass(self, forward: Callable, names: list[str], weights: Weights | None,
+              into: HiddenStates | None = None) -> dict[str, Gram]:
+        """Every batch through `forward(x, record, part, weights)`: H of each named input. With
+        `into`, the forward's outputs are stored there (it may be the input); without, the
+        forward is cut short once the named inputs are recorded."""
+        grams: dict[str, Gram] = {}
         for part in self.parts:
-            seen: set[str] = set()
-            last[:] = [None, None]
+            record = _Recorder(names, grams, self.device, cut=into is None)
             x = torch.from_numpy(np.asarray(self.hidden.data[part])).to(self.device)
             try:
-                y = forward(x, record, part)
+                y = forward(x, record, part, weights)
             except _StageRecorded:
                 continue
             if into is not None:
                 into.data[part] = y.cpu().numpy()
+        for name in names:
+            self._count(name, None, grams[name])
+        return grams
+
+    def _pass_pair(self, forward: Callable, names: list[str], full: Weights | None, quantized: Weights | None,
+                   outputs: bool = False) -> dict[str, Gram]:
+        """The asymmetric feeds' pass: every batch through the full-precision weights on the
+        full-precision stream, then through the quantized weights on the quantized stream. H of
+        each named input on the quantized stream, with its shift from the full-precision one.
+        With `outputs`, each stream's outputs replace its inputs."""
+        grams: dict[str, Gram] = {}
+        for part in self.parts:
+            reference = _Recorder(names, {}, self.device, cut=not outputs, keep=True)
+            x = torch.from_numpy(np.asarray(self.reference.data[part])).to(self.device)
+            try:
+                y = forward(x, reference, part, full)
+                if outputs:
+                    self.reference.data[part] = y.cpu().numpy()
+            except _StageRecorded:
+                pass
+            record = _Recorder(names, grams, self.device, cut=not outputs, references=reference.kept)
+            x = torch.from_numpy(np.asarray(self.hidden.data[part])).to(self.device)
+            try:
+                y = forward(x, record, part, quantized)
+                if outputs:
+                    self.hidden.data[part] = y.cpu().numpy()
+            except _StageRecorded:
+                pass
         for name in names:
             self._count(name, None, grams[name])
         return grams
@@ -245,8 +290,10 @@ class LayerWalk(MoESteps):
 
     # --- quantizing ------------------------------------------------------------------------------
 
-    def _quantize_stage(self, w: Weights, stage: tuple[str, ...], grams: dict[str, Gram]) -> None:
-        """Quantize the targets among w's `stage` matrices; with `sequential`, later inputs see them."""
+    def _quantize_stage(self, w: Weights, stage: tuple[str, ...], grams: dict[str, Gram],
+                        quantized: Weights | None = None) -> None:
+        """Quantize the targets among w's `stage` matrices; their values as stored go into
+        `quantized`, where later inputs are to see them."""
         for short in stage:
             name = w.name(short)
             if name not in self.targets:
@@ -254,8 +301,8 @@ class LayerWalk(MoESteps):
             c, scale, values = self._quantize(name, w[short], grams[name])
             self.results[name] = Quantized(c.blocks, None if scale is None else np.array([scale], np.float32))
             self.reports.append(report_of(name, self.targets[name].type, c, grams[name].tokens))
-            if self.sequential:
-                w[short] = values
+            if quantized is not None:
+                quantized[short] = values
 
     def _quantize(self, name: str, matrix: torch.Tensor, gram: Gram, importance: np.ndarray | None = None,
                   inputs: torch.Tensor | None = None):
@@ -265,6 +312,8 @@ class LayerWalk(MoESteps):
         w, h = matrix.float().cpu().numpy(), gram.numpy()
         if not np.isfinite(h).all() or not np.isfinite(w).all():
             raise NemoqError(f"{name}: NaN/Inf in the weights or in the calibration inputs that reach them")
+        if gram.shift is not None:
+            w = asymmetric_target(w, h, gram.shift.cpu().numpy(), self.damping, gram.tokens)
         scale = None
         if target.scaled:
             scale = float(calibrated_scale(target.type, w, h, gram.tokens, importance))
@@ -294,3 +343,33 @@ def step_of(name: str, n_layers: int) -> int:
 
 def ignore(name: str, x: torch.Tensor, expert) -> None:
     pass
+
+
+class _Recorder:
+    """A pass's `record` for one batch: adds each named input to its Gram in `grams` (with
+    `references`, the other stream's inputs by name, their shift too); with `keep`, keeps the
+    inputs instead (the full-precision stream of a pair); with `cut`, ends the forward once
+    every named input is seen."""
+
+    def __init__(self, names: list[str], grams: dict[str, Gram], device: torch.device, *, cut: bool,
+                 keep: bool = False, references: dict[str, torch.Tensor] | None = None):
+        self.wanted, self.grams, self.device, self.cut = set(names), grams, device, cut
+        self.keep, self.references = keep, references
+        self.kept: dict[str, torch.Tensor] = {}
+        self.seen: set[str] = set()
+        self.last: tuple = (None, None)   # the last input recorded and its Gram: q, k and v share one
+
+    def __call__(self, name: str, x: torch.Tensor, expert) -> None:
+        if name not in self.wanted:
+            return
+        if self.keep:
+            self.kept[name] = x
+        elif x is self.last[0]:
+            self.grams.setdefault(name, self.last[1])
+        else:
+            gram = self.grams.setdefault(name, Gram(x.shape[-1], self.device))
+            gram.add(x, None if self.references is None else self.references[name])
+            self.last = (x, gram)
+        self.seen.add(name)
+        if self.cut and self.seen == self.wanted:
+            raise _StageRecorded

@@ -31,6 +31,10 @@ class MoESteps:
             raise
         self.hidden.close()
         self.hidden = out
+        if self.asymmetric:   # the full-precision stream: the whole layer as it is
+            for part in self.parts:
+                x = torch.from_numpy(np.asarray(self.reference.data[part])).to(self.device)
+                self.reference.data[part] = blocks.layer(x, "moe", w, self.cfg, _ignore).cpu().numpy()
 
     def _normed(self, x: torch.Tensor, w: Weights) -> torch.Tensor:
         return blocks.rms_norm(x, w["attn_norm.weight"], self.cfg.norm_eps)
@@ -42,23 +46,27 @@ class MoESteps:
         ids = np.empty((n * ctx, self.cfg.n_experts_used), np.int64)
         gates = np.empty(ids.shape, np.float32)
 
-        def shared(x, record, part):
-            return blocks.shared_expert(self._normed(x, w), w, record)
+        def shared(x, record, part, weights):
+            return blocks.shared_expert(self._normed(x, weights), weights, record)
 
-        def routed_and_shared(x, record, part):
-            xn = self._normed(x, w)
-            e, g = blocks.route(xn.reshape(-1, hidden), w, self.cfg)
+        def routed_and_shared(x, record, part, weights):
+            xn = self._normed(x, weights)
+            e, g = blocks.route(xn.reshape(-1, hidden), weights, self.cfg)
             rows = slice(part.start * ctx, part.stop * ctx)
             ids[rows], gates[rows] = e.cpu().numpy(), g.cpu().numpy()
-            return x + blocks.shared_expert(xn, w, record)
+            return x + blocks.shared_expert(xn, weights, record)
 
         if self.sequential:
+            quantized = Weights(w.prefix, dict(w)) if self.asymmetric else w
             for stage in SHARED:
-                self._quantize_stage(w, stage, self._pass(shared, [w.name(short) for short in stage]))
-            self._pass(routed_and_shared, [], into=out)
+                names = [w.name(short) for short in stage]
+                grams = (self._pass_pair(shared, names, w, quantized) if self.asymmetric
+                         else self._pass(shared, names, w))
+                self._quantize_stage(w, stage, grams, quantized)
+            self._pass(routed_and_shared, [], quantized, into=out)
         else:
             stage = sum(SHARED, ())
-            self._quantize_stage(w, stage, self._pass(routed_and_shared, [w.name(short) for short in stage], into=out))
+            self._quantize_stage(w, stage, self._pass(routed_and_shared, [w.name(short) for short in stage], w, into=out))
         return ids, gates
 
     def _routed_experts(self, w: Weights, out: HiddenStates, ids: np.ndarray, gates: np.ndarray) -> None:
@@ -68,22 +76,29 @@ class MoESteps:
         tokens = np.bincount(ids.reshape(-1), minlength=self.cfg.n_experts)
         order = sorted(range(self.cfg.n_experts), key=lambda e: tokens[e] == 0)
         up, down = (ExpertStack(w.name(short), short, self.cfg.n_experts, w[short].shape[-1]) for short in EXPERTS)
+        reference_in = self.reference.data.reshape(-1, hidden) if self.asymmetric else None
         for e in order:
             token, slot = np.nonzero(ids == e)
             x = self._normed(torch.from_numpy(np.asarray(flat_in[token])).to(self.device), w)
-            up_e = self._quantize_expert(up, e, w, x)
+            x_full = h_full = None
+            if reference_in is not None:   # the same tokens in the full-precision model
+                x_full = self._normed(torch.from_numpy(np.asarray(reference_in[token])).to(self.device), w)
+                h_full = blocks.relu2(blocks.linear(x_full, w[up.short][e]))
+            up_e = self._quantize_expert(up, e, w, x, x_full)
             h = blocks.relu2(blocks.linear(x, up_e))
-            down_e = self._quantize_expert(down, e, w, h)
+            down_e = self._quantize_expert(down, e, w, h, h_full)
             y = blocks.linear(h, down_e) * torch.from_numpy(gates[token, slot, None]).to(self.device)
             flat_out[token] += y.cpu().numpy()
         for s in (up, down):
             self._finish_stack(s)
 
-    def _quantize_expert(self, s: "ExpertStack", e: int, w: Weights, x: torch.Tensor) -> torch.Tensor:
-        """H of expert e's input x, the expert quantized; the weights its next step should use."""
+    def _quantize_expert(self, s: "ExpertStack", e: int, w: Weights, x: torch.Tensor,
+                         reference: torch.Tensor | None = None) -> torch.Tensor:
+        """H of expert e's input x (the quantized model's, with `reference` the full-precision
+        model's for the same tokens), the expert quantized; the weights its next step should use."""
         gram = Gram(x.shape[-1], self.device)
         if x.shape[0]:
-            gram.add(x)
+            gram.add(x, reference)
         self._count(s.name, e, gram)
         matrix = w[s.short][e]
         if s.name not in self.targets:
@@ -121,3 +136,7 @@ class ExpertStack:
     def mean_importance(self) -> np.ndarray | None:
         """For an expert that saw no token: the mean importance of the experts that did."""
         return (self.importance_sum / self.seen).astype(np.float32) if self.seen else None
+
+
+def _ignore(name: str, x: torch.Tensor, expert) -> None:
+    pass

@@ -58,12 +58,20 @@ class Gram:
         self.h = torch.zeros((n, n), dtype=torch.float64, device=where)
         self.diag = torch.zeros(n, dtype=torch.float64, device=where)
         self.tokens = 0
+        self.shift: torch.Tensor | None = None   # sum (x - x~) x~^T, asymmetric feeds (quant/asymmetric.py)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """x: the tokens' inputs; reference: the full-precision model's inputs for the same tokens,
+        where x are the quantized model's (the shift is then summed too)."""
         x = x.reshape(-1, x.shape[-1]).float()
-        for rows in x.split(GRAM_ROWS):
+        if reference is not None and self.shift is None:
+            self.shift = torch.zeros_like(self.h)
+        references = reference.reshape(x.shape).float().split(GRAM_ROWS) if reference is not None else None
+        for i, rows in enumerate(x.split(GRAM_ROWS)):
             self.h += (rows.T @ rows).to(self.h.device, torch.float64)
             self.diag += rows.to(self.h.device, torch.float64).square().sum(0)
+            if references is not None:
+                self.shift += ((references[i] - rows).T @ rows).to(self.h.device, torch.float64)
         self.tokens += x.shape[0]
 
     def numpy(self) -> np.ndarray:
