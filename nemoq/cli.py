@@ -32,15 +32,17 @@ class OutType(str, Enum):
     q8_0 = "q8_0"
 
 
-SIZE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+SIZE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 
 
 def parse_size(text: str) -> int:
-    """'5G' -> 5e9 bytes (decimal units, as llama.cpp's --split-max-size)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)B?\s*", text.upper())
+    """'5G' -> 5e9 bytes (decimal units, as llama.cpp's --split-max-size); '24GiB' -> 24 x 2^30
+    (binary, as GPU memory is counted)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?)?B?\s*", text.upper())
     if not m:
-        raise typer.BadParameter(f"{text!r} is not a size like 5G, 500M or 1000000")
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
+        raise typer.BadParameter(f"{text!r} is not a size like 5G, 500M, 24GiB or 1000000")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2) or ""])
 
 
 @app.callback()
@@ -121,8 +123,17 @@ def quantize(
                                               "size (e.g. 18G, 4.9M), from a profile."),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", min=0.5, help="As --target-size, for a file "
                                                "of at most this many bits per weight (header included)."),
-    profile: Optional[Path] = typer.Option(None, "--profile", help="With --target-size/--target-bpw: a nemoq "
-                                           "profile of this model (default: profile first, in the same run)."),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="With --target-size/--target-bpw/--fit: a "
+                                           "nemoq profile of this model (default: profile first, in the same run)."),
+    fit: Optional[str] = typer.Option(None, "--fit", help="As --target-size, for a device with this much memory "
+                                      "(e.g. 24GiB): less what llama.cpp needs beside the weights at --fit-ctx."),
+    fit_ctx: Optional[int] = typer.Option(None, "--fit-ctx", min=1, help="With --fit: the context (tokens) "
+                                          "llama.cpp will run the file at."),
+    kv_type: Optional[str] = typer.Option(None, "--kv-type", help="With --fit: llama.cpp's K/V cache type, f16 "
+                                          "(default) or q8_0 (which needs flash attention)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="With --target-size/--target-bpw/--fit: draw "
+                                        "predicted size vs KLD (PNG): the allocator's frontier, the chosen file, "
+                                        "nemoq's and llama.cpp's recipes."),
 ) -> None:
     """Quantize a checkpoint in one pass with a recipe (types per tensor, honest about bits)."""
     from nemoq.commands.base import Output
@@ -131,16 +142,32 @@ def quantize(
         src, Output(outfile, force, _split_size(split_max_size)),
         RecipeOptions(recipe or RecipeOptions.name, tuple(tensor_type), tensor_scales), imatrix=imatrix, dry_run=dry_run, threads=threads,
         calibration=CalibrationOptions(calibrate, data, tokens, ctx, device, imatrix_out))
-    if target_size is not None or target_bpw is not None or profile is not None:
-        if target_size is None and target_bpw is None:
-            raise typer.BadParameter("--profile goes with --target-size or --target-bpw")
+    budgets = [name for name, v in (("--target-size", target_size), ("--target-bpw", target_bpw), ("--fit", fit))
+               if v is not None]
+    if len(budgets) > 1:
+        raise typer.BadParameter(f"{' and '.join(budgets)} are each a budget: give one")
+    if fit is None and (fit_ctx is not None or kv_type is not None):
+        raise typer.BadParameter("--fit-ctx and --kv-type go with --fit")
+    if budgets or profile is not None or plot is not None:
+        if not budgets:
+            raise typer.BadParameter(f"{'--profile' if profile is not None else '--plot'} goes with --target-size, "
+                                     f"--target-bpw or --fit")
         if recipe is not None:
             raise typer.BadParameter("a byte budget chooses the types: leave out --recipe")
         from nemoq.commands.profile import TargetOptions
         size = parse_size(target_size) if target_size is not None else None
-        _run(_quantize_target, opts, TargetOptions(size, target_bpw, profile))
+        _run(_quantize_target, opts, TargetOptions(size, target_bpw, profile, _fit(fit, fit_ctx, kv_type), plot))
         return
     _run(_quantize, opts)
+
+
+def _fit(memory: Optional[str], ctx: Optional[int], kv_type: Optional[str]):
+    if memory is None:
+        return None
+    if ctx is None:
+        raise typer.BadParameter("--fit needs --fit-ctx: the context llama.cpp will run the file at")
+    from nemoq.quant.fit import Fit
+    return Fit(parse_size(memory), ctx, (kv_type or "f16").lower())
 
 
 def _quantize_target(opts, target) -> None:
@@ -150,6 +177,8 @@ def _quantize_target(opts, target) -> None:
     from nemoq.report_profile import target_plan
     outcome = quantize_to_target(opts, target, partial(target_plan, Console(), table=opts.dry_run),
                                  partial(report.layer_progress, console), _ablation_progress)
+    if target.plot is not None:
+        console.print(f"[green]wrote[/] {escape(str(target.plot))}")
     if outcome is None:   # --dry-run
         return
     if outcome.calibration is not None:

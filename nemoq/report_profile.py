@@ -22,8 +22,26 @@ def target_plan(console: Console, plan, table: bool = True) -> None:
     for type_name in plan.types.values():
         counts[type_name.upper()] = counts.get(type_name.upper(), 0) + 1
     mix = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    if getattr(plan, "fit", None) is not None:
+        fit_budget(console, plan.fit)
     console.print(f"file {plan.nbytes:,} bytes ({human_bytes(plan.nbytes)}) of a budget of {plan.budget:,}; "
                   f"predicted KLD {plan.kld:.5f}; types: {mix}", highlight=False, soft_wrap=True)
+
+
+def fit_budget(console: Console, budget) -> None:
+    """--fit: the memory, what llama.cpp needs beside the weights (quant.fit.TERMS), what is left."""
+    fit = budget.fit
+    t = Table(title=f"--fit {human_bytes(fit.memory)} at {fit.ctx:,} tokens",
+              caption=f"llama.cpp: n_ctx {fit.n_ctx:,}, K/V {fit.kv_type}, n_ubatch {fit.ubatch}, flash attention "
+                      f"{'on' if fit.flash_attn else 'off'}")
+    t.add_column("", justify="left", no_wrap=True)
+    t.add_column("bytes", justify="right", no_wrap=True)
+    t.add_column("", justify="right", no_wrap=True)
+    t.add_row("memory", f"{fit.memory:,}", human_bytes(fit.memory))
+    for name, n in budget.needs:
+        t.add_row(f"- {name}", f"{n:,}", human_bytes(n))
+    t.add_row("= left for the file", f"{budget.weights:,}", human_bytes(budget.weights))
+    console.print(t)
 
 
 def profile_summary(console: Console, profile) -> None:

@@ -122,7 +122,7 @@ def test_cli_target_size_and_its_refusals(profile, tiny_model, tmp_path):
     r = run_cli("quantize", tiny_model, "-o", small, "--target-size", "1M", "--profile", path)
     assert r.exit_code == 1 and "below the smallest file this model can be" in r.output and not small.exists()
     r = run_cli("quantize", tiny_model, "-o", small, "--profile", path)
-    assert r.exit_code == 2 and "--profile goes with --target-size or --target-bpw" in r.output
+    assert r.exit_code == 2 and "--profile goes with --target-size, --target-bpw or --fit" in r.output
     r = run_cli("quantize", tiny_model, "-o", small, "--target-size", "4.5M", "--profile", path, "--recipe", "Q4_K_M")
     assert r.exit_code == 2 and "leave out --recipe" in r.output and not small.exists()
     r = run_cli("quantize", tiny_model, "--target-size", "4.5M", "--dry-run")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import gguf
 
+from nemoq.calib.hparams import config_of
 from nemoq.calib.profile import Profile, check_profile, profiled_specs
 from nemoq.calib.sensitivity import only
 from nemoq.convert.dtypes import type_nbytes
@@ -28,6 +29,7 @@ from nemoq.convert.output import StreamingGGUFWriter
 from nemoq.convert.pipeline import Source, plan_jobs, write_header
 from nemoq.errors import NemoqError
 from nemoq.quant.allocate import Allocation, Candidate, allocate
+from nemoq.quant.fit import Fit, FitBudget, fit_budget
 from nemoq.quant.recipes import RECIPES, file_type_of, plan_types, recipe_label
 from nemoq.quant.choose import chooser
 from nemoq.quant.tensor_scale import scale_name, takes_scale
@@ -104,6 +106,7 @@ class TargetPlan:
     budget: int
     kld: float                    # predicted
     combine: float = 1.0          # the profile's q: shares weigh k^(1/q) (profile.combined)
+    fit: object | None = None     # quant.fit.FitBudget with --fit: how the budget was reckoned
 
     def share(self, name: str) -> float:
         """The tensor's part of the predicted KLD's sum (k^(1/q) over the sum of them)."""
@@ -159,12 +162,20 @@ def plan_for_budget(profile: Profile, source: Source, budget: int, *, compensate
     return TargetPlan(allocation.types, shares, bytes_of, size, budget, kld, profile.combine)
 
 
-def budget_of(source: Source, target_size: int | None, target_bpw: float | None) -> int:
-    """--target-size in bytes, or --target-bpw as file bits per weight (header included)."""
-    if (target_size is None) == (target_bpw is None):
-        raise NemoqError("give one of --target-size and --target-bpw")
+def fit_of(source: Source, fit: Fit | None) -> FitBudget | None:
+    """--fit's breakdown: the memory less what llama.cpp needs for this model at that context."""
+    return fit_budget(config_of(source), fit) if fit is not None else None
+
+
+def budget_of(source: Source, target_size: int | None, target_bpw: float | None, fit: Fit | None = None) -> int:
+    """--target-size in bytes, --target-bpw as file bits per weight (header included), or what
+    --fit leaves for the file."""
+    if sum(x is not None for x in (target_size, target_bpw, fit)) != 1:
+        raise NemoqError("give one of --target-size and --target-bpw, or --fit")
     if target_size is not None:
         return int(target_size)
+    if fit is not None:
+        return fit_of(source, fit).weights
     n = sum(t.spec.n_elements for t in source.plan.tensors)
     return int(target_bpw * n / 8)
 
@@ -178,9 +189,9 @@ class TargetResult:
 
 
 def quantize_to_target(src: str | Path, out: Path, *, target_size: int | None = None, target_bpw: float | None = None,
-                       profile_path: Path | None = None, calibrate: bool = False, tensor_scales: bool = True,
-                       force: bool = False, profile_options: dict | None = None, calibrate_options: dict | None = None,
-                       on_plan=lambda plan: None) -> TargetResult:
+                       fit: Fit | None = None, profile_path: Path | None = None, calibrate: bool = False,
+                       tensor_scales: bool = True, force: bool = False, profile_options: dict | None = None,
+                       calibrate_options: dict | None = None, on_plan=lambda plan: None) -> TargetResult:
     """Profile (unless `profile_path` is given), allocate, write; the file is checked to be the
     planned size, at most the budget (else it is removed)."""
     import os
@@ -190,13 +201,14 @@ def quantize_to_target(src: str | Path, out: Path, *, target_size: int | None = 
     from nemoq.files import claim_output
     with claim_output(Path(out), force) as out:
         source = open_source(src)
-        budget = budget_of(source, target_size, target_bpw)
+        budget = budget_of(source, target_size, target_bpw, fit)
         if profile_path is not None:
             profile = read_profile(profile_path)
         else:
             profile = make_profile(src, compensated=calibrate, **(profile_options or {}))
         plan = plan_for_budget(profile, source, budget, compensated=calibrate, tensor_scales=tensor_scales,
                                calibrated=calibrate, profile_path=profile_path)
+        plan.fit = fit_of(source, fit)
         on_plan(plan)
         calibration = None
         if calibrate:
@@ -217,11 +229,13 @@ def quantize_to_target(src: str | Path, out: Path, *, target_size: int | None = 
 
 
 def plan_only(src: str | Path, profile_path: Path, *, target_size: int | None = None, target_bpw: float | None = None,
-              calibrate: bool = False, tensor_scales: bool = True) -> TargetPlan:
+              fit: Fit | None = None, calibrate: bool = False, tensor_scales: bool = True) -> TargetPlan:
     """--dry-run: the plan from the profile and the source's headers (no weight is quantized)."""
     from nemoq.calib.profile import read_profile
     from nemoq.convert.pipeline import open_source
     source = open_source(src)
-    return plan_for_budget(read_profile(profile_path), source, budget_of(source, target_size, target_bpw),
+    plan = plan_for_budget(read_profile(profile_path), source, budget_of(source, target_size, target_bpw, fit),
                            compensated=calibrate, tensor_scales=tensor_scales, calibrated=calibrate,
                            profile_path=profile_path)
+    plan.fit = fit_of(source, fit)
+    return plan

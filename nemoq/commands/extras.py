@@ -12,6 +12,7 @@ from nemoq.errors import NemoqError
 EXTRAS = {
     "calib": ("torch", "tokenizers", "jinja2", "threadpoolctl"),   # the layer-streamed forward, tokenizing
     "eval": ("llama_cpp", "jinja2"),                               # llama.cpp runs the GGUF
+    "plot": ("matplotlib",),                                       # quantize --plot, eval --plot
 }
 PACKAGE_OF = {"llama_cpp": "llama-cpp-python"}   # where the module's name is not its package's
 

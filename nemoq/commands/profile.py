@@ -35,6 +35,8 @@ class TargetOptions:
     size: int | None = None              # --target-size in bytes
     bpw: float | None = None             # --target-bpw: file bits per weight
     profile: Path | None = None          # --profile; None: profile in the same run
+    fit: object | None = None            # --fit: quant.fit.Fit (memory, context, KV type)
+    plot: Path | None = None             # --plot: predicted size vs KLD (PNG)
 
 
 def profile(opts: ProfileOptions, layer_progress: LayerProgress = no_layer_progress,
@@ -62,20 +64,42 @@ def quantize_to_target(opts, target: TargetOptions, on_plan=lambda plan: None,
     calibrate = opts.calibration.enabled
     if opts.calibration.imatrix_out is not None and not calibrate:
         raise NemoqError("--imatrix-out only goes with --calibrate")
+    if target.plot is not None:   # before any work: a missing matplotlib or an existing picture
+        from nemoq.commands.extras import require
+        from nemoq.files import refuse_to_clobber
+        require("plot", "quantize --plot")
+        refuse_to_clobber([target.plot], opts.output.force)
     if opts.dry_run:
         if target.profile is None:
             raise NemoqError("--dry-run plans from a profile without reading weights: give --profile (nemoq profile)")
-        plan = t.plan_only(opts.src, target.profile, target_size=target.size, target_bpw=target.bpw,
+        plan = t.plan_only(opts.src, target.profile, target_size=target.size, target_bpw=target.bpw, fit=target.fit,
                            calibrate=calibrate, tensor_scales=opts.recipe.tensor_scales)
         on_plan(plan)
+        if target.plot is not None:
+            from nemoq.calib.profile import read_profile
+            _plot(opts, target, read_profile(target.profile), plan)
         return None
     if opts.output.path is None:
         raise NemoqError("--outfile is required (or use --dry-run)")
+    if target.fit is not None:   # memory that llama.cpp's own needs fill: refused before any progress shows
+        from nemoq.convert.pipeline import open_source
+        t.fit_of(open_source(opts.src), target.fit)
     given = opts.calibration.given()
     walk = {k: v for k, v in given.items() if k in ("data", "tokens", "ctx", "device")}
     with layer_progress("profiling" if target.profile is None else "calibrated quantizing") as (on_start, on_progress):
-        return t.quantize_to_target(
-            opts.src, opts.output.path, target_size=target.size, target_bpw=target.bpw, profile_path=target.profile,
-            calibrate=calibrate, tensor_scales=opts.recipe.tensor_scales, force=opts.output.force,
+        result = t.quantize_to_target(
+            opts.src, opts.output.path, target_size=target.size, target_bpw=target.bpw, fit=target.fit,
+            profile_path=target.profile, calibrate=calibrate, tensor_scales=opts.recipe.tensor_scales,
+            force=opts.output.force,
             profile_options={**walk, "on_start": on_start, "on_progress": on_progress, "on_ablation": on_ablation},
             calibrate_options=given if calibrate else None, on_plan=on_plan)
+    if target.plot is not None:
+        _plot(opts, target, result.profile, result.plan)
+    return result
+
+
+def _plot(opts, target: TargetOptions, profile, plan) -> None:
+    from nemoq.calib.target_plot import plot_target
+    from nemoq.convert.pipeline import open_source
+    plot_target(open_source(opts.src), profile, plan, target.plot, force=opts.output.force,
+                compensated=opts.calibration.enabled, tensor_scales=opts.recipe.tensor_scales)
