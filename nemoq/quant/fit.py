@@ -16,8 +16,8 @@ attention off) allocates for a nemotron_h_moe model, besides the weights:
                 dominate at long contexts; with it (which a quantized V cache needs) only the
                 mask remains (f16). The other terms bound the logits and the widest Mamba
                 activations. Above every compute buffer llama.cpp reported for the bundled model
-                (contexts 512-16384, n_ubatch 128-2048, with and without flash attention), by
-                3-25% from 4096 tokens on.
+                (contexts 256-16384, n_ubatch 128-2048, with and without flash attention), by
+                3-24% from 4096 tokens on.
   output        sequences x n_vocab x 4 (the last token's logits)
   margin        512 MiB + 2% of the memory: the CUDA/Metal context, cuBLAS workspaces and
                 the backend's own scratch pools, which llama.cpp's log does not count.
