@@ -75,3 +75,138 @@ def test_puzzle_forward_matches_llama_cpp(tmp_path):
     ref = llama_logits(convert(ckpt, tmp_path / "f32.gguf", "--outtype", "f32"), sequences[0].tolist())
     assert np.abs(ours - ref).max() <= 1e-3
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+# --- quantize --calibrate: the walk on LatentMoE, Puzzle and the MTP block ------------------------
+
+FAMILY = ("super", "lightning", "puzzle")
+SMALL = ("--tokens", "2048", "--ctx", "256")
+
+
+@pytest.fixture(scope="module")
+def family_ckpts(tmp_path_factory):
+    from tests.family_reference import WRITERS
+    work = tmp_path_factory.mktemp("family")
+    return {name: write(work / name) for name, write in WRITERS.items()}
+
+
+def mtp_reference(plan, cfg, sequences: np.ndarray, trunk: np.ndarray) -> np.ndarray:
+    """llama.cpp's nemotron_h_moe MTP graph up to its head, written out: position t fuses the
+    embedding of token t+1 and the trunk's normed state at t."""
+    from nemoq.calib import blocks
+    from nemoq.calib.weights import LayerLoader
+    loader = LayerLoader(plan, CPU)
+    w, embd = loader.layer(cfg.n_layers), loader.globals("token_embd.weight")["token_embd.weight"]
+
+    def norm(x, short):
+        return blocks.rms_norm(x, w[short], cfg.norm_eps)
+    ignore = lambda *args: None   # noqa: E731
+    with torch.no_grad():
+        e = embd[torch.from_numpy(sequences[:, 1:].astype(np.int64))].float()
+        x = torch.cat([norm(e, "nextn.enorm.weight"), norm(torch.from_numpy(trunk[:, :-1]), "nextn.hnorm.weight")], -1)
+        x = blocks.linear(x, w["nextn.eh_proj.weight"])
+        x = x + blocks.attention(norm(x, "attn_norm.weight"), w, cfg, ignore)
+        return (x + blocks.moe(norm(x, "post_attention_norm.weight"), w, cfg, ignore)).numpy()
+
+
+@pytest.mark.parametrize("feeds", ["full-precision", "sequential", "asymmetric"])
+@pytest.mark.parametrize("name", FAMILY)
+def test_walk_without_targets_is_the_full_precision_forward(name, feeds, family_ckpts):
+    """Nothing quantized, every feed: the walk's trunk is calibrate's forward (LatentMoE and
+    Puzzle layers included) and its MTP step is llama.cpp's MTP graph."""
+    from nemoq.calib.walk import LayerWalk
+
+    class Kept(LayerWalk):
+        def close(self):
+            if self.hidden is not None and self.hidden.data.shape[1] == sequences.shape[1] - 1:
+                self.mtp_out = np.array(self.hidden.data)
+            super().close()
+    source = open_source(family_ckpts[name])
+    cfg = config_of(source)
+    sequences = token_sequences(cfg.vocab)
+    trunk = streamed_forward(source.plan, cfg, sequences, ActivationStats(cfg.n_experts).record, device=CPU)
+    walk = Kept(source.plan, cfg, sequences, {}, device=CPU, feeds=feeds)
+    for _ in range(cfg.n_layers + 1):
+        walk.advance()
+    assert walk.steps == cfg.n_layers + 1 + source.plan.mtp_layers == cfg.n_layers + 1 + (name != "puzzle")
+    if name == "puzzle":   # llama.cpp drops Puzzle's MTP block: the head was the last step
+        assert walk.hidden is None
+        return
+    for states in (walk.hidden, walk.reference if feeds == "asymmetric" else walk.hidden):
+        assert rel_err(np.array(states.data), np.array(trunk.data)) <= 1e-6
+    walk.finish()
+    ref = mtp_reference(source.plan, cfg, sequences, np.array(trunk.data))
+    trunk.close()
+    assert walk.mtp_out.shape == ref.shape and rel_err(walk.mtp_out, ref) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def family_files(tmp_path_factory, family_ckpts):
+    """Each family checkpoint quantized with NQ4 plainly and with --calibrate (its reports too)."""
+    from nemoq.calib.calibrated import quantize_calibrated
+    from nemoq.quant.recipes import RECIPES
+    work = tmp_path_factory.mktemp("family-q")
+    files = {}
+    for name, ckpt in family_ckpts.items():
+        plain, calibrated = work / f"{name}-plain.gguf", work / f"{name}-calibrated.gguf"
+        result = run_cli("quantize", ckpt, "-o", plain, "--recipe", "NQ4")
+        assert result.exit_code == 0, result.output
+        reports = quantize_calibrated(ckpt, calibrated, RECIPES["NQ4"], tokens=2048, ctx=256).matrices
+        files[name] = (plain, calibrated, {m.name: m for m in reports})
+    return files
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_calibrated_family_file_is_the_plain_plan_compensated(name, family_files, family_ckpts):
+    from tests.test_calibrated_quantize import finite_logits, tensor_data, tensor_table
+    plain, calibrated, reports = family_files[name]
+    table = tensor_table(calibrated)
+    assert table == tensor_table(plain)
+    ours, theirs = tensor_data(calibrated), tensor_data(plain)
+    quantized = [n for n, _, kind in table if kind not in ("F32", "F16", "BF16")]
+    assert set(quantized) == set(reports)
+    assert [n for n in quantized if np.array_equal(ours[n], theirs[n])] == []   # every one compensated
+    assert finite_logits(calibrated)
+    latent = [n for n in quantized if "ffn_latent" in n]
+    assert len(latent) == {"super": 6, "lightning": 0, "puzzle": 4}[name]   # MoE layers (+ MTP) x 2
+    assert all(reports[n].ratio < 1 for n in latent), {n: reports[n].ratio for n in latent}
+    cfg = config_of(open_source(family_ckpts[name]))
+    mtp = [n for n in quantized if n.startswith(f"blk.{cfg.n_layers}.")]
+    assert bool(mtp) == (name != "puzzle")
+    per_token = {n: cfg.n_experts_used if "_exps" in n else 1 for n in mtp}   # a routed expert: top-k each
+    assert {n: reports[n].tokens for n in mtp} == {n: 8 * 255 * k for n, k in per_token.items()}   # ctx - 1 positions
+
+
+def test_every_feed_calibrates_super(family_ckpts, family_files, tmp_path):
+    """Sequential and asymmetric feeds through LatentMoE and the MTP block: the same plan, other
+    bytes downstream of the first rounded matrices (ffn_latent_up after the experts, the MTP
+    block after the whole trunk), a file that runs."""
+    from nemoq.calib.calibrated import quantize_calibrated
+    from nemoq.quant.recipes import RECIPES
+    from tests.test_calibrated_quantize import finite_logits, tensor_data, tensor_table
+    plain, full_precision, _ = family_files["super"]
+    data = {"full-precision": tensor_data(full_precision)}
+    for feed in ("sequential", "asymmetric"):
+        out = tmp_path / f"{feed}.gguf"
+        result = quantize_calibrated(family_ckpts["super"], out, RECIPES["NQ4"], tokens=2048, ctx=256, feeds=feed)
+        assert tensor_table(out) == tensor_table(plain)
+        assert all(m.ratio < 1 for m in result.matrices if "ffn_latent" in m.name)
+        assert finite_logits(out)
+        data[feed] = tensor_data(out)
+    for a, b in (("sequential", "full-precision"), ("asymmetric", "sequential")):
+        for name in ("blk.4.ffn_latent_up.weight", "blk.6.nextn.eh_proj.weight", "blk.6.ffn_latent_down.weight"):
+            assert not np.array_equal(data[a][name], data[b][name]), (a, b, name)
+
+
+def test_calibrating_super_from_its_f32_gguf_gives_the_checkpoints_file(family_ckpts, family_files, tmp_path):
+    """The MTP block and the latent widths read back from GGUF metadata: the same walk, the same bytes."""
+    from tests.conftest import convert
+    from tests.test_calibrated_quantize import tensor_data
+    f32 = convert(family_ckpts["super"], tmp_path / "f32.gguf", "--outtype", "f32")
+    out = tmp_path / "from-gguf.gguf"
+    result = run_cli("quantize", f32, "-o", out, "--recipe", "NQ4", "--calibrate", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "output error" in result.output and "blk.6.nextn.eh_proj" in " ".join(result.output.split())
+    ours, theirs = tensor_data(out), tensor_data(family_files["super"][1])
+    assert ours.keys() == theirs.keys()
+    assert [n for n in ours if not np.array_equal(ours[n], theirs[n])] == []

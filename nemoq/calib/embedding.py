@@ -36,8 +36,12 @@ def embedding_hessian(w: Weights, kind: str, routed_share: float) -> np.ndarray:
     h = torch.zeros((len(g), len(g)), dtype=torch.float64)
     for short in CONSUMERS[kind]:
         m = w[short].double().cpu()
-        if m.ndim == 3:   # a stack of routed experts (experts, rows, hidden)
-            h += routed_share * torch.einsum("eri,erj->ij", m, m)
+        if m.ndim == 3:   # a stack of routed experts (experts, rows, hidden or latent)
+            stacked = torch.einsum("eri,erj->ij", m, m)
+            if "ffn_latent_down.weight" in w:   # LatentMoE: the experts read L x
+                latent = w["ffn_latent_down.weight"].double().cpu()
+                stacked = latent.T @ stacked @ latent
+            h += routed_share * stacked
         else:
             h += m.T @ m
     return (g[:, None] * h * g[None, :]).numpy()

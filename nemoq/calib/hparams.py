@@ -7,6 +7,8 @@ nemoq.convert.gguf_source, which quantize shares.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from nemoq.convert.config import ModelConfig, load_config
 from nemoq.convert.gguf_source import config_from_gguf
 from nemoq.convert.plan import tensor_specs
@@ -31,15 +33,10 @@ def config_of(source, forward: str = "walk") -> ModelConfig:
     return config
 
 
-# What the forwards do not run yet, and which forward: calibrate's (blocks.py) runs LatentMoE and
-# Puzzle and leaves the MTP block without statistics (quantize reports it uncovered); the walk
-# (quantize --calibrate) runs none of the three.
-NOT_RUN_YET = (
-    ("LatentMoE layers (moe_latent_size)", ("walk",), lambda config, plan: config.latent),
-    ("Puzzle's per-layer expert shapes", ("walk",), lambda config, plan: config.is_puzzle),
-    ("the multi-token-prediction block (convert with --no-mtp, then calibrate from that GGUF)", ("walk",),
-     lambda config, plan: plan.mtp_layers),
-)
+# What the forwards do not run yet, and which forward: (description, forwards, present(config, plan)).
+# Both run LatentMoE and Puzzle layers; calibrate's forward (blocks.py) leaves the MTP block without
+# statistics (quantize reports it uncovered), the walk (quantize --calibrate) runs it (walk_mtp.py).
+NOT_RUN_YET: tuple[tuple[str, tuple[str, ...], Callable[[ModelConfig, object], object]], ...] = ()
 
 
 def _check_forward_runs(config: ModelConfig, source, forward: str) -> None:

@@ -23,7 +23,8 @@ without tokens go last and are rounded with the mean importance of the layer's o
 (as `--imatrix` does).
 
 Memory: one layer's weights, the hidden states (twice during an MoE layer: its input and its
-output), one stage's H matrices and the quantized bytes of one layer (until they are written).
+output; a LatentMoE layer adds two or three arrays of the latent width, walk_experts.py), one
+stage's H matrices and the quantized bytes of one layer (until they are written).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from nemoq.calib.embedding import NAME as EMBEDDINGS, embedding_hessian
 from nemoq.calib.forward import HiddenStates, Progress, batches
 from nemoq.calib.imatrix_file import ImportanceMatrix
 from nemoq.calib.walk_experts import SHARED, MoESteps
+from nemoq.calib.walk_mtp import MTPSteps
 from nemoq.calib.walk_types import Gram, MatrixReport, Quantized, Target, report_of  # noqa: F401 (calibrated.py's)
 from nemoq.calib.weights import LayerLoader, Weights
 from nemoq.convert.config import ModelConfig
@@ -80,10 +82,10 @@ class _StageRecorded(Exception):
     """Every input of the stage is recorded: the rest of the layer is not needed."""
 
 
-class LayerWalk(MoESteps):
+class LayerWalk(MoESteps, MTPSteps):
     """Quantizes the targets layer by layer, on demand: `result(name)` walks on until the step
-    (layer, or the output head) that holds `name` is done. Results of earlier steps are dropped,
-    so ask in the file's order."""
+    (layer, the output head, or the MTP block after it: walk_mtp.py) that holds `name` is done.
+    Results of earlier steps are dropped, so ask in the file's order."""
 
     def __init__(self, plan: Plan, cfg: ModelConfig, sequences: np.ndarray, targets: dict[str, Target], *,
                  device: torch.device, feeds: str = FEED,
@@ -96,6 +98,7 @@ class LayerWalk(MoESteps):
         self.stored_embeddings, self.damping = stored_embeddings, damping
         self.on_progress = on_progress
         self.loader = LayerLoader(plan, device)
+        self.mtp_layers = plan.mtp_layers               # the MTP block llama.cpp appends, walked after the head
         self.parts = batches(*sequences.shape)
         self.hidden: HiddenStates | None = None         # the quantized model's, but with full-precision feeds
         self.reference: HiddenStates | None = None      # the full-precision model's, with asymmetric feeds
@@ -118,7 +121,7 @@ class LayerWalk(MoESteps):
 
     @property
     def steps(self) -> int:
-        return self.cfg.n_layers + 1
+        return self.cfg.n_layers + 1 + self.mtp_layers
 
     @property
     def tokens(self) -> int:
@@ -164,8 +167,10 @@ class LayerWalk(MoESteps):
                 else:
                     self._staged(kind, weights)
                 del weights
-            else:
+            elif self.step == self.cfg.n_layers:
                 self._head()
+            else:
+                self._mtp(self.loader.layer(self.cfg.n_layers))
         self.step += 1
         if self.on_progress is not None:
             self.on_progress(Progress(self.step, self.steps, self.tokens, time.perf_counter() - self.start))
@@ -176,7 +181,7 @@ class LayerWalk(MoESteps):
         target = self.targets[EMBEDDINGS]
         w = self.loader.globals(EMBEDDINGS)[EMBEDDINGS].float().cpu().numpy()
         h = embedding_hessian(self.loader.layer(0), self.cfg.layer_kinds[0],
-                              self.cfg.n_experts_used / self.cfg.n_experts)
+                              self.cfg.experts_used_of(0) / self.cfg.n_experts)
         c = self._round(target.type, w, h, None, None, None)
         self.reports.append(report_of(EMBEDDINGS, target.type, c, 0))
         if self.sequential:
@@ -186,21 +191,28 @@ class LayerWalk(MoESteps):
     def _embed(self) -> None:
         n, ctx = self.sequences.shape
         self.hidden = HiddenStates((n, ctx, self.cfg.hidden))
-        ids, where = np.unique(self.sequences, return_inverse=True)
-        embd = self.loader.globals("token_embd.weight")["token_embd.weight"]
-        rows = embd[torch.from_numpy(ids.astype(np.int64)).to(embd.device)].float().cpu().numpy()
-        del embd
-        where = where.reshape(n, ctx)
+        where, full, stored = self._embedding_rows()
         if self.asymmetric:
             self.reference = HiddenStates((n, ctx, self.cfg.hidden))
             for part in self.parts:
-                self.reference.data[part] = rows[where[part]]
-        if self.sequential and self.embedding_values is not None:
-            rows = self.embedding_values[ids]
-        elif self.sequential and self.stored_embeddings is not None:
-            rows = self.stored_embeddings(rows)
+                self.reference.data[part] = full[where[part]]
+        rows = stored if self.sequential else full
         for part in self.parts:
             self.hidden.data[part] = rows[where[part]]
+
+    def _embedding_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(where, full, stored): each calibration token's row in the other two, the rows of the
+        tokens used as the checkpoint has them, and (sequential feeds) as the quantized file has them."""
+        ids, where = np.unique(self.sequences, return_inverse=True)
+        embd = self.loader.globals("token_embd.weight")["token_embd.weight"]
+        full = embd[torch.from_numpy(ids.astype(np.int64)).to(embd.device)].float().cpu().numpy()
+        del embd
+        stored = None
+        if self.sequential and self.embedding_values is not None:
+            stored = self.embedding_values[ids]
+        elif self.sequential:
+            stored = self.stored_embeddings(full) if self.stored_embeddings is not None else full
+        return where.reshape(self.sequences.shape), full, stored
 
     def _staged(self, kind: str, w: Weights) -> None:
         def layer(x, record, part, weights):
@@ -223,14 +235,18 @@ class LayerWalk(MoESteps):
         norm = self.loader.globals("output_norm.weight")["output_norm.weight"]
 
         def head_input(x, record, part, weights):
-            record(HEAD, blocks.rms_norm(x, norm, self.cfg.norm_eps), None)
+            x = blocks.rms_norm(x, norm, self.cfg.norm_eps)
+            record(HEAD, x, None)
+            return x
+        mtp = self.mtp_layers > 0   # the MTP block reads the normed states: they replace the hidden ones
         if self.asymmetric:
-            grams = self._pass_pair(head_input, [HEAD], None, None)
+            grams = self._pass_pair(head_input, [HEAD], None, None, outputs=mtp)
         else:
-            grams = self._pass(head_input, [HEAD], None)
+            grams = self._pass(head_input, [HEAD], None, into=self.hidden if mtp else None)
         if HEAD in self.targets:
             self._quantize_stage(self.loader.globals(HEAD), (HEAD,), grams)
-        self.close()
+        if not mtp:
+            self.close()
 
     def _pass(self, forward: Callable, names: list[str], weights: Weights | None,
               into: HiddenStates | None = None) -> dict[str, Gram]:
@@ -335,9 +351,11 @@ class LayerWalk(MoESteps):
 
 
 def step_of(name: str, n_layers: int) -> int:
-    """The walk's step that quantizes `name`: its layer, or n_layers for the output head."""
+    """The walk's step that quantizes `name`: its layer, n_layers for the output head, or
+    n_layers + 1 for the MTP block (GGUF layer n_layers, after output.weight in the file)."""
     if name.startswith("blk."):
-        return int(name.split(".")[1])
+        layer = int(name.split(".")[1])
+        return layer if layer < n_layers else layer + 1
     return n_layers
 
 
