@@ -210,3 +210,22 @@ def test_calibrating_super_from_its_f32_gguf_gives_the_checkpoints_file(family_c
     ours, theirs = tensor_data(out), tensor_data(family_files["super"][1])
     assert ours.keys() == theirs.keys()
     assert [n for n in ours if not np.array_equal(ours[n], theirs[n])] == []
+
+
+def test_embeddings_are_rounded_through_a_latent_moe_layer_0():
+    """A LatentMoE layer 0: the routed experts read L x, so a row's error d costs them
+    ||U_e L diag(g) d||^2 (weighted by top-k / experts) beside the shared expert's ||S diag(g) d||^2."""
+    from nemoq.calib.embedding import embedding_hessian
+    from nemoq.calib.weights import Weights
+    gen = torch.Generator().manual_seed(0)
+    hidden, latent, ff, experts, share = 12, 5, 7, 3, 0.5
+    g, d = torch.rand(hidden, generator=gen) + 0.5, torch.randn(hidden, generator=gen, dtype=torch.float64)
+    s, lat = torch.randn(ff, hidden, generator=gen), torch.randn(latent, hidden, generator=gen)
+    up = torch.randn(experts, ff, latent, generator=gen)
+    w = Weights("blk.0.", {"attn_norm.weight": g, "ffn_up_shexp.weight": s, "ffn_latent_down.weight": lat,
+                           "ffn_up_exps.weight": up})
+    h = embedding_hessian(w, "moe", share)
+    gd = g.double() * d
+    cost = (s.double() @ gd).square().sum() + share * sum((up[e].double() @ lat.double() @ gd).square().sum()
+                                                          for e in range(experts))
+    assert h.shape == (hidden, hidden) and float(d @ torch.from_numpy(h) @ d) == pytest.approx(float(cost), rel=1e-9)
