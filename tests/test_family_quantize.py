@@ -108,3 +108,20 @@ def test_quantizing_a_family_gguf_gives_the_checkpoints_file(name, tmp_path):
         assert np.array_equal(np.asarray(a.tensor_data(ta.name).data), np.asarray(b.tensor_data(tb.name).data)), ta.name
     model_keys = lambda meta: {k: v for k, v in meta.items() if k.startswith("nemotron_h_moe.")}  # noqa: E731
     assert model_keys(a.metadata) == model_keys(b.metadata)
+
+
+def test_mtp_tensors_forced_to_a_scaled_format_get_no_scale(tmp_path):
+    """llama.cpp skips the MTP block unless asked to load it, and with it any `.scale` beside it:
+    such a file would not load. MXFP4 MTP matrices are written without one."""
+    from tests.test_calibrated_quantize import finite_logits
+    ckpt = write_super(tmp_path / "ckpt")
+    n = load_config(ckpt).n_layers
+    out = tmp_path / "q.gguf"
+    result = run_cli("quantize", ckpt, "-o", out, "--recipe", "MXFP4_MOE", "--tensor-type",
+                     rf"blk\.{n}\.(attn_q|attn_output|ffn_up_exps|ffn_up_shexp)\.weight=mxfp4")
+    assert result.exit_code == 0, result.output
+    types = {t.name: t.type_name for t in read_gguf(out).tensors}
+    assert types[f"blk.{n}.attn_q.weight"] == types[f"blk.{n}.ffn_up_exps.weight"] == "MXFP4"
+    assert not [name for name in types if name.startswith(f"blk.{n}.") and name.endswith(".scale")]
+    assert "blk.1.ffn_up_exps.scale" in types   # the trunk's experts keep theirs
+    assert finite_logits(out)

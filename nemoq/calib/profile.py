@@ -325,7 +325,7 @@ def make_profile(src: str | Path, *, data: Path | None = None, tokens: int = DEF
     source = open_source(src)
     sequences, _ = calibration_sequences(source, data, ctx, tokens)
     if on_start is not None:
-        on_start(sequences.shape[0], len(source.layer_kinds) + 1)    # the layers and the output head
+        on_start(sequences.shape[0], len(source.layer_kinds) + 1 + source.plan.mtp_layers)   # + head, MTP block
     tensors = measure_errors(source, sequences, torch_device, compensated, on_progress)
     scored, fits = set_sensitivities(source, tensors, data, sensitivity_tokens, on_ablation)
     calibration = {"tokens": int(sequences.size), "ctx": ctx, "data": str(data) if data else "nemoq corpus",

@@ -54,8 +54,10 @@ SAMPLE_ROWS = 64   # 16 or 32 sample rows chose worse scales (KLD 0.83x / 0.77x)
 
 def takes_scale(spec, type_name: str) -> bool:
     """A format with a scale rule, on a weight whose `.scale` llama.cpp applies (not the
-    embeddings or the output head: llama.cpp refuses a file with `output.scale`)."""
-    return type_name in SCALE_RULES and spec.row.tensor in SCALE_LOADED
+    embeddings or the output head: llama.cpp refuses a file with `output.scale`; not the MTP
+    block: llama.cpp looks for `.scale` tensors only beside the weights it loads, and skips that
+    block unless asked for it, so a file with one there does not load)."""
+    return type_name in SCALE_RULES and spec.row.tensor in SCALE_LOADED and spec.layer_kind != "mtp"
 
 
 def scale_name(weight_name: str) -> str:
