@@ -47,7 +47,7 @@ from nemoq.calib.weights import LayerLoader, Weights
 from nemoq.convert.config import ModelConfig
 from nemoq.convert.plan import Plan
 from nemoq.errors import NemoqError
-from nemoq.quant.asymmetric import asymmetric_target
+from nemoq.quant.asymmetric import asymmetric_target_torch
 from nemoq.quant.compensate import DAMPING, Compensated, column_order, compensated_quantize
 from nemoq.quant.encodings import BLOCK_ENCODINGS
 from nemoq.quant.tensor_scale import calibrated_scale
@@ -329,7 +329,7 @@ class LayerWalk(MoESteps, MTPSteps):
         if not np.isfinite(h).all() or not np.isfinite(w).all():
             raise NemoqError(f"{name}: NaN/Inf in the weights or in the calibration inputs that reach them")
         if gram.shift is not None:
-            w = asymmetric_target(w, h, gram.shift.cpu().numpy(), self.damping, gram.tokens)
+            w = asymmetric_target_torch(w, gram.h, gram.shift, self.damping, gram.tokens)
         scale = None
         if target.scaled:
             scale = float(calibrated_scale(target.type, w, h, gram.tokens, importance))
