@@ -10,10 +10,10 @@ corpus' held-out val split (never calibration text): chunks of --ctx tokens, eac
 state, every position from --first on scored (>= 8192 tokens). Ratios come with a standard error
 from the paired per-token values (bench/calibrated.py's ratio).
 
-1. Predictor: --mixes random type mixes (profile.random_mixes: per mix a random preference over
-   the candidate types, per tensor a type drawn from it; another seed than the profile's own fit
-   mixes), predicted KLD from the profile vs measured; Spearman rank correlation and the median
-   relative error.
+1. Predictor: --mixes random type mixes (nemoq.calib.predictor_check, as tests/test_profile.py
+   checks it: profile.random_mixes, per mix a random preference over the candidate types, per
+   tensor a type drawn from it; another seed than the profile's own fit mixes), predicted KLD from
+   the profile vs measured; Spearman rank correlation and the median relative error.
 2. For llama.cpp's Q4_K_M, Q5_K_M, Q6_K, IQ4_NL and MXFP4_MOE: --target-size of exactly that
    file's bytes, against llama.cpp's file and the best of nemoq's fixed recipes no larger than it.
 """
@@ -28,8 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
@@ -37,31 +35,14 @@ sys.path.insert(0, str(ROOT))
 from calibrated import ratio  # noqa: E402
 from quantize import MODEL, corpus_text, llama_quantize, nemoq_quantize  # noqa: E402
 
-from nemoq.calib.profile import make_profile, random_mixes, read_profile, write_profile  # noqa: E402
-from nemoq.calib.sensitivity import Scorer, write_with_types  # noqa: E402
+from nemoq.calib.predictor_check import check_predictor, held_out_scorer  # noqa: E402
+from nemoq.calib.profile import make_profile, read_profile, write_profile  # noqa: E402
 from nemoq.calib.target import quantize_to_target  # noqa: E402
 from nemoq.convert.pipeline import float_chooser, open_source, write_gguf  # noqa: E402
 from nemoq.quant.recipes import RECIPES  # noqa: E402
 
 LLAMA = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "MXFP4_MOE": 38}
 FIXED = [name for name, r in RECIPES.items() if r.base not in ("f32", "f16", "bf16")]
-
-
-def spearman(a, b) -> float:
-    ra, rb = (np.argsort(np.argsort(x)).astype(float) for x in (a, b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def held_out(base: Path, ctx: int, first: int) -> Scorer:
-    from nemoq.eval.model import LlamaModel
-    with LlamaModel(base, ctx) as m:
-        tokens = m.tokenize(corpus_text(("val",)))
-        bos = m.llm.token_bos() if m.add_bos else None
-    n = len(tokens) // ctx
-    seqs = tokens[:n * ctx].reshape(n, ctx).copy()
-    if bos is not None:
-        seqs[:, 0] = bos
-    return Scorer(base, seqs, first)
 
 
 def main() -> None:
@@ -96,25 +77,21 @@ def main() -> None:
             if args.profile_out:
                 write_profile(args.profile_out, profile, force=True)
         profile_s = time.perf_counter() - t0
-        scorer = held_out(f16, args.ctx, args.first)
+        scorer = held_out_scorer(f16, corpus_text(("val",)), ctx=args.ctx, first=args.first)
         n_tokens = len(scorer.kld_rows(f16))
         print(f"profile {profile_s:.0f} s, q = {profile.combine:.2f} ({profile.calibration['tokens']} tokens, "
               f"{profile.calibration['ablation_tokens_scored']} scored per ablation); "
               f"{n_tokens} held-out tokens scored")
 
         # 1. the predictor
-        rows = []
-        for i, mix in enumerate(random_mixes(profile.tensors, args.mixes, args.seed)):
-            path = tmp / "mix.gguf"
-            write_with_types(source, path, mix)
-            rows.append((profile.predicted(mix), scorer.kld(path), os.path.getsize(path)))
-            print(f"mix {i}: {rows[-1][2]:,} bytes, predicted {rows[-1][0]:.5f}, measured {rows[-1][1]:.5f}",
+        def mix_done(i, c):
+            print(f"mix {i}: {c.sizes[i]:,} bytes, predicted {c.predicted[i]:.5f}, measured {c.measured[i]:.5f}",
                   flush=True)
-        pred, meas = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
-        rel = np.abs(pred - meas) / meas
+        check = check_predictor(profile, source, scorer, tmp, mixes=args.mixes, seed=args.seed, on_mix=mix_done)
+        rows = list(zip(check.predicted, check.measured, check.sizes))
         if rows:
-            print(f"predictor: Spearman {spearman(pred, meas):.3f}, median relative error {np.median(rel):.1%} "
-                  f"(max {rel.max():.1%})")
+            print(f"predictor: Spearman {check.spearman:.3f}, median relative error {check.median_error:.1%} "
+                  f"(max {check.relative_errors.max():.1%})")
 
         # 2. the files at llama.cpp's sizes
         klds, sizes = {}, {}
@@ -163,8 +140,8 @@ def main() -> None:
             "held_out_tokens": n_tokens, "profile_seconds": profile_s, "calibration": profile.calibration,
             "combine": profile.combine,
             "mixes": [dict(predicted=float(p), measured=float(m), bytes=int(b)) for p, m, b in rows],
-            "spearman": spearman(pred, meas) if rows else None,
-            "median_relative_error": float(np.median(rel)) if rows else None,
+            "spearman": check.spearman if rows else None,
+            "median_relative_error": check.median_error if rows else None,
             "sizes": sizes, "kld": {k: float(v.mean()) for k, v in klds.items()}, "table": table,
             "load": os.getloadavg()}, indent=1))
 
