@@ -224,7 +224,7 @@ class LayerWalk(MoESteps, MTPSteps):
             for stage in STAGES[kind]:
                 names = [w.name(short) for short in stage]
                 self._quantize_stage(w, stage, self._pass_pair(layer, names, w, quantized), quantized)
-            self._pass_pair(layer, [], w, quantized, outputs=True)
+            self._pass_pair(layer, [], w, quantized, outputs=True, statistics=True)
         elif self.sequential:   # stage by stage on the quantized matrices, then the quantized layer's output
             for stage in STAGES[kind]:
                 self._quantize_stage(w, stage, self._pass(layer, [w.name(short) for short in stage], w), w)
@@ -242,7 +242,7 @@ class LayerWalk(MoESteps, MTPSteps):
             return x
         mtp = self.mtp_layers > 0   # the MTP block reads the normed states: they replace the hidden ones
         if self.asymmetric:
-            grams = self._pass_pair(head_input, [HEAD], None, None, outputs=mtp)
+            grams = self._pass_pair(head_input, [HEAD], None, None, outputs=mtp, statistics=True)
         else:
             grams = self._pass(head_input, [HEAD], None, into=self.hidden if mtp else None)
         if HEAD in self.targets:
@@ -270,14 +270,16 @@ class LayerWalk(MoESteps, MTPSteps):
         return grams
 
     def _pass_pair(self, forward: Callable, names: list[str], full: Weights | None, quantized: Weights | None,
-                   outputs: bool = False) -> dict[str, Gram]:
+                   outputs: bool = False, statistics: bool = False) -> dict[str, Gram]:
         """The asymmetric feeds' pass: every batch through the full-precision weights on the
         full-precision stream, then through the quantized weights on the quantized stream. H of
         each named input on the quantized stream, with its shift from the full-precision one.
-        With `outputs`, each stream's outputs replace its inputs."""
+        With `outputs`, each stream's outputs replace its inputs; with `statistics`, the
+        full-precision inputs the forward records are the imatrix's (`_statistic`)."""
         grams: dict[str, Gram] = {}
         for part in self.parts:
-            reference = _Recorder(names, {}, self.device, cut=not outputs, keep=True)
+            reference = _Recorder(names, {}, self.device, cut=not outputs, keep=True,
+                                  statistics=self._statistic if statistics else None)
             x = torch.from_numpy(np.asarray(self.reference.data[part])).to(self.device)
             try:
                 y = forward(x, reference, part, full)
@@ -297,14 +299,32 @@ class LayerWalk(MoESteps, MTPSteps):
             self._count(name, None, grams[name])
         return grams
 
+    # The imatrix (--imatrix-out) describes the full-precision model, as `nemoq calibrate` and
+    # llama-imatrix do. With full-precision or sequential feeds it is each Gram's diagonal
+    # (_count); with asymmetric feeds the Grams are the quantized stream's, so the statistics are
+    # summed from the full-precision stream's forward (_statistic), routing included.
+
     def _count(self, name: str, expert: int | None, gram: Gram) -> None:
-        """The imatrix's statistics: diag H (sum x^2 per column) and the tokens."""
+        """The imatrix's statistics from a Gram: diag H (sum x^2 per column) and the tokens."""
+        if self.asymmetric:
+            return
+        sums, counts = self._statistics_of(name, expert, gram.h.shape[0])
+        sums[expert or 0] = gram.diag.cpu().numpy()
+        counts[expert or 0] = gram.tokens
+
+    def _statistic(self, name: str, x: torch.Tensor, expert: int | None) -> None:
+        """A `record` of the full-precision stream: x's sum of squares and tokens added to name's."""
+        x = x.reshape(-1, x.shape[-1])
+        sums, counts = self._statistics_of(name, expert, x.shape[-1])
+        sums[expert or 0] += x.double().square().sum(0).cpu().numpy()
+        counts[expert or 0] += x.shape[0]
+
+    def _statistics_of(self, name: str, expert: int | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         if name not in self.sums:
             n_mat = self.cfg.n_experts if expert is not None else 1
-            self.sums[name] = np.zeros((n_mat, gram.h.shape[0]), np.float64)
+            self.sums[name] = np.zeros((n_mat, n), np.float64)
             self.counts[name] = np.zeros(n_mat, np.float64)
-        self.sums[name][expert or 0] = gram.diag.cpu().numpy()
-        self.counts[name][expert or 0] = gram.tokens
+        return self.sums[name], self.counts[name]
 
     # --- quantizing ------------------------------------------------------------------------------
 
@@ -369,17 +389,20 @@ class _Recorder:
     """A pass's `record` for one batch: adds each named input to its Gram in `grams` (with
     `references`, the other stream's inputs by name, their shift too); with `keep`, keeps the
     inputs instead (the full-precision stream of a pair); with `cut`, ends the forward once
-    every named input is seen."""
+    every named input is seen; every input, named or not, goes to `statistics` where given."""
 
     def __init__(self, names: list[str], grams: dict[str, Gram], device: torch.device, *, cut: bool,
-                 keep: bool = False, references: dict[str, torch.Tensor] | None = None):
+                 keep: bool = False, references: dict[str, torch.Tensor] | None = None,
+                 statistics: Callable | None = None):
         self.wanted, self.grams, self.device, self.cut = set(names), grams, device, cut
-        self.keep, self.references = keep, references
+        self.keep, self.references, self.statistics = keep, references, statistics
         self.kept: dict[str, torch.Tensor] = {}
         self.seen: set[str] = set()
         self.last: tuple = (None, None)   # the last input recorded and its Gram: q, k and v share one
 
     def __call__(self, name: str, x: torch.Tensor, expert) -> None:
+        if self.statistics is not None:
+            self.statistics(name, x, expert)
         if name not in self.wanted:
             return
         if self.keep:

@@ -54,7 +54,7 @@ class MoESteps:
         if self.asymmetric and not latent:   # the full-precision stream: the whole layer as it is
             for part in self.parts:
                 x = torch.from_numpy(np.asarray(self.reference.data[part])).to(self.device)
-                self.reference.data[part] = blocks.layer(x, "moe", w, self.cfg, _ignore).cpu().numpy()
+                self.reference.data[part] = blocks.layer(x, "moe", w, self.cfg, self._statistic).cpu().numpy()
         self.hidden.close()
         self.hidden = out
 
@@ -166,6 +166,7 @@ class MoESteps:
                 kept = {}
 
                 def keep(n, x, e):
+                    self._statistic(n, x, e)
                     if n == name:
                         kept[n] = x
                 x = torch.from_numpy(np.asarray(self.reference.data[part])).to(self.device)
@@ -221,7 +222,3 @@ class ExpertStack:
     def mean_importance(self) -> np.ndarray | None:
         """For an expert that saw no token: the mean importance of the experts that did."""
         return (self.importance_sum / self.seen).astype(np.float32) if self.seen else None
-
-
-def _ignore(name: str, x: torch.Tensor, expert) -> None:
-    pass

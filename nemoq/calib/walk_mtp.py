@@ -55,6 +55,8 @@ class MTPSteps:
         for part in self.parts:
             x = [fused(states, rows, part) for states, rows in streams]
             gram.add(x[0], x[1] if self.asymmetric else None)
+            if self.asymmetric:
+                self._statistic(name, x[1], None)
         self._count(name, None, gram)
         quantized = Weights(w.prefix, {EH_PROJ: w[EH_PROJ]})
         self._quantize_stage(w, (EH_PROJ,), {name: gram}, quantized if self.sequential else None)
