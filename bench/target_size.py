@@ -1,13 +1,16 @@
-"""`nemoq quantize --target-size` on the trained tiny model (not in CI): the predictor's validation
+"""`nemoq quantize --target-size` on a trained tiny model (not in CI): the predictor's validation
 and the file for each llama.cpp recipe's size.
 
-    .venv/bin/python bench/target_size.py [--tokens 16384] [--mixes 10] [--profile P] [--calibrate] [--json FILE]
+    .venv/bin/python bench/target_size.py [--model tiny|w256|PATH] [--tokens 16384] [--mixes 10] [--profile P]
+        [--calibrate] [--json FILE]
 
-Everything is made from one F16 GGUF of tests/data/nemotron-tiny (as bench/quantize.py): the
-profile (calibration: the corpus' train split), llama.cpp's files (llama_model_quantize), nemoq's
-fixed recipes and the --target-size files. KLD is against that F16 file, by llama.cpp, over the
-corpus' held-out val split (never calibration text): chunks of --ctx tokens, each from a fresh
-state, every position from --first on scored (>= 8192 tokens). Ratios come with a standard error
+Models (bench/tiny_models.py): tiny, the bundled tests/data/nemotron-tiny (the default, as
+bench/quantize.py), or w256, the second trained model with every width a multiple of 256.
+Everything is made from one F16 GGUF of it: the profile (calibration: the corpus' train split),
+llama.cpp's files (llama_model_quantize), nemoq's fixed recipes and the --target-size files. KLD
+is against that F16 file, by llama.cpp, over the corpus' held-out val split (never calibration
+text): chunks of --ctx tokens, each from a fresh state, every position from --first on scored
+(>= 8192 tokens). Ratios come with a standard error
 from the paired per-token values (bench/calibrated.py's ratio).
 
 1. Predictor: --mixes random type mixes (nemoq.calib.predictor_check, as tests/test_profile.py
@@ -33,7 +36,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 from calibrated import ratio  # noqa: E402
-from quantize import MODEL, corpus_text, llama_quantize, nemoq_quantize  # noqa: E402
+from quantize import corpus_text, llama_quantize, nemoq_quantize  # noqa: E402
+from tiny_models import model_path  # noqa: E402
 
 from nemoq.calib.predictor_check import check_predictor, held_out_scorer  # noqa: E402
 from nemoq.calib.profile import make_profile, read_profile, write_profile  # noqa: E402
@@ -47,6 +51,7 @@ FIXED = [name for name, r in RECIPES.items() if r.base not in ("f32", "f16", "bf
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny", help="tiny, w256 (bench/tiny_models.py) or a model folder")
     ap.add_argument("--tokens", type=int, default=16384, help="profile calibration tokens")
     ap.add_argument("--sensitivity-tokens", type=int, default=1024)
     ap.add_argument("--mixes", type=int, default=10)
@@ -58,12 +63,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    print(f"load average {os.getloadavg()}")
+    model = model_path(args.model)
+    print(f"{model}; load average {os.getloadavg()}")
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
         tmp = Path(tmp)
         f16 = tmp / "f16.gguf"
         choose, ftype = float_chooser("f16", "BF16")
-        write_gguf(open_source(MODEL), f16, choose, ftype)
+        write_gguf(open_source(model), f16, choose, ftype)
         source = open_source(f16)
         t0 = time.perf_counter()
         profile_path = tmp / "profile.json"
@@ -137,8 +143,8 @@ def main() -> None:
               f"{t['best_fixed_kld'] or float('nan'):8.5f} {t['vs_fixed'][0]:6.3f}+-{t['vs_fixed'][1]:.3f}")
     if args.json:
         args.json.write_text(json.dumps({
-            "held_out_tokens": n_tokens, "profile_seconds": profile_s, "calibration": profile.calibration,
-            "combine": profile.combine,
+            "model": str(model), "held_out_tokens": n_tokens, "profile_seconds": profile_s,
+            "calibration": profile.calibration, "combine": profile.combine,
             "mixes": [dict(predicted=float(p), measured=float(m), bytes=int(b)) for p, m, b in rows],
             "spearman": check.spearman if rows else None,
             "median_relative_error": check.median_error if rows else None,
