@@ -280,24 +280,23 @@ class LayerWalk(MoESteps, MTPSteps):
         for part in self.parts:
             reference = _Recorder(names, {}, self.device, cut=not outputs, keep=True,
                                   statistics=self._statistic if statistics else None)
-            x = torch.from_numpy(np.asarray(self.reference.data[part])).to(self.device)
-            try:
-                y = forward(x, reference, part, full)
-                if outputs:
-                    self.reference.data[part] = y.cpu().numpy()
-            except _StageRecorded:
-                pass
+            self._forward_part(forward, self.reference, part, reference, full, outputs)
             record = _Recorder(names, grams, self.device, cut=not outputs, references=reference.kept)
-            x = torch.from_numpy(np.asarray(self.hidden.data[part])).to(self.device)
-            try:
-                y = forward(x, record, part, quantized)
-                if outputs:
-                    self.hidden.data[part] = y.cpu().numpy()
-            except _StageRecorded:
-                pass
+            self._forward_part(forward, self.hidden, part, record, quantized, outputs)
         for name in names:
             self._count(name, None, grams[name])
         return grams
+
+    def _forward_part(self, forward: Callable, states: HiddenStates, part: slice, record: "_Recorder",
+                      weights: Weights | None, outputs: bool) -> None:
+        """One batch of `states` through the forward; with `outputs`, its output replaces it."""
+        x = torch.from_numpy(np.asarray(states.data[part])).to(self.device)
+        try:
+            y = forward(x, record, part, weights)
+        except _StageRecorded:
+            return
+        if outputs:
+            states.data[part] = y.cpu().numpy()
 
     # The imatrix (--imatrix-out) describes the full-precision model, as `nemoq calibrate` and
     # llama-imatrix do. With full-precision or sequential feeds it is each Gram's diagonal
