@@ -195,7 +195,7 @@ class ProfileWalk(LayerWalk):
         from nemoq.calib import compensate_torch
         return compensate_torch.compensated_quantize(*args, device=self.device, **kwargs)
 
-    def _quantize(self, name: str, matrix: torch.Tensor, gram, importance: np.ndarray | None = None, *more):
+    def quantize_matrix(self, name: str, matrix: torch.Tensor, gram, importance: np.ndarray | None = None, *more):
         spec, p = self.specs[name], self.profiles[name]
         w = matrix.float().cpu().numpy()
         scaled = {t: takes_scale(spec, t) for t in CANDIDATE_TYPES}

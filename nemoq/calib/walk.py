@@ -335,16 +335,18 @@ class LayerWalk(MoESteps, MTPSteps):
             name = w.name(short)
             if name not in self.targets:
                 continue
-            c, scale, values = self._quantize(name, w[short], grams[name])
+            c, scale, values = self.quantize_matrix(name, w[short], grams[name])
             self.results[name] = Quantized(c.blocks, None if scale is None else np.array([scale], np.float32))
             self.reports.append(report_of(name, self.targets[name].type, c, grams[name].tokens))
             if quantized is not None:
                 quantized[short] = values
 
-    def _quantize(self, name: str, matrix: torch.Tensor, gram: Gram, importance: np.ndarray | None = None,
-                  inputs: torch.Tensor | None = None):
+    def quantize_matrix(self, name: str, matrix: torch.Tensor, gram: Gram, importance: np.ndarray | None = None,
+                        inputs: torch.Tensor | None = None):
         """(report with blocks, the `.scale` or None, the values as stored on the device); inputs:
-        the tokens H sums, where at hand (an expert's: the fast path measures errors through them)."""
+        the tokens H sums, where at hand (an expert's: the fast path measures errors through them).
+        Every matrix the walk quantizes goes through here: a subclass that measures instead of
+        rounding (profile.ProfileWalk) overrides it."""
         target = self.targets[name]
         w, h = matrix.float().cpu().numpy(), gram.numpy()
         if not np.isfinite(h).all() or not np.isfinite(w).all():

@@ -1,6 +1,6 @@
 """The MoE layer of the calibrated walk (walk.py): the shared expert and the routing, then the
 routed experts one at a time, so one expert's H is alive at a time. LayerWalk takes these steps
-as a mixin; they use its passes (_pass), quantizers (_quantize_stage, _quantize) and statistics.
+as a mixin; they use its passes (_pass), quantizers (_quantize_stage, quantize_matrix) and statistics.
 
 LatentMoE (Nemotron 3 Super): ffn_latent_down reads the normed layer input, as the shared expert's
 up projection does, and is quantized in its stage; the routed experts then read its output, the
@@ -191,7 +191,7 @@ class MoESteps:
         matrix = w[s.short][e]
         if s.name not in self.targets:
             return matrix
-        c, scale, values = self._quantize(s.name, matrix, gram, None if gram.tokens else s.mean_importance(), x)
+        c, scale, values = self.quantize_matrix(s.name, matrix, gram, None if gram.tokens else s.mean_importance(), x)
         s.add(e, c, scale, gram)
         return values if self.sequential else matrix
 
