@@ -18,6 +18,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from nemoq.quant.formats import FORMATS, Format
 from nemoq.quant.formats import mxfp4, nvfp4
+from nemoq.quant.formats.base import f16_bytes, f16_round, read_f16
+from nemoq.quant.formats.q4_k import Q4_K
 from nemoq.quant.formats.q6_k import Q6_K
 from nemoq.quant.formats.iq4_nl import KVALUES
 from nemoq.quant.formats.search import GROUP_MAX_EPS, Grid
@@ -213,3 +215,75 @@ def test_mxfp4_largest_exponent_dequantizes_to_inf_quietly_as_gguf_py():
     with np.errstate(over="ignore"):
         theirs = quants.dequantize(block, GGMLQuantizationType.MXFP4)
     assert np.isinf(ours).all() and (ours == theirs).all()
+
+
+# Found by the full run of the formats group (docs/mutation.md).
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quantize_reads_any_float_rows_as_float32(name):
+    """quantize casts its input to float32 first: float16 and float64 rows give the bytes of their
+    float32 values (computing in the input's own precision would round differently from ggml)."""
+    fmt = FORMATS[name]
+    x16 = case_matrix("heavy-tailed", 256)[:4, :N].astype(np.float16)
+    x32 = x16.astype(np.float32)
+    for imp in (None, importance_for(N)):
+        want = fmt.quantize(x32, imp)
+        assert (fmt.quantize(x16, imp) == want).all(), "float16 input"
+        assert (fmt.quantize(x32.astype(np.float64), imp) == want).all(), "float64 input"
+
+
+def test_f16_round_is_the_value_f16_bytes_stores():
+    """As float32, whatever the input type: a float64 just above a half-precision tie rounds to the
+    tie in float32 first, then to even, as ggml's float32 scales do (not up, as a direct cast would)."""
+    d = np.array([1 + 2.0**-11 + 2.0**-40, 3e-8, 0.1, -65504.0, 1e-3], np.float64)
+    for v in (d, d.astype(np.float32)):
+        r = f16_round(v)
+        assert r.dtype == np.float32
+        assert (r == read_f16(f16_bytes(v))).all()
+    assert f16_round(d)[0] == 1.0
+
+
+def test_best_of_takes_weights_per_row():
+    """best_of's weights may differ per row (rows, n): each row's pick follows its own weights."""
+    fmt = FORMATS["q8_0"]
+    x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
+    left, right = x.copy(), x.copy()
+    left[:, 16:32] = left[:, 48:] = 0     # exact on the first half of each block
+    right[:, :16] = right[:, 32:48] = 0   # ... on the second half
+    a, b = fmt.quantize_rows(left, None), fmt.quantize_rows(right, None)
+    halves = np.tile(np.repeat(np.eye(2, dtype=np.float32), 16, axis=1), 2)   # row 0: first halves
+    best = fmt.best_of(x, halves, a, b)
+    assert (best[0] == a[0]).all() and (best[1] == b[1]).all()
+    assert (fmt.best_of(x, halves[::-1], a, b) == np.stack([b[0], a[1]])).all()
+
+
+def test_q4_k_refit_keeps_scales_and_mins_in_six_bits():
+    """Q4_K's refit rounds the least-squares group scales and mins to the 6-bit fields 0..63: levels
+    that fall as x rises fit a negative scale, which is stored as 0."""
+    v = np.arange(32, dtype=np.float32)
+    xt = np.broadcast_to(v[:, None, None, None], (32, 8, 1, 1)).copy()
+    falling = np.broadcast_to(((31 - v) // 2)[:, None, None, None], xt.shape).copy()
+    d, dmin = np.full((1, 1), 0.01, np.float32), np.ones((1, 1), np.float32)
+    sc, m = np.ones((8, 1, 1), np.float32), np.zeros((8, 1, 1), np.float32)
+    _, _, sc, m, _ = Q4_K().refit(xt, np.ones_like(xt), d, dmin, sc, m, falling, iters=1)
+    assert (sc == 0).all() and ((0 <= m) & (m <= 63)).all(), (sc.ravel(), m.ravel())
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
+def test_q6_k_largest_group_scale_of_exactly_group_max_eps_is_ggmls(weighted):
+    """ggml zeroes a Q6_K super-block whose largest group scale is below GROUP_MAX_EPS (strictly):
+    one at exactly GROUP_MAX_EPS keeps its scales and levels (d underflows to -0 in half)."""
+    x = np.zeros((2, 256), np.float32)
+    x[0, 0], x[1, 100] = 32 * GROUP_MAX_EPS, -32 * GROUP_MAX_EPS   # one value: group scale -x / 32
+    imp = np.ones(256, np.float32) if weighted else None
+    ours = FORMATS["q6_k"].ggml_rows(x, imp)
+    assert (ours == ggml_quantize(x, GGMLQuantizationType.Q6_K, imp)).all()
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q5_k"])
+def test_k_quants_with_a_tiny_imatrix_are_ggmls(name):
+    """make_qp_quants' coordinate descent moves a level whenever the rest of the super-block has any
+    weight, however small: an imatrix of magnitude 1e-9 still gives ggml's bytes."""
+    fmt, x = FORMATS[name], case_matrix("heavy-tailed", 256)[:4, :N]
+    imp = importance_for(N) * np.float32(1e-9)
+    assert (fmt.ggml_rows(x, imp) == ggml_quantize(x, fmt.ggml_type, imp)).all()
