@@ -42,7 +42,9 @@ from nemoq.calib.forward import HiddenStates, Progress, batches
 from nemoq.calib.imatrix_file import ImportanceMatrix
 from nemoq.calib.walk_experts import SHARED, MoESteps
 from nemoq.calib.walk_mtp import MTPSteps
-from nemoq.calib.walk_types import Gram, MatrixReport, Quantized, Target, report_of  # noqa: F401 (calibrated.py's)
+from nemoq.calib.walk_types import (  # noqa: F401 (MatrixReport and Target: calibrated.py's)
+    Gram, MatrixReport, Quantized, Recorder, StageRecorded, Target, report_of,
+)
 from nemoq.calib.weights import LayerLoader, Weights
 from nemoq.convert.config import ModelConfig
 from nemoq.convert.plan import Plan
@@ -78,10 +80,6 @@ FAST = True
 # compensate.py's linear algebra is many small factorisations and products: with OpenBLAS's
 # threads (beside torch's) a 320 x 320 Cholesky took 25 ms on 2 cores instead of 0.7 ms.
 BLAS_THREADS = 1
-
-
-class _StageRecorded(Exception):
-    """Every input of the stage is recorded: the rest of the layer is not needed."""
 
 
 class LayerWalk(MoESteps, MTPSteps):
@@ -257,11 +255,11 @@ class LayerWalk(MoESteps, MTPSteps):
         forward is cut short once the named inputs are recorded."""
         grams: dict[str, Gram] = {}
         for part in self.parts:
-            record = _Recorder(names, grams, self.device, cut=into is None)
+            record = Recorder(names, grams, self.device, cut=into is None)
             x = torch.from_numpy(np.asarray(self.hidden.data[part])).to(self.device)
             try:
                 y = forward(x, record, part, weights)
-            except _StageRecorded:
+            except StageRecorded:
                 continue
             if into is not None:
                 into.data[part] = y.cpu().numpy()
@@ -278,22 +276,22 @@ class LayerWalk(MoESteps, MTPSteps):
         full-precision inputs the forward records are the imatrix's (`_statistic`)."""
         grams: dict[str, Gram] = {}
         for part in self.parts:
-            reference = _Recorder(names, {}, self.device, cut=not outputs, keep=True,
+            reference = Recorder(names, {}, self.device, cut=not outputs, keep=True,
                                   statistics=self._statistic if statistics else None)
             self._forward_part(forward, self.reference, part, reference, full, outputs)
-            record = _Recorder(names, grams, self.device, cut=not outputs, references=reference.kept)
+            record = Recorder(names, grams, self.device, cut=not outputs, references=reference.kept)
             self._forward_part(forward, self.hidden, part, record, quantized, outputs)
         for name in names:
             self._count(name, None, grams[name])
         return grams
 
-    def _forward_part(self, forward: Callable, states: HiddenStates, part: slice, record: "_Recorder",
+    def _forward_part(self, forward: Callable, states: HiddenStates, part: slice, record: "Recorder",
                       weights: Weights | None, outputs: bool) -> None:
         """One batch of `states` through the forward; with `outputs`, its output replaces it."""
         x = torch.from_numpy(np.asarray(states.data[part])).to(self.device)
         try:
             y = forward(x, record, part, weights)
-        except _StageRecorded:
+        except StageRecorded:
             return
         if outputs:
             states.data[part] = y.cpu().numpy()
@@ -384,36 +382,3 @@ def step_of(name: str, n_layers: int) -> int:
 
 def ignore(name: str, x: torch.Tensor, expert) -> None:
     pass
-
-
-class _Recorder:
-    """A pass's `record` for one batch: adds each named input to its Gram in `grams` (with
-    `references`, the other stream's inputs by name, their shift too); with `keep`, keeps the
-    inputs instead (the full-precision stream of a pair); with `cut`, ends the forward once
-    every named input is seen; every input, named or not, goes to `statistics` where given."""
-
-    def __init__(self, names: list[str], grams: dict[str, Gram], device: torch.device, *, cut: bool,
-                 keep: bool = False, references: dict[str, torch.Tensor] | None = None,
-                 statistics: Callable | None = None):
-        self.wanted, self.grams, self.device, self.cut = set(names), grams, device, cut
-        self.keep, self.references, self.statistics = keep, references, statistics
-        self.kept: dict[str, torch.Tensor] = {}
-        self.seen: set[str] = set()
-        self.last: tuple = (None, None)   # the last input recorded and its Gram: q, k and v share one
-
-    def __call__(self, name: str, x: torch.Tensor, expert) -> None:
-        if self.statistics is not None:
-            self.statistics(name, x, expert)
-        if name not in self.wanted:
-            return
-        if self.keep:
-            self.kept[name] = x
-        elif x is self.last[0]:
-            self.grams.setdefault(name, self.last[1])
-        else:
-            gram = self.grams.setdefault(name, Gram(x.shape[-1], self.device))
-            gram.add(x, None if self.references is None else self.references[name])
-            self.last = (x, gram)
-        self.seen.add(name)
-        if self.cut and self.seen == self.wanted:
-            raise _StageRecorded

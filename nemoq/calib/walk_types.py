@@ -1,10 +1,12 @@
 """What the calibrated walk hands around: how a matrix is quantized (Target), its bytes
-(Quantized), what calibration bought on it (MatrixReport), and the input statistics H (Gram)."""
+(Quantized), what calibration bought on it (MatrixReport), the input statistics H (Gram) and
+the `record` that fills them during a pass (Recorder)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -100,3 +102,40 @@ def expert_fallbacks(experts: tuple[Compensated, ...]) -> str | None:
 
 def _ids(experts: list[int], limit: int = 8) -> str:
     return ",".join(f"#{i}" for i in experts[:limit]) + (",..." if len(experts) > limit else "")
+
+
+class StageRecorded(Exception):
+    """Every input of the stage is recorded: the rest of the layer is not needed."""
+
+
+class Recorder:
+    """A pass's `record` for one batch: adds each named input to its Gram in `grams` (with
+    `references`, the other stream's inputs by name, their shift too); with `keep`, keeps the
+    inputs instead (the full-precision stream of a pair); with `cut`, ends the forward once
+    every named input is seen; every input, named or not, goes to `statistics` where given."""
+
+    def __init__(self, names: list[str], grams: dict[str, Gram], device: torch.device, *, cut: bool,
+                 keep: bool = False, references: dict[str, torch.Tensor] | None = None,
+                 statistics: Callable | None = None):
+        self.wanted, self.grams, self.device, self.cut = set(names), grams, device, cut
+        self.keep, self.references, self.statistics = keep, references, statistics
+        self.kept: dict[str, torch.Tensor] = {}
+        self.seen: set[str] = set()
+        self.last: tuple = (None, None)   # the last input recorded and its Gram: q, k and v share one
+
+    def __call__(self, name: str, x: torch.Tensor, expert) -> None:
+        if self.statistics is not None:
+            self.statistics(name, x, expert)
+        if name not in self.wanted:
+            return
+        if self.keep:
+            self.kept[name] = x
+        elif x is self.last[0]:
+            self.grams.setdefault(name, self.last[1])
+        else:
+            gram = self.grams.setdefault(name, Gram(x.shape[-1], self.device))
+            gram.add(x, None if self.references is None else self.references[name])
+            self.last = (x, gram)
+        self.seen.add(name)
+        if self.cut and self.seen == self.wanted:
+            raise StageRecorded
