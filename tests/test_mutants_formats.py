@@ -287,3 +287,36 @@ def test_k_quants_with_a_tiny_imatrix_are_ggmls(name):
     fmt, x = FORMATS[name], case_matrix("heavy-tailed", 256)[:4, :N]
     imp = importance_for(N) * np.float32(1e-9)
     assert (fmt.ggml_rows(x, imp) == ggml_quantize(x, fmt.ggml_type, imp)).all()
+
+
+def test_q5_1_search_levels_are_the_nearest_for_the_stored_scale_and_min():
+    """Q5_1's search re-rounds its levels for d and m as stored in half precision, a stored d of
+    exactly 1.0 included: blocks of unit-spaced values where the search's d rounds to 1."""
+    rng = np.random.default_rng(35)
+    x = np.arange(32) + rng.uniform(-0.49, 0.49, (64, 32)) + rng.uniform(-3, 3, (64, 1))
+    x = x.astype(np.float32)
+    fmt = FORMATS["q5_1"]
+    blocks = fmt.search_rows(x, None).reshape(-1, fmt.type_size)
+    d, m = fmt.fields(blocks)
+    assert (d == 1).any()   # row 23
+    nearest = np.clip(np.rint((x - m[:, None]) / d[:, None]), 0, 31)
+    assert (fmt.codes(blocks) == nearest).all()
+
+
+def nearly_flat_rows() -> np.ndarray:
+    """Rows whose groups of 32 hold one value, some of them a few ulps apart: the levels come out
+    all equal, and D = sum(w) sum(w l^2) - sum(w l)^2 of the scale-and-min fit is 0."""
+    rng = np.random.default_rng(0)
+    c = rng.uniform(0.1, 10, (64, 1, 1)) * rng.choice([-1, 1], (64, 1, 1))
+    ulps = rng.integers(0, 3, (64, 8, 32)) * rng.integers(0, 2, (64, 8, 1)) * 2.0**-23
+    return (c * (1 + ulps)).reshape(64, 256).astype(np.float32)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
+@pytest.mark.parametrize("name", ["q4_k", "q5_k", "q5_1"])
+def test_scale_and_min_fits_of_nearly_flat_groups_are_ggmls(name, weighted):
+    """make_qkx_quants takes a refit only where D > 0 (ggml's test): at D = 0 its min is a division
+    by zero whose sign decides whether the min is clamped to 0."""
+    fmt, x = FORMATS[name], nearly_flat_rows()
+    imp = importance_for(256) if weighted else None
+    assert (fmt.ggml_rows(x, imp) == ggml_quantize(x, fmt.ggml_type, imp)).all()
