@@ -271,8 +271,10 @@ def test_q4_k_refit_keeps_scales_and_mins_in_six_bits():
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
 def test_q6_k_largest_group_scale_of_exactly_group_max_eps_is_ggmls(weighted):
-    """ggml zeroes a Q6_K super-block whose largest group scale is below GROUP_MAX_EPS (strictly):
-    one at exactly GROUP_MAX_EPS keeps its scales and levels (d underflows to -0 in half)."""
+    """ggml zeroes a Q6_K super-block whose largest group scale is below GROUP_MAX_EPS (strictly),
+    whatever its values. One value of 32 GROUP_MAX_EPS: with weights 1 its group scale is exactly
+    GROUP_MAX_EPS, and the scales and levels are kept (d rounds to +-0 in half); with ggml's plain
+    weights x^2 the fit's products lose bits and the scale falls just below, zeroing the block."""
     x = np.zeros((2, 256), np.float32)
     x[0, 0], x[1, 100] = 32 * GROUP_MAX_EPS, -32 * GROUP_MAX_EPS   # one value: group scale -x / 32
     imp = np.ones(256, np.float32) if weighted else None
