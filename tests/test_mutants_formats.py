@@ -230,6 +230,28 @@ def test_quantize_reads_any_float_rows_as_float32(name):
         want = fmt.quantize(x32, imp)
         assert (fmt.quantize(x16, imp) == want).all(), "float16 input"
         assert (fmt.quantize(x32.astype(np.float64), imp) == want).all(), "float64 input"
+    assert (fmt.quantize(x32, importance_for(N).astype(np.float64)) == want).all(), "float64 importance"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quantizers_do_not_depend_on_the_importance_scale(name):
+    """Scaling the importance by a power of two scales every weighted sum exactly, so every choice
+    and every byte stays the same, however small the sums get (K-quant refits test D > 0, not D > 1)."""
+    fmt, x, imp = FORMATS[name], case_matrix("heavy-tailed", 256)[:4, :N], importance_for(N)
+    methods = [fmt.quantize_rows] + ([fmt.search_rows] if name != "q8_0" else [])
+    for method in methods:
+        want = method(x, imp)
+        for s in (2.0**-10, 2.0**10):
+            assert (method(x, imp * np.float32(s)) == want).all(), (method.__name__, s)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dequantize_rejects_a_partial_block_naming_the_row_length(name):
+    fmt = FORMATS[name]
+    data = np.zeros((2, 3, fmt.type_size + 1), np.uint8)
+    message = f"^{name}: {fmt.type_size + 1} bytes per row is not a multiple of {fmt.type_size}$"
+    with pytest.raises(ValueError, match=message):
+        fmt.dequantize(data)
 
 
 def test_f16_round_is_the_value_f16_bytes_stores():
@@ -267,6 +289,11 @@ def test_q4_k_refit_keeps_scales_and_mins_in_six_bits():
     sc, m = np.ones((8, 1, 1), np.float32), np.zeros((8, 1, 1), np.float32)
     _, _, sc, m, _ = Q4_K().refit(xt, np.ones_like(xt), d, dmin, sc, m, falling, iters=1)
     assert (sc == 0).all() and ((0 <= m) & (m <= 63)).all(), (sc.ravel(), m.ravel())
+    # rising levels under an offset of +-100: the fitted -min is -100 (stored 0) or 100 (stored 63)
+    rising = falling[::-1].copy()
+    for offset, want in ((100, 0), (-100, 63)):
+        _, _, _, m2, _ = Q4_K().refit(xt + offset, np.ones_like(xt), d, dmin, sc, m, rising, iters=1)
+        assert (m2 == want).all(), (offset, m2.ravel())
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
