@@ -174,8 +174,7 @@ def matrices(args) -> dict:
     rng = np.random.default_rng(0)
     figures = []
     for rows, n in EXPERT_SHAPES:
-        x = (rng.standard_normal((EXPERT_TOKENS, n)) @ (rng.standard_normal((n, n)) / np.sqrt(n))).astype(np.float32)
-        h = (x.T @ x).astype(np.float64)
+        h, x = statistics(rng, n, EXPERT_TOKENS)
         w = (rng.standard_normal((rows, n)) * 0.02).astype(np.float32)
         for fmt in args.formats or list(FORMATS):
             if n % FORMATS[fmt].block_size:
@@ -199,6 +198,18 @@ def matrices(args) -> dict:
     return {"tokens": EXPERT_TOKENS, "threads": args.threads, "matrices": figures, "code": git_state()}
 
 
+def statistics(rng, n: int, tokens: int):
+    """(H float64 (n, n), the tokens or None) of a synthetic matrix input: an expert's own tokens
+    (fewer than half the columns), else a well-conditioned H (any of its width costs the same)."""
+    import numpy as np
+    import torch
+    if tokens < n / 2:
+        x = (rng.standard_normal((tokens, n)) @ (rng.standard_normal((n, n)) / np.sqrt(n))).astype(np.float32)
+        return (x.T @ x).astype(np.float64), x
+    b = torch.randn(n, 256, generator=torch.Generator().manual_seed(0))
+    return (b @ b.T / 256 + torch.eye(n)).double().numpy(), None
+
+
 def layer_costs(args) -> dict:
     """The fast path's seconds for every matrix of each Nano layer kind (synthetic weights and H,
     the walk's arguments: the tokens of an expert handed in), summed per layer and projected."""
@@ -215,12 +226,7 @@ def layer_costs(args) -> dict:
     rows_out, per_kind = [], {}
     for kind, name, rows, n, tokens, copies in NANO_MATRICES:
         timed = min(rows, CHUNK_ROWS)
-        if tokens < n / 2:      # an expert: its own tokens
-            x = (rng.standard_normal((tokens, n)) @ (rng.standard_normal((n, n)) / np.sqrt(n))).astype(np.float32)
-            h, inputs = (x.T @ x).astype(np.float64), x
-        else:                   # a dense matrix: any well-conditioned H of its width costs the same
-            b = torch.randn(n, 256, generator=torch.Generator().manual_seed(0))
-            h, inputs = (b @ b.T / 256 + torch.eye(n)).double().numpy(), None
+        h, inputs = statistics(rng, n, tokens)
         w = (rng.standard_normal((timed, n)) * 0.02).astype(np.float32)
         with threadpool_limits(1, user_api="blas"):
             t, c = time.perf_counter(), time.process_time()

@@ -1,0 +1,196 @@
+"""What `nemoq profile` costs at Nemotron 3 Nano's real widths, projected to the 52-layer model.
+
+    .venv/bin/python bench/profile_full.py [--dense-rows 1024] [--kinds moe mamba attention head] [--json FILE]
+    .venv/bin/python bench/profile_full.py --ablations
+
+The walk part: ProfileWalk.quantize_matrix hands every matrix to type_errors.matrix_errors with
+all its candidate types; here each matrix kind of a Nano layer (bench/calibrated_full.py's
+NANO_MATRICES: one routed expert up and down with H from its 384 tokens, the dense matrices with
+a dense H) is timed as the walk calls it, compensated=False and compensated=True, in CPU seconds
+of one thread. Rows are independent, so dense matrices are timed on --dense-rows rows and scaled
+(this over-counts H's Cholesky factor, once per type per matrix). Each figure is split into the
+per-block rounding (plain_values, timed alone; with compensation, what is not products) and the
+products, counted in FLOPs from the code, so a GPU's share can be projected: products at
+GPU_FLOPS, the per-block searches kept as CPU seconds (a projection, not a measurement).
+
+--ablations: the one-tensor ablations a Nano profile would run (sensitivity.py), counted from
+the real config.json, with the bytes each F32 file has. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from calibrated_full import NANO_LAYERS, NANO_MATRICES, statistics  # noqa: E402
+from measure import git_state  # noqa: E402
+
+NANO_CONFIG = ROOT / "tests" / "data" / "nemotron-3-nano"   # the published config.json
+GPU_FLOPS = 50e12          # H100 SXM, dense float32 (TF32 off) order of magnitude; float64 tensor ~60e12
+PASSES_PRODUCTS = 8        # compensated, per type: sweep r n^2 (triangular), 2 descent passes 2 x 2 r n^2,
+                           # three output forms through the triangular factor 3 r n^2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dense-rows", type=int, default=1024, help="rows timed of a dense matrix (then scaled)")
+    ap.add_argument("--kinds", nargs="+", default=["moe", "mamba", "attention", "head"])
+    ap.add_argument("--no-compensated", action="store_true", help="time plain errors only")
+    ap.add_argument("--ablations", action="store_true", help="count a Nano profile's ablations instead")
+    ap.add_argument("--memory", action="store_true", help="numpy's peak in matrix_errors (plain) on the head instead")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    figures = ablations() if args.ablations else head_memory(args) if args.memory else walk(args)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+def flops(rows: int, n: int, types: tuple[str, ...], compensated: bool) -> float:
+    """Products of matrix_errors: tr(W H W^T) and one tr(D H D^T) per type (float64, numpy); with
+    compensation per quantized type H's Cholesky n^3/3 and ~PASSES_PRODUCTS r n^2 (the fast path)."""
+    plain = 2.0 * rows * n * n * (1 + len(types))
+    if not compensated:
+        return plain
+    quantized = [t for t in types if t != "f16"]
+    return plain + 2.0 * rows * n * n + len(quantized) * (n ** 3 / 3 + PASSES_PRODUCTS * rows * n * n)
+
+
+def cpu(run) -> float:
+    c = time.process_time()
+    run()
+    return time.process_time() - c
+
+
+def walk(args) -> dict:
+    import numpy as np
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from nemoq import kernels_c
+    from nemoq.calib import compensate_torch
+    from nemoq.calib.profile import candidate_types
+    from nemoq.quant.tensor_scale import SCALE_RULES
+    from nemoq.quant.type_errors import matrix_errors, plain_values
+    torch.set_num_threads(1)
+    kernels_c.THREADS = 1
+    quantize = partial(compensate_torch.compensated_quantize, device="cpu")   # as ProfileWalk._compensate
+    rng = np.random.default_rng(0)
+    rows_out = []
+    with threadpool_limits(1, user_api="blas"):
+        rate = product_rate(np)
+        for kind, name, rows, n, tokens, copies in NANO_MATRICES:
+            if kind not in args.kinds:
+                continue
+            expert = tokens < n / 2
+            timed = rows if expert else min(rows, args.dense_rows)
+            h, _ = statistics(rng, n, tokens)
+            w = (rng.standard_normal((timed, n)) * 0.02).astype(np.float32)
+            types = candidate_types(SimpleNamespace(row_width=n))
+            scaled = {t: t in SCALE_RULES and kind != "head" for t in types}   # no output.scale (takes_scale)
+            row = {"kind": kind, "matrix": name, "shape": [rows, n], "tokens": tokens, "copies": copies,
+                   "timed_rows": timed, "types": list(types),
+                   "rounding_cpu_s": round(cpu(lambda: [plain_values(t, w, scaled[t]) for t in types]), 2)}
+            for comp in (False, True)[:1 if args.no_compensated else 2]:
+                key = "compensated" if comp else "plain"
+                row[key + "_cpu_s"] = round(cpu(lambda: matrix_errors(
+                    w, h, types, tokens=tokens, scaled=scaled, compensated=comp, quantize=quantize)), 2)
+                row[key + "_gflop"] = round(flops(timed, n, types, comp) / 1e9, 1)
+            project(row, rate)
+            print(json.dumps(row), flush=True)
+            rows_out.append(row)
+    return {"threads": 1, "product_gflops_cpu": rate, "gpu_flops": GPU_FLOPS, "matrices": rows_out,
+            "projected_52_layers": total(rows_out), "code": git_state()}
+
+
+def product_rate(np) -> dict:
+    """One core's GFLOP/s on a product of the walk's shape (1024 x 2688 by 2688 x 2688)."""
+    out = {}
+    for dtype in ("float64", "float32"):
+        a, b = np.ones((1024, 2688), dtype), np.ones((2688, 2688), dtype)
+        out[dtype] = round(2 * 1024 * 2688 ** 2 / cpu(lambda: a @ b) / 1e9, 1)
+    return out
+
+
+def project(row: dict, rate: dict) -> None:
+    """Per Nano layer (copies x rows / timed rows): CPU seconds, and a GPU projection that keeps
+    the per-block work (measured CPU seconds less the products at one core's measured rate)."""
+    scale = row["copies"] * row["shape"][0] / row["timed_rows"]
+    for key in ("plain", "compensated"):
+        if key + "_cpu_s" not in row:
+            continue
+        total_s, products = row[key + "_cpu_s"], row[key + "_gflop"] * 1e9
+        plain = row["plain_gflop"] * 1e9     # numpy float64; the compensated rest torch float32
+        on_cpu = plain / (rate["float64"] * 1e9) + (products - plain) / (rate["float32"] * 1e9)
+        per_block = max(row["rounding_cpu_s"], total_s - on_cpu)
+        row[key + "_layer_cpu_s"] = round(total_s * scale, 1)
+        row[key + "_layer_gpu_s"] = round((per_block + products / GPU_FLOPS) * scale, 1)
+
+
+def total(rows: list[dict]) -> dict:
+    """The 52-layer walk: each kind's per-layer sum x its layers; the head once, and the
+    embeddings (plain rounding per type, no H) counted as the head's rounding."""
+    out = {}
+    for key in ("plain_layer_cpu_s", "plain_layer_gpu_s", "compensated_layer_cpu_s", "compensated_layer_gpu_s"):
+        s = sum(NANO_LAYERS.get(r["kind"], 1) * r[key] for r in rows if key in r)
+        head = [r for r in rows if r["kind"] == "head"]
+        if head:
+            s += head[0]["rounding_cpu_s"] * head[0]["shape"][0] / head[0]["timed_rows"]
+        out[key.replace("_layer", "")] = round(s)
+    return out
+
+
+def head_memory(args) -> dict:
+    """numpy's peak allocation (tracemalloc) in matrix_errors of --dense-rows rows of the output
+    head, plain, and scaled to its 131072 rows: ProfileWalk hands it the whole matrix."""
+    import tracemalloc
+
+    import numpy as np
+
+    from nemoq.calib.profile import candidate_types
+    from nemoq.quant.type_errors import matrix_errors
+    kind, name, rows, n, tokens, _ = next(m for m in NANO_MATRICES if m[0] == "head")
+    h, _ = statistics(np.random.default_rng(0), n, tokens)
+    w = (np.random.default_rng(1).standard_normal((args.dense_rows, n)) * 0.02).astype(np.float32)
+    types = candidate_types(SimpleNamespace(row_width=n))
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    matrix_errors(w, h, types, tokens=tokens, scaled={}, compensated=False)
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    figures = {"matrix": name, "timed_rows": args.dense_rows, "peak_gb": round(peak / 1e9, 3),
+               "weights_gb": round(w.nbytes / 1e9, 3), "full_peak_gb": round(peak * rows / args.dense_rows / 1e9, 1)}
+    print(json.dumps(figures))
+    return figures
+
+
+def ablations() -> dict:
+    """A Nano profile's llama.cpp runs and the F32 bytes each writes (sensitivity.mix_klds)."""
+    import numpy as np
+
+    from nemoq.calib.profile import FIT_MIXES, FIT_TOKENS, candidate_types
+    from nemoq.calib.sensitivity import DEFAULT_TOKENS
+    from nemoq.convert.config import load_config
+    from nemoq.convert.plan import tensor_specs
+    from nemoq.quant.recipes import stays_f32
+    specs = tensor_specs(load_config(NANO_CONFIG))
+    profiled = [s for s in specs if not stays_f32(s)]
+    runs = sum(min(3, len([t for t in candidate_types(s) if t != "f16"])) for s in profiled)   # ablation_types
+    f32_bytes = 4 * sum(int(np.prod(s.shape)) for s in specs)
+    figures = {"tensors": len(specs), "profiled": len(profiled), "ablations": runs, "fit_mixes": FIT_MIXES,
+               "f32_file_gb": round(f32_bytes / 1e9, 1), "ablation_tokens": DEFAULT_TOKENS, "fit_tokens": FIT_TOKENS,
+               "written_tb": round((runs + 1) * f32_bytes / 1e12, 1)}
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
