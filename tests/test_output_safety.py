@@ -33,9 +33,16 @@ def wide_checkpoint(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("wide"), layout="hub", dtype="float32", config_overrides=WIDE)
 
 
-def start_nemoq(*args) -> subprocess.Popen:
+def start_nemoq(*args, ignore_hangup: bool = False) -> subprocess.Popen:
+    """nemoq in a child process with the stop signals at their defaults, even where the tests
+    themselves run under nohup (an ignored SIGHUP is inherited, and nemoq then keeps ignoring it,
+    as it should); `ignore_hangup` starts it as nohup would."""
+    def signals():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if ignore_hangup else signal.SIG_DFL)
     return subprocess.Popen([sys.executable, "-m", "nemoq.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=signals)
 
 
 def partial_bytes(folder: Path) -> int:
@@ -83,6 +90,16 @@ def test_stop_signal_mid_write_leaves_nothing(command, signum, exit_code, wide_c
     assert code == exit_code, err
     assert_one_line_interrupted(err, signal.Signals(signum).name)
     assert list(tmp_path.iterdir()) == []       # no output, no partial folder, no lock
+
+
+def test_a_run_started_under_nohup_ignores_sighup_and_finishes(wide_checkpoint, tmp_path):
+    out = tmp_path / "model.gguf"
+    proc = start_nemoq("convert", wide_checkpoint, "-o", out, "--outtype", "f16", ignore_hangup=True)
+    wait_for(proc, lambda: partial_bytes(tmp_path) > MID_WRITE)
+    code, err = stop_with(proc, signal.SIGHUP, still_busy=lambda: not out.exists())
+    assert code == 0, err
+    assert "interrupted" not in err
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
 def test_sigterm_during_calibration_leaves_nothing(tiny_model, tmp_path):
