@@ -69,6 +69,23 @@ def test_compensated_errors_are_below_plain_rounding():
         assert e.compensated < 0.9 * e.plain, t
 
 
+@pytest.mark.parametrize("fmt", ["iq4_nl", "q4_k"])
+def test_compensated_errors_are_the_walks_rounding(fmt):
+    """The profile prices --calibrate's rounding: the same column order as the walk (block order
+    for IQ4_NL, act order for the others)."""
+    from nemoq.quant.compensate import column_order, compensated_quantize
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1024, 256)) @ rng.standard_normal((256, 256)) * 0.3
+    x[:, :8] *= 10
+    w = rng.standard_normal((32, 256)).astype(np.float32)
+    h = x.T @ x
+    energy, errors = matrix_errors(w, h, (fmt,), tokens=1024, scaled={}, compensated=True)
+    walk = compensated_quantize(fmt, w, h, tokens=1024, act_order=column_order(fmt))
+    other = compensated_quantize(fmt, w, h, tokens=1024, act_order=not column_order(fmt))
+    assert errors[fmt].compensated == pytest.approx(walk.error ** 2 * energy, rel=1e-9)
+    assert other.error != walk.error
+
+
 def test_profile_round_trips_and_is_refused_for_another_model(measured, tiny_source, tmp_path):
     _, tensors = measured
     profile = Profile(identity(tiny_source), tensors, {"tokens": 1024}, False)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nemoq.quant.compensate import DAMPING, compensated_quantize, output_energy, squared_error
+from nemoq.quant.compensate import DAMPING, column_order, compensated_quantize, output_energy, squared_error
 from nemoq.quant.encodings import BLOCK_ENCODINGS
 from nemoq.quant.tensor_scale import SCALE_RULES, best_scale, calibrated_scale
 
@@ -43,12 +43,14 @@ def plain_values(type_name: str, w: np.ndarray, scaled: bool) -> np.ndarray:
 def compensated_error(type_name: str, w: np.ndarray, h: np.ndarray, tokens: int, scaled: bool,
                       energy: float, importance: np.ndarray | None = None, quantize=compensated_quantize) -> float:
     """Squared output error after compensated rounding (as nemoq.calib.walk quantizes: the FP4
-    scale chosen with the inputs' mean square, then W / scale rounded through H)."""
+    scale chosen with the inputs' mean square, then W / scale rounded through H in the format's
+    column order)."""
     if type_name == "f16":
         return squared_error(w, plain_values("f16", w, False), h)
     if scaled and type_name in SCALE_RULES:
         w = w / calibrated_scale(type_name, w, h, tokens, importance)
-    c = quantize(type_name, w, h, damping=DAMPING, importance=importance, tokens=tokens)
+    c = quantize(type_name, w, h, damping=DAMPING, importance=importance, tokens=tokens,
+                 act_order=column_order(type_name))
     return c.error ** 2 * energy
 
 
