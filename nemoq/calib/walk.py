@@ -256,13 +256,7 @@ class LayerWalk(MoESteps, MTPSteps):
         grams: dict[str, Gram] = {}
         for part in self.parts:
             record = Recorder(names, grams, self.device, cut=into is None)
-            x = torch.from_numpy(np.asarray(self.hidden.data[part])).to(self.device)
-            try:
-                y = forward(x, record, part, weights)
-            except StageRecorded:
-                continue
-            if into is not None:
-                into.data[part] = y.cpu().numpy()
+            self._forward_part(forward, self.hidden, part, record, weights, into)
         for name in names:
             self._count(name, None, grams[name])
         return grams
@@ -278,23 +272,24 @@ class LayerWalk(MoESteps, MTPSteps):
         for part in self.parts:
             reference = Recorder(names, {}, self.device, cut=not outputs, keep=True,
                                   statistics=self._statistic if statistics else None)
-            self._forward_part(forward, self.reference, part, reference, full, outputs)
+            self._forward_part(forward, self.reference, part, reference, full, self.reference if outputs else None)
             record = Recorder(names, grams, self.device, cut=not outputs, references=reference.kept)
-            self._forward_part(forward, self.hidden, part, record, quantized, outputs)
+            self._forward_part(forward, self.hidden, part, record, quantized, self.hidden if outputs else None)
         for name in names:
             self._count(name, None, grams[name])
         return grams
 
-    def _forward_part(self, forward: Callable, states: HiddenStates, part: slice, record: "Recorder",
-                      weights: Weights | None, outputs: bool) -> None:
-        """One batch of `states` through the forward; with `outputs`, its output replaces it."""
+    def _forward_part(self, forward: Callable, states: HiddenStates, part: slice, record: Callable,
+                      weights: Weights | None, into: HiddenStates | None) -> None:
+        """One batch of `states` through `forward(x, record, part, weights)`; its output stored in
+        `into` (which may be `states`), unless the record cut the forward short."""
         x = torch.from_numpy(np.asarray(states.data[part])).to(self.device)
         try:
             y = forward(x, record, part, weights)
         except StageRecorded:
             return
-        if outputs:
-            states.data[part] = y.cpu().numpy()
+        if into is not None:
+            into.data[part] = y.cpu().numpy()
 
     # The imatrix (--imatrix-out) describes the full-precision model, as `nemoq calibrate` and
     # llama-imatrix do. With full-precision or sequential feeds it is each Gram's diagonal

@@ -53,10 +53,15 @@ class MoESteps:
                 states.close()
         if self.asymmetric and not latent:   # the full-precision stream: the whole layer as it is
             for part in self.parts:
-                x = torch.from_numpy(np.asarray(self.reference.data[part])).to(self.device)
-                self.reference.data[part] = blocks.layer(x, "moe", w, self.cfg, self._statistic).cpu().numpy()
+                self._full_precision_layer(w, part, self._statistic)
         self.hidden.close()
         self.hidden = out
+
+    def _full_precision_layer(self, w: Weights, part: slice, record) -> None:
+        """Asymmetric feeds: one batch of the full-precision stream through the whole layer as it is."""
+        def layer(x, record, part, weights):
+            return blocks.layer(x, "moe", weights, self.cfg, record)
+        self._forward_part(layer, self.reference, part, record, w, self.reference)
 
     def _normed(self, x: torch.Tensor, w: Weights) -> torch.Tensor:
         return blocks.rms_norm(x, w["attn_norm.weight"], self.cfg.norm_eps)
@@ -169,8 +174,7 @@ class MoESteps:
                     self._statistic(n, x, e)
                     if n == name:
                         kept[n] = x
-                x = torch.from_numpy(np.asarray(self.reference.data[part])).to(self.device)
-                self.reference.data[part] = blocks.layer(x, "moe", w, self.cfg, keep).cpu().numpy()
+                self._full_precision_layer(w, part, keep)
                 reference = kept[name]
             gram.add(torch.from_numpy(np.asarray(sums.data[part])).to(self.device), reference)
         self._count(name, None, gram)
