@@ -109,6 +109,10 @@ class Profile:
         shares = [self.tensors[n].predicted(t, compensated) for n, t in types.items()]
         return self.scale * combined(shares, self.combine)
 
+    def kld_of_cost(self, cost: float) -> float:
+        """A file's predicted KLD from the allocator's cost, the sum of its tensors' k^(1/q)."""
+        return self.scale * cost ** self.combine
+
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "model": self.model, "calibration": self.calibration,
                 "compensated": self.compensated, "combine": self.combine, "scale": self.scale, "fits": self.fits,

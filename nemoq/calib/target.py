@@ -158,7 +158,7 @@ def plan_for_budget(profile: Profile, source: Source, budget: int, *, compensate
                 + (4 * specs[n].n_matrices if tensor_scales and takes_scale(specs[n], t) else 0)
                 for n, t in allocation.types.items()}
     shares = {n: profile.tensors[n].predicted(t, compensated) for n, t in allocation.types.items()}
-    kld = profile.scale * allocation.kld ** profile.combine
+    kld = profile.kld_of_cost(allocation.kld)
     return TargetPlan(allocation.types, shares, bytes_of, size, budget, kld, profile.combine)
 
 

@@ -41,9 +41,7 @@ def plot_data(profile: Profile, source: Source, plan: TargetPlan, *, compensated
     options = options_of(profile, source, compensated, tensor_scales)
     fixed = fixed_bytes(source, profile, options, tensor_scales, calibrated)
     lo, hi = smallest_size(options, fixed), largest_size(options, fixed)
-
-    def kld(cost: float) -> float:      # the allocator sums k^(1/q); the file's KLD is s (sum)^q
-        return profile.scale * cost ** profile.combine
+    kld = profile.kld_of_cost           # the allocator sums the tensors' k^(1/q)
     frontier = []
     for i in range(FRONTIER_POINTS):
         a = allocate(options, lo + (hi - lo) * i // (FRONTIER_POINTS - 1), fixed)
