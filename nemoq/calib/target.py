@@ -170,14 +170,21 @@ def fit_of(source: Source, fit: Fit | None) -> FitBudget | None:
 def budget_of(source: Source, target_size: int | None, target_bpw: float | None, fit: Fit | None = None) -> int:
     """--target-size in bytes, --target-bpw as file bits per weight (header included), or what
     --fit leaves for the file."""
+    return budget_and_fit(source, target_size, target_bpw, fit)[0]
+
+
+def budget_and_fit(source: Source, target_size: int | None, target_bpw: float | None,
+                   fit: Fit | None) -> tuple[int, FitBudget | None]:
+    """budget_of, with --fit's breakdown (None without --fit), reckoned once."""
     if sum(x is not None for x in (target_size, target_bpw, fit)) != 1:
         raise NemoqError("give one of --target-size and --target-bpw, or --fit")
     if target_size is not None:
-        return int(target_size)
+        return int(target_size), None
     if fit is not None:
-        return fit_of(source, fit).weights
+        fitted = fit_of(source, fit)
+        return fitted.weights, fitted
     n = sum(t.spec.n_elements for t in source.plan.tensors)
-    return int(target_bpw * n / 8)
+    return int(target_bpw * n / 8), None
 
 
 @dataclass
@@ -201,14 +208,14 @@ def quantize_to_target(src: str | Path, out: Path, *, target_size: int | None = 
     from nemoq.files import claim_output
     with claim_output(Path(out), force) as out:
         source = open_source(src)
-        budget = budget_of(source, target_size, target_bpw, fit)
+        budget, fitted = budget_and_fit(source, target_size, target_bpw, fit)
         if profile_path is not None:
             profile = read_profile(profile_path)
         else:
             profile = make_profile(src, compensated=calibrate, **(profile_options or {}))
         plan = plan_for_budget(profile, source, budget, compensated=calibrate, tensor_scales=tensor_scales,
                                calibrated=calibrate, profile_path=profile_path)
-        plan.fit = fit_of(source, fit)
+        plan.fit = fitted
         on_plan(plan)
         calibration = None
         if calibrate:
@@ -234,8 +241,9 @@ def plan_only(src: str | Path, profile_path: Path, *, target_size: int | None = 
     from nemoq.calib.profile import read_profile
     from nemoq.convert.pipeline import open_source
     source = open_source(src)
-    plan = plan_for_budget(read_profile(profile_path), source, budget_of(source, target_size, target_bpw, fit),
+    budget, fitted = budget_and_fit(source, target_size, target_bpw, fit)
+    plan = plan_for_budget(read_profile(profile_path), source, budget,
                            compensated=calibrate, tensor_scales=tensor_scales, calibrated=calibrate,
                            profile_path=profile_path)
-    plan.fit = fit_of(source, fit)
+    plan.fit = fitted
     return plan
