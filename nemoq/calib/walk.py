@@ -374,6 +374,3 @@ def step_of(name: str, n_layers: int) -> int:
         return layer if layer < n_layers else layer + 1
     return n_layers
 
-
-def ignore(name: str, x: torch.Tensor, expert) -> None:
-    pass
