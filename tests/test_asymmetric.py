@@ -89,3 +89,17 @@ def test_the_walks_torch_target_is_the_reference(tokens):
     reference = asymmetric_target(w, gram.numpy(), gram.shift.numpy(), 0.01, gram.tokens)
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
     assert (ours is w) == (tokens < w.shape[1])
+
+
+def test_gram_weighs_tokens_by_their_gate_but_not_the_imatrix_statistic():
+    """A routed expert's output reaches the layer times its gate g: H and the shift sum
+    g^2 x x^T and g^2 (x - x~) x~^T, while the diagonal the imatrix reads stays sum x^2."""
+    _, x, x_q = streams()
+    g = np.random.default_rng(1).uniform(0.05, 2.5, len(x))
+    gram = Gram(x.shape[1], torch.device("cpu"))
+    gram.add(torch.from_numpy(x_q).float(), torch.from_numpy(x).float(), torch.from_numpy(g).float())
+    h, shift = (x_q * g[:, None] ** 2).T @ x_q, ((x - x_q) * g[:, None] ** 2).T @ x_q
+    np.testing.assert_allclose(gram.numpy(), h, rtol=0, atol=1e-5 * np.abs(h).max())
+    np.testing.assert_allclose(gram.shift.numpy(), shift, rtol=0, atol=1e-5 * np.abs(shift).max())
+    np.testing.assert_allclose(gram.diag.numpy(), np.square(x_q).sum(0), rtol=1e-6)
+

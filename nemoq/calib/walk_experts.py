@@ -27,6 +27,10 @@ LATENT_DOWN, LATENT_UP = "ffn_latent_down.weight", "ffn_latent_up.weight"
 # stages, as walk.STAGES; ffn_latent_down reads the shared expert's input (LatentMoE layers only)
 SHARED = (("ffn_up_shexp.weight", LATENT_DOWN), ("ffn_down_shexp.weight",))
 EXPERTS = ("ffn_up_exps.weight", "ffn_down_exps.weight")
+# The layer adds g * expert(x), so an expert's rounding error reaches it times its gate g: H sums
+# g^2 x x^T over the expert's tokens (MoEQuant's affinity-weighted Hessian). Against unweighted
+# H on the w256 model: Q4_K_M 0.998 +- 0.011, IQ4_NL 0.990 +- 0.007 (KLD ratio, same bytes).
+GATE_WEIGHTED = True
 
 
 class MoESteps:
@@ -151,10 +155,12 @@ class MoESteps:
             if references is not None:   # the same tokens in the full-precision model
                 x_full = references(token)
                 h_full = blocks.relu2(blocks.linear(x_full, w[up.short][e]))
-            up_e = self._quantize_expert(up, e, w, x, x_full)
+            gate = torch.from_numpy(gates[token, slot]).to(self.device)
+            weight = gate if GATE_WEIGHTED else None
+            up_e = self._quantize_expert(up, e, w, x, x_full, weight)
             h = blocks.relu2(blocks.linear(x, up_e))
-            down_e = self._quantize_expert(down, e, w, h, h_full)
-            y = blocks.linear(h, down_e) * torch.from_numpy(gates[token, slot, None]).to(self.device)
+            down_e = self._quantize_expert(down, e, w, h, h_full, weight)
+            y = blocks.linear(h, down_e) * gate[:, None]
             flat_out[token] += y.cpu().numpy()
         for s in (up, down):
             self._finish_stack(s)
@@ -185,17 +191,19 @@ class MoESteps:
             out.data[part] += y.cpu().numpy()
 
     def _quantize_expert(self, s: "ExpertStack", e: int, w: Weights, x: torch.Tensor,
-                         reference: torch.Tensor | None = None) -> torch.Tensor:
+                         reference: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
         """H of expert e's input x (the quantized model's, with `reference` the full-precision
-        model's for the same tokens), the expert quantized; the weights its next step should use."""
+        model's for the same tokens; `weight`, each token's gate), the expert quantized; the
+        weights its next step should use."""
         gram = Gram(x.shape[-1], self.device)
         if x.shape[0]:
-            gram.add(x, reference)
+            gram.add(x, reference, weight)
         self._count(s.name, e, gram)
         matrix = w[s.short][e]
         if s.name not in self.targets:
             return matrix
-        c, scale, values = self.quantize_matrix(s.name, matrix, gram, None if gram.tokens else s.mean_importance(), x)
+        inputs = x if weight is None else x * weight[:, None]
+        c, scale, values = self.quantize_matrix(s.name, matrix, gram, None if gram.tokens else s.mean_importance(), inputs)
         s.add(e, c, scale, gram)
         return values if self.sequential else matrix
 

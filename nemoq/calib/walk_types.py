@@ -62,18 +62,23 @@ class Gram:
         self.tokens = 0
         self.shift: torch.Tensor | None = None   # sum (x - x~) x~^T, asymmetric feeds (quant/asymmetric.py)
 
-    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> None:
         """x: the tokens' inputs; reference: the full-precision model's inputs for the same tokens,
-        where x are the quantized model's (the shift is then summed too)."""
+        where x are the quantized model's (the shift is then summed too); weight: each token's
+        factor on the matrix's output (a routed expert's gate), which H and the shift weigh by
+        (sum g^2 x x^T); the diagonal stays unweighted, it is the imatrix's statistic."""
         x = x.reshape(-1, x.shape[-1]).float()
         if reference is not None and self.shift is None:
             self.shift = torch.zeros_like(self.h)
         references = reference.reshape(x.shape).float().split(GRAM_ROWS) if reference is not None else None
+        weights = weight.reshape(-1, 1).float().split(GRAM_ROWS) if weight is not None else None
         for i, rows in enumerate(x.split(GRAM_ROWS)):
-            self.h += (rows.T @ rows).to(self.h.device, torch.float64)
             self.diag += rows.to(self.h.device, torch.float64).square().sum(0)
+            weighted = rows if weights is None else rows * weights[i]
+            self.h += (weighted.T @ weighted).to(self.h.device, torch.float64)
             if references is not None:
-                self.shift += ((references[i] - rows).T @ rows).to(self.h.device, torch.float64)
+                moved = references[i] - rows if weights is None else (references[i] - rows) * weights[i]
+                self.shift += (moved.T @ weighted).to(self.h.device, torch.float64)
         self.tokens += x.shape[0]
 
     def numpy(self) -> np.ndarray:
