@@ -55,3 +55,28 @@ def test_a_routed_experts_h_sums_its_tokens_times_their_gates_squared(tiny_model
         np.testing.assert_allclose(h, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
         spread.append(g.max() / g.min())
     assert max(spread) > 2   # the gates differ enough between tokens that unweighted H would fail
+
+
+def test_residual_writers_hide_their_error_from_the_routers_after_them(tiny_model, monkeypatch):
+    """The walk rounds layer 0's ssm_out under the routers' row metric (routers.py): what the later
+    routers read of its output error falls well below rounding each row on its own."""
+    from nemoq.calib import walk as walk_module
+    from nemoq.calib.routers import router_reads
+    seen = {}
+
+    class Watched(LayerWalk):
+        def quantize_matrix(self, name, matrix, gram, *more):
+            c, scale, values = super().quantize_matrix(name, matrix, gram, *more)
+            seen[name] = (matrix.double().numpy() - values.double().numpy(), gram.numpy())
+            return c, scale, values
+    name = "blk.0.ssm_out.weight"
+    errors = {}
+    for aware in (False, True):
+        monkeypatch.setattr(walk_module, "ROUTER_AWARE", aware)
+        walked(tiny_model, {name: Target("q4_0", False)}, Watched, 1, feeds="sequential")
+        errors[aware] = seen[name]
+    source = open_source(tiny_model)
+    b = sum(router_reads(source.plan, config_of(source).layer_kinds).values())
+    visible = {k: float(np.trace(b @ e @ h @ e.T)) for k, (e, h) in errors.items()}
+    total = {k: float(np.trace(e @ h @ e.T)) for k, (e, h) in errors.items()}
+    assert visible[True] < 0.5 * visible[False] and total[True] < 1.5 * total[False]

@@ -38,6 +38,7 @@ from threadpoolctl import threadpool_limits
 
 from nemoq.calib import blocks, compensate_torch
 from nemoq.calib.embedding import NAME as EMBEDDINGS, embedding_hessian
+from nemoq.calib.routers import coupled_compensated, router_reads, writer_metric
 from nemoq.calib.forward import HiddenStates, Progress, batches
 from nemoq.calib.imatrix_file import ImportanceMatrix
 from nemoq.calib.walk_experts import SHARED, MoESteps
@@ -72,6 +73,10 @@ STAGES = {
 }
 HEAD = "output.weight"
 
+
+# Residual writers rounded under the row metric of the routers after them (routers.py), or,
+# False, each row on its own
+ROUTER_AWARE = True
 
 # The rounding: compensate_torch (the fast path, on the walk's device) or, False, the numpy
 # reference it is tested against (nemoq.quant.compensate; ~10x slower at Nano's widths).
@@ -108,6 +113,8 @@ class LayerWalk(MoESteps, MTPSteps):
         self.sums: dict[str, np.ndarray] = {}           # imatrix statistics: sum x^2 per column
         self.counts: dict[str, np.ndarray] = {}
         self.embedding_values: np.ndarray | None = None    # token_embd as compensated, when it is
+        # what every later router reads, for the residual writers' row metric (routers.py)
+        self.router_reads = router_reads(plan, cfg.layer_kinds) if ROUTER_AWARE else {}
         self.start = time.perf_counter()
 
     @property
@@ -350,7 +357,12 @@ class LayerWalk(MoESteps, MTPSteps):
         if target.scaled:
             scale = float(calibrated_scale(target.type, w, h, gram.tokens, importance))
             w = w / np.float32(scale)
-        c = self._round(target.type, w, h, importance, gram.tokens, inputs)
+        metric = writer_metric(self.router_reads, name)
+        if metric is None:
+            c = self._round(target.type, w, h, importance, gram.tokens, inputs)
+        else:
+            c = coupled_compensated(target.type, w, h, metric,
+                                    lambda rows: self._round(target.type, rows, h, importance, gram.tokens, inputs))
         values = BLOCK_ENCODINGS[target.type].dequantize(c.blocks).reshape(w.shape)
         if scale is not None:
             values = values * np.float32(scale)
