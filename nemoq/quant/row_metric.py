@@ -26,9 +26,9 @@ from typing import Callable
 
 import numpy as np
 
-# Groups per matrix: 16 (16 rows each at width 256) measured best of 8 x 32 and 16 x 16 on the
-# w256 model (docs/benchmarks.md); the count, not the size, is fixed so the wide matrices of the
-# real model pay 16 factorisations each.
+# Groups per matrix: 16 (of 16 rows at width 256) with routers.ROUTER_WEIGHT 100, against 8 groups
+# with 10 and 32 with 1000 (not varied separately; docs/benchmarks.md). The count, not the size,
+# is fixed, so the real model's wide matrices pay 16 factorisations each.
 ROW_GROUPS = 16
 
 RoundRows = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
