@@ -103,3 +103,17 @@ def test_gram_weighs_tokens_by_their_gate_but_not_the_imatrix_statistic():
     np.testing.assert_allclose(gram.shift.numpy(), shift, rtol=0, atol=1e-5 * np.abs(shift).max())
     np.testing.assert_allclose(gram.diag.numpy(), np.square(x_q).sum(0), rtol=1e-6)
 
+
+
+def test_the_torch_target_is_the_same_a_chunk_of_rows_at_a_time(monkeypatch):
+    """The fast path's float64 products go CHUNK_ROWS rows at a time (a Nano head at once took
+    7 GB): the rows of a chunk boundary are the reference's."""
+    from nemoq.quant import asymmetric
+    w, x, x_q = streams(rows=13)
+    gram = gram_of(x, x_q)
+    whole = asymmetric_target_torch(w, gram.h, gram.shift, 0.01, gram.tokens)
+    monkeypatch.setattr(asymmetric, "CHUNK_ROWS", 5)
+    chunked = asymmetric_target_torch(w, gram.h, gram.shift, 0.01, gram.tokens)
+    np.testing.assert_array_equal(chunked, whole)
+    reference = asymmetric_target(w, gram.numpy(), gram.shift.numpy(), 0.01, gram.tokens)
+    np.testing.assert_allclose(chunked, reference, rtol=1e-5, atol=1e-6)

@@ -112,7 +112,7 @@ class LayerWalk(MoESteps, MTPSteps):
         self.reports: list[MatrixReport] = []
         self.sums: dict[str, np.ndarray] = {}           # imatrix statistics: sum x^2 per column
         self.counts: dict[str, np.ndarray] = {}
-        self.embedding_values: np.ndarray | None = None    # token_embd as compensated, when it is
+        self.embedding_values: np.ndarray | None = None    # the calibration tokens' rows of token_embd as compensated
         # what every later router reads, for the residual writers' row metric (routers.py)
         self.router_reads = router_reads(plan, cfg.layer_kinds) if ROUTER_AWARE else {}
         self.start = time.perf_counter()
@@ -191,8 +191,9 @@ class LayerWalk(MoESteps, MTPSteps):
                               self.cfg.experts_used_of(0) / self.cfg.n_experts)
         c = self._round(target.type, w, h, None, None, None)
         self.reports.append(report_of(EMBEDDINGS, target.type, c, 0))
-        if self.sequential:
-            self.embedding_values = BLOCK_ENCODINGS[target.type].dequantize(c.blocks).reshape(w.shape)
+        if self.sequential:   # the calibration tokens' rows only (the table is 1.4 GB at Nano's size)
+            ids = np.unique(self.sequences)
+            self.embedding_values = BLOCK_ENCODINGS[target.type].dequantize(c.blocks[ids]).reshape(len(ids), -1)
         return Quantized(c.blocks, None)
 
     def _embed(self) -> None:
@@ -216,7 +217,7 @@ class LayerWalk(MoESteps, MTPSteps):
         del embd
         stored = None
         if self.sequential and self.embedding_values is not None:
-            stored = self.embedding_values[ids]
+            stored = self.embedding_values
         elif self.sequential:
             stored = self.stored_embeddings(full) if self.stored_embeddings is not None else full
         return where.reshape(self.sequences.shape), full, stored
