@@ -342,8 +342,10 @@ def atomic_outputs(out: Path, force: bool, needed: int = 0) -> Iterator[Path]:
     with claim_output(out, force) as out:
         if needed:
             check_free_space(out.parent, needed)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp_dir: Path | None = None
         try:
+            with _signals_deferred():   # a signal the moment the folder exists still finds it to remove
+                tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
             (tmp_dir / OWNER).write_text(_owner_record())
             yield tmp_dir / out.name
             produced = sorted(p for p in tmp_dir.iterdir() if p.name != OWNER)
@@ -357,5 +359,6 @@ def atomic_outputs(out: Path, force: bool, needed: int = 0) -> Iterator[Path]:
                         _scope.written.append(out.parent / p.name)
                 _fsync(out.parent)
         finally:
-            with _signals_deferred():
-                shutil.rmtree(tmp_dir, ignore_errors=True)
+            if tmp_dir is not None:
+                with _signals_deferred():
+                    shutil.rmtree(tmp_dir, ignore_errors=True)

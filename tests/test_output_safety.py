@@ -254,3 +254,20 @@ def test_where_nothing_can_be_locked_only_recorded_dead_owners_go(random_hub, tm
     assert result.exit_code == 0, result.output
     assert "removed 1 partial folder " in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.gguf.partial-starting", "out.gguf"]
+
+
+def test_a_signal_the_moment_the_partial_folder_exists_leaves_nothing(tmp_path, monkeypatch):
+    """The stop signal lands right after the partial folder is made (where a stopped-and-signalled
+    run was once caught under load): the folder is still removed."""
+    made = files.tempfile.mkdtemp
+
+    def mkdtemp_then_signal(*args, **kwargs):
+        path = made(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return path
+    monkeypatch.setattr(files.tempfile, "mkdtemp", mkdtemp_then_signal)
+    with files.command_scope():
+        with pytest.raises(files.Interrupted):
+            with files.atomic_outputs(tmp_path / "out.gguf", force=False) as partial:
+                partial.write_bytes(b"never")
+    assert list(tmp_path.iterdir()) == []
