@@ -105,3 +105,23 @@ def test_writers_get_the_metric_of_the_routers_after_them(tiny_model):
     assert writer_metric(reads, f"blk.{before}.ssm_in.weight") is None             # not a writer
     assert writer_metric(reads, "output.weight") is None
     assert ROW_GROUPS == 16
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "iq4_nl"])
+def test_row_groups_sharing_hs_factor_make_the_same_bytes(fmt):
+    """The walk's row groups reuse H's factor (compensate_torch's `factors`): the bytes are those
+    of factorising H for every group."""
+    import torch
+    from nemoq.calib import compensate_torch
+    from nemoq.quant.compensate import column_order
+    w, h, a = layer(rows=64)
+    m = metric_of(a)
+
+    def fast(rows, factors=None):
+        return compensate_torch.compensated_quantize(fmt, rows, h, device=torch.device("cpu"),
+                                                     act_order=column_order(fmt), factors=factors)
+    shared: dict = {}
+    alone = coupled_compensated(fmt, w, h, m, fast)
+    reused = coupled_compensated(fmt, w, h, m, lambda rows: fast(rows, shared))
+    np.testing.assert_array_equal(reused.blocks, alone.blocks)
+    assert list(shared) == [column_order(fmt)]

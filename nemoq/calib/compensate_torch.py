@@ -44,7 +44,7 @@ def compensated_quantize(
     importance: np.ndarray | None = None, tokens: int | None = None, refit: bool = True,
     passes: int = PASSES, act_order: bool | None = ACT_ORDER, inputs: np.ndarray | torch.Tensor | None = None,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, factors: dict | None = None,
 ) -> Compensated:
     """nemoq.quant.compensate.compensated_quantize, its linear algebra in torch on `device`.
 
@@ -52,6 +52,8 @@ def compensated_quantize(
     inputs: the tokens (tokens, n) that h sums, where at hand: with fewer tokens than half the
     columns the output errors are measured through them, which costs less than through H.
     dtype: of the products; H's factor is float64 wherever the device has it (MPS has not).
+    factors: a dict kept by the caller across calls with the same h, damping and tokens (the row
+    groups of one matrix, routers.py): H's factor is made once per column order and reused.
     """
     f = FORMATS[fmt]
     w = np.asarray(w)
@@ -91,7 +93,12 @@ def compensated_quantize(
     for act in ref.column_orders(act_order):
         perm = np.argsort(-diag, kind="stable") if act else np.arange(n)
         order = torch.from_numpy(perm).to(device)
-        factor = cholesky_factor(h[order][:, order] if act else h, damping)
+        if factors is not None and act in factors:
+            factor = factors[act]
+        else:
+            factor = cholesky_factor(h[order][:, order] if act else h, damping)
+            if factors is not None:
+                factors[act] = factor
         if factor is None:
             return fallback(f"H is singular even with damping {DAMPING_LADDER[-1]}")
         r, lam, shift_p = factor

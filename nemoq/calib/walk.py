@@ -362,19 +362,21 @@ class LayerWalk(MoESteps, MTPSteps):
         if metric is None:
             c = self._round(target.type, w, h, importance, gram.tokens, inputs)
         else:
-            c = coupled_compensated(target.type, w, h, metric,
-                                    lambda rows: self._round(target.type, rows, h, importance, gram.tokens, inputs))
+            factors: dict = {}   # H's factor, made once for the matrix's row groups
+            c = coupled_compensated(target.type, w, h, metric, lambda rows: self._round(
+                target.type, rows, h, importance, gram.tokens, inputs, factors))
         values = BLOCK_ENCODINGS[target.type].dequantize(c.blocks).reshape(w.shape)
         if scale is not None:
             values = values * np.float32(scale)
         return c, scale, torch.from_numpy(values).to(self.device)
 
-    def _round(self, type_name: str, w: np.ndarray, h: np.ndarray, importance, tokens, inputs) -> Compensated:
+    def _round(self, type_name: str, w: np.ndarray, h: np.ndarray, importance, tokens, inputs,
+               factors: dict | None = None) -> Compensated:
         with threadpool_limits(BLAS_THREADS, user_api="blas"):
             if FAST:
                 return compensate_torch.compensated_quantize(
                     type_name, w, h, damping=self.damping, importance=importance, tokens=tokens,
-                    inputs=inputs, device=self.device, act_order=column_order(type_name))
+                    inputs=inputs, device=self.device, act_order=column_order(type_name), factors=factors)
             return compensated_quantize(type_name, w, h, damping=self.damping, importance=importance, tokens=tokens,
                                         act_order=column_order(type_name))
 
