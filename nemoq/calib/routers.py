@@ -47,12 +47,16 @@ def router_reads(plan, layer_kinds: list[str]) -> dict[int, np.ndarray]:
     return reads
 
 
+def is_writer(name: str) -> bool:
+    parts = name.split(".", 2)
+    return parts[0] == "blk" and len(parts) == 3 and parts[2] in WRITERS
+
+
 def writer_metric(reads: dict[int, np.ndarray], name: str) -> np.ndarray | None:
     """M for tensor `name`, or None where it is not a residual writer with a router after it."""
-    parts = name.split(".", 2)
-    if parts[0] != "blk" or parts[2] not in WRITERS:
+    if not is_writer(name):
         return None
-    later = [b for layer, b in reads.items() if layer > int(parts[1])]
+    later = [b for layer, b in reads.items() if layer > int(name.split(".")[1])]
     if not later:
         return None
     b = sum(later)
@@ -60,6 +64,22 @@ def writer_metric(reads: dict[int, np.ndarray], name: str) -> np.ndarray | None:
     if not top > 0:
         return None
     return np.eye(len(b)) + (ROUTER_WEIGHT / top) * b
+
+
+class WriterMetrics:
+    """writer_metric for one model's tensors by name; the routers are read when a writer first
+    asks (a walk that rounds no writer, or measures instead, never reads them)."""
+
+    def __init__(self, plan, layer_kinds: list[str]):
+        self.plan, self.layer_kinds = plan, layer_kinds
+        self.reads: dict[int, np.ndarray] | None = None
+
+    def __call__(self, name: str) -> np.ndarray | None:
+        if not is_writer(name):
+            return None
+        if self.reads is None:
+            self.reads = router_reads(self.plan, self.layer_kinds)
+        return writer_metric(self.reads, name)
 
 
 def coupled_compensated(fmt: str, w: np.ndarray, h: np.ndarray, m: np.ndarray,

@@ -38,7 +38,7 @@ from threadpoolctl import threadpool_limits
 
 from nemoq.calib import blocks, compensate_torch
 from nemoq.calib.embedding import NAME as EMBEDDINGS, embedding_hessian
-from nemoq.calib.routers import coupled_compensated, router_reads, writer_metric
+from nemoq.calib.routers import WriterMetrics, coupled_compensated
 from nemoq.calib.forward import HiddenStates, Progress, batches
 from nemoq.calib.imatrix_file import ImportanceMatrix
 from nemoq.calib.walk_experts import SHARED, MoESteps
@@ -113,8 +113,8 @@ class LayerWalk(MoESteps, MTPSteps):
         self.sums: dict[str, np.ndarray] = {}           # imatrix statistics: sum x^2 per column
         self.counts: dict[str, np.ndarray] = {}
         self.embedding_values: np.ndarray | None = None    # the calibration tokens' rows of token_embd as compensated
-        # what every later router reads, for the residual writers' row metric (routers.py)
-        self.router_reads = router_reads(plan, cfg.layer_kinds) if ROUTER_AWARE else {}
+        # the residual writers' row metric, from what every later router reads (routers.py)
+        self.writer_metric = WriterMetrics(plan, cfg.layer_kinds) if ROUTER_AWARE else lambda name: None
         self.start = time.perf_counter()
 
     @property
@@ -358,7 +358,7 @@ class LayerWalk(MoESteps, MTPSteps):
         if target.scaled:
             scale = float(calibrated_scale(target.type, w, h, gram.tokens, importance))
             w = w / np.float32(scale)
-        metric = writer_metric(self.router_reads, name)
+        metric = self.writer_metric(name)
         if metric is None:
             c = self._round(target.type, w, h, importance, gram.tokens, inputs)
         else:
