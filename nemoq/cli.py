@@ -203,8 +203,8 @@ def profile_command(
     device: Optional[str] = typer.Option(None, "--device", help="auto (cuda > mps > cpu), cpu, cuda or mps."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Also measure --calibrate's (error-compensated) "
                                    "rounding, for quantize --target-size --calibrate."),
-    sensitivity_tokens: Optional[int] = typer.Option(None, "--sensitivity-tokens", min=1, help="Tokens llama.cpp "
-                                                     "scores per one-tensor ablation (default 1024)."),
+    sensitivity_tokens: Optional[int] = typer.Option(None, "--sensitivity-tokens", min=1, help="Tokens "
+                                                     "scored per one-tensor ablation (default 1024)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
 ) -> None:
     """Measure per tensor and candidate type the bytes and predicted KLD that quantize --target-size chooses from."""

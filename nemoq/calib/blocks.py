@@ -30,6 +30,9 @@ SSD_CHUNK = 128   # chunk length of the SSD scan (any length gives the same resu
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x W^T; a weight with its own `linear` (a file's rounded weight, ablations.py) applies itself."""
+    if hasattr(w, "linear"):
+        return w.linear(x)
     return x @ w.to(torch.float32).T
 
 

@@ -5,8 +5,10 @@ matrix its H = sum x x^T on the calibration tokens (per routed expert); each can
 output error ||(W - Q) X||^2 is measured through it (nemoq.quant.type_errors), with plain rounding
 and, with `compensated`, with `--calibrate`'s rounding. The embeddings are a row lookup: their
 error is each row's squared error weighted by how often the calibration text uses the row.
-Then a few one-tensor ablations per tensor (sensitivity.py) turn errors into KLD: the tensor alone
-rounded to its least, its most and a middle-error type, each file's KLD measured by llama.cpp.
+Then a few one-tensor ablations per tensor turn errors into KLD: the tensor alone rounded to its
+least, its most and a middle-error type, each such file's KLD measured as one more stream of the
+layer-streamed forward (ablations.py: llama.cpp's own KLD of the file to 3-4 digits, without
+writing it).
 Between those points, a tensor's KLD is interpolated as a power of its relative output error e
 (straight lines in log e / log KLD, the end segments extended), and the file's KLD is the sum:
 
@@ -34,7 +36,8 @@ import torch
 from nemoq.calib.calibrate import DEFAULT_CTX, calibration_sequences, pick_device
 from nemoq.calib.forward import Progress
 from nemoq.calib.hparams import config_of
-from nemoq.calib.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS, mix_klds
+from nemoq.calib.ablations import streamed_klds
+from nemoq.calib.sensitivity import CTX as SENSITIVITY_CTX, DEFAULT_TOKENS as SENSITIVITY_TOKENS, FIRST, plain_text
 from nemoq.calib.walk import LayerWalk, Target
 from nemoq.calib.weights import read_tensor
 from nemoq.convert.dtypes import block_size, type_nbytes
@@ -300,23 +303,34 @@ def fit_combine(tensors: dict[str, TensorProfile], fits: list[dict]) -> tuple[fl
 
 
 def set_sensitivities(source: Source, tensors: dict[str, TensorProfile], data: Path | None, tokens: int,
-                      on_ablation: Callable[[int, int], None] | None = None, fit_mixes: int = FIT_MIXES
-                      ) -> tuple[int, list[dict]]:
-    """Each tensor's ablations (ablation_types) and `fit_mixes` whole-model mixes, measured by
-    llama.cpp; returns the tokens scored and the mixes with their KLD."""
+                      on_ablation: Callable[[int, int], None] | None = None, fit_mixes: int = FIT_MIXES,
+                      device: torch.device = torch.device("cpu")) -> tuple[int, list[dict]]:
+    """Each tensor's ablations (ablation_types) and `fit_mixes` whole-model mixes, measured as
+    streams of the layer-streamed forward (ablations.py, llama.cpp's KLD to 3-4 digits); returns
+    the tokens scored and the mixes with their KLD."""
     jobs = [(n, t) for n, p in tensors.items() for t in ablation_types(p)]
-    klds, scored = mix_klds(source, [{n: t} for n, t in jobs], data, tokens=tokens, on_progress=on_ablation)
+    klds, scored = mix_klds(source, [{n: t} for n, t in jobs], data, tokens=tokens, device=device,
+                            on_progress=on_ablation)
     for (n, t), k in zip(jobs, klds):
         tensors[n].ablations[t] = k
-    return scored, measure_fits(source, tensors, data, fit_mixes)
+    return scored, measure_fits(source, tensors, data, fit_mixes, device=device)
 
 
 def measure_fits(source: Source, tensors: dict[str, TensorProfile], data: Path | None, n: int = FIT_MIXES,
-                 tokens: int = FIT_TOKENS) -> list[dict]:
+                 tokens: int = FIT_TOKENS, device: torch.device = torch.device("cpu")) -> list[dict]:
     """`n` random whole-model mixes and their KLD on `tokens` tokens of the calibration text."""
     mixes = random_mixes(tensors, n, FIT_SEED)
-    klds, _ = mix_klds(source, mixes, data, tokens=tokens) if mixes else ([], 0)
+    klds, _ = mix_klds(source, mixes, data, tokens=tokens, device=device) if mixes else ([], 0)
     return [{"types": m, "kld": k} for m, k in zip(mixes, klds)]
+
+
+def mix_klds(source: Source, mixes: list[dict[str, str]], data: Path | None, *, tokens: int, device: torch.device,
+             on_progress: Callable[[int, int], None] | None = None) -> tuple[list[float], int]:
+    """Per mix (tensor -> type, the rest at full precision) its mean KLD against the
+    full-precision model on the calibration data's plain text, in sequences of SENSITIVITY_CTX
+    scored from FIRST on; and the positions scored."""
+    return streamed_klds(source, mixes, plain_text(data), tokens=tokens, ctx=SENSITIVITY_CTX,
+                         first=min(FIRST, SENSITIVITY_CTX // 2), device=device, on_progress=on_progress)
 
 
 def make_profile(src: str | Path, *, data: Path | None = None, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX,
@@ -331,7 +345,7 @@ def make_profile(src: str | Path, *, data: Path | None = None, tokens: int = DEF
     if on_start is not None:
         on_start(sequences.shape[0], len(source.layer_kinds) + 1 + source.plan.mtp_layers)   # + head, MTP block
     tensors = measure_errors(source, sequences, torch_device, compensated, on_progress)
-    scored, fits = set_sensitivities(source, tensors, data, sensitivity_tokens, on_ablation)
+    scored, fits = set_sensitivities(source, tensors, data, sensitivity_tokens, on_ablation, device=torch_device)
     calibration = {"tokens": int(sequences.size), "ctx": ctx, "data": str(data) if data else "nemoq corpus",
                    "device": str(torch_device), "ablation_tokens_scored": scored,
                    "seconds": round(time.perf_counter() - start, 1)}

@@ -1,21 +1,15 @@
-"""How much KLD one tensor's rounding error costs: one-tensor ablations run by llama.cpp.
+"""llama.cpp's KLD of a file with some tensors rounded: the oracle of the profile's predictions.
 
-For a tensor and a type, a file with only that tensor in that type (every other one as the
-source's full precision, F32) is run by llama.cpp (nemoq.eval) on calibration sequences, and its
-mean KLD against the all-F32 file is measured; profile.py turns a few such points per tensor into
-its KLD curve over its relative output error.
-
-Cost: one file written and one llama.cpp run of `tokens` tokens per ablation (3 per tensor: 72 for
-the bundled model). The F32 files are the model's full size: at real widths this step wants a GPU build of
-llama.cpp and disk for one F32 file at a time; see docs/quantize.md.
+A file with the mix's tensors in their types (every other one as the source's full precision,
+F32) is written and run by llama.cpp (nemoq.eval) on fixed sequences, and its per-token KLD
+against the all-F32 file measured. The profile itself measures the same KLD as streams of its
+forward (ablations.py: no file per mix); predictor_check.py holds its predictions to this.
 """
 
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -24,7 +18,8 @@ from nemoq.errors import NemoqError
 from nemoq.quant.recipes import RECIPES, plan_types
 from nemoq.quant.choose import chooser
 
-DEFAULT_TOKENS = 1024
+DEFAULT_TOKENS = 1024   # tokens scored per one-tensor ablation of a profile
+CTX = 512
 FIRST = 64   # first scored position of a sequence (the ones before have little context)
 
 
@@ -83,23 +78,3 @@ def text_sequences(model, text: str, ctx: int, tokens: int) -> np.ndarray:
     if model.add_bos:
         seqs[:, 0] = model.llm.token_bos()
     return seqs
-
-
-def mix_klds(source: Source, mixes: list[dict[str, str]], data: Path | None, *, tokens: int = DEFAULT_TOKENS,
-             ctx: int = 512, on_progress: Callable[[int, int], None] | None = None) -> tuple[list[float], int]:
-    """Per mix (tensor -> type, the rest F32): the file's mean KLD against the all-F32 file on the
-    calibration data's plain text (positions from FIRST on); and the tokens scored."""
-    from nemoq.eval.model import LlamaModel
-    with tempfile.TemporaryDirectory(prefix="nemoq-profile-") as tmp:
-        base, one = Path(tmp) / "base.gguf", Path(tmp) / "one.gguf"
-        write_with_types(source, base, {})
-        with LlamaModel(base, ctx) as m:
-            sequences = text_sequences(m, plain_text(data), ctx, tokens)
-        scorer = Scorer(base, sequences, min(FIRST, ctx // 2))
-        out = []
-        for i, mix in enumerate(mixes):
-            write_with_types(source, one, mix)
-            out.append(scorer.kld(one))
-            if on_progress is not None:
-                on_progress(i + 1, len(mixes))
-    return out, sum(len(b) for b in scorer.base)
