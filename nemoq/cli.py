@@ -188,8 +188,7 @@ def _quantize_target(opts, target) -> None:
 
 
 def _ablation_progress(done: int, total: int) -> None:
-    if done == total or done % 10 == 0:
-        console.print(f"one-tensor ablations in llama.cpp: {done}/{total}", highlight=False)
+    console.print(f"one-tensor ablations, streamed forward: step {done}/{total}", highlight=False)
 
 
 @app.command("profile")

@@ -8,7 +8,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, dequantize, quantize
 
-from nemoq.calib.ablations import StreamedKLD, plain_sequences, q8_0_activations, q8_k_activations
+from nemoq.calib import ablations
+from nemoq.calib.ablations import StreamedKLD, plain_sequences, q8_0_activations, q8_k_activations, streamed_klds
+from nemoq.calib.hparams import config_of
 from nemoq.calib.sensitivity import FIRST, Scorer, plain_text, write_with_types
 from nemoq.convert.pipeline import open_source
 
@@ -99,3 +101,14 @@ def test_q8_k_activations_follow_ggmls_reference():
     x[1, :256] = 0
     x[2, 7] = -9.0                      # the largest magnitude negative: codes run to +127
     np.testing.assert_allclose(q8_k_activations(torch.from_numpy(x)).numpy(), q8_k_reference(x), rtol=1e-6)
+
+
+def test_streams_beyond_one_pass_go_in_more_passes_with_the_same_klds(source, monkeypatch):
+    mixes, cpu, steps = MIXES[:3], torch.device("cpu"), config_of(source).n_layers + 1
+    one, scored = streamed_klds(source, mixes, plain_text(None), tokens=512, ctx=CTX, first=FIRST, device=cpu)
+    monkeypatch.setattr(ablations, "STREAM_BYTES", 1)   # a stream a pass
+    seen = []
+    many, again = streamed_klds(source, mixes, plain_text(None), tokens=512, ctx=CTX, first=FIRST, device=cpu,
+                                on_progress=lambda done, total: seen.append((done, total)))
+    assert many == one and again == scored
+    assert seen == [(i, 3 * steps) for i in range(1, 3 * steps + 1)]

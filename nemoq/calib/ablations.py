@@ -39,6 +39,9 @@ from nemoq.quant.type_errors import plain_values
 
 EMBEDDINGS, HEAD, NORM = "token_embd.weight", "output.weight", "output_norm.weight"
 HEAD_TOKENS = 256   # positions per head product: their float64 log-probs over a 131k vocabulary are 268 MB
+# The streams' hidden states of one pass (492 ablations of a Nano profile on 1,024 tokens: 5.4 GB);
+# more streams go in further passes over the weights, each with its own full-precision stream
+STREAM_BYTES = 2 << 30
 
 
 def plain_sequences(source: Source, text: str, ctx: int, tokens: int) -> np.ndarray:
@@ -277,7 +280,17 @@ def streamed_klds(source: Source, mixes: list[dict[str, str]], text: str, *, tok
                   device: torch.device, on_progress: Callable[[int, int], None] | None = None
                   ) -> tuple[list[float], int]:
     """Per mix, its mean KLD on the first `tokens` tokens of `text` in sequences of ctx; and the
-    positions scored."""
-    run = StreamedKLD(source, mixes, plain_sequences(source, text, ctx, tokens), device=device, first=first)
-    return run.run(on_progress), run.scored
+    positions scored. As many streams a pass as STREAM_BYTES holds; on_progress(done, total) in
+    steps of all passes."""
+    sequences = plain_sequences(source, text, ctx, tokens)
+    per_pass = max(1, STREAM_BYTES // (sequences.size * config_of(source).hidden * 4))
+    passes = [mixes[i:i + per_pass] for i in range(0, len(mixes), per_pass)] or [[]]
+    klds, scored = [], 0
+    for i, group in enumerate(passes):
+        run = StreamedKLD(source, group, sequences, device=device, first=first)
+        steps = run.cfg.n_layers + 1
+        klds += run.run(None if on_progress is None else
+                        lambda done, _, i=i: on_progress(i * steps + done, len(passes) * steps))
+        scored = run.scored
+    return klds, scored
 
