@@ -69,6 +69,22 @@ def test_compensated_errors_are_below_plain_rounding():
         assert e.compensated < 0.9 * e.plain, t
 
 
+def test_errors_through_an_experts_few_tokens_equal_those_through_h():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((96, 512)) * rng.lognormal(0, 1, 512)).astype(np.float32)
+    w = (rng.standard_normal((48, 512)) * 0.02).astype(np.float32)
+    types = ("q8_0", "q4_k", "iq4_nl", "nvfp4")
+    h = x.astype(np.float64).T @ x.astype(np.float64)
+    energy, errors = matrix_errors(w, h, types, tokens=96, scaled={"nvfp4": True}, compensated=False)
+    energy_t, errors_t = matrix_errors(w, h, types, tokens=96, scaled={"nvfp4": True}, compensated=False, inputs=x)
+    assert energy_t == pytest.approx(energy, rel=1e-5)
+    for t in types:
+        assert errors_t[t].plain == pytest.approx(errors[t].plain, rel=1e-4), t
+    # through the tokens only where they are fewer than half the columns; else through H
+    _, dense = matrix_errors(w, h * 2, types, tokens=96, scaled={}, compensated=False, inputs=np.tile(x, (3, 1)))
+    assert dense["q8_0"].plain == pytest.approx(2 * errors["q8_0"].plain, rel=1e-6)
+
+
 @pytest.mark.parametrize("fmt", ["iq4_nl", "q4_k"])
 def test_compensated_errors_are_the_walks_rounding(fmt):
     """The profile prices --calibrate's rounding: the same column order as the walk (block order

@@ -202,12 +202,14 @@ class ProfileWalk(LayerWalk):
         from nemoq.calib import compensate_torch
         return compensate_torch.compensated_quantize(*args, device=self.device, **kwargs)
 
-    def quantize_matrix(self, name: str, matrix: torch.Tensor, gram, importance: np.ndarray | None = None, *more):
+    def quantize_matrix(self, name: str, matrix: torch.Tensor, gram, importance: np.ndarray | None = None,
+                        inputs: torch.Tensor | None = None):
         spec, p = self.specs[name], self.profiles[name]
         w = matrix.float().cpu().numpy()
         scaled = {t: takes_scale(spec, t) for t in CANDIDATE_TYPES}
         energy, errors = matrix_errors(w, gram.numpy(), candidate_types(spec), tokens=gram.tokens, scaled=scaled,
                                        compensated=self.compensated and gram.tokens > 0, importance=importance,
+                                       inputs=None if inputs is None else inputs.float().cpu().numpy(),
                                        quantize=self._compensate)
         p.energy += energy
         p.tokens += gram.tokens

@@ -54,17 +54,35 @@ def compensated_error(type_name: str, w: np.ndarray, h: np.ndarray, tokens: int,
     return c.error ** 2 * energy
 
 
+def through_tokens(x: np.ndarray):
+    """tr(D H D^T) as ||D X^T||^2 for H = X^T X (x: the tokens, (tokens, n)): 2 r n t operations
+    instead of 2 r n^2, for a routed expert's few hundred tokens against 1,856-2,688 columns. The
+    products in float32, their squares summed in float64."""
+    x_t = np.ascontiguousarray(np.asarray(x, dtype=np.float32).T)
+
+    def squared(w: np.ndarray, q: np.ndarray | None = None) -> float:
+        d = w if q is None else w.astype(np.float32) - q.astype(np.float32)
+        return float(np.square(d.astype(np.float32) @ x_t, dtype=np.float64).sum())
+    return squared
+
+
 def matrix_errors(w: np.ndarray, h: np.ndarray, types: tuple[str, ...], *, tokens: int, scaled: dict[str, bool],
-                  compensated: bool, importance: np.ndarray | None = None,
+                  compensated: bool, importance: np.ndarray | None = None, inputs: np.ndarray | None = None,
                   quantize=compensated_quantize) -> tuple[float, dict[str, TypeError2]]:
     """(tr(W H W^T), squared error per type) of one matrix (rows, n) with its H (n, n); `quantize`:
-    the compensated rounding (compensate.py's reference, or a fast path with its signature)."""
+    the compensated rounding (compensate.py's reference, or a fast path with its signature);
+    `inputs`: the tokens H sums, where at hand (through them where fewer than half the columns)."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     h = np.asarray(h, dtype=np.float64)
-    energy = output_energy(w, h)
+    if inputs is not None and len(inputs) < w.shape[1] / 2:
+        squared = through_tokens(inputs)
+        energy = squared(w)
+    else:
+        energy = output_energy(w, h)
+        squared = lambda w, q: squared_error(w, q, h)   # noqa: E731
     out = {}
     for t in types:
-        e = TypeError2(squared_error(w, plain_values(t, w, scaled.get(t, False)), h))
+        e = TypeError2(squared(w, plain_values(t, w, scaled.get(t, False))))
         if compensated:
             e.compensated = compensated_error(t, w, h, tokens, scaled.get(t, False), energy, importance, quantize)
         out[t] = e
