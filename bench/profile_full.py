@@ -13,8 +13,14 @@ per-block rounding (plain_values, timed alone; with compensation, what is not pr
 products, counted in FLOPs from the code, so a GPU's share can be projected: products at
 GPU_FLOPS, the per-block searches kept as CPU seconds (a projection, not a measurement).
 
---ablations: the one-tensor ablations a Nano profile would run (sensitivity.py), counted from
-the real config.json, with the bytes each F32 file has. Not part of the test suite.
+--ablations: the one-tensor ablations a Nano profile runs, counted from the real config.json,
+with the bytes each would take as an F32 file (as they were measured before ablations.py).
+
+--streams: the ablations as ablations.py measures them, streams of the layer-streamed forward,
+timed on the full-width `ME*` checkpoint (one Mamba, one MoE, one attention layer at Nano's
+widths): CPU seconds of one thread per stream and layer kind, per stream at the head, and per
+tensor rounded; projected to a Nano profile (its 492 ablations on --tokens tokens and its fit
+mixes on FIT_TOKENS, with the passes STREAM_BYTES allows). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -47,17 +53,23 @@ def main() -> None:
     ap.add_argument("--no-compensated", action="store_true", help="time plain errors only")
     ap.add_argument("--ablations", action="store_true", help="count a Nano profile's ablations instead")
     ap.add_argument("--memory", action="store_true", help="numpy's peak in matrix_errors (plain) on the head instead")
+    ap.add_argument("--streams", action="store_true", help="time the streamed ablations on the ME* checkpoint")
+    ap.add_argument("--tokens", type=int, default=1024, help="with --streams: tokens per ablation")
+    ap.add_argument("--cache-dir", type=Path, default=ROOT / "bench" / ".cache")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    figures = ablations() if args.ablations else head_memory(args) if args.memory else walk(args)
+    figures = (ablations() if args.ablations else head_memory(args) if args.memory else
+               streamed(args) if args.streams else walk(args))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 
 
-def flops(rows: int, n: int, types: tuple[str, ...], compensated: bool) -> float:
-    """Products of matrix_errors: tr(W H W^T) and one tr(D H D^T) per type (float64, numpy); with
-    compensation per quantized type H's Cholesky n^3/3 and ~PASSES_PRODUCTS r n^2 (the fast path)."""
-    plain = 2.0 * rows * n * n * (1 + len(types))
+def flops(rows: int, n: int, types: tuple[str, ...], compensated: bool, tokens: int) -> float:
+    """Products of matrix_errors: tr(W H W^T) and one tr(D H D^T) per type (float64, numpy; through
+    an expert's tokens, 2 r n t each, where fewer than n / 2); with compensation per quantized type
+    H's Cholesky n^3/3 and ~PASSES_PRODUCTS r n^2 (the fast path)."""
+    plain = 2.0 * rows * n * min(n, tokens) * (1 + len(types)) if tokens < n / 2 else \
+        2.0 * rows * n * n * (1 + len(types))
     if not compensated:
         return plain
     quantized = [t for t in types if t != "f16"]
@@ -92,7 +104,7 @@ def walk(args) -> dict:
                 continue
             expert = tokens < n / 2
             timed = rows if expert else min(rows, args.dense_rows)
-            h, _ = statistics(rng, n, tokens)
+            h, x = statistics(rng, n, tokens)   # x: an expert's tokens (its errors go through them)
             w = (rng.standard_normal((timed, n)) * 0.02).astype(np.float32)
             types = candidate_types(SimpleNamespace(row_width=n))
             scaled = {t: t in SCALE_RULES and kind != "head" for t in types}   # no output.scale (takes_scale)
@@ -102,8 +114,8 @@ def walk(args) -> dict:
             for comp in (False, True)[:1 if args.no_compensated else 2]:
                 key = "compensated" if comp else "plain"
                 row[key + "_cpu_s"] = round(cpu(lambda: matrix_errors(
-                    w, h, types, tokens=tokens, scaled=scaled, compensated=comp, quantize=quantize)), 2)
-                row[key + "_gflop"] = round(flops(timed, n, types, comp) / 1e9, 1)
+                    w, h, types, tokens=tokens, scaled=scaled, compensated=comp, quantize=quantize, inputs=x)), 2)
+                row[key + "_gflop"] = round(flops(timed, n, types, comp, tokens) / 1e9, 1)
             project(row, rate)
             print(json.dumps(row), flush=True)
             rows_out.append(row)
@@ -189,6 +201,91 @@ def ablations() -> dict:
                "f32_file_gb": round(f32_bytes / 1e9, 1), "ablation_tokens": DEFAULT_TOKENS, "fit_tokens": FIT_TOKENS,
                "written_tb": round((runs + 1) * f32_bytes / 1e12, 1)}
     print(json.dumps(figures))
+    return figures
+
+
+def streamed(args) -> dict:
+    """ablations.StreamedKLD on the ME* checkpoint, one thread: every profiled tensor ablated in
+    its most-error type among those of a Nano profile's ablations (the rounding's cost differs
+    little between types; the forward's not at all), timed by part; then projected."""
+    import numpy as np
+    import torch
+
+    from synthetic import ensure_checkpoint
+    from nemoq.calib import ablations as ab
+    from nemoq.calib.profile import FIT_MIXES, FIT_TOKENS, candidate_types, profiled_specs
+    from nemoq.convert.config import load_config
+    from nemoq.convert.pipeline import open_source
+    torch.set_num_threads(1)
+    source = open_source(ensure_checkpoint(args.cache_dir, "ME*"))
+    cfg = ab.config_of(source)
+    specs = [s for s in profiled_specs(source)]
+    mixes = [{s.name: "q4_0" if "q4_0" in candidate_types(s) else candidate_types(s)[-1]} for s in specs]
+    text = " ".join(f"word{i} text{i % 97} and more" for i in range(args.tokens * 2))   # any tokens do
+    sequences = ab.plain_sequences(source, text, 512, args.tokens)
+    clock: dict[str, list[float]] = {}
+
+    def timed(key, fn):
+        def wrapper(*a, **k):
+            t0 = time.process_time()
+            out = fn(*a, **k)
+            clock.setdefault(key(*a, **k), []).append(time.process_time() - t0)
+            return out
+        return wrapper
+    run = ab.StreamedKLD(source, mixes, sequences, device=torch.device("cpu"), first=64)
+    def stream_kind(states, kind, weights):   # a stream through the layer's weights, or through a rounded tensor of it
+        return kind + (" rounded" if any(isinstance(v, (ab.FileWeight, ab.FileStack)) for v in weights.values()) else "")
+    run._through = timed(stream_kind, run._through)
+    rounded = ab.rounded
+    ab.rounded = timed(lambda spec, t, w: "round " + ("experts" if w.ndim == 3 else spec.name.split(".")[-2]),
+                       rounded)
+    # FileStack makes an expert's values when the forward indexes it: timed with the MoE forward
+    run._head = timed(lambda base: "head", run._head)
+    t0 = time.process_time()
+    try:
+        klds = run.run()
+    finally:
+        ab.rounded = rounded
+    total = time.process_time() - t0
+    clock["head"] = [(clock["head"][0] - sum(clock.get("round output", []))) / (len(mixes) + 1)]   # a stream's
+    per = {k: round(float(np.mean(v)), 3) for k, v in clock.items()}
+    counts = {k: len(v) for k, v in clock.items()}
+    # a Nano profile: streams alive at each layer, 3 ablations per profiled tensor
+    nano = load_config(NANO_CONFIG)
+    kinds = nano.layer_kinds
+    tensors_of = {"mamba": 2, "moe": 4, "attention": 4}
+    alive, streams = [], 3   # the embeddings' three from the start
+    for kind in kinds:
+        alive.append(streams)    # streams through the layer's own weights; 3 per tensor through a rounded one
+        streams += 3 * tensors_of[kind]
+    ablation_streams = streams + 3                       # the head's three
+    per_pass = max(1, ab.STREAM_BYTES // (args.tokens * cfg.hidden * 4))
+    passes = -(-ablation_streams // per_pass)
+    layers = sum((a + passes) * per[k] + 3 * tensors_of[k] * per[k + " rounded"]   # + each pass's full-precision
+                 for a, k in zip(alive, kinds))                                     # stream
+    head_s = (ablation_streams + passes) * per["head"]
+    rounding = 3 * sum(per.get("round " + name, 0) * n for name, n in
+                       (("experts", 2 * 23), ("ssm_in", 23), ("ssm_out", 23), ("ffn_up_shexp", 23),
+                        ("ffn_down_shexp", 23), ("attn_q", 6), ("attn_k", 6), ("attn_v", 6),
+                        ("attn_output", 6), ("output", 1), ("token_embd", 1)))
+    # the fit mixes: every tensor rounded (each mix's own rounding of the model: as many roundings as
+    # the ablations' three per tensor), beside their full-precision stream, on FIT_TOKENS
+    fits = FIT_TOKENS / args.tokens * (sum(FIT_MIXES * per[k + " rounded"] + per[k] for k in kinds)
+                                       + (FIT_MIXES + 1) * per["head"]) + rounding
+    projected = {"layers_cpu_s": round(layers), "head_cpu_s": round(head_s), "rounding_cpu_s": round(rounding),
+                 "fit_mixes_cpu_s": round(fits), "passes": passes, "streams": ablation_streams,
+                 "peak_stream_gb": round(min(ablation_streams, per_pass) * args.tokens * cfg.hidden * 4 / 1e9, 2)}
+    projected["total_cpu_h"] = round(sum(projected[k] for k in ("layers_cpu_s", "head_cpu_s", "rounding_cpu_s",
+                                                                   "fit_mixes_cpu_s")) / 3600, 2)
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    projected["peak_rss_gb"] = round((peak + (min(ablation_streams, per_pass) - len(mixes)) * args.tokens
+                                      * cfg.hidden * 4) / 1e9, 2)   # this run's, with a pass's streams
+    figures = {"tokens": int(sequences.size), "streams": len(mixes), "seconds_per_call": per, "calls": counts,
+               "peak_rss_gb": round(peak / 1e9, 2),
+               "run_cpu_s": round(total, 1), "klds": dict(zip((next(iter(m)) for m in mixes), klds)),
+               "nano_projection": projected, "code": git_state()}
+    print(json.dumps(figures, indent=1))
     return figures
 
 

@@ -35,7 +35,7 @@ from nemoq.calib.weights import LayerLoader, Weights
 from nemoq.convert.pipeline import Source
 from nemoq.errors import NemoqError
 from nemoq.quant.tensor_scale import takes_scale
-from nemoq.quant.type_errors import plain_values
+from nemoq.quant.type_errors import plain_rounding, plain_values, stored_values
 
 EMBEDDINGS, HEAD, NORM = "token_embd.weight", "output.weight", "output_norm.weight"
 HEAD_TOKENS = 256   # positions per head product: their float64 log-probs over a 131k vocabulary are 268 MB
@@ -118,26 +118,38 @@ ACTIVATIONS = {
 @dataclass
 class FileWeight:
     """A weight as a file of `type_name` holds it, multiplied as llama.cpp multiplies it: its
-    inputs rounded first (ACTIVATIONS). An expert stack indexes to one expert's."""
+    inputs rounded first (ACTIVATIONS)."""
     values: torch.Tensor
     type_name: str
-
-    def __getitem__(self, e) -> "FileWeight":
-        return FileWeight(self.values[e], self.type_name)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.type_name](x) @ self.values.T
 
 
-def rounded(spec, type_name: str, w: torch.Tensor) -> FileWeight:
-    """The tensor as a file of `type_name` holds it (plain rounding, no importance)."""
+@dataclass
+class FileStack:
+    """An expert stack as a file holds it: each expert's stored bytes and scale, its values made
+    when the expert is indexed (a Nano stack's float32 values would be 2.5 GB; its 4-bit bytes
+    are 0.7 GB)."""
+    experts: list[tuple[np.ndarray, np.float32]]
+    shape: tuple[int, int]
+    type_name: str
+    device: torch.device
+
+    def __getitem__(self, e: int) -> FileWeight:
+        values = stored_values(self.type_name, *self.experts[e], self.shape)
+        return FileWeight(torch.from_numpy(values).to(self.device), self.type_name)
+
+
+def rounded(spec, type_name: str, w: torch.Tensor) -> FileWeight | FileStack:
+    """The tensor as a file of `type_name` holds it (plain rounding, no importance; an expert
+    stack with one scale per expert)."""
     scaled = takes_scale(spec, type_name)
-    x = w.float().cpu().numpy()
-    if x.ndim == 3:   # an expert stack: one scale per expert
-        values = np.stack([plain_values(type_name, m, scaled) for m in x])
-    else:
-        values = plain_values(type_name, x, scaled)
-    return FileWeight(torch.from_numpy(values).to(w.device), type_name)
+    if w.ndim == 3:   # an expert at a time: no float32 copy of the stack
+        return FileStack([plain_rounding(type_name, m.float().cpu().numpy(), scaled) for m in w],
+                         tuple(w.shape[1:]), type_name, w.device)
+    return FileWeight(torch.from_numpy(plain_values(type_name, w.float().cpu().numpy(), scaled)).to(w.device),
+                      type_name)
 
 
 class StreamedKLD:

@@ -29,15 +29,27 @@ class TypeError2:
     compensated: float | None = None
 
 
-def plain_values(type_name: str, w: np.ndarray, scaled: bool) -> np.ndarray:
-    """W as the file would hold it after plain rounding (no importance), float32."""
+def plain_rounding(type_name: str, w: np.ndarray, scaled: bool) -> tuple[np.ndarray, np.float32]:
+    """(what the file stores of W after plain rounding, no importance; its per-matrix scale)."""
     if type_name == "f16":
-        return w.astype(np.float16).astype(np.float32)
+        return w.astype(np.float16), np.float32(1)
     enc = BLOCK_ENCODINGS[type_name]
     scale = np.float32(1)
     if scaled and type_name in SCALE_RULES:
         scale = best_scale(enc, w, None, SCALE_RULES[type_name])
-    return enc.dequantize(enc.quantize(w / scale)).reshape(w.shape) * scale
+    return enc.quantize(w / scale), scale
+
+
+def stored_values(type_name: str, stored: np.ndarray, scale: np.float32, shape: tuple[int, ...]) -> np.ndarray:
+    """The values a file's stored matrix (plain_rounding's) stands for, float32."""
+    if type_name == "f16":
+        return stored.astype(np.float32)
+    return BLOCK_ENCODINGS[type_name].dequantize(stored).reshape(shape) * scale
+
+
+def plain_values(type_name: str, w: np.ndarray, scaled: bool) -> np.ndarray:
+    """W as the file would hold it after plain rounding (no importance), float32."""
+    return stored_values(type_name, *plain_rounding(type_name, w, scaled), w.shape)
 
 
 def compensated_error(type_name: str, w: np.ndarray, h: np.ndarray, tokens: int, scaled: bool,
