@@ -161,8 +161,10 @@ def total(rows: list[dict]) -> dict:
 
 
 def head_memory(args) -> dict:
-    """numpy's peak allocation (tracemalloc) in matrix_errors of --dense-rows rows of the output
-    head, plain, and scaled to its 131072 rows: ProfileWalk hands it the whole matrix."""
+    """numpy's peak allocation (tracemalloc) in matrix_errors of the output head, plain, beside its
+    weights, at --dense-rows rows and at 4x as many; projected to its 131072 rows along the line
+    through the two (H's products go ROWS rows at a time: what grows is the float32 rounding of
+    each type, the size of the weights)."""
     import tracemalloc
 
     import numpy as np
@@ -171,15 +173,19 @@ def head_memory(args) -> dict:
     from nemoq.quant.type_errors import matrix_errors
     kind, name, rows, n, tokens, _ = next(m for m in NANO_MATRICES if m[0] == "head")
     h, _ = statistics(np.random.default_rng(0), n, tokens)
-    w = (np.random.default_rng(1).standard_normal((args.dense_rows, n)) * 0.02).astype(np.float32)
     types = candidate_types(SimpleNamespace(row_width=n))
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    matrix_errors(w, h, types, tokens=tokens, scaled={}, compensated=False)
-    peak = tracemalloc.get_traced_memory()[1] - base
-    tracemalloc.stop()
-    figures = {"matrix": name, "timed_rows": args.dense_rows, "peak_gb": round(peak / 1e9, 3),
-               "weights_gb": round(w.nbytes / 1e9, 3), "full_peak_gb": round(peak * rows / args.dense_rows / 1e9, 1)}
+    peaks = {}
+    for timed in (args.dense_rows, 4 * args.dense_rows):
+        w = (np.random.default_rng(1).standard_normal((timed, n)) * 0.02).astype(np.float32)
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        matrix_errors(w, h, types, tokens=tokens, scaled={}, compensated=False)
+        peaks[timed] = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
+    (r0, p0), (r1, p1) = peaks.items()
+    full = p0 + (p1 - p0) / (r1 - r0) * (rows - r0)
+    figures = {"matrix": name, "peaks_gb": {r: round(p / 1e9, 3) for r, p in peaks.items()},
+               "weights_gb_full": round(rows * n * 4 / 1e9, 2), "full_peak_gb": round(full / 1e9, 2)}
     print(json.dumps(figures))
     return figures
 

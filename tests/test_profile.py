@@ -17,6 +17,7 @@ from nemoq.calib.profile import (Profile, TensorProfile, ablation_types, check_p
 from nemoq.calib.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS, write_with_types
 from nemoq.convert.pipeline import open_source
 from nemoq.errors import NemoqError
+from nemoq.quant import type_errors
 from nemoq.quant.type_errors import TypeError2, matrix_errors
 from tests.fixtures.corpus import load_texts
 
@@ -83,6 +84,18 @@ def test_errors_through_an_experts_few_tokens_equal_those_through_h():
     # through the tokens only where they are fewer than half the columns; else through H
     _, dense = matrix_errors(w, h * 2, types, tokens=96, scaled={}, compensated=False, inputs=np.tile(x, (3, 1)))
     assert dense["q8_0"].plain == pytest.approx(2 * errors["q8_0"].plain, rel=1e-6)
+
+
+def test_errors_through_h_go_a_few_rows_at_a_time_with_the_same_sums(monkeypatch):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((300, 256))
+    w = (rng.standard_normal((70, 256)) * 0.02).astype(np.float32)
+    whole = matrix_errors(w, x.T @ x, ("q8_0", "q4_k"), tokens=300, scaled={}, compensated=False)
+    monkeypatch.setattr(type_errors, "ROWS", 16)
+    chunked = matrix_errors(w, x.T @ x, ("q8_0", "q4_k"), tokens=300, scaled={}, compensated=False)
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-12)
+    for t in ("q8_0", "q4_k"):
+        assert chunked[1][t].plain == pytest.approx(whole[1][t].plain, rel=1e-12)
 
 
 @pytest.mark.parametrize("fmt", ["iq4_nl", "q4_k"])

@@ -66,6 +66,11 @@ def compensated_error(type_name: str, w: np.ndarray, h: np.ndarray, tokens: int,
     return c.error ** 2 * energy
 
 
+# rows per product through H: the output head's 131072 x 2688 in float64 at once took 7 GB of
+# temporaries beside its weights
+ROWS = 4096
+
+
 def through_tokens(x: np.ndarray):
     """tr(D H D^T) as ||D X^T||^2 for H = X^T X (x: the tokens, (tokens, n)): 2 r n t operations
     instead of 2 r n^2, for a routed expert's few hundred tokens against 1,856-2,688 columns. The
@@ -90,8 +95,9 @@ def matrix_errors(w: np.ndarray, h: np.ndarray, types: tuple[str, ...], *, token
         squared = through_tokens(inputs)
         energy = squared(w)
     else:
-        energy = output_energy(w, h)
-        squared = lambda w, q: squared_error(w, q, h)   # noqa: E731
+        energy = sum(output_energy(w[r:r + ROWS], h) for r in range(0, len(w), ROWS))
+        squared = lambda w, q: sum(squared_error(w[r:r + ROWS], q[r:r + ROWS], h)   # noqa: E731
+                                   for r in range(0, len(w), ROWS))
     out = {}
     for t in types:
         e = TypeError2(squared(w, plain_values(t, w, scaled.get(t, False))))
