@@ -257,12 +257,13 @@ class StreamedKLD:
             for p0 in range(positions.start, positions.stop, HEAD_TOKENS):
                 p = slice(p0, min(p0 + HEAD_TOKENS, positions.stop))
                 reference = log_probs(normed[p], head)
+                probs = reference.exp()   # once for every stream
                 for s in self.streams:
                     if s.start > self.cfg.n_layers:
                         continue
                     x = normed[p] if s.states is None else \
                         blocks.rms_norm(self._row(s, i)[p], norm, self.cfg.norm_eps)
-                    s.kld += float(kl_sum(reference, log_probs(x, quantized.get(s.types.get(HEAD), head))))
+                    s.kld += float(kl_sum(probs, reference, log_probs(x, quantized.get(s.types.get(HEAD), head))))
         for s in self.streams:
             if s.states is not None:
                 s.states.close()
@@ -283,9 +284,10 @@ def log_probs(x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(blocks.linear(x, head).to(wide), dim=-1)
 
 
-def kl_sum(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """sum over rows of KL(P || Q) from log-probs (as nemoq.eval.metrics.kl_rows)."""
-    return (reference.exp() * (reference - other)).sum()
+def kl_sum(probs: torch.Tensor, reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """sum over rows of KL(P || Q) from P's probabilities and log-probs and Q's log-probs (as
+    nemoq.eval.metrics.kl_rows)."""
+    return (probs * (reference - other)).sum()
 
 
 def streamed_klds(source: Source, mixes: list[dict[str, str]], text: str, *, tokens: int, ctx: int, first: int,
