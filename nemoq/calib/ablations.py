@@ -246,10 +246,28 @@ class StreamedKLD:
             states.data[part] = blocks.layer(x, kind, weights, self.cfg, _ignore).cpu().numpy()
 
     def _head(self, base: HiddenStates) -> None:
+        """Each stream's KLD, the streams grouped by how they round the head: one rounded head
+        (131072 x 2688 float32: 1.4 GB at Nano's size) alive at a time, the full-precision
+        log-probs made again for each group."""
         g = self.loader.globals(NORM, HEAD)
-        norm, head = g[NORM], g[HEAD]
-        quantized = {t: rounded(self.specs[HEAD], t, head) for t in {s.types[HEAD] for s in self.streams
-                                                                         if HEAD in s.types}}
+        norm, head = g[NORM], g[HEAD].float()   # widened once, not at every product
+        del g
+        groups: dict[str | None, list[Stream]] = {}
+        for s in self.streams:
+            if s.start <= self.cfg.n_layers:
+                groups.setdefault(s.types.get(HEAD), []).append(s)
+        for type_name, streams in groups.items():
+            weight = head if type_name is None else rounded(self.specs[HEAD], type_name, head)
+            self._score(base, norm, head, weight, streams)
+            del weight
+        for s in self.streams:
+            if s.states is not None:
+                s.states.close()
+                s.states = None
+
+    def _score(self, base: HiddenStates, norm: torch.Tensor, head: torch.Tensor, weight, streams: list[Stream]) -> None:
+        """Adds to each of `streams` its summed KLD through the head `weight` against the
+        full-precision model (through `head`)."""
         n, ctx = self.sequences.shape
         positions = slice(self.first, ctx - 1)
         for i in range(n):
@@ -257,17 +275,11 @@ class StreamedKLD:
             for p0 in range(positions.start, positions.stop, HEAD_TOKENS):
                 p = slice(p0, min(p0 + HEAD_TOKENS, positions.stop))
                 reference = log_probs(normed[p], head)
-                probs = reference.exp()   # once for every stream
-                for s in self.streams:
-                    if s.start > self.cfg.n_layers:
-                        continue
+                probs = reference.exp()   # once for the group's streams
+                for s in streams:
                     x = normed[p] if s.states is None else \
                         blocks.rms_norm(self._row(s, i)[p], norm, self.cfg.norm_eps)
-                    s.kld += float(kl_sum(probs, reference, log_probs(x, quantized.get(s.types.get(HEAD), head))))
-        for s in self.streams:
-            if s.states is not None:
-                s.states.close()
-                s.states = None
+                    s.kld += float(kl_sum(probs, reference, log_probs(x, weight)))
 
     def _row(self, states, i: int) -> torch.Tensor:
         data = states.states.data if isinstance(states, Stream) else states.data

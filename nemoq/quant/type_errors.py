@@ -37,7 +37,7 @@ def plain_rounding(type_name: str, w: np.ndarray, scaled: bool) -> tuple[np.ndar
     scale = np.float32(1)
     if scaled and type_name in SCALE_RULES:
         scale = best_scale(enc, w, None, SCALE_RULES[type_name])
-    return enc.quantize(w / scale), scale
+    return enc.quantize(w if scale == 1 else w / scale), scale   # no copy of an unscaled head (1.4 GB)
 
 
 def stored_values(type_name: str, stored: np.ndarray, scale: np.float32, shape: tuple[int, ...]) -> np.ndarray:
