@@ -176,3 +176,21 @@ def test_combination_exponent_is_recovered_from_whole_model_mixes():
     assert q == pytest.approx(0.8, abs=0.011) and scale == pytest.approx(1.3, rel=0.05)
     assert combined([0.01, 0.02], 1.0) == pytest.approx(0.03)
     assert combined([0.01, 0.02], 0.8) < 0.03
+
+
+def test_embedding_errors_from_the_used_rows_equal_the_whole_tables(tiny_source):
+    """Only the rows the calibration text uses are rounded (each row rounds on its own); the
+    sums are those over the whole table with each row weighted by its uses."""
+    from nemoq.calib.profile import EMBEDDINGS, embedding_profile, profiled_specs
+    from nemoq.calib.weights import read_tensor
+    from nemoq.quant.type_errors import plain_values
+    spec = next(s for s in profiled_specs(tiny_source) if s.name == EMBEDDINGS)
+    sequences, _ = calibration_sequences(tiny_source, None, 256, 1024)
+    p = embedding_profile(tiny_source, spec, sequences)
+    table = read_tensor(next(t for t in tiny_source.plan.tensors if t.name == EMBEDDINGS)).float().numpy()
+    uses = np.bincount(sequences.reshape(-1), minlength=len(table)).astype(np.float64)
+    assert 0 < np.count_nonzero(uses) < len(table)
+    assert p.energy == pytest.approx(float((uses * (table.astype(np.float64) ** 2).sum(1)).sum()), rel=1e-12)
+    for t in ("q8_0", "q4_0", "nvfp4"):
+        d = table.astype(np.float64) - plain_values(t, table, False)
+        assert p.errors[t].plain == pytest.approx(float((uses * (d ** 2).sum(1)).sum()), rel=1e-9), t
