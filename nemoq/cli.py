@@ -188,7 +188,8 @@ def _quantize_target(opts, target) -> None:
 
 
 def _ablation_progress(done: int, total: int) -> None:
-    console.print(f"one-tensor ablations, streamed forward: step {done}/{total}", highlight=False)
+    console.print(f"streamed forward (one-tensor ablations, then the fit mixes): step {done}/{total}",
+                  highlight=False)
 
 
 @app.command("profile")

@@ -318,14 +318,15 @@ def set_sensitivities(source: Source, tensors: dict[str, TensorProfile], data: P
                             on_progress=on_ablation)
     for (n, t), k in zip(jobs, klds):
         tensors[n].ablations[t] = k
-    return scored, measure_fits(source, tensors, data, fit_mixes, device=device)
+    return scored, measure_fits(source, tensors, data, fit_mixes, device=device, on_progress=on_ablation)
 
 
 def measure_fits(source: Source, tensors: dict[str, TensorProfile], data: Path | None, n: int = FIT_MIXES,
-                 tokens: int = FIT_TOKENS, device: torch.device = torch.device("cpu")) -> list[dict]:
+                 tokens: int = FIT_TOKENS, device: torch.device = torch.device("cpu"),
+                 on_progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """`n` random whole-model mixes and their KLD on `tokens` tokens of the calibration text."""
     mixes = random_mixes(tensors, n, FIT_SEED)
-    klds, _ = mix_klds(source, mixes, data, tokens=tokens, device=device) if mixes else ([], 0)
+    klds, _ = mix_klds(source, mixes, data, tokens=tokens, device=device, on_progress=on_progress) if mixes else ([], 0)
     return [{"types": m, "kld": k} for m, k in zip(mixes, klds)]
 
 
