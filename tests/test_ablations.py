@@ -11,8 +11,9 @@ from gguf import GGMLQuantizationType, dequantize, quantize
 from nemoq.calib import ablations
 from nemoq.calib.ablations import StreamedKLD, plain_sequences, q8_0_activations, q8_k_activations, streamed_klds
 from nemoq.calib.hparams import config_of
-from nemoq.calib.sensitivity import FIRST, Scorer, plain_text, write_with_types
+from nemoq.calib.sensitivity import FIRST, Scorer, plain_text, text_sequences, write_with_types
 from nemoq.convert.pipeline import open_source
+from nemoq.eval.model import LlamaModel
 
 CTX = 256
 # one tensor at a time, each kind of step: the embeddings (no matmul), Mamba and attention
@@ -55,6 +56,8 @@ def test_streams_measure_llama_cpps_kld_of_the_same_file(source, sequences, stre
     klds, scored = streamed
     base, one = tmp_path / "base.gguf", tmp_path / "one.gguf"
     write_with_types(source, base, {})
+    with LlamaModel(base, CTX) as m:   # the source's tokenizer reads the text as llama.cpp does
+        np.testing.assert_array_equal(text_sequences(m, plain_text(None), CTX, 1024), sequences)
     scorer = Scorer(base, sequences, FIRST)
     assert scored == sum(len(b) for b in scorer.base) == sequences.shape[0] * (CTX - 1 - FIRST)
     measured = []

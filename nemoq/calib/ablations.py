@@ -31,9 +31,9 @@ import torch
 from nemoq.calib import blocks
 from nemoq.calib.forward import HiddenStates, batches
 from nemoq.calib.hparams import config_of
+from nemoq.calib.sensitivity import chunks
 from nemoq.calib.weights import LayerLoader, Weights
 from nemoq.convert.pipeline import Source
-from nemoq.errors import NemoqError
 from nemoq.quant.tensor_scale import takes_scale
 from nemoq.quant.type_errors import plain_rounding, plain_values, stored_values
 
@@ -45,18 +45,11 @@ STREAM_BYTES = 2 << 30
 
 
 def plain_sequences(source: Source, text: str, ctx: int, tokens: int) -> np.ndarray:
-    """The first chunks of ctx tokens of `text` (as the source's tokenizer reads it, BOS first
-    where the model adds one) holding at least `tokens` tokens."""
+    """sensitivity.text_sequences with the source's own tokenizer (the same ids: tested)."""
     from nemoq.calib.sequences import model_text
     model = model_text(source)
-    ids = np.asarray(model.encode(text), dtype=np.int32)
-    n = min(max(1, -(-tokens // ctx)), len(ids) // ctx)
-    if n < 1:
-        raise NemoqError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {ctx}")
-    sequences = ids[:n * ctx].reshape(n, ctx).copy()
-    if model.add_bos and model.bos[1] is not None:
-        sequences[:, 0] = model.bos[1]
-    return sequences
+    bos = model.bos[1] if model.add_bos else None
+    return chunks(np.asarray(model.encode(text), dtype=np.int32), ctx, tokens, bos)
 
 
 @dataclass
@@ -222,10 +215,10 @@ class StreamedKLD:
             if s.start == index:
                 s.states = HiddenStates(base.data.shape)
                 s.states.data[:] = base.data
-        live = sorted((s for s in self.streams if s.states is not None), key=lambda s: self._overrides(s, weights))
+        live = sorted(((self._overrides(s, weights), i) for i, s in enumerate(self.streams) if s.states is not None))
         signature, layer_weights = None, weights
-        for s in live:
-            mine = self._overrides(s, weights)
+        for mine, i in live:
+            s = self.streams[i]
             if mine != signature:   # streams with the same rounding of this layer share its values
                 layer_weights = Weights(weights.prefix, dict(weights))
                 for name, type_name in mine:

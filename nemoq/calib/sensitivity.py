@@ -69,12 +69,18 @@ def plain_text(data: Path | None) -> str:
 
 
 def text_sequences(model, text: str, ctx: int, tokens: int) -> np.ndarray:
-    """The first chunks of ctx tokens of `text` holding at least `tokens` (BOS first, as eval's chunks)."""
-    ids = model.tokenize(text)
+    """The first chunks of ctx tokens of `text` holding at least `tokens` (BOS first, as eval's
+    chunks), as the llama.cpp model `model` reads it."""
+    return chunks(np.asarray(model.tokenize(text)), ctx, tokens, model.llm.token_bos() if model.add_bos else None)
+
+
+def chunks(ids: np.ndarray, ctx: int, tokens: int, bos: int | None) -> np.ndarray:
+    """The first sequences of ctx of the token ids `ids` holding at least `tokens`, each with
+    `bos` (where not None) in place of its first token."""
     n = min(max(1, -(-tokens // ctx)), len(ids) // ctx)
     if n < 1:
         raise NemoqError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {ctx}")
     seqs = ids[:n * ctx].reshape(n, ctx).copy()
-    if model.add_bos:
-        seqs[:, 0] = model.llm.token_bos()
+    if bos is not None:
+        seqs[:, 0] = bos
     return seqs

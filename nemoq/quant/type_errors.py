@@ -78,8 +78,8 @@ def through_tokens(x: np.ndarray):
     x_t = np.ascontiguousarray(np.asarray(x, dtype=np.float32).T)
 
     def squared(w: np.ndarray, q: np.ndarray | None = None) -> float:
-        d = w if q is None else w.astype(np.float32) - q.astype(np.float32)
-        return float(np.square(d.astype(np.float32) @ x_t, dtype=np.float64).sum())
+        d = np.asarray(w if q is None else w - q, dtype=np.float32)
+        return float(np.square(d @ x_t, dtype=np.float64).sum())
     return squared
 
 
